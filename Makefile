@@ -1,0 +1,34 @@
+# Two commands matter: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mpcache-installed
+
+.PHONY: install demo test test-slow lint train clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	# CrypTen 0.4.1's metadata needs the dead `sklearn` package and a CUDA torch: skip its deps.
+	$(PY) -m pip install -q --no-deps crypten==0.4.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m mpcache.demo
+
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+train: install
+	$(PY) -m mpcache.train --minutes 85
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,133 @@
+"""KV cache with one length per (batch row, layer, KV head).
+
+Eviction methods shrink the cache of each KV head independently, so the cache is a
+padded tensor per layer plus, for every slot, the original token position (RoPE and
+causal masking use it, so positions survive eviction) and a validity bit. `keep`
+compacts the storage for real: the padded length drops to the longest kept head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerKV:
+    """Padded storage of one layer: slots [0, lengths[b, h]) of head (b, h) are in use."""
+
+    keys: Tensor  # [B, H, L, Dk]
+    values: Tensor  # [B, H, L, Dv]
+    positions: Tensor  # [B, H, L] int64, original token position of each slot
+    valid: Tensor  # [B, H, L] bool, False for padding and free slots
+    lengths: Tensor  # [B, H] int64, slots in use
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
+class KVCache:
+    """Per-layer key/value cache whose heads may hold different numbers of tokens.
+
+    Subclasses (eviction policies) override `observe` to see each layer's queries
+    after the new keys were stored, and call `keep` to compact.
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers: list[LayerKV | None] = [None] * n_layer
+        self.seen_tokens = 0  # positions consumed so far (the next token's position)
+
+    # ----------------------------------------------------------------- writes
+    def update(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor) -> LayerKV:
+        """Append T new tokens to every head of `layer` and return the whole layer.
+
+        keys/values: [B, H, T, D]; positions, valid: [B, T] (shared by all heads).
+        """
+        b, h, t, _ = keys.shape
+        entry = self.layers[layer]
+        if entry is None:
+            entry = LayerKV(
+                keys.new_zeros(b, h, 0, keys.shape[-1]),
+                values.new_zeros(b, h, 0, values.shape[-1]),
+                torch.zeros(b, h, 0, dtype=torch.long, device=keys.device),
+                torch.zeros(b, h, 0, dtype=torch.bool, device=keys.device),
+                torch.zeros(b, h, dtype=torch.long, device=keys.device),
+            )
+        needed = int(entry.lengths.max()) + t
+        if needed > entry.capacity:
+            entry = _grow(entry, max(needed, entry.capacity + max(t, entry.capacity // 2)))
+        slots = entry.lengths[:, :, None] + torch.arange(t, device=keys.device)  # [B, H, T]
+        entry.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, keys.shape[-1]), keys)
+        entry.values.scatter_(2, slots[..., None].expand(-1, -1, -1, values.shape[-1]), values)
+        entry.positions.scatter_(2, slots, positions[:, None, :].expand(b, h, t))
+        entry.valid.scatter_(2, slots, valid[:, None, :].expand(b, h, t))
+        entry.lengths = entry.lengths + t
+        self.layers[layer] = entry
+        return entry
+
+    def keep(self, layer: int, index: Tensor, count: Tensor | None = None) -> None:
+        """Keep only slots `index` [B, H, K] of `layer` (the first `count[b, h]` of each row
+        when given); storage is reallocated to the longest kept row."""
+        entry = self.layers[layer]
+        if entry is None:
+            raise ValueError(f"layer {layer} has no cache to compact")
+        b, h, k = index.shape
+        if count is None:
+            count = torch.full((b, h), k, dtype=torch.long, device=index.device)
+        if (count > entry.lengths).any():
+            raise ValueError("cannot keep more slots than a head holds")
+        index = index.clamp(min=0, max=max(entry.capacity - 1, 0))
+        in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
+        new_len = int(count.max()) if count.numel() else 0
+        index, in_use = index[:, :, :new_len], in_use[:, :, :new_len]
+        gather = index[..., None]
+        keys = entry.keys.gather(2, gather.expand(-1, -1, -1, entry.keys.shape[-1]))
+        values = entry.values.gather(2, gather.expand(-1, -1, -1, entry.values.shape[-1]))
+        positions = entry.positions.gather(2, index)
+        valid = entry.valid.gather(2, index) & in_use
+        self.layers[layer] = LayerKV(
+            keys.contiguous(), values.contiguous(), positions.contiguous(), valid.contiguous(), count.clone()
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
+        """Called by attention with this step's queries [B, Hq, T, D] (after RoPE), after
+        the step's keys were stored and before attention reads the cache. No-op here."""
+
+    # ---------------------------------------------------------------- reports
+    def tokens_per_head(self, layer: int) -> Tensor:
+        """Valid tokens held by each (batch row, KV head) of `layer`."""
+        entry = self.layers[layer]
+        if entry is None:
+            return torch.zeros(0, dtype=torch.long)
+        return entry.valid.sum(-1)
+
+    def memory_bytes(self) -> int:
+        """Bytes of key/value storage actually allocated (padding included)."""
+        total = 0
+        for entry in self.layers:
+            if entry is not None:
+                total += entry.keys.numel() * entry.keys.element_size()
+                total += entry.values.numel() * entry.values.element_size()
+        return total
+
+
+def _grow(entry: LayerKV, capacity: int) -> LayerKV:
+    b, h, length, _ = entry.keys.shape
+    extra = capacity - length
+
+    def pad(x: Tensor, value: float | bool | int) -> Tensor:
+        shape = list(x.shape)
+        shape[2] = extra
+        return torch.cat([x, x.new_full(shape, value)], dim=2)
+
+    return LayerKV(
+        pad(entry.keys, 0.0),
+        pad(entry.values, 0.0),
+        pad(entry.positions, 0),
+        pad(entry.valid, False),
+        entry.lengths,
+    )
