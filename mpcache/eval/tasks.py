@@ -153,13 +153,13 @@ def niah(
     header = "Some special magic numbers are hidden in the text below. Memorize them.\n"
     if values == 1:
         question = f"\nWhat is the special magic number for {asked}? The special magic number for {asked} is: "
-        answer = answers[0]
     else:
-        # Answers are listed in the order they appear in the text.
-        ordered = [text.rsplit(" ", 1)[1].rstrip(".") for _, text in sorted(items[:values])]
         question = f"\nWhat are all the special magic numbers for {asked}? The special magic numbers for {asked} are: "
-        answer = ", ".join(ordered)
     prompt = build_prompt(rng, count, context_len, header, items, question)
+    # Answers are listed in the order they appear in the text; read it off the prompt, since
+    # build_prompt may swap needles whose depths round to nearby slots of a short haystack.
+    needles = sorted((text for _, text in items[:values]), key=prompt.index)
+    answer = ", ".join(text.rsplit(" ", 1)[1].rstrip(".") for text in needles)
     return prompt, answer, {"key": asked, "keys": names}
 
 
