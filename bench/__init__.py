@@ -1,0 +1,1 @@
+"""Benchmarks: accuracy vs KV budget, communication, latency."""

@@ -1,0 +1,306 @@
+"""Accuracy of a KV-cache method on the generated tasks: greedy decoding scored by exact match.
+
+    model, tokenizer = load_model()                         # the bundled model
+    rows = evaluate(model, tokenizer, "snapkv", budget=128, tasks=["passkey"], lengths=[1024], samples=10)
+
+One row per (task, context_len): accuracy plus what the cache held after generation
+(`cache_tokens` per layer and KV head, `cache_bytes` of kept keys and values) next to
+what a full cache would hold (`full_cache_bytes`), averaged over the samples. Samples
+of one (task, length) have nearly equal prompt lengths, so they are decoded in
+left-padded batches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mpcache.eval.tasks import TASKS, Sample, exact_match, make_samples
+from mpcache.generate import CacheFactory, stream_generate
+from mpcache.model.cache import KVCache
+from mpcache.model.tokenizer import Tokenizer
+from mpcache.model.transformer import Transformer
+
+Budget = int | float  # tokens kept per layer and KV head (int >= 1) or a fraction of the prompt (0 < float < 1)
+GenerateFn = Callable[..., Iterator[Tensor]]  # the signature of `mpcache.generate.stream_generate`
+
+ANSWER_MARGIN = 3  # extra decoding steps after the answer's length, so "123456" is not cut to "12345"
+
+
+# ------------------------------------------------------------------- budgets
+def check_budget(budget: Budget | None) -> Budget | None:
+    """Return a valid budget unchanged; raise a clear error otherwise (None = full cache)."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise TypeError(f"budget must be an int token count or a float ratio, got {type(budget).__name__}")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"budget must be >= 1 token, got {budget}")
+        return budget
+    if not 0.0 < budget < 1.0:
+        raise ValueError(
+            f"a float budget is a fraction of the prompt and must be in (0, 1), got {budget}; "
+            "write token counts as integers"
+        )
+    return budget
+
+
+def parse_budget(text: str) -> Budget:
+    """'128' -> 128 tokens, '0.25' -> a quarter of the prompt."""
+    text = text.strip()
+    try:
+        value: Budget = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"budget {text!r} is neither an integer token count nor a ratio in (0, 1)") from None
+    checked = check_budget(value)
+    assert checked is not None
+    return checked
+
+
+def budget_tokens(budget: Budget, prompt_tokens: int) -> int:
+    """Token budget for one prompt: ratios are taken of its length (at least one token)."""
+    budget = check_budget(budget)  # type: ignore[assignment]
+    if isinstance(budget, float):
+        return max(1, round(budget * prompt_tokens))
+    return budget
+
+
+# ------------------------------------------------------------------- methods
+def resolve_policy(method: str, budget: int | None, **kwargs: Any) -> CacheFactory | None:
+    """The cache factory of a KV method by name; "full" keeps every token (no policy)."""
+    if method == "full":
+        if kwargs:
+            raise ValueError(f"method 'full' takes no options, got {sorted(kwargs)}")
+        return None
+    if budget is None:
+        raise ValueError(f"method {method!r} needs a budget (tokens or a ratio of the prompt)")
+    try:
+        methods = importlib.import_module("mpcache.methods")
+    except ModuleNotFoundError as error:
+        if error.name not in ("mpcache.methods", "mpcache"):
+            raise
+        raise ValueError(f"KV method {method!r} needs the mpcache.methods package, which is not installed") from error
+    known = getattr(methods, "METHODS", None)
+    if known is not None and method not in known:
+        raise ValueError(f"unknown KV method {method!r}; known: {', '.join(known)}")
+    return methods.make_policy(method, budget=budget, **kwargs)
+
+
+# ------------------------------------------------------------------ measuring
+def row_cache_sizes(cache: KVCache) -> tuple[Tensor, Tensor]:
+    """Per batch row: mean tokens held per (layer, KV head), and bytes of those keys and values.
+
+    Counts valid slots only, so left padding and spare capacity of a batched cache do not
+    inflate a row's size; a method that stores smaller keys (pruned channels, low
+    precision) shows up through the stored tensors' shape and element size."""
+    tokens, nbytes, heads = 0, 0, 0
+    for entry in cache.layers:
+        if entry is None:
+            continue
+        held = entry.valid.sum(-1)  # [B, H]
+        slot = entry.keys.shape[-1] * entry.keys.element_size() + entry.values.shape[-1] * entry.values.element_size()
+        tokens = tokens + held.sum(-1)
+        nbytes = nbytes + held.sum(-1) * slot
+        heads += held.shape[1]
+    if not isinstance(tokens, Tensor) or not isinstance(nbytes, Tensor):
+        raise ValueError("the cache holds no layers; was it used for generation?")
+    return tokens.double() / heads, nbytes
+
+
+def full_cache_bytes(model: Transformer, tokens: int) -> int:
+    """Bytes of keys and values a full cache holds for `tokens` tokens."""
+    config = model.config
+    assert config.head_dim is not None
+    element = next(model.parameters()).element_size()
+    return tokens * config.n_layer * config.n_kv_head * 2 * config.head_dim * element
+
+
+@dataclass
+class SampleResult:
+    """One decoded sample (cache figures are None when the generate function built no cache)."""
+
+    sample: Sample
+    generated: list[int]
+    prediction: str
+    correct: bool
+    prompt_tokens: int
+    budget_tokens: int | None
+    cache_tokens: float | None
+    cache_bytes: int | None
+    full_cache_bytes: int
+
+
+def recording_factory(policy: CacheFactory | None) -> tuple[CacheFactory, list[KVCache]]:
+    """A factory building caches like `policy` (a full cache when None) that keeps each one,
+    so its size can be read after generation."""
+    caches: list[KVCache] = []
+
+    def factory(model: Transformer) -> KVCache:
+        cache = policy(model) if policy is not None else KVCache(model.config.n_layer)
+        caches.append(cache)
+        return cache
+
+    return factory, caches
+
+
+def _batches(budgets: list[int | None], batch_size: int) -> Iterator[list[int]]:
+    """Consecutive sample indices with the same token budget, at most batch_size at a time."""
+    batch: list[int] = []
+    for i in range(len(budgets)):
+        if batch and (len(batch) == batch_size or budgets[i] != budgets[batch[0]]):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def pad_left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor | None]:
+    """input_ids [B, T] with rows right-aligned, and the attention mask (None without padding)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, None if bool(mask.all()) else mask
+
+
+def evaluate_samples(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    samples: Sequence[Sample],
+    method: str = "full",
+    budget: Budget | None = None,
+    batch_size: int = 8,
+    margin: int = ANSWER_MARGIN,
+    generate_fn: GenerateFn = stream_generate,
+    method_kwargs: dict[str, Any] | None = None,
+    progress: tqdm | None = None,
+) -> list[SampleResult]:
+    """Greedy-decode every sample with `method` at `budget` and score it by exact match.
+
+    `generate_fn` has the signature of `stream_generate` (tests pass an oracle here)."""
+    budget = check_budget(budget)
+    if method == "full":
+        budget = None
+    elif budget is None:
+        raise ValueError(f"method {method!r} needs a budget (tokens or a ratio of the prompt)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    prompts = [tokenizer.encode(s.prompt) for s in samples]
+    answers = [tokenizer.encode(s.answer, add_bos=False) for s in samples]
+    budgets = [None if budget is None else budget_tokens(budget, len(p)) for p in prompts]
+    pad_id = next(i for i in (getattr(tokenizer, "pad_id", None), tokenizer.eos_id, 0) if i is not None)
+    results: list[SampleResult] = []
+    for batch in _batches(budgets, batch_size):
+        factory, caches = recording_factory(resolve_policy(method, budgets[batch[0]], **(method_kwargs or {})))
+        input_ids, mask = pad_left([prompts[i] for i in batch], pad_id)
+        max_new = max(len(answers[i]) for i in batch) + margin
+        steps = list(
+            generate_fn(model, input_ids, max_new, policy=factory, eos_id=tokenizer.eos_id, attention_mask=mask)
+        )
+        generated = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(len(batch), 0)
+        sizes = row_cache_sizes(caches[-1]) if caches else None
+        for row, i in enumerate(batch):
+            tokens = generated[row].tolist()
+            prediction = tokenizer.decode(tokens)
+            results.append(
+                SampleResult(
+                    sample=samples[i],
+                    generated=tokens,
+                    prediction=prediction,
+                    correct=exact_match(prediction, samples[i].answer),
+                    prompt_tokens=len(prompts[i]),
+                    budget_tokens=budgets[i],
+                    cache_tokens=None if sizes is None else float(sizes[0][row]),
+                    cache_bytes=None if sizes is None else int(sizes[1][row]),
+                    # The last generated token is never fed back, so it is not cached.
+                    full_cache_bytes=full_cache_bytes(model, len(prompts[i]) + max(len(steps) - 1, 0)),
+                )
+            )
+        if progress is not None:
+            progress.update(len(batch))
+    return results
+
+
+def _mean(values: list[Any]) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def evaluate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    method: str = "full",
+    budget: Budget | None = None,
+    tasks: Sequence[str] = TASKS,
+    lengths: Sequence[int] = (512, 1024, 2048),
+    samples: int = 10,
+    seed: int = 0,
+    batch_size: int = 8,
+    margin: int = ANSWER_MARGIN,
+    generate_fn: GenerateFn = stream_generate,
+    method_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows {method, task, context_len, budget, accuracy, samples, seconds, cache_tokens,
+    cache_bytes, full_cache_bytes} for every (task, length); "full" ignores the budget."""
+    budget = None if method == "full" else check_budget(budget)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    resolve_policy(method, None if budget is None else 1, **(method_kwargs or {}))  # fail fast on a bad name
+    count = lambda text: len(tokenizer.encode(text, add_bos=False))
+    label = method if budget is None else f"{method}@{budget}"
+    bar = tqdm(total=len(tasks) * len(lengths) * samples, desc=label, unit="sample", disable=not progress)
+    rows = []
+    for task in tasks:
+        for length in lengths:
+            bar.set_postfix(task=task, len=length)
+            group = make_samples(task, length, samples, count, seed=seed)
+            start = time.perf_counter()
+            results = evaluate_samples(
+                model, tokenizer, group, method, budget, batch_size, margin, generate_fn, method_kwargs, bar
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "task": task,
+                    "context_len": length,
+                    "budget": budget,
+                    "accuracy": sum(r.correct for r in results) / len(results),
+                    "samples": len(results),
+                    "seconds": round(time.perf_counter() - start, 3),
+                    "cache_tokens": _mean([r.cache_tokens for r in results]),
+                    "cache_bytes": _mean([r.cache_bytes for r in results]),
+                    "full_cache_bytes": _mean([r.full_cache_bytes for r in results]),
+                }
+            )
+    bar.close()
+    return rows
+
+
+# ------------------------------------------------------------------- loading
+def load_model(path: str | Path | None = None) -> tuple[Transformer, Tokenizer]:
+    """The bundled model (path None) or a local checkpoint folder, with its tokenizer."""
+    from mpcache.model.loading import from_pretrained, load_bundled, load_tokenizer
+
+    if path is None:
+        return load_bundled()
+    return from_pretrained(path), load_tokenizer(path)
