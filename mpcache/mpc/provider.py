@@ -1,0 +1,171 @@
+"""CrypTen TupleProvider backed by the dealer (mpcache/mpc/dealer.py), and the insecure test-only alternative.
+
+Every CrypTen party makes the same sequence of tuple requests (CrypTen is SPMD), so both parties number tuples
+0, 1, 2, ... identically: party i derives its random shares from its own seed and the tuple number, party 1 also
+derives its share of the derived value, and party 0 gets its correction share from the dealer. Batching: CrypTen's
+`trace()` / `fill_cache()` records a computation's tuple requests; `fill_cache` here fetches all of party 0's
+corrections in as few GetTuples calls as the message size allows, instead of one call per tuple.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+
+import torch
+
+from mpcache.mpc import dealer
+from mpcache.mpc.crypten_compat import import_crypten
+from mpcache.mpc.proto import mpcache_pb2 as pb
+
+crypten = import_crypten()
+from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor  # noqa: E402
+from crypten.mpc.provider.provider import TupleProvider  # noqa: E402
+
+log = logging.getLogger("mpcache.provider")
+
+PROVIDER_NAME = "DEALER"
+BATCH_BYTES = 32 << 20  # corrections per GetTuples response when prefetching (well under the message cap)
+
+
+class DealerSession:
+    """One party's view of a dealer session: its key, the tuple counter and (party 0) the dealer connection.
+
+    `fetch(request_id, specs)` returns party 0's corrections; it is DealerClient.get_tuples in a deployment and
+    any equivalent function in tests. Ranks >= 1 need no fetch: everything they use comes from their seed.
+    """
+
+    def __init__(self, session: str, rank: int, seed: int, fetch=None) -> None:
+        if rank not in range(dealer.WORLD_SIZE):
+            raise ValueError(f"rank {rank} is not a computing party")
+        if rank == 0 and fetch is None:
+            raise ValueError("party 0 needs a way to fetch corrections from the dealer")
+        self.session, self.rank = session, rank
+        self.key = dealer.party_key(seed, session, rank)
+        self.fetch = fetch if rank == 0 else None
+        self.consumed = 0  # tuples used so far (= index of the next tuple)
+        self.fetched = 0  # party 0: tuples whose corrections have arrived
+        self.correction_bytes = 0
+        self._ready: collections.deque[tuple[int, dealer.Spec, torch.Tensor]] = collections.deque()
+
+    def prefetch(self, specs: list[dealer.Spec]) -> None:
+        """Party 0: fetch corrections for the next tuples (in the order they will be used). No-op elsewhere."""
+        if self.rank != 0 or not specs:
+            return
+        start = 0
+        while start < len(specs):
+            stop, size = start, 0
+            while stop < len(specs) and (stop == start or size + 8 * specs[stop].numel() <= BATCH_BYTES):
+                size += 8 * int(torch.Size(specs[stop].derived_shape()).numel())
+                stop += 1
+            chunk = specs[start:stop]
+            for spec, c0 in zip(chunk, self.fetch(self.fetched, chunk), strict=True):
+                self._ready.append((self.fetched, spec, c0))
+                self.correction_bytes += 8 * c0.numel()
+                self.fetched += 1
+            start = stop
+
+    def next(self, spec: dealer.Spec) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """This party's shares of the next tuple: (random input shares, share of the derived value)."""
+        index = self.consumed
+        randoms = dealer.random_shares(self.key, index, spec)
+        if self.rank == 0:
+            if not self._ready:
+                self.prefetch([spec])
+            ready_index, ready_spec, derived = self._ready.popleft()
+            if (ready_index, ready_spec) != (index, spec):
+                raise RuntimeError(
+                    f"tuple schedule diverged at tuple {index}: prefetched {ready_spec.name} {ready_spec.shape_a} "
+                    f"{ready_spec.shape_b}, CrypTen asked for {spec.name} {spec.shape_a} {spec.shape_b}"
+                )
+        else:
+            derived = dealer.derived_share(self.key, index, spec)
+        self.consumed += 1
+        return randoms, derived
+
+
+def _cpu(device) -> None:
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"the dealer provider makes CPU tuples only, got device {device}")
+
+
+class DealerProvider(TupleProvider):
+    """CrypTen tuple provider whose correlated randomness comes from the dealer; see the module docstring."""
+
+    NAME = PROVIDER_NAME
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: DealerSession | None = None
+
+    def _next(self, spec: dealer.Spec, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        _cpu(device)
+        if self.session is None:
+            raise RuntimeError("dealer provider used before attach(): no dealer session")
+        return self.session.next(spec)
+
+    def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
+        if args:
+            raise ValueError(f"positional arguments for {op} triples are not supported: {args}")
+        (a, b), c = self._next(dealer.Spec.beaver(op, size0, size1, **kwargs), device)
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+
+    def square(self, size, device=None):
+        (r,), r2 = self._next(dealer.Spec(pb.SQUARE, tuple(size)), device)
+        return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(r2, precision=0)
+
+    def generate_binary_triple(self, size0, size1, device=None):
+        (a, b), c = self._next(dealer.Spec(pb.BINARY_AND, tuple(size0), tuple(size1)), device)
+        return tuple(BinarySharedTensor.from_shares(t) for t in (a, b, c))
+
+    def wrap_rng(self, size, device=None):
+        (r,), theta = self._next(dealer.Spec(pb.TRUNCATION_PAIR, tuple(size)), device)
+        return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(
+            theta, precision=0
+        )
+
+    def B2A_rng(self, size, device=None):
+        (r_bin,), r_arith = self._next(dealer.Spec(pb.B2A_BIT, tuple(size)), device)
+        return ArithmeticSharedTensor.from_shares(r_arith, precision=0), BinarySharedTensor.from_shares(r_bin)
+
+    def fill_cache(self) -> None:
+        """Fetch party 0's corrections for every traced request in batched calls, then fill CrypTen's cache."""
+        if self.session is not None:
+            self.session.prefetch([_request_spec(name, args, kwargs) for name, args, kwargs in self.request_cache])
+        super().fill_cache()
+
+
+def _request_spec(func_name: str, args: tuple, kwargs: dict) -> dealer.Spec:
+    """The Spec a traced provider call will consume (mirrors the methods above)."""
+    method = getattr(TupleProvider, func_name)
+    bound = inspect.signature(method).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if func_name == "generate_additive_triple":
+        return dealer.Spec.beaver(a["op"], a["size0"], a["size1"], **a.get("kwargs", {}))
+    if func_name == "generate_binary_triple":
+        return dealer.Spec(pb.BINARY_AND, tuple(a["size0"]), tuple(a["size1"]))
+    kind = {"square": pb.SQUARE, "wrap_rng": pb.TRUNCATION_PAIR, "B2A_rng": pb.B2A_BIT}[func_name]
+    return dealer.Spec(kind, tuple(a["size"]))
+
+
+_PROVIDER = DealerProvider()
+
+
+def attach(session: DealerSession) -> DealerProvider:
+    """Make CrypTen take its tuples from the dealer session (cfg.mpc.provider = "DEALER")."""
+    providers = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"]
+    providers[PROVIDER_NAME] = _PROVIDER
+    _PROVIDER.session = session
+    crypten.cfg.mpc.provider = PROVIDER_NAME
+    return _PROVIDER
+
+
+def use_insecure_tfp() -> None:
+    """CrypTen's trusted-first-party mode: party 0 makes every tuple itself and therefore knows all masks.
+
+    INSECURE, for single-machine unit tests of numerics only; no role CLI offers it.
+    """
+    log.warning("INSECURE tuple provider: trusted first party (party 0 knows every mask); unit tests only")
+    crypten.cfg.mpc.provider = "TFP"

@@ -1,0 +1,292 @@
+"""Dealer: tuple math, the gRPC service's rules, and CrypTen products computed with dealer tuples."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpcache.mpc import dealer, tls
+from mpcache.mpc.proto import mpcache_pb2 as pb
+from mpcache.mpc.provider import DealerSession
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+SPECS = [
+    dealer.Spec.beaver("mul", (3, 4), (4,)),
+    dealer.Spec.beaver("matmul", (2, 5), (5, 3)),
+    dealer.Spec.beaver("conv1d", (1, 2, 9), (4, 2, 3), stride=(2,), padding=(1,)),
+    dealer.Spec(pb.SQUARE, (6,)),
+    dealer.Spec(pb.BINARY_AND, (4, 1), (1, 5)),
+    dealer.Spec(pb.B2A_BIT, (50,)),
+    dealer.Spec(pb.TRUNCATION_PAIR, (7,)),
+]
+
+
+def _local_sessions(seeds=(11, 22), name="s"):
+    keys = [dealer.party_key(seed, name, r) for r, seed in enumerate(seeds)]
+    calls = []
+
+    def fetch(request_id, specs):
+        calls.append((request_id, len(specs)))
+        return [dealer.correction(keys, request_id + i, s) for i, s in enumerate(specs)]
+
+    return DealerSession(name, 0, seeds[0], fetch), DealerSession(name, 1, seeds[1]), calls
+
+
+def _check_tuple(spec, shares0, shares1):
+    (r0, d0), (r1, d1) = shares0, shares1
+    if spec.kind == pb.BINARY_AND:
+        a, b, c = r0[0] ^ r1[0], r0[1] ^ r1[1], d0 ^ d1
+        assert torch.equal(c, a & b)
+    elif spec.kind in dealer.BEAVER_OPS:
+        a, b = r0[0] + r1[0], r0[1] + r1[1]
+        op = getattr(torch, dealer.BEAVER_OPS[spec.kind])
+        assert torch.equal(d0 + d1, op(a, b, **dict(spec.conv)))
+    elif spec.kind == pb.SQUARE:
+        r = r0[0] + r1[0]
+        assert torch.equal(d0 + d1, r * r)
+    elif spec.kind == pb.B2A_BIT:
+        bit = r0[0] ^ r1[0]
+        assert set(bit.unique().tolist()) == {0, 1}  # a real random bit, both values occur in 50 draws
+        assert torch.equal(d0 + d1, bit)
+    elif spec.kind == pb.TRUNCATION_PAIR:
+        # wraps of r0 + r1 over the signed 64-bit ring, computed exactly with Python integers
+        exact = [int(x) + int(y) for x, y in zip(r0[0].tolist(), r1[0].tolist())]
+        wraps = [(v + 2**63) // 2**64 for v in exact]
+        assert (d0 + d1).tolist() == wraps
+    else:
+        raise AssertionError(spec)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_shares_reconstruct_to_valid_tuples(spec):
+    p0, p1, _ = _local_sessions()
+    for _ in range(2):  # two consecutive tuples of the same spec are different
+        t0, t1 = p0.next(spec), p1.next(spec)
+        _check_tuple(spec, t0, t1)
+    assert not torch.equal(t0[0][0], dealer.random_shares(p0.key, 0, spec)[0])
+
+
+def test_random_shares_look_uniform_and_independent_per_party():
+    k0, k1 = dealer.party_key(1, "s", 0), dealer.party_key(1, "s", 1)  # same seed, different ranks
+    a0, a1 = dealer.stream(k0, 0, 0, (4096,)), dealer.stream(k1, 0, 0, (4096,))
+    assert not torch.equal(a0, a1)
+    bits = torch.stack([(a0 >> i) & 1 for i in range(64)]).float().mean(1)
+    assert bits.min() > 0.45 and bits.max() < 0.55  # every bit position about half ones
+    assert torch.equal(a0, dealer.stream(k0, 0, 0, (4096,)))  # deterministic in (key, index, part)
+    assert not torch.equal(a0, dealer.stream(k0, 1, 0, (4096,)))
+    assert not torch.equal(a0, dealer.stream(k0, 0, 1, (4096,)))
+
+
+def test_prefetch_batches_and_detects_a_diverged_schedule():
+    p0, p1, calls = _local_sessions()
+    p0.prefetch(SPECS[:3])
+    assert calls == [(0, 3)]
+    for spec in SPECS[:3]:
+        _check_tuple(spec, p0.next(spec), p1.next(spec))
+    assert calls == [(0, 3)]  # served from the prefetched batch
+    p0.prefetch([SPECS[0]])
+    with pytest.raises(RuntimeError, match="diverged"):
+        p0.next(SPECS[1])
+
+
+def test_bad_specs_are_rejected_with_a_message():
+    with pytest.raises(ValueError, match="do not fit"):
+        dealer.Spec.beaver("matmul", (2, 3), (4, 5)).derived_shape()
+    with pytest.raises(ValueError, match="unsupported Beaver op"):
+        dealer.Spec.beaver("add", (2,), (2,))
+    with pytest.raises(ValueError, match="non-negative"):
+        dealer.Spec(pb.SQUARE, (-1,))
+    with pytest.raises(ValueError, match="unknown tuple kind"):
+        dealer.Spec(0, (1,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gRPC service
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certs(tmp_path):
+    tls.make_dev_pki(tmp_path / "certs")
+    return tmp_path / "certs"
+
+
+def _start(require_roles, credentials, party_timeout=30.0):
+    ended = []
+    service = dealer.DealerService(
+        require_roles=require_roles, party_timeout=party_timeout, on_session_end=lambda n, e: ended.append((n, e))
+    )
+    server, port = dealer.serve("127.0.0.1:0", service, credentials)
+    return service, server, port, ended
+
+
+def test_service_serves_party0_corrections_and_nothing_to_party1():
+    service, server, port, ended = _start(False, None)
+    try:
+        c0 = dealer.DealerClient(f"127.0.0.1:{port}", "sess", 0, None, timeout=10)
+        c1 = dealer.DealerClient(f"127.0.0.1:{port}", "sess", 1, None, timeout=10)
+        s0, s1 = c0.register(), c1.register()
+        p0 = DealerSession("sess", 0, s0, c0.get_tuples)
+        p1 = DealerSession("sess", 1, s1)
+        for spec in SPECS[:2] + SPECS[3:]:
+            _check_tuple(spec, p0.next(spec), p1.next(spec))
+        with pytest.raises(dealer.DealerUnavailable, match="PERMISSION_DENIED.*only party 0"):
+            c1.get_tuples(0, [SPECS[0]])
+        with pytest.raises(dealer.DealerUnavailable, match="out of step"):
+            c0.get_tuples(0, [SPECS[0]])  # tuple 0 was served already: never twice
+        assert c1.heartbeat() == ""
+        r1, r0 = c1.close(), c0.close()
+        assert r0.tuples_served == len(SPECS) - 1 and r1.tuples_served == 0
+        # Party 1 got its Register reply (a seed) and no tuple payload at all.
+        assert r1.bytes_served == c1.bytes_received == pb.RegisterResponse(seed=s1, dealer_id="dealer").ByteSize()
+        payload = sum(8 * torch.Size(s.derived_shape()).numel() for s in SPECS[:2] + SPECS[3:])
+        assert r1.bytes_served < 32 and r0.bytes_served > payload
+        assert ended == [("sess", "")]
+        again = dealer.DealerClient(f"127.0.0.1:{port}", "sess", 0, None, timeout=10)
+        with pytest.raises(dealer.DealerUnavailable, match="never reused"):
+            again.register()
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_mutual_tls_roles_are_enforced(certs):
+    creds = tls.server_credentials(tls.TlsFiles.in_dir(certs, "dealer"))
+    service, server, port, _ = _start(True, creds)
+    try:
+        addr = f"127.0.0.1:{port}"
+
+        def client(role, rank):
+            return dealer.DealerClient(addr, "s", rank, tls.channel_credentials(tls.TlsFiles.in_dir(certs, role)), 5)
+
+        assert isinstance(client("party0", 0).register(), int)
+        with pytest.raises(dealer.DealerUnavailable, match="PERMISSION_DENIED.*party1.*party 0"):
+            client("party1", 0).register()  # party 1's certificate cannot fetch party 0's seed
+        with pytest.raises(dealer.DealerUnavailable, match="not reachable"):
+            dealer.DealerClient(addr, "s", 0, None, 5).register(connect_timeout=1)  # plaintext is refused
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_silent_party_aborts_the_session_and_the_other_party_hears_why():
+    service, server, port, ended = _start(False, None, party_timeout=0.6)
+    try:
+        c0 = dealer.DealerClient(f"127.0.0.1:{port}", "quiet", 0, None, timeout=5)
+        c1 = dealer.DealerClient(f"127.0.0.1:{port}", "quiet", 1, None, timeout=5)
+        c0.register(), c1.register()
+        deadline = time.monotonic() + 10
+        while not ended and time.monotonic() < deadline:
+            c0.heartbeat()  # party 0 stays alive, party 1 goes silent
+            time.sleep(0.1)
+        assert ended and "party 1 silent" in ended[0][1]
+        assert "party 1 silent" in c0.heartbeat()
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_port_in_use_is_an_oserror_naming_the_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+            dealer.serve(f"127.0.0.1:{port}", dealer.DealerService(require_roles=False), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CrypTen with dealer tuples, two OS processes
+# ---------------------------------------------------------------------------------------------------------------
+
+PARTY = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from mpcache.mpc.crypten_compat import import_crypten
+    from mpcache.mpc import dealer, provider
+    crypten = import_crypten()
+    rank = int(os.environ["RANK"])
+    client = dealer.DealerClient(os.environ["DEALER"], "prod", rank, None, timeout=60)
+    fetches = []
+    def fetch(request_id, specs):
+        fetches.append(len(specs))
+        return client.get_tuples(request_id, specs)
+    session = provider.DealerSession("prod", rank, client.register(), fetch if rank == 0 else None)
+    crypten.init()
+    provider.attach(session)
+    g = torch.Generator().manual_seed(0)
+    x, y, w = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(6, 3, generator=g)
+    ex, ey, ew = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=1), crypten.cryptensor(w, src=0)
+    out = {
+        "mul": ((ex * ey).get_plain_text() - x * y).abs().max().item(),
+        "matmul": ((ex @ ew).get_plain_text() - x @ w).abs().max().item(),
+        "square": (ex.square().get_plain_text() - x * x).abs().max().item(),
+        "relu": (ex.relu().get_plain_text() - x.relu()).abs().max().item(),
+        "gt": ((ex > ey).get_plain_text() - (x > y).float()).abs().max().item(),
+    }
+    # The same computation again, tuples prefetched in batches through CrypTen's trace / fill_cache.
+    crypten.trace()
+    _, _ = ex @ ew, ex * ey
+    crypten.trace(False)
+    before = len(fetches)
+    crypten.fill_cache()
+    out["cached_matmul"] = ((ex @ ew).get_plain_text() - x @ w).abs().max().item()
+    out["cached_mul"] = ((ex * ey).get_plain_text() - x * y).abs().max().item()
+    out["batched_fetches"] = fetches[before:]
+    out["consumed"] = session.consumed
+    out["fetch_calls"] = len(fetches)
+    out["closed"] = [client.close().bytes_served]
+    crypten.uninit()
+    print("RESULT " + json.dumps(out), flush=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_crypten_products_with_dealer_tuples_are_correct():
+    service, server, port, ended = _start(False, None)
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    procs = []
+    try:
+        for rank in (0, 1):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", RENDEZVOUS=rendezvous, DEALER=f"127.0.0.1:{port}")
+            procs.append(
+                subprocess.Popen([PY, "-c", PARTY], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            )
+        outs = [p.communicate(timeout=100) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        server.stop(None)
+        service.stop()
+    results = []
+    for (stdout, stderr), p in zip(outs, procs):
+        assert p.returncode == 0, stderr.decode()[-3000:]
+        line = [ln for ln in stdout.decode().splitlines() if ln.startswith("RESULT ")]
+        results.append(json.loads(line[0][len("RESULT ") :]))
+    r0, r1 = results
+    for key in ("mul", "matmul", "square", "cached_matmul", "cached_mul"):
+        assert r0[key] < 1e-3 and r1[key] < 1e-3, (key, r0[key])
+    assert r0["relu"] < 1e-3 and r0["gt"] == 0.0  # comparisons use binary triples and B2A bits
+    assert r0["consumed"] == r1["consumed"] > 10
+    assert r0["batched_fetches"] == [2]  # the two traced triples came in one GetTuples call
+    assert r1["fetch_calls"] == 0
+    assert r1["closed"][0] < 32  # party 1 received a seed, never a tuple
+    assert ended == [("prod", "")]
