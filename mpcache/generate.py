@@ -14,8 +14,9 @@ from mpcache.model.transformer import Transformer
 CacheFactory = Callable[[Transformer], KVCache]
 
 
-def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-               generator: torch.Generator | None) -> Tensor:
+def next_token(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Tensor:
     """Pick the next token from logits [B, V]: argmax at temperature 0, else sample."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -55,18 +56,21 @@ def stream_generate(
         raise ValueError(f"input_ids must be a non-empty [batch, time] tensor, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     model.eval()
     cache = policy(model) if policy is not None else KVCache(model.config.n_layer)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = input_ids.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     b, t = input_ids.shape
     if attention_mask is None:
-        positions = torch.arange(t).expand(b, t)
-        next_position = torch.full((b,), t)
+        positions = torch.arange(t, device=device).expand(b, t)
+        next_position = torch.full((b,), t, device=device)
     else:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         next_position = attention_mask.long().sum(-1)
     logits = model(input_ids, cache=cache, positions=positions, attention_mask=attention_mask, last_only=True)
-    finished = torch.zeros(b, dtype=torch.bool)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         token = next_token(logits[:, -1], temperature, top_k, top_p, generator)
         if eos_id is not None:

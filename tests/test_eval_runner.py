@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from bench import accuracy
+from mpcache.eval import runner
 from mpcache.eval.oracle import oracle_answer
 from mpcache.eval.runner import (
     budget_tokens,
@@ -147,6 +148,25 @@ def test_batched_equals_one_at_a_time(model: Transformer) -> None:
         assert a.generated == b.generated
         assert (a.cache_tokens, a.cache_bytes) == (b.cache_tokens, b.cache_bytes)
         assert a.full_cache_bytes == b.full_cache_bytes
+
+
+def test_batches_share_a_budget_and_fit_in_memory(model: Transformer, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert list(runner._batches([5, 5, 6, 6, 6, None], 2)) == [[0, 1], [2, 3], [4], [5]]
+    seen: list[int] = []
+    oracle = oracle_generate("passkey")
+
+    def spy(model: Transformer, input_ids: Tensor, *args: object, **kwargs: object) -> Iterator[Tensor]:
+        seen.append(input_ids.shape[0])
+        return oracle(model, input_ids, *args, **kwargs)
+
+    samples = make_samples("passkey", 512, 4, count)
+    assert all(r.correct for r in evaluate_samples(model, TOK, samples, batch_size=4, generate_fn=spy))
+    assert seen == [4]
+    seen.clear()
+    # Room for the attention scores of two 513-token prompts of this 4-head model.
+    monkeypatch.setattr(runner, "SCORES_BYTES", 2 * 4 * 4 * 513 * 513)
+    assert all(r.correct for r in evaluate_samples(model, TOK, samples, batch_size=4, generate_fn=spy))
+    assert seen == [2, 2]
 
 
 def test_pad_left() -> None:

@@ -33,6 +33,7 @@ Budget = int | float  # tokens kept per layer and KV head (int >= 1) or a fracti
 GenerateFn = Callable[..., Iterator[Tensor]]  # the signature of `mpcache.generate.stream_generate`
 
 ANSWER_MARGIN = 3  # extra decoding steps after the answer's length, so "123456" is not cut to "12345"
+SCORES_BYTES = 1 << 30  # cap on one prefill's attention scores (B x heads x T x T floats): bounds the batch
 
 
 # ------------------------------------------------------------------- budgets
@@ -207,7 +208,9 @@ def evaluate_samples(
     budgets = [None if budget is None else budget_tokens(budget, len(p)) for p in prompts]
     pad_id = next(i for i in (getattr(tokenizer, "pad_id", None), tokenizer.eos_id, 0) if i is not None)
     results: list[SampleResult] = []
-    for batch in _batches(budgets, batch_size):
+    longest = max(map(len, prompts), default=1)
+    rows_fit = max(1, SCORES_BYTES // (4 * model.config.n_head * longest * longest))
+    for batch in _batches(budgets, min(batch_size, rows_fit)):
         factory, caches = recording_factory(resolve_policy(method, budgets[batch[0]], **(method_kwargs or {})))
         input_ids, mask = pad_left([prompts[i] for i in batch], pad_id)
         max_new = max(len(answers[i]) for i in batch) + margin

@@ -46,8 +46,18 @@ class KVCache:
 
         keys/values: [B, H, T, D]; positions, valid: [B, T] (shared by all heads).
         """
+        if keys.dim() != 4 or values.dim() != 4 or values.shape[:3] != keys.shape[:3]:
+            raise ValueError(f"keys/values must be [B, H, T, D] alike, got {tuple(keys.shape)}, {tuple(values.shape)}")
         b, h, t, _ = keys.shape
+        if positions.shape != (b, t) or valid.shape != (b, t):
+            shapes = f"{tuple(positions.shape)}, {tuple(valid.shape)}"
+            raise ValueError(f"positions/valid must be [B={b}, T={t}], got {shapes}")
         entry = self.layers[layer]
+        if entry is not None and entry.keys.shape[:2] != keys.shape[:2]:
+            raise ValueError(
+                f"layer {layer} caches batch={entry.keys.shape[0]}, kv_heads={entry.keys.shape[1]}; "
+                f"got keys for batch={b}, kv_heads={h}"
+            )
         if entry is None:
             entry = LayerKV(
                 keys.new_zeros(b, h, 0, keys.shape[-1]),
@@ -74,11 +84,23 @@ class KVCache:
         entry = self.layers[layer]
         if entry is None:
             raise ValueError(f"layer {layer} has no cache to compact")
+        if index.dim() != 3 or index.shape[:2] != entry.lengths.shape:
+            b, h = entry.lengths.shape
+            raise ValueError(f"index must be [batch={b}, kv_heads={h}, K], got {tuple(index.shape)}")
         b, h, k = index.shape
         if count is None:
             count = torch.full((b, h), k, dtype=torch.long, device=index.device)
+        if count.shape != (b, h) or bool((count < 0).any()) or bool((count > k).any()):
+            raise ValueError(f"count must be [batch={b}, kv_heads={h}] with values in [0, K={k}]")
         if (count > entry.lengths).any():
             raise ValueError("cannot keep more slots than a head holds")
+        in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
+        if (in_use & ((index < 0) | (index >= entry.lengths[:, :, None]))).any():
+            raise ValueError("index out of range: a head can only keep its slots [0, lengths[b, h])")
+        uses = torch.zeros(b, h, entry.capacity, device=index.device)
+        uses.scatter_add_(2, index.masked_fill(~in_use, 0), in_use.float())
+        if (uses > 1).any():
+            raise ValueError("index keeps a slot twice (attention would count that token twice)")
         index = index.clamp(min=0, max=max(entry.capacity - 1, 0))
         in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
         new_len = int(count.max()) if count.numel() else 0

@@ -76,12 +76,14 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Parameter count without building the module (tied embeddings counted once)."""
-        d, hd = self.d_model, self.head_dim
+        d, hd, gpt2 = self.d_model, self.head_dim, self.family == "gpt2"
         assert hd is not None
-        attn = d * hd * (self.n_head + 2 * self.n_kv_head) + self.n_head * hd * d
-        mlp = (3 if self.family == "llama" else 2) * d * self.d_ff
-        norms = 2 * d * (2 if self.family == "gpt2" else 1)
-        per_layer = attn + mlp + norms
+        qkv = hd * (self.n_head + 2 * self.n_kv_head)
+        attn = d * qkv + self.n_head * hd * d + qkv * self.qkv_bias + d * self.out_bias
+        mlp = (2 if gpt2 else 3) * d * self.d_ff
+        if gpt2 or self.mlp_bias:  # GPT-2's MLP is always biased
+            mlp += (1 if gpt2 else 2) * self.d_ff + d
+        norm = 2 * d if gpt2 else d  # LayerNorm has a bias, RMSNorm does not
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        pos = self.max_position * d if self.family == "gpt2" else 0
-        return self.n_layer * per_layer + emb + pos + d
+        pos = self.max_position * d if gpt2 else 0
+        return self.n_layer * (attn + mlp + 2 * norm) + emb + pos + norm

@@ -213,9 +213,16 @@ class Transformer(nn.Module):
         attention_mask: [B, T], 0 marks padding that no query may attend to.
         last_only: return logits for the last position only ([B, 1, V]), as decoding needs.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, time] tensor, got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if bool(((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()):
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size})")
         b, t = input_ids.shape
+        for name, given in (("positions", positions), ("attention_mask", attention_mask)):
+            if given is not None and given.shape != (b, t):
+                raise ValueError(f"{name} must be [batch={b}, time={t}] like input_ids, got {tuple(given.shape)}")
         if positions is None:
             start = cache.seen_tokens if cache is not None else 0
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
