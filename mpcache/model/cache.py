@@ -101,23 +101,30 @@ class KVCache:
         uses.scatter_add_(2, index.masked_fill(~in_use, 0), in_use.float())
         if (uses > 1).any():
             raise ValueError("index keeps a slot twice (attention would count that token twice)")
-        index = index.clamp(min=0, max=max(entry.capacity - 1, 0))
-        in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
-        new_len = int(count.max()) if count.numel() else 0
-        index, in_use = index[:, :, :new_len], in_use[:, :, :new_len]
-        gather = index[..., None]
-        keys = entry.keys.gather(2, gather.expand(-1, -1, -1, entry.keys.shape[-1]))
-        values = entry.values.gather(2, gather.expand(-1, -1, -1, entry.values.shape[-1]))
-        positions = entry.positions.gather(2, index)
-        valid = entry.valid.gather(2, index) & in_use
-        self.layers[layer] = LayerKV(
-            keys.contiguous(), values.contiguous(), positions.contiguous(), valid.contiguous(), count.clone()
-        )
+        self.layers[layer] = gather_slots(entry, index, count)
 
     # ------------------------------------------------------------------ hooks
+    # Attention calls, per layer and forward: observe_hidden -> update -> observe ->
+    # attention_view (what attention reads) -> after_attention. All are no-ops here;
+    # eviction policies (mpcache.methods) override them.
+    def observe_hidden(self, layer: int, hidden: Tensor) -> None:
+        """Called with the attention block's normalised input [B, T, d_model] before the
+        q/k/v projections (for methods that score tokens from hidden states). No-op here."""
+
     def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
         """Called by attention with this step's queries [B, Hq, T, D] (after RoPE), after
         the step's keys were stored and before attention reads the cache. No-op here."""
+
+    def attention_view(self, layer: int) -> LayerKV:
+        """The slots attention reads for this step: the whole layer here; a query-aware
+        policy may return a gathered subset, a compressed one a dequantised copy."""
+        entry = self.layers[layer]
+        assert entry is not None
+        return entry
+
+    def after_attention(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
+        """Called after attention read the cache for this step (so the step's queries
+        attended to everything stored). Compacting here is eviction after attention. No-op."""
 
     # ---------------------------------------------------------------- reports
     def tokens_per_head(self, layer: int) -> Tensor:
@@ -135,6 +142,22 @@ class KVCache:
                 total += entry.keys.numel() * entry.keys.element_size()
                 total += entry.values.numel() * entry.values.element_size()
         return total
+
+
+def gather_slots(entry: LayerKV, index: Tensor, count: Tensor) -> LayerKV:
+    """Slots `index` [B, H, K] of `entry` as a new compact layer; only the first `count[b, h]`
+    of each row are in use (the rest become invalid padding)."""
+    k = index.shape[2]
+    index = index.clamp(min=0, max=max(entry.capacity - 1, 0))
+    in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
+    new_len = int(count.max()) if count.numel() else 0
+    index, in_use = index[:, :, :new_len], in_use[:, :, :new_len]
+    gather = index[..., None]
+    keys = entry.keys.gather(2, gather.expand(-1, -1, -1, entry.keys.shape[-1]))
+    values = entry.values.gather(2, gather.expand(-1, -1, -1, entry.values.shape[-1]))
+    positions = entry.positions.gather(2, index)
+    valid = entry.valid.gather(2, index) & in_use
+    return LayerKV(keys.contiguous(), values.contiguous(), positions.contiguous(), valid.contiguous(), count.clone())
 
 
 def _grow(entry: LayerKV, capacity: int) -> LayerKV:

@@ -68,19 +68,19 @@ def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def cached_attention(
+def attention_probs(
     queries: Tensor,
     keys: Tensor,
-    values: Tensor,
     query_positions: Tensor,
     key_positions: Tensor,
     key_valid: Tensor,
     sliding_window: int | None = None,
 ) -> Tensor:
-    """Attention of queries [B, Hq, T, D] over per-head caches [B, Hkv, L, D].
+    """Softmax attention [B, Hkv, G, T, L] (float32) of queries [B, Hq, T, D] over per-head
+    caches [B, Hkv, L, D], with G = Hq / Hkv query heads per KV head.
 
     A query at position p sees a cached key at position s when the slot is valid, s <= p
-    and (with a sliding window) p - s < window. Rows that see nothing output zeros.
+    and (with a sliding window) p - s < window. Rows that see nothing are zeros.
     """
     b, hq, t, d = queries.shape
     hkv = keys.shape[1]
@@ -92,8 +92,23 @@ def cached_attention(
     if sliding_window is not None:
         visible = visible & (qpos - kpos < sliding_window)
     scores = scores.float().masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(values.dtype)
-    out = torch.einsum("bhgtl,bhld->bhgtd", probs, values)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def cached_attention(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Attention of queries [B, Hq, T, D] over per-head caches [B, Hkv, L, D] (masking as in
+    `attention_probs`; rows that see nothing output zeros)."""
+    b, hq, t, _ = queries.shape
+    probs = attention_probs(queries, keys, query_positions, key_positions, key_valid, sliding_window)
+    out = torch.einsum("bhgtl,bhld->bhgtd", probs.to(values.dtype), values)
     return out.reshape(b, hq, t, values.shape[-1])
 
 
@@ -124,13 +139,14 @@ class Attention(nn.Module):
         else:
             if cache is None:
                 cache = KVCache(self.config.n_layer)
-            entry = cache.update(self.layer, k, v, positions, valid)
+            cache.observe_hidden(self.layer, x)
+            cache.update(self.layer, k, v, positions, valid)
             cache.observe(self.layer, q, positions)
-            entry = cache.layers[self.layer]  # observe may have compacted it
-            assert entry is not None
+            entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
             out = cached_attention(
                 q, entry.keys, entry.values, positions, entry.positions, entry.valid, self.config.sliding_window
             )
+            cache.after_attention(self.layer, q, positions)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

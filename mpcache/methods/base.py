@@ -1,0 +1,428 @@
+"""The KV-cache policy interface every method implements.
+
+A method is a `PolicyCache`: a `KVCache` subclass built once per request by the factory
+that `make_policy` returns. Attention drives it through the cache hooks, per layer and
+forward (see `mpcache.model.cache`):
+
+    observe_hidden -> update -> observe -> attention_view -> cached_attention -> after_attention
+
+What a method may observe: this step's queries (post-RoPE), every stored key/value with its
+original position, the softmax attention of any window of this step's queries (`probs`),
+the block's hidden states (`observe_hidden`), and the model itself (`from_model`).
+
+When it acts (`_step`): each forward of a layer is a "prefill" (the layer's first forward,
+i.e. the prompt), a "chunk" (a later multi-token forward: block-wise prefill, see
+`prefill_in_chunks`) or a "decode" step. `compress_prefill`, `compress_chunks` and
+`decode_interval` say after which of them the method compresses. By default it acts
+AFTER attention (kvpress): the prompt tokens attend to the full prompt, prefill logits
+are exactly those of the full cache, and only generation sees the compressed cache.
+`timing="before"` compresses in `observe` instead, so the step's own attention already
+reads the compressed cache.
+
+What it may do: evict tokens per (batch row, layer, KV head) through `KVCache.keep`,
+which reallocates storage, so memory really drops; keep evicted entries elsewhere in a
+cheaper form (merged, quantized, channel-pruned) and hand attention a view of everything
+through `read`; or pick, per step, which stored tokens attention reads (Quest, MPCache).
+
+The scorer contract mirrors kvpress: `score(...) -> [B, Hkv, L]` per stored slot, then a
+keep-set rule (`select`): the first `sink` and last `window` valid tokens are protected,
+the rest ranked by score, and a head whose tokens fit its budget is not touched at all,
+so a budget >= the sequence length gives exactly the full cache. The budget (per KV head,
+tokens; a float is a ratio of the prompt length) is split across layers (`layer_weights`)
+and across the KV heads of a layer: `uniform` (each head keeps the budget) or `global`
+(AdaKV: the layer's Hkv x budget slots go to the globally best scores, each head keeping
+at least `floor` x budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mpcache.model.cache import KVCache, LayerKV
+from mpcache.model.transformer import Transformer, attention_probs
+
+Budget = int | float
+StepKind = Literal["prefill", "chunk", "decode"]
+
+
+# --------------------------------------------------------------------------- budgets
+def check_budget(budget: object) -> None:
+    """Raise unless `budget` is an int token count >= 1 or a float ratio in (0, 1)."""
+    if budget is None:
+        raise ValueError("a budget is required: an int token count per KV head or a float ratio in (0, 1)")
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise TypeError(f"budget must be an int token count or a float ratio, got {type(budget).__name__}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"budget must be at least 1 token, got {budget}")
+    if isinstance(budget, float) and not 0.0 < budget < 1.0:
+        raise ValueError(f"a float budget is a ratio in (0, 1) of the prompt, got {budget}; use an int for tokens")
+
+
+def resolve_budget(budget: Budget, prompt_lengths: Tensor) -> Tensor:
+    """Tokens per KV head for each batch row [B]: the int itself, or floor(ratio x prompt length), >= 1."""
+    if isinstance(budget, float):
+        return (prompt_lengths.double() * budget).floor().long().clamp(min=1)
+    return torch.full_like(prompt_lengths, int(budget))
+
+
+def split_across_layers(total: Tensor, weights: Tensor) -> Tensor:
+    """Split `total` [B] tokens over layers in proportion to `weights` [L] (largest remainder,
+    so every row sums exactly to its total). Returns [B, L] ints."""
+    share = total[:, None].double() * (weights.double() / weights.double().sum())[None]
+    base = share.floor().long()
+    short = total - base.sum(-1)
+    order = (base - share).argsort(-1)  # largest remainder first
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
+    return base + (rank < short[:, None]).long()
+
+
+def global_head_counts(scores: Tensor, budget: Tensor, floor: float) -> Tensor:
+    """AdaKV split of one layer's Hkv x budget slots over its KV heads [B, Hkv].
+
+    Each head first keeps its `floor` x budget best slots (a safeguard), the remaining
+    slots go to the best scores over all heads. `scores` [B, H, L] must be comparable
+    across heads (e.g. attention probabilities); -inf marks invalid slots.
+    """
+    b, h, length = scores.shape
+    n_valid = (scores > float("-inf")).sum(-1)
+    safeguard = torch.minimum((budget.double() * floor).floor().long()[:, None].expand(b, h), n_valid)
+    ordered = scores.sort(-1, descending=True).values
+    rank = torch.arange(length, device=scores.device)
+    pool = ordered.masked_fill(rank < safeguard[..., None], float("-inf")).flatten(1)
+    extra = (budget * h - safeguard.sum(-1)).clamp(min=0)
+    k = min(int(extra.max()), pool.shape[-1])
+    top = pool.topk(k, dim=-1)
+    chosen = (torch.arange(k, device=scores.device) < extra[:, None]) & (top.values > float("-inf"))
+    counts = torch.zeros(b, h, dtype=torch.long, device=scores.device)
+    return safeguard + counts.scatter_add_(1, top.indices // length, chosen.long())
+
+
+# ------------------------------------------------------------------- keep-set rules
+def arrival_rank(valid: Tensor) -> Tensor:
+    """Index of each valid slot among its head's valid slots, oldest first (slots are kept in position order)."""
+    return valid.long().cumsum(-1) - 1
+
+
+def recency_rank(valid: Tensor) -> Tensor:
+    """Index of each valid slot among its head's valid slots, newest first."""
+    return valid.long().flip(-1).cumsum(-1).flip(-1) - 1
+
+
+def protect(scores: Tensor, valid: Tensor, cap: Tensor, sink: int | Tensor, window: int | Tensor) -> Tensor:
+    """`scores` [B, H, L] with the first `sink` and last `window` valid slots of each head set
+    to +inf and invalid slots to -inf. Both are clamped to the head's `cap` [B, H] (sinks
+    first), so a protected set never exceeds what the head may keep."""
+    sink = _per_head(sink, cap)
+    window = _per_head(window, cap)
+    sink = torch.minimum(sink, cap)
+    window = torch.minimum(window, cap - sink)
+    protected = (arrival_rank(valid) < sink[..., None]) | (recency_rank(valid) < window[..., None])
+    out = scores.float().masked_fill(protected & valid, float("inf"))
+    return out.masked_fill(~valid, float("-inf"))
+
+
+def topk_slots(scores: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """The `count[b, h]` best-scoring slots of every head, in slot (= position) order, as the
+    (index [B, H, K], count) pair `KVCache.keep` takes."""
+    k = int(count.max()) if count.numel() else 0
+    top = scores.topk(k, dim=-1).indices
+    unused = torch.arange(k, device=scores.device) >= count[..., None]
+    top = top.masked_fill(unused, scores.shape[-1])  # sorts after every real slot
+    return top.sort(-1).values.clamp(max=max(scores.shape[-1] - 1, 0)), count
+
+
+def top_mask(scores: Tensor, count: Tensor) -> Tensor:
+    """Boolean mask [B, H, C] of the `count[b, h]` best finite-or-+inf entries of each row."""
+    order = scores.argsort(-1, descending=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order).contiguous())
+    return (rank < count[..., None]) & (scores > float("-inf"))
+
+
+def mask_to_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Slots set in `mask` [B, H, L] as (index [B, H, K] in slot order, count [B, H])."""
+    count = mask.sum(-1)
+    k = int(count.max()) if count.numel() else 0
+    index = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :k]
+    return index, count
+
+
+def pool_scores(x: Tensor, kernel: int, kind: str = "avg") -> Tensor:
+    """Same-length 1-D pooling along the last axis (SnapKV: a hit keeps its neighbours).
+    Zero padding for "avg", -inf padding for "max"; `kernel` must be odd."""
+    if kernel == 1:
+        return x
+    flat = x.reshape(-1, 1, x.shape[-1])
+    pool = F.avg_pool1d if kind == "avg" else F.max_pool1d
+    return pool(flat, kernel, stride=1, padding=kernel // 2).reshape(x.shape)
+
+
+def chunk_min_max(keys: Tensor, valid: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel max and min of the valid keys in every run of `size` consecutive slots
+    (Quest pages, MPCache clusters): keys [B, H, L, D] -> kmax, kmin [B, H, C, D] with
+    C = ceil(L / size), plus `nonempty` [B, H, C]. Empty chunks get zeros."""
+    b, h, length, d = keys.shape
+    c = -(-length // size)
+    pad = c * size - length
+    k = F.pad(keys, (0, 0, 0, pad)).view(b, h, c, size, d)
+    v = F.pad(valid, (0, pad)).view(b, h, c, size, 1)
+    nonempty = v.any(3)
+    kmax = k.masked_fill(~v, float("-inf")).amax(3).masked_fill(~nonempty, 0.0)
+    kmin = k.masked_fill(~v, float("inf")).amin(3).masked_fill(~nonempty, 0.0)
+    return kmax, kmin, nonempty.squeeze(-1)
+
+
+def concat_layers(first: LayerKV, second: LayerKV) -> LayerKV:
+    """A read-only view of two stores side by side (attention only needs positions and validity)."""
+    return LayerKV(
+        torch.cat([first.keys, second.keys], 2),
+        torch.cat([first.values, second.values], 2),
+        torch.cat([first.positions, second.positions], 2),
+        torch.cat([first.valid, second.valid], 2),
+        first.capacity + second.lengths,
+    )
+
+
+def _per_head(x: int | Tensor, like: Tensor) -> Tensor:
+    """An int or a per-row [B] tensor broadcast to `like` [B, H]."""
+    if isinstance(x, Tensor):
+        return x.to(like.device).reshape(-1, 1).expand_as(like)
+    return torch.full_like(like, int(x))
+
+
+# ---------------------------------------------------------------------- the policy
+class PolicyCache(KVCache):
+    """A KV cache that compresses itself; subclasses supply `score` or override `compress`.
+
+    budget: tokens per KV head (int) or a ratio (0, 1) of the prompt length, resolved per
+        batch row on the first forward (with block-wise prefill: the first block).
+    sink / window: protected first / last valid tokens of every head.
+    split: "uniform" (every head keeps the budget) or "global" (AdaKV, with `floor`).
+    layer_weights: per-layer budget shares (the n_layer x budget total is split by them).
+    timing: compress "after" (default, kvpress) or "before" the step's attention reads the cache.
+    decode_interval: compress every N decode steps (0: never; default: the method's).
+    """
+
+    name: ClassVar[str] = "base"
+    needs_budget: ClassVar[bool] = True
+    compress_prefill: ClassVar[bool] = True
+    compress_chunks: ClassVar[bool] = False
+    default_decode_interval: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        n_layer: int,
+        budget: Budget | None,
+        *,
+        sink: int = 0,
+        window: int = 0,
+        split: str = "uniform",
+        floor: float = 0.2,
+        layer_weights: Sequence[float] | None = None,
+        timing: str = "after",
+        decode_interval: int | None = None,
+    ) -> None:
+        super().__init__(n_layer)
+        if self.needs_budget or budget is not None:
+            check_budget(budget)
+        for label, value in (("sink", sink), ("window", window)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{label} must be an int >= 0, got {value!r}")
+        if split not in ("uniform", "global"):
+            raise ValueError(f"split must be 'uniform' or 'global', got {split!r}")
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {floor}")
+        if timing not in ("after", "before"):
+            raise ValueError(f"timing must be 'after' or 'before' attention, got {timing!r}")
+        interval = self.default_decode_interval if decode_interval is None else decode_interval
+        if not isinstance(interval, int) or interval < 0:
+            raise ValueError(f"decode_interval must be an int >= 0, got {decode_interval!r}")
+        if layer_weights is not None:
+            if len(layer_weights) != n_layer or any(not w > 0 for w in layer_weights):
+                raise ValueError(f"layer_weights needs {n_layer} positive numbers, got {list(layer_weights)}")
+        self.budget = budget
+        self.sink, self.window, self.split, self.floor = sink, window, split, floor
+        self.layer_weights = None if layer_weights is None else torch.tensor(list(layer_weights), dtype=torch.float64)
+        self.timing, self.decode_interval = timing, interval
+        self.sliding_window: int | None = None
+        self.prompt_lengths: Tensor | None = None  # [B] valid tokens of the first forward
+        self.budget_tokens: Tensor | None = None  # [B] per-head budget, resolved on the first forward
+        self.forwards = [0] * n_layer  # forwards seen per layer
+        self.decode_steps = [0] * n_layer
+        self.step_valid: Tensor | None = None  # [B, T] validity of the current step's tokens
+        self.state: list[dict[str, Tensor]] = [{} for _ in range(n_layer)]
+        self.read_tokens: list[Tensor | None] = [None] * n_layer
+
+    @classmethod
+    def from_model(cls, model: Transformer, budget: Budget | None, **kwargs) -> PolicyCache:
+        """The factory `make_policy` returns calls this (override to load per-model state)."""
+        cache = cls(model.config.n_layer, budget, **kwargs)
+        cache.sliding_window = model.config.sliding_window
+        return cache
+
+    # ------------------------------------------------------------ storage upkeep
+    def update(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor) -> LayerKV:
+        if self.prompt_lengths is None:
+            self.prompt_lengths = valid.sum(-1)
+            self.budget_tokens = resolve_budget(self.budget, self.prompt_lengths) if self.budget is not None else None
+        old = self.layers[layer]
+        old_lengths = old.lengths if old is not None else torch.zeros(keys.shape[:2], dtype=torch.long)
+        entry = super().update(layer, keys, values, positions, valid)
+        self.step_valid = valid
+        for name, state in self.state[layer].items():  # new slots start at zero
+            state = F.pad(state, (0, entry.capacity - state.shape[-1]))
+            fresh = torch.arange(entry.capacity, device=state.device) >= old_lengths.to(state.device)[..., None]
+            self.state[layer][name] = state.masked_fill(fresh, 0.0)
+        return entry
+
+    def keep(self, layer: int, index: Tensor, count: Tensor | None = None) -> None:
+        super().keep(layer, index, count)
+        entry = self.layers[layer]
+        assert entry is not None
+        index = index[:, :, : entry.capacity]
+        for name, state in self.state[layer].items():
+            self.state[layer][name] = state.gather(2, index.clamp(0, max(state.shape[-1] - 1, 0))).contiguous()
+
+    def slot_state(self, layer: int, name: str) -> Tensor:
+        """A float per stored slot [B, H, L] (e.g. H2O's accumulated attention) that follows
+        the slots through `update` (new slots start at 0) and `keep` (gathered with them)."""
+        entry = self.layers[layer]
+        assert entry is not None
+        if name not in self.state[layer]:
+            self.state[layer][name] = torch.zeros(entry.valid.shape, device=entry.keys.device)
+        return self.state[layer][name]
+
+    # ---------------------------------------------------------------------- hooks
+    def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
+        if self.timing == "before":
+            self._step(layer, queries, query_positions)
+
+    def after_attention(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
+        if self.timing == "after":
+            self._step(layer, queries, query_positions)
+
+    def attention_view(self, layer: int) -> LayerKV:
+        view = self.read(layer)
+        self.read_tokens[layer] = view.valid.sum(-1)
+        return view
+
+    def read(self, layer: int) -> LayerKV:
+        """What attention reads this step (override for subsets or dequantised stores)."""
+        entry = self.layers[layer]
+        assert entry is not None
+        return entry
+
+    @torch.no_grad()
+    def _step(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
+        kind: StepKind = "prefill" if self.forwards[layer] == 0 else "decode" if queries.shape[2] == 1 else "chunk"
+        self.forwards[layer] += 1
+        if kind == "decode":
+            self.decode_steps[layer] += 1
+        self.record(layer, queries, query_positions, kind)
+        acts = {
+            "prefill": self.compress_prefill,
+            "chunk": self.compress_chunks,
+            "decode": self.decode_interval > 0 and self.decode_steps[layer] % max(self.decode_interval, 1) == 0,
+        }[kind]
+        if acts:
+            self.compress(layer, queries, query_positions)
+
+    # ------------------------------------------------------ what methods override
+    def record(self, layer: int, queries: Tensor, query_positions: Tensor, kind: StepKind) -> None:
+        """Update running statistics every forward, before any compression (no-op here)."""
+
+    def score(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
+        """Importance of every stored slot [B, Hkv, L] (higher is kept first)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score() or compress()")
+
+    def layer_budget(self, layer: int) -> Tensor:
+        """Tokens per KV head of `layer` for each batch row [B]."""
+        assert self.budget_tokens is not None
+        if self.layer_weights is None:
+            return self.budget_tokens
+        return split_across_layers(self.budget_tokens * len(self.layers), self.layer_weights)[:, layer]
+
+    def protection(self, layer: int, budget: Tensor) -> tuple[int | Tensor, int | Tensor]:
+        """(sink, window): how many first / last valid tokens of each head are always kept."""
+        return self.sink, self.window
+
+    def compress(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
+        """Scorer contract: score the stored slots, pick the keep-set, evict the rest."""
+        entry = self.layers[layer]
+        assert entry is not None
+        budget = self.layer_budget(layer)
+        if bool((entry.valid.sum(-1) <= budget[:, None]).all()):
+            return  # everything fits: the cache stays exactly the full cache
+        scores = self.score(layer, queries, query_positions)
+        index, count = self.select(layer, scores, budget)
+        self.evict(layer, index, count)
+
+    def select(self, layer: int, scores: Tensor, budget: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep-set rule: protected sinks/window first, then the best scores, per head budget."""
+        entry = self.layers[layer]
+        assert entry is not None
+        cap = torch.minimum(budget[:, None].expand_as(entry.lengths), entry.valid.sum(-1))
+        sink, window = self.protection(layer, budget)
+        scores = protect(scores, entry.valid, cap, sink, window)
+        if self.split == "global":
+            cap = global_head_counts(scores, budget, self.floor)
+        return topk_slots(scores, cap)
+
+    def evict(self, layer: int, index: Tensor, count: Tensor) -> None:
+        """Apply a keep-set (override to merge or quantize what is dropped)."""
+        self.keep(layer, index, count)
+
+    # ------------------------------------------------------------------ helpers
+    def probs(self, layer: int, queries: Tensor, query_positions: Tensor, last: int | None = None) -> Tensor:
+        """Softmax attention [B, Hkv, G, T, L] of this step's queries (the `last` ones when
+        given) over the layer's stored slots; rows of padding queries are zero."""
+        entry = self.layers[layer]
+        assert entry is not None and self.step_valid is not None
+        q_valid = self.step_valid
+        if last is not None:
+            queries, query_positions, q_valid = queries[:, :, -last:], query_positions[:, -last:], q_valid[:, -last:]
+        p = attention_probs(queries, entry.keys, query_positions, entry.positions, entry.valid, self.sliding_window)
+        return p * q_valid[:, None, None, :, None]
+
+    def attended_tokens(self, layer: int) -> Tensor:
+        """Valid tokens attention read in `layer` on the last forward [B, Hkv]."""
+        tokens = self.read_tokens[layer]
+        if tokens is None:
+            raise ValueError(f"layer {layer} has not run attention yet")
+        return tokens
+
+
+def group_queries(queries: Tensor, n_kv_head: int) -> Tensor:
+    """[B, Hq, T, D] -> [B, Hkv, G, T, D]: the query heads that share each KV head."""
+    b, hq, t, d = queries.shape
+    return queries.view(b, n_kv_head, hq // n_kv_head, t, d)
+
+
+@torch.no_grad()
+def prefill_in_chunks(
+    model: Transformer, input_ids: Tensor, cache: KVCache, chunk_size: int, attention_mask: Tensor | None = None
+) -> Tensor:
+    """Block-wise prefill: feed the prompt `chunk_size` tokens at a time, so a method with
+    `compress_chunks` keeps memory bounded by budget + chunk. Returns the last logits [B, 1, V]."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = None
+    for start in range(0, t, chunk_size):
+        part = slice(start, start + chunk_size)
+        logits = model(
+            input_ids[:, part],
+            cache=cache,
+            positions=positions[:, part],
+            attention_mask=attention_mask[:, part],
+            last_only=True,
+        )
+    assert logits is not None, "empty prompt"
+    return logits

@@ -1,0 +1,96 @@
+"""Quest (Tang et al., arXiv 2406.10774): query-aware page selection, nothing evicted.
+
+The cache is split into pages of `page_size` consecutive slots, each summarised by the
+per-channel max and min of its keys (kept up to date as tokens arrive: only the last,
+still filling page changes). At every decode step each KV head reads only its
+budget // page_size pages: the last page (the newest tokens) and the pages with the
+largest criticality, an upper bound of q.k over the page's box,
+    U = sum_c max(q_c * max_c, q_c * min_c) >= max_{t in page} q . k_t.
+With grouped-query attention a page's score is the max of U over the group's query heads
+(a page matters if one head needs it; the official code selects per query head on a
+GQA-expanded cache). The prompt and the first `dense_layers` layers attend densely.
+Memory does not drop (Quest keeps everything plus metadata); what drops is what a
+decode step reads.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from mpcache.methods.base import Budget, PolicyCache, chunk_min_max, group_queries, mask_to_index, top_mask
+from mpcache.model.cache import LayerKV, gather_slots
+
+
+def page_bound(queries: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
+    """Quest criticality: queries [B, H, G, D], page bounds [B, H, C, D] -> [B, H, G, C],
+    an upper bound of q . k for every key inside the page's [kmin, kmax] box."""
+    q = queries[:, :, :, None, :]
+    return torch.maximum(q * kmax[:, :, None], q * kmin[:, :, None]).sum(-1)
+
+
+class Quest(PolicyCache):
+    """page_size: tokens per page (16); dense_layers: leading layers that attend densely (2)."""
+
+    name: ClassVar[str] = "quest"
+    compress_prefill: ClassVar[bool] = False
+
+    def __init__(self, n_layer: int, budget: Budget, *, page_size: int = 16, dense_layers: int = 2, **common) -> None:
+        super().__init__(n_layer, budget, **common)
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if dense_layers < 0:
+            raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
+        self.page_size, self.dense_layers = page_size, dense_layers
+        self.meta: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * n_layer  # kmax, kmin, nonempty
+        self.final_pages = [0] * n_layer  # leading pages that are full and therefore final
+        self.selected: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
+
+    def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
+        super().observe(layer, queries, query_positions)
+        self.selected[layer] = None
+        decoding = self.forwards[layer] > 0 and queries.shape[2] == 1
+        entry = self.layers[layer]
+        assert entry is not None and self.budget_tokens is not None
+        if not decoding or layer < self.dense_layers:
+            return
+        with torch.no_grad():
+            kmax, kmin, nonempty = self.page_metadata(layer)
+            budget = self.budget_tokens
+            if bool((entry.valid.sum(-1) <= budget[:, None]).all()):
+                return  # everything fits the budget: dense, exactly the full cache
+            bound = page_bound(group_queries(queries, entry.keys.shape[1])[:, :, :, 0], kmax, kmin).amax(2)
+            last_page = (entry.lengths - 1) // self.page_size
+            bound = bound.masked_fill(~nonempty, float("-inf"))
+            bound = bound.scatter(-1, last_page[..., None], float("inf"))  # the newest tokens are always read
+            pages = (budget // self.page_size).clamp(min=1)[:, None].expand_as(entry.lengths)
+            chosen = top_mask(bound, pages)
+            slots = chosen.repeat_interleave(self.page_size, dim=-1)[..., : entry.capacity] & entry.valid
+            self.selected[layer] = mask_to_index(slots)
+
+    def read(self, layer: int) -> LayerKV:
+        entry = super().read(layer)
+        chosen = self.selected[layer]
+        return entry if chosen is None else gather_slots(entry, *chosen)
+
+    def page_metadata(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-page key max/min, recomputing only pages that changed since the last step."""
+        entry = self.layers[layer]
+        assert entry is not None
+        size = self.page_size
+        start = self.final_pages[layer]
+        kmax, kmin, nonempty = chunk_min_max(entry.keys[:, :, start * size :], entry.valid[:, :, start * size :], size)
+        old = self.meta[layer]
+        if old is not None and start > 0:
+            kmax = torch.cat([old[0][:, :, :start], kmax], 2)
+            kmin = torch.cat([old[1][:, :, :start], kmin], 2)
+            nonempty = torch.cat([old[2][:, :, :start], nonempty], 2)
+        self.meta[layer] = (kmax, kmin, nonempty)
+        self.final_pages[layer] = int(entry.lengths.min()) // size
+        return kmax, kmin, nonempty
+
+    def memory_bytes(self) -> int:
+        extra = sum(m[0].numel() * m[0].element_size() * 2 for m in self.meta if m is not None)
+        return super().memory_bytes() + extra
