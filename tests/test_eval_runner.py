@@ -25,9 +25,10 @@ from mpcache.eval.runner import (
     pad_left,
     parse_budget,
     resolve_policy,
+    row_cache_sizes,
 )
 from mpcache.eval.tasks import TASKS, make_samples
-from mpcache.model import ByteTokenizer, ModelConfig, Transformer
+from mpcache.model import ByteTokenizer, KVCache, ModelConfig, Transformer
 
 TOK = ByteTokenizer()
 ROW_FIELDS = {
@@ -136,6 +137,29 @@ def test_full_cache_accounting_per_sample(model: Transformer) -> None:
         assert r.cache_tokens == r.prompt_tokens + steps - 1
         assert r.cache_bytes == r.cache_tokens * config.n_layer * config.n_kv_head * 2 * config.head_dim * 4
         assert r.full_cache_bytes == r.cache_bytes
+
+
+class CacheWithSideStore(KVCache):
+    """Stands for a method that keeps 1000 bytes beside the cache (quantized copies, metadata)."""
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + 1000
+
+
+@pytest.mark.parametrize(("cls", "extra"), [(KVCache, 0), (CacheWithSideStore, 1000)])
+def test_cache_sizes_count_valid_slots_and_side_stores(cls: type[KVCache], extra: int) -> None:
+    cache = cls(2)
+    kv = torch.randn(2, 3, 5, 4)  # batch 2, 3 KV heads, 5 tokens, head_dim 4 (fp32)
+    valid = torch.tensor([[False, False, True, True, True], [True] * 5])  # row 0 is left-padded
+    for layer in range(2):
+        cache.update(layer, kv, kv, torch.arange(5).expand(2, 5), valid)
+    cache.update(0, kv[:, :, :1], kv[:, :, :1], torch.full((2, 1), 5), torch.ones(2, 1, dtype=torch.bool))
+    layer0 = cache.layers[0]
+    assert layer0 is not None and layer0.capacity > 6  # spare capacity must not count
+    tokens, nbytes = row_cache_sizes(cache)
+    assert tokens.tolist() == [(4 + 3) / 2, (6 + 5) / 2]
+    slot = 3 * (4 + 4) * 4  # heads x (key + value dims) x fp32
+    assert nbytes.tolist() == [7 * slot + extra / 2, 11 * slot + extra / 2]
 
 
 def test_batched_equals_one_at_a_time(model: Transformer) -> None:

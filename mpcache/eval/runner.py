@@ -101,11 +101,12 @@ def resolve_policy(method: str, budget: int | None, **kwargs: Any) -> CacheFacto
 
 # ------------------------------------------------------------------ measuring
 def row_cache_sizes(cache: KVCache) -> tuple[Tensor, Tensor]:
-    """Per batch row: mean tokens held per (layer, KV head), and bytes of those keys and values.
+    """Per batch row: mean tokens held per (layer, KV head), and bytes the cache holds.
 
-    Counts valid slots only, so left padding and spare capacity of a batched cache do not
-    inflate a row's size; a method that stores smaller keys (pruned channels, low
-    precision) shows up through the stored tensors' shape and element size."""
+    Bytes count the valid key/value slots (so left padding and the spare capacity a
+    growing cache allocates do not inflate a row), plus whatever a method stores beside
+    them (quantized or channel-pruned copies, page metadata: what its `memory_bytes` adds
+    to the plain cache's), shared evenly by the rows of a batch."""
     tokens, nbytes, heads = 0, 0, 0
     for entry in cache.layers:
         if entry is None:
@@ -117,7 +118,8 @@ def row_cache_sizes(cache: KVCache) -> tuple[Tensor, Tensor]:
         heads += held.shape[1]
     if not isinstance(tokens, Tensor) or not isinstance(nbytes, Tensor):
         raise ValueError("the cache holds no layers; was it used for generation?")
-    return tokens.double() / heads, nbytes
+    extra = cache.memory_bytes() - KVCache.memory_bytes(cache)
+    return tokens.double() / heads, nbytes.double() + extra / len(nbytes)
 
 
 def full_cache_bytes(model: Transformer, tokens: int) -> int:
@@ -231,7 +233,7 @@ def evaluate_samples(
                     prompt_tokens=len(prompts[i]),
                     budget_tokens=budgets[i],
                     cache_tokens=None if sizes is None else float(sizes[0][row]),
-                    cache_bytes=None if sizes is None else int(sizes[1][row]),
+                    cache_bytes=None if sizes is None else round(float(sizes[1][row])),
                     # The last generated token is never fed back, so it is not cached.
                     full_cache_bytes=full_cache_bytes(model, len(prompts[i]) + max(len(steps) - 1, 0)),
                 )
