@@ -25,6 +25,7 @@ from mpcache.model import (
     load_bundled,
     load_tokenizer,
 )
+from mpcache.model.loading import BUNDLED_DIR
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,6 +184,29 @@ def test_v4_style_rope_config(tmp_path: Path) -> None:
         torch.testing.assert_close(from_pretrained(tmp_path)(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_legacy_tensor_layouts(tmp_path: Path) -> None:
+    """The original GPT-2 files have no `transformer.` prefix and store the causal-mask buffers;
+    older Llama files store rotary inv_freq buffers. Both load, and the extras are ignored."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (1, 16))
+    for name, hf in (("g", gpt2()), ("l", llama())):
+        hf.eval()
+        hf.config.architectures = [type(hf).__name__]
+        hf.config.save_pretrained(tmp_path / name)
+        state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+        if name == "g":
+            del state["lm_head.weight"]  # tied: GPT-2's files hold only wte
+        for layer in range(2):
+            if name == "g":
+                state[f"h.{layer}.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
+                state[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+            else:
+                state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+        with torch.no_grad():
+            torch.testing.assert_close(from_pretrained(tmp_path / name)(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_dtype_and_buffers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     save(llama(), tmp_path, "safetensors")
@@ -252,6 +276,17 @@ def test_mpcache_format(tmp_path: Path) -> None:
         assert torch.equal(bundled(ids), model(ids))
 
 
+@pytest.mark.skipif(not (BUNDLED_DIR / "model.safetensors").exists(), reason="bundled model not trained yet")
+def test_real_bundled_model() -> None:
+    model, tok = load_bundled()
+    assert model.config.family == "llama" and model.config.vocab_size >= tok.vocab_size
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.bos_id, tok.eos_id)
+    ids = torch.tensor([tok.encode("The grass is green.")])
+    with torch.no_grad():
+        logits = model(ids)
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and bool(logits.isfinite().all())
+
+
 def test_load_bundled_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="mpcache.train"):
         load_bundled(tmp_path)
@@ -295,7 +330,8 @@ def test_missing_shard(tmp_path: Path) -> None:
         (llama, {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, r"needs \['factor'\]"),
         (qwen2, {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "mix of full and sliding"),
         (llama, {"hidden_size": 128}, "checkpoint shape"),
-        (llama, {"num_hidden_layers": 3}, "missing"),
+        (llama, {"num_hidden_layers": 3}, r"missing \['blocks.2"),
+        (llama, {"num_hidden_layers": 1}, r"unexpected \['blocks.1"),
     ],
 )
 def test_unsupported_config(tmp_path: Path, factory, edit: dict, message: str) -> None:

@@ -91,7 +91,7 @@ def load_bundled(
 # ---------------------------------------------------------------- config.json
 def read_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist or is not a folder")
     file = path / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
