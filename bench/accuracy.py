@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     start = time.perf_counter()
     try:
         rows = run(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, NotImplementedError, TypeError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(format_table(rows))
     print(f"({time.perf_counter() - start:.0f} s)")

@@ -12,7 +12,6 @@ left-padded batches.
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,11 +24,12 @@ from tqdm import tqdm
 
 from mpcache.eval.tasks import TASKS, Sample, exact_match, make_samples
 from mpcache.generate import CacheFactory, stream_generate
+from mpcache.methods import make_policy
+from mpcache.methods.base import Budget, check_budget, resolve_budget
 from mpcache.model.cache import KVCache
 from mpcache.model.tokenizer import Tokenizer
 from mpcache.model.transformer import Transformer
 
-Budget = int | float  # tokens kept per layer and KV head (int >= 1) or a fraction of the prompt (0 < float < 1)
 GenerateFn = Callable[..., Iterator[Tensor]]  # the signature of `mpcache.generate.stream_generate`
 
 ANSWER_MARGIN = 3  # extra decoding steps after the answer's length, so "123456" is not cut to "12345"
@@ -37,26 +37,8 @@ SCORES_BYTES = 1 << 30  # cap on one prefill's attention scores (B x heads x T x
 
 
 # ------------------------------------------------------------------- budgets
-def check_budget(budget: Budget | None) -> Budget | None:
-    """Return a valid budget unchanged; raise a clear error otherwise (None = full cache)."""
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, int | float):
-        raise TypeError(f"budget must be an int token count or a float ratio, got {type(budget).__name__}")
-    if isinstance(budget, int):
-        if budget < 1:
-            raise ValueError(f"budget must be >= 1 token, got {budget}")
-        return budget
-    if not 0.0 < budget < 1.0:
-        raise ValueError(
-            f"a float budget is a fraction of the prompt and must be in (0, 1), got {budget}; "
-            "write token counts as integers"
-        )
-    return budget
-
-
 def parse_budget(text: str) -> Budget:
-    """'128' -> 128 tokens, '0.25' -> a quarter of the prompt."""
+    """'128' -> 128 tokens per KV head, '0.25' -> a quarter of the prompt."""
     text = text.strip()
     try:
         value: Budget = int(text)
@@ -65,38 +47,25 @@ def parse_budget(text: str) -> Budget:
             value = float(text)
         except ValueError:
             raise ValueError(f"budget {text!r} is neither an integer token count nor a ratio in (0, 1)") from None
-    checked = check_budget(value)
-    assert checked is not None
-    return checked
+    check_budget(value)
+    return value
 
 
 def budget_tokens(budget: Budget, prompt_tokens: int) -> int:
-    """Token budget for one prompt: ratios are taken of its length (at least one token)."""
-    budget = check_budget(budget)  # type: ignore[assignment]
-    if isinstance(budget, float):
-        return max(1, round(budget * prompt_tokens))
-    return budget
+    """Tokens per KV head a method keeps for a prompt of `prompt_tokens` tokens."""
+    check_budget(budget)
+    return int(resolve_budget(budget, torch.tensor([prompt_tokens]))[0])
 
 
-# ------------------------------------------------------------------- methods
-def resolve_policy(method: str, budget: int | None, **kwargs: Any) -> CacheFactory | None:
+def resolve_policy(method: str, budget: Budget | None, **kwargs: Any) -> CacheFactory | None:
     """The cache factory of a KV method by name; "full" keeps every token (no policy)."""
     if method == "full":
         if kwargs:
             raise ValueError(f"method 'full' takes no options, got {sorted(kwargs)}")
         return None
     if budget is None:
-        raise ValueError(f"method {method!r} needs a budget (tokens or a ratio of the prompt)")
-    try:
-        methods = importlib.import_module("mpcache.methods")
-    except ModuleNotFoundError as error:
-        if error.name not in ("mpcache.methods", "mpcache"):
-            raise
-        raise ValueError(f"KV method {method!r} needs the mpcache.methods package, which is not installed") from error
-    known = getattr(methods, "METHODS", None)
-    if known is not None and method not in known:
-        raise ValueError(f"unknown KV method {method!r}; known: {', '.join(known)}")
-    return methods.make_policy(method, budget=budget, **kwargs)
+        raise ValueError(f"method {method!r} needs a budget (tokens per KV head or a ratio of the prompt)")
+    return make_policy(method, budget, **kwargs)
 
 
 # ------------------------------------------------------------------ measuring
@@ -158,18 +127,6 @@ def recording_factory(policy: CacheFactory | None) -> tuple[CacheFactory, list[K
     return factory, caches
 
 
-def _batches(budgets: list[int | None], batch_size: int) -> Iterator[list[int]]:
-    """Consecutive sample indices with the same token budget, at most batch_size at a time."""
-    batch: list[int] = []
-    for i in range(len(budgets)):
-        if batch and (len(batch) == batch_size or budgets[i] != budgets[batch[0]]):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor | None]:
     """input_ids [B, T] with rows right-aligned, and the attention mask (None without padding)."""
     width = max(map(len, rows))
@@ -196,11 +153,10 @@ def evaluate_samples(
     """Greedy-decode every sample with `method` at `budget` and score it by exact match.
 
     `generate_fn` has the signature of `stream_generate` (tests pass an oracle here)."""
-    budget = check_budget(budget)
     if method == "full":
         budget = None
-    elif budget is None:
-        raise ValueError(f"method {method!r} needs a budget (tokens or a ratio of the prompt)")
+    else:
+        check_budget(budget)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if margin < 0:
@@ -212,8 +168,11 @@ def evaluate_samples(
     results: list[SampleResult] = []
     longest = max(map(len, prompts), default=1)
     rows_fit = max(1, SCORES_BYTES // (4 * model.config.n_head * longest * longest))
-    for batch in _batches(budgets, min(batch_size, rows_fit)):
-        factory, caches = recording_factory(resolve_policy(method, budgets[batch[0]], **(method_kwargs or {})))
+    size = min(batch_size, rows_fit)
+    policy = resolve_policy(method, budget, **(method_kwargs or {}))  # resolves a ratio per row, from its prompt
+    for first in range(0, len(samples), size):
+        batch = list(range(first, min(first + size, len(samples))))
+        factory, caches = recording_factory(policy)
         input_ids, mask = pad_left([prompts[i] for i in batch], pad_id)
         max_new = max(len(answers[i]) for i in batch) + margin
         steps = list(
@@ -264,13 +223,16 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Rows {method, task, context_len, budget, accuracy, samples, seconds, cache_tokens,
     cache_bytes, full_cache_bytes} for every (task, length); "full" ignores the budget."""
-    budget = None if method == "full" else check_budget(budget)
+    if method == "full":
+        budget = None
+    else:
+        check_budget(budget)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
-    resolve_policy(method, None if budget is None else 1, **(method_kwargs or {}))  # fail fast on a bad name
+    resolve_policy(method, budget, **(method_kwargs or {}))  # fail fast on a bad name or option
     count = lambda text: len(tokenizer.encode(text, add_bos=False))
     label = method if budget is None else f"{method}@{budget}"
     bar = tqdm(total=len(tasks) * len(lengths) * samples, desc=label, unit="sample", disable=not progress)
