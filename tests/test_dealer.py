@@ -290,3 +290,33 @@ def test_crypten_products_with_dealer_tuples_are_correct():
     assert r1["fetch_calls"] == 0
     assert r1["closed"][0] < 32  # party 1 received a seed, never a tuple
     assert ended == [("prod", "")]
+
+
+def test_matmul_shape_matches_torch():
+    shapes = [(3,), (4, 3), (3, 4), (2, 4, 3), (2, 3, 5), (1, 3, 2), (5, 1, 3, 4), (3, 1)]
+    for a in shapes:
+        for b in shapes:
+            try:
+                expected = tuple(torch.matmul(torch.zeros(a), torch.zeros(b)).shape)
+            except RuntimeError:
+                expected = None
+            try:
+                got = dealer.Spec.beaver("matmul", a, b).derived_shape()
+            except ValueError:
+                got = None
+            assert got == expected, (a, b)
+
+
+def test_broadcast_shape_matches_torch():
+    shapes = [(), (1,), (3,), (4, 1), (1, 3), (2, 4, 3), (5, 1, 1)]
+    for a in shapes:
+        for b in shapes:
+            try:
+                expected = tuple(torch.broadcast_shapes(a, b))
+            except RuntimeError:
+                expected = None
+            try:
+                got = dealer.Spec.beaver("mul", a, b).derived_shape()
+            except ValueError:
+                got = None
+            assert got == expected, (a, b)

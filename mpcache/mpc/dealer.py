@@ -112,21 +112,18 @@ class Spec:
         return [(self.shape_a, 64, False)]  # SQUARE, TRUNCATION_PAIR
 
     def derived_shape(self) -> tuple[int, ...]:
-        """Shape of the derived value, computed on meta tensors (no arithmetic)."""
-        if self.kind in BEAVER_OPS:
-            a = torch.empty(self.shape_a, device="meta")
-            b = torch.empty(self.shape_b, device="meta")
-            try:
+        """Shape of the derived value, without arithmetic (meta tensors only for convolutions)."""
+        try:
+            if self.kind in (pb.BEAVER_MUL, pb.BINARY_AND):
+                return _broadcast(self.shape_a, self.shape_b)
+            if self.kind == pb.BEAVER_MATMUL:
+                return _matmul_shape(self.shape_a, self.shape_b)
+            if self.kind in CONV_KINDS:
+                a = torch.empty(self.shape_a, device="meta")
+                b = torch.empty(self.shape_b, device="meta")
                 return tuple(getattr(torch, BEAVER_OPS[self.kind])(a, b, **dict(self.conv)).shape)
-            except (RuntimeError, TypeError, ValueError) as e:
-                raise ValueError(f"{self.name}: shapes {self.shape_a} and {self.shape_b} do not fit: {e}") from None
-        if self.kind == pb.BINARY_AND:
-            try:
-                return tuple(torch.broadcast_shapes(self.shape_a, self.shape_b))
-            except RuntimeError as e:
-                raise ValueError(
-                    f"BINARY_AND: shapes {self.shape_a} and {self.shape_b} do not broadcast: {e}"
-                ) from None
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.name}: shapes {self.shape_a} and {self.shape_b} do not fit: {e}") from None
         return self.shape_a
 
     def derived_xor(self) -> bool:
@@ -161,6 +158,30 @@ class Spec:
         if msg.kind in (pb.SQUARE, pb.B2A_BIT, pb.TRUNCATION_PAIR) and msg.shape_b:
             raise ValueError(f"{pb.TupleKind.Name(msg.kind)} takes one shape, got shape_b={list(msg.shape_b)}")
         return cls(msg.kind, tuple(msg.shape_a), tuple(msg.shape_b), tuple(conv), bitlength)
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Broadcast shape of two shapes, in plain Python (torch.broadcast_shapes imports sympy on first use: ~2 s)."""
+    out = []
+    for x, y in zip(reversed((1,) * (len(b) - len(a)) + a), reversed((1,) * (len(a) - len(b)) + b)):
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"shapes {a} and {b} do not broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(reversed(out))
+
+
+def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """torch.matmul's output shape (its broadcasting rules for 1-D and batched operands)."""
+    if not a or not b:
+        raise ValueError("matmul operands must have at least one dimension")
+    inner_a = a[-1]
+    inner_b = b[0] if len(b) == 1 else b[-2]
+    if inner_a != inner_b:
+        raise ValueError(f"inner dimensions {inner_a} and {inner_b} differ")
+    rows = () if len(a) == 1 else (a[-2],)
+    cols = () if len(b) == 1 else (b[-1],)
+    batch = _broadcast(a[:-2], b[:-2])
+    return tuple(batch) + rows + cols
 
 
 _CONV_FIELDS = ("stride", "padding", "dilation", "groups", "output_padding")

@@ -1,0 +1,193 @@
+"""`client`: secret-share an input, have both parties run a private job on it, reconstruct and print the answer.
+
+    client --parties party0:50702,party1:50712 --job linear_relu --input '[0.5, -1, 2, 0, 1, 1, -2, 0.25]'
+
+Neither party sees the input or the answer: party 0 receives enc(x) - r and party 1 receives r for a uniformly
+random r (mod 2^64); each returns a share of the output and only the client adds them. The last stdout line is
+`RESULT <json>` with the answer, latency and per-party communication, for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+import torch
+
+from mpcache.mpc import dealer, wire
+from mpcache.mpc.proto import mpcache_pb2 as pb
+from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
+from parties.common import Credentials, Fatal, Parser, add_common_flags, run_main, setup_logging
+
+log = logging.getLogger("mpcache.client")
+PRECISION_BITS = 16  # CrypTen's default fixed-point precision (cfg.encoder.precision_bits)
+GRPC_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+
+
+def parse(argv: list[str] | None):
+    p = Parser(prog="client", description=__doc__.splitlines()[0])
+    add_common_flags(p)
+    p.add("--parties", default="127.0.0.1:50702,127.0.0.1:50712", help="client API addresses of party 0 and 1")
+    p.add("--job", default="linear_relu", help="job kind (see parties/jobs.py)")
+    p.add("--input", default="[0.5, -1.0, 2.0, 0.0, 1.0, 1.0, -2.0, 0.25]", help="input as a JSON (nested) list")
+    p.add("--params", default="{}", help="public job parameters as a JSON object")
+    p.add("--timeout", default=120.0, type=float, help="seconds to wait for the answer")
+    p.add("--connect-timeout", default=60.0, type=float, help="seconds to wait for both parties to be ready")
+    p.add("--shutdown", default=False, type=bool, help="ask both parties to shut down afterwards")
+    args = p.parse_args(argv)
+    args.parties = [a.strip() for a in args.parties.split(",") if a.strip()]
+    if len(args.parties) != 2:
+        p.error(f"--parties needs 2 addresses (party 0, party 1), got {args.parties}")
+    try:
+        args.x = torch.tensor(json.loads(args.input), dtype=torch.float64)
+    except (json.JSONDecodeError, TypeError, ValueError, RuntimeError) as e:
+        p.error(f"--input must be a JSON list of numbers: {e}")
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as e:
+        p.error(f"--params must be a JSON object: {e}")
+    if not isinstance(params, dict):
+        p.error("--params must be a JSON object")
+    return args
+
+
+def share(x: torch.Tensor, bits: int = PRECISION_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-point encode x and split it into two additive shares mod 2^64 (r from the OS's CSPRNG)."""
+    limit = 2.0 ** (62 - bits)
+    if not torch.isfinite(x).all() or x.abs().max() >= limit:
+        raise ValueError(f"inputs must be finite with |x| < 2^{62 - bits} to fit the fixed-point encoding")
+    encoded = torch.round(x * (1 << bits)).to(torch.int64)
+    r = torch.frombuffer(bytearray(os.urandom(8 * encoded.numel())), dtype=torch.int64).reshape(encoded.shape)
+    return encoded - r, r
+
+
+def reconstruct(shares: list[torch.Tensor], bits: int) -> torch.Tensor:
+    """Add the shares (int64 wraps mod 2^64) and decode the fixed-point value."""
+    total = shares[0].clone()
+    for s in shares[1:]:
+        total += s
+    return total.to(torch.float64) / (1 << bits)
+
+
+class Client:
+    def __init__(self, addresses: list[str], creds: Credentials, connect_timeout: float) -> None:
+        self.addresses = addresses
+        self.channels = [creds.channel_to(a, f"party{i}", GRPC_OPTIONS) for i, a in enumerate(addresses)]
+        self.stubs = [pb_grpc.JobsStub(c) for c in self.channels]
+        self._wait_ready(connect_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Both parties answer health checks as SERVING once they have joined the dealer and each other."""
+        deadline = time.monotonic() + timeout
+        for i, channel in enumerate(self.channels):
+            health = pb_grpc.HealthStub(channel)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Fatal(f"party {i} at {self.addresses[i]} not ready within {timeout:g} s")
+                try:
+                    reply = health.Check(pb.HealthRequest(), timeout=min(left, 5.0), wait_for_ready=True)
+                    if reply.status == pb.HealthResponse.SERVING:
+                        break
+                except grpc.RpcError as e:
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise Fatal(
+                            f"party {i} at {self.addresses[i]} refused the health check: {e.details()}"
+                        ) from None
+                time.sleep(0.2)
+            log.info("step=ready party %d at %s is serving", i, self.addresses[i])
+
+    def _both(self, what: str, calls, timeout: float) -> list:
+        with futures.ThreadPoolExecutor(2) as pool:
+            pending = [pool.submit(call) for call in calls]
+            results = []
+            for i, f in enumerate(pending):
+                try:
+                    results.append(f.result())
+                except grpc.RpcError as e:
+                    code = e.code()
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise Fatal(
+                            f"party {i} at {self.addresses[i]} did not answer {what} within {timeout:g} s"
+                        ) from None
+                    raise Fatal(f"party {i} at {self.addresses[i]} failed {what}: {code.name}: {e.details()}") from None
+            return results
+
+    def run(self, kind: str, x: torch.Tensor, params: dict, timeout: float) -> tuple[torch.Tensor, list[pb.JobResult]]:
+        job_id = uuid.uuid4().hex[:12]
+        s0, s1 = share(x)
+        requests = [
+            pb.JobRequest(
+                job_id=job_id,
+                party=i,
+                kind=kind,
+                inputs=[pb.FixedPointShare(precision_bits=PRECISION_BITS, share=wire.tensor_to_proto(s))],
+                params_json=json.dumps(params),
+            )
+            for i, s in enumerate((s0, s1))
+        ]
+        log.info("step=submit job %s (%s) on input of shape %s", job_id, kind, list(x.shape))
+        calls = [lambda i=i: self.stubs[i].Run(requests[i], timeout=timeout) for i in range(2)]
+        results = self._both(f"job {job_id}", calls, timeout)
+        outs = []
+        for k in range(len(results[0].outputs)):
+            parts = [r.outputs[k] for r in results]
+            if len({p.precision_bits for p in parts}) != 1:
+                raise Fatal(f"the parties returned output {k} with different precisions")
+            outs.append(reconstruct([dealer.int64_from_pb(p.share) for p in parts], parts[0].precision_bits))
+        if len(outs) != 1:
+            raise Fatal(f"job {kind} returned {len(outs)} outputs; this client prints exactly one")
+        return outs[0], results
+
+    def shutdown(self, reason: str, timeout: float) -> None:
+        calls = [
+            lambda i=i: self.stubs[i].Shutdown(pb.ShutdownRequest(reason=reason), timeout=timeout) for i in range(2)
+        ]
+        self._both("shutdown", calls, timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    setup_logging("client", args.session, args.log_level)
+    creds = Credentials("client", args.certs, args.insecure)
+    client = Client(args.parties, creds, args.connect_timeout)
+    t0 = time.perf_counter()
+    y, results = client.run(args.job, args.x, json.loads(args.params), args.timeout)
+    latency = time.perf_counter() - t0
+    if args.shutdown:
+        client.shutdown("client done", args.timeout)
+    per_party = [
+        {
+            "party": i,
+            "mpc_s": round(r.stats.elapsed_s, 4),
+            "rounds": r.stats.rounds,
+            "bytes": r.stats.bytes,
+            "dealer_bytes": r.stats.dealer_bytes,
+            "tuples": r.stats.tuples,
+        }
+        for i, r in enumerate(results)
+    ]
+    print(f"answer: {[round(v, 4) for v in y.flatten().tolist()]} (shape {list(y.shape)})")
+    print(f"latency: {latency:.3f} s (client submit -> both shares back)")
+    for p in per_party:
+        print(
+            f"party {p['party']}: {p['rounds']} rounds, {p['bytes']} bytes party<->party (CrypTen counter), "
+            f"{p['dealer_bytes']} bytes from the dealer, {p['tuples']} tuples, {p['mpc_s']} s MPC"
+        )
+    record = {"job": args.job, "answer": y.tolist(), "latency_s": round(latency, 4), "parties": per_party}
+    print("RESULT " + json.dumps(record), flush=True)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_main("client", main))
+
+
+if __name__ == "__main__":
+    cli()

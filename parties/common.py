@@ -1,0 +1,135 @@
+"""What every role CLI shares: flags backed by environment variables, TLS flags, role-tagged logs, one-line errors.
+
+Every flag `--some-flag` can also be set as `MPCACHE_SOME_FLAG` (a flag on the command line wins), so the same
+entry points serve a shell, the local launcher and docker-compose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from mpcache.mpc import tls
+
+ENV_PREFIX = "MPCACHE_"
+
+
+class Fatal(Exception):
+    """An expected failure: printed as one line (no traceback) and the process exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose `add(flag, ...)` defaults come from MPCACHE_<FLAG> environment variables."""
+
+    def add(self, flag: str, *, default=None, type=str, help: str = "", **kwargs) -> None:
+        env = env_name(flag)
+        if env in os.environ:
+            raw = os.environ[env]
+            try:
+                default = type(raw) if type is not bool else raw.lower() in ("1", "true", "yes", "on")
+            except ValueError:
+                self.error(f"environment variable {env}={raw!r} is not a valid {getattr(type, '__name__', type)}")
+        if type is bool:
+            self.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=bool(default), help=f"{help} [{env}]"
+            )
+        else:
+            self.add_argument(flag, default=default, type=type, help=f"{help} [{env}]", **kwargs)
+
+
+def add_tls_flags(p: Parser) -> None:
+    p.add("--certs", default="certs", help="directory with ca.pem and <role>.pem/<role>.key (see mpcache-certs)")
+    p.add("--insecure", default=False, type=bool, help="plaintext gRPC, no authentication (development only)")
+
+
+def add_common_flags(p: Parser) -> None:
+    p.add("--session", default="demo", help="session id shared by all roles of one run")
+    p.add("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_tls_flags(p)
+
+
+class Credentials:
+    """This role's TLS material, or plaintext when --insecure; loaded at start so a missing file fails early."""
+
+    def __init__(self, role: str, certs: str, insecure: bool) -> None:
+        self.role, self.insecure = role, insecure
+        self.files = None if insecure else tls.TlsFiles.in_dir(Path(certs), role)
+        if self.files is not None:
+            self.files.read()  # raises TlsError naming the missing file
+
+    def server(self) -> grpc.ServerCredentials | None:
+        return None if self.files is None else tls.server_credentials(self.files)
+
+    def channel(self) -> grpc.ChannelCredentials | None:
+        return None if self.files is None else tls.channel_credentials(self.files)
+
+    def channel_to(self, address: str, role: str, options: list | None = None) -> grpc.Channel:
+        """A channel to `address` that (with TLS) only accepts a server holding `role`'s certificate."""
+        options = list(options or [])
+        if self.files is None:
+            return grpc.insecure_channel(address, options=options)
+        return grpc.secure_channel(address, self.channel(), options=options + tls.channel_options(role))
+
+
+class _RoleFilter(logging.Filter):
+    def __init__(self, role: str, session: str) -> None:
+        super().__init__()
+        self.role, self.session = role, session
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role, record.session = self.role, self.session
+        return True
+
+
+def setup_logging(role: str, session: str, level: str = "INFO") -> logging.Logger:
+    """Log lines say which role and session they come from; messages say the step (`step=...`)."""
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise Fatal(f"unknown log level {level!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RoleFilter(role, session))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s.%(msecs)03d %(role)s session=%(session)s %(levelname)s %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own C-level chatter would break the one-line rule
+    return logging.getLogger(f"mpcache.{role}")
+
+
+def _expected(error: BaseException) -> bool:
+    from mpcache.mpc import dealer
+
+    kinds: tuple[type[BaseException], ...] = (Fatal, tls.TlsError, OSError, dealer.DealerUnavailable)
+    comm = sys.modules.get("mpcache.mpc.grpc_comm")  # loaded by the parties only (it imports CrypTen)
+    if comm is not None:
+        kinds += (comm.CommError,)
+    return isinstance(error, kinds)
+
+
+def run_main(role: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a role's main; expected failures become one line `<role>: error: <why>` and a non-zero exit code."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print(f"{role}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:
+        if not _expected(e):
+            raise
+        print(f"{role}: error: {e}", file=sys.stderr, flush=True)
+        return e.code if isinstance(e, Fatal) else 1

@@ -1,0 +1,117 @@
+"""Private computations a party can run for a client, by name. Both parties run the same job in lock step.
+
+A job takes the client's secret-shared inputs (CrypTen MPCTensors), public parameters (a JSON object) and the
+party's context (rank, the model's secret-shared weights), and returns secret-shared outputs; the party sends its
+share of each output back to the client. Parameters are validated before any communication, so a bad request fails
+identically at both parties without desynchronising them. The private decoder is meant to be one more entry here
+(registered with `@job("generate")`), running on the same queue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class JobContext:
+    """What a job may use besides its inputs: the party's rank and the model's secret-shared weights by name."""
+
+    rank: int
+    weights: dict[str, Any] = field(default_factory=dict)  # name -> crypten MPCTensor
+
+
+JobFn = Callable[[JobContext, list, dict], list]
+JOBS: dict[str, tuple[JobFn, Callable[[dict, list[tuple[int, ...]], JobContext], None]]] = {}
+
+
+def job(name: str, validate: Callable[[dict, list[tuple[int, ...]], JobContext], None]):
+    """Register `fn(ctx, inputs, params) -> outputs` under `name`; `validate(params, input_shapes, ctx)` raises
+    ValueError for a request the job cannot run (it sees only public information: both parties agree on it)."""
+
+    def register(fn: JobFn) -> JobFn:
+        if name in JOBS:
+            raise ValueError(f"job {name!r} registered twice")
+        JOBS[name] = (fn, validate)
+        return fn
+
+    return register
+
+
+def check(kind: str, params: Any, shapes: list[tuple[int, ...]], ctx: JobContext) -> None:
+    """Raise ValueError unless job `kind` accepts these public parameters and input shapes."""
+    if kind not in JOBS:
+        raise ValueError(f"unknown job kind {kind!r}; this party runs {sorted(JOBS)}")
+    if not isinstance(params, dict):
+        raise ValueError(f"job parameters must be a JSON object, got {type(params).__name__}")
+    JOBS[kind][1](params, shapes, ctx)
+
+
+def run(kind: str, ctx: JobContext, inputs: list, params: dict) -> list:
+    return JOBS[kind][0](ctx, inputs, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Demo jobs (until the private decoder lands): they exercise every tuple kind the dealer serves.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _one_input(shapes: list[tuple[int, ...]], kind: str) -> tuple[int, ...]:
+    if len(shapes) != 1:
+        raise ValueError(f"{kind} takes exactly one input, got {len(shapes)}")
+    if math.prod(shapes[0]) == 0 or math.prod(shapes[0]) > 1 << 20:
+        raise ValueError(f"{kind} input of shape {shapes[0]} must have 1..2^20 elements")
+    return shapes[0]
+
+
+def _check_poly(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext) -> None:
+    _one_input(shapes, "poly")
+    coeffs = params.get("coeffs")
+    if not isinstance(coeffs, list) or not 1 <= len(coeffs) <= 16:
+        raise ValueError("poly needs params {'coeffs': [c0, c1, ...]} with 1..16 numbers")
+    if not all(isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c) for c in coeffs):
+        raise ValueError(f"poly coefficients must be finite numbers, got {coeffs}")
+    if set(params) - {"coeffs"}:
+        raise ValueError(f"unknown poly parameters {sorted(set(params) - {'coeffs'})}")
+
+
+@job("poly", _check_poly)
+def poly(ctx: JobContext, inputs: list, params: dict) -> list:
+    """Elementwise c0 + c1 x + ... + cn x^n of a secret x with public coefficients (Horner: n Beaver products)."""
+    (x,) = inputs
+    coeffs = params["coeffs"]
+    acc = x * 0 + float(coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        acc = acc * x + float(c)
+    return [acc]
+
+
+def _check_linear_relu(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext) -> None:
+    shape = _one_input(shapes, "linear_relu")
+    if "weight" not in ctx.weights or "bias" not in ctx.weights:
+        raise ValueError("linear_relu needs a model with 'weight' and 'bias' (start party 0 with --model)")
+    d_in = ctx.weights["weight"].size(0)
+    if shape[-1] != d_in:
+        raise ValueError(f"linear_relu input has last dimension {shape[-1]}, the model's weight expects {d_in}")
+    if params:
+        raise ValueError(f"linear_relu takes no parameters, got {sorted(params)}")
+
+
+@job("linear_relu", _check_linear_relu)
+def linear_relu(ctx: JobContext, inputs: list, params: dict) -> list:
+    """relu(x @ W + b) with the client's secret x and the model owner's secret W, b (matmul, comparison, B2A)."""
+    (x,) = inputs
+    return [(x.matmul(ctx.weights["weight"]) + ctx.weights["bias"]).relu()]
+
+
+def demo_model(d_in: int = 8, d_out: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The demo model file's contents (a real weight file; the private decoder will load real checkpoints)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "weight": torch.randn(d_in, d_out, generator=g) / math.sqrt(d_in),
+        "bias": 0.1 * torch.randn(d_out, generator=g),
+    }
