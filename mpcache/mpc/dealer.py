@@ -68,13 +68,15 @@ CONV_KINDS = set(BEAVER_OPS) - {pb.BEAVER_MUL, pb.BEAVER_MATMUL}
 
 @dataclass(frozen=True)
 class Spec:
-    """One tuple's public description: kind (a pb.TupleKind), operand shapes, conv kwargs, bit length."""
+    """One tuple's public description: kind (a pb.TupleKind), operand shapes, conv kwargs, bit length, and for
+    EXACT_TRUNCATION the public divisor(s) as (shape, flat values) so the spec stays hashable."""
 
     kind: int
     shape_a: tuple[int, ...]
     shape_b: tuple[int, ...] = ()
     conv: tuple[tuple[str, int | tuple[int, ...]], ...] = ()
     bitlength: int = 64
+    divisor: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
     def __post_init__(self) -> None:
         if self.kind not in pb.TupleKind.values() or self.kind == pb.TUPLE_KIND_UNSPECIFIED:
@@ -86,6 +88,35 @@ class Spec:
             raise ValueError(f"bitlength {self.bitlength} must be in 1..64")
         if self.conv and self.kind not in CONV_KINDS:
             raise ValueError(f"conv parameters given for non-convolution tuple kind {pb.TupleKind.Name(self.kind)}")
+        if (self.kind == pb.EXACT_TRUNCATION) != bool(self.divisor[1]):
+            raise ValueError("a divisor goes with EXACT_TRUNCATION tuples and only with them")
+        if self.divisor[1]:
+            from mpcache.mpc.numerics import MAX_DIVISOR  # imported late: numerics loads CrypTen
+
+            d_shape, values = self.divisor
+            if len(values) != int(np.prod(d_shape, dtype=np.int64)):
+                raise ValueError(f"divisor has {len(values)} values for shape {d_shape}")
+            if not all(1 <= v < MAX_DIVISOR for v in values):
+                raise ValueError(f"truncation divisors must lie in [1, 2^62), got {min(values)}..{max(values)}")
+            if _broadcast(self.shape_a, d_shape) != self.shape_a:
+                raise ValueError(f"divisor of shape {d_shape} does not broadcast to the tuple shape {self.shape_a}")
+
+    @classmethod
+    def truncation(cls, shape: Sequence[int], divisor: int | torch.Tensor) -> Spec:
+        """EXACT_TRUNCATION tuple for dividing a shared tensor of `shape` by a public integer (or int tensor)."""
+        if isinstance(divisor, torch.Tensor):
+            if divisor.dtype.is_floating_point or divisor.dtype == torch.bool:
+                raise ValueError(f"truncation divisor must be an integer tensor, got {divisor.dtype}")
+            d = (tuple(divisor.shape), tuple(int(v) for v in divisor.reshape(-1).tolist()))
+        elif isinstance(divisor, int) and not isinstance(divisor, bool):
+            d = ((), (divisor,))
+        else:
+            raise TypeError(f"truncation divisor must be an int or an integer tensor, got {type(divisor).__name__}")
+        return cls(pb.EXACT_TRUNCATION, tuple(shape), divisor=d)
+
+    def divisor_value(self) -> int | torch.Tensor:
+        shape, values = self.divisor
+        return values[0] if shape == () else torch.tensor(values, dtype=torch.int64).reshape(shape)
 
     @classmethod
     def beaver(cls, op: str, shape_a: Sequence[int], shape_b: Sequence[int], **conv) -> Spec:
@@ -124,6 +155,8 @@ class Spec:
                 return tuple(getattr(torch, BEAVER_OPS[self.kind])(a, b, **dict(self.conv)).shape)
         except (RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"{self.name}: shapes {self.shape_a} and {self.shape_b} do not fit: {e}") from None
+        if self.kind == pb.EXACT_TRUNCATION:
+            return (2, *self.shape_a)
         return self.shape_a
 
     def derived_xor(self) -> bool:
@@ -141,6 +174,8 @@ class Spec:
                 msg.conv.groups = value
             else:
                 getattr(msg.conv, key).extend(value if isinstance(value, tuple) else (value,))
+        if self.divisor[1]:
+            msg.divisor.CopyFrom(wire.tensor_to_proto(torch.tensor(self.divisor[1]).reshape(self.divisor[0])))
         return msg
 
     @classmethod
@@ -155,8 +190,12 @@ class Spec:
                 elif len(value):
                     conv.append((key, tuple(int(v) for v in value)))
         bitlength = msg.bitlength or 64
-        if msg.kind in (pb.SQUARE, pb.B2A_BIT, pb.TRUNCATION_PAIR) and msg.shape_b:
+        if msg.kind in (pb.SQUARE, pb.B2A_BIT, pb.TRUNCATION_PAIR, pb.EXACT_TRUNCATION) and msg.shape_b:
             raise ValueError(f"{pb.TupleKind.Name(msg.kind)} takes one shape, got shape_b={list(msg.shape_b)}")
+        if msg.kind == pb.EXACT_TRUNCATION:
+            if not msg.HasField("divisor"):
+                raise ValueError("EXACT_TRUNCATION needs a divisor")
+            return cls.truncation(tuple(msg.shape_a), int64_from_pb(msg.divisor))
         return cls(msg.kind, tuple(msg.shape_a), tuple(msg.shape_b), tuple(conv), bitlength)
 
 
@@ -235,6 +274,10 @@ def derived_value(spec: Spec, shares: list[list[torch.Tensor]]) -> torch.Tensor:
         return parts[0] & parts[1]
     if spec.kind == pb.B2A_BIT:
         return parts[0]
+    if spec.kind == pb.EXACT_TRUNCATION:
+        from mpcache.mpc.numerics import truncation_derived  # the tuple's definition lives with its protocol
+
+        return truncation_derived(parts[0], spec.divisor_value())
     if spec.kind == pb.TRUNCATION_PAIR:
         from mpcache.mpc.crypten_compat import import_crypten
 

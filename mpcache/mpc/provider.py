@@ -129,6 +129,13 @@ class DealerProvider(TupleProvider):
         (r_bin,), r_arith = self._next(dealer.Spec(pb.B2A_BIT, tuple(size)), device)
         return ArithmeticSharedTensor.from_shares(r_arith, precision=0), BinarySharedTensor.from_shares(r_bin)
 
+    def exact_truncation_tuple(self, size, divisor, device=None):
+        """(r, stack(floor(r / divisor), msb(r))) for mpcache.mpc.numerics' exact truncation."""
+        (r,), derived = self._next(dealer.Spec.truncation(tuple(size), divisor), device)
+        return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(
+            derived, precision=0
+        )
+
     def fill_cache(self) -> None:
         """Fetch party 0's corrections for every traced request in batched calls, then fill CrypTen's cache."""
         if self.session is not None:
