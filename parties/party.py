@@ -199,7 +199,7 @@ class Party:
             listen=args.listen,
             timeout_s=args.timeout,
             connect_timeout_s=args.connect_timeout,
-            **self._peer_tls(grpc_comm),
+            tls_files=self.creds.files,
         )
         self.comm = comm
         self.crypten.cfg.communicator.verbose = True  # CrypTen counts rounds and bytes only when verbose
@@ -210,14 +210,6 @@ class Party:
         self._share_model()
         self.api.ready = True
         log.info("step=ready serving jobs %s", sorted(jobs.JOBS))
-
-    def _peer_tls(self, grpc_comm) -> dict:
-        """TLS for party <-> party traffic, in the form the communicator takes it."""
-        if self.creds.files is None:
-            return {}
-        if "tls" not in grpc_comm.PartyConfig.__dataclass_fields__:
-            raise Fatal("this communicator has no TLS support; start every role with --insecure")
-        return {"tls": self.creds.files}
 
     def _share_model(self) -> None:
         """Party 0 secret-shares its model weights; party 1 learns only their names and shapes."""

@@ -50,7 +50,7 @@ import grpc
 import torch
 from torch.distributed import ReduceOp
 
-from mpcache.mpc import wire
+from mpcache.mpc import tls, wire
 from mpcache.mpc.crypten_compat import import_crypten
 from mpcache.mpc.proto import mpcache_pb2 as pb
 from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
@@ -161,6 +161,7 @@ class PartyConfig:
     connect_timeout_s: float = 60.0  # how long to wait for every peer to come up
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     link: LinkModel | None = None
+    tls_files: tls.TlsFiles | None = None  # mutual TLS between parties (certificate role "party<rank>"); None = plain
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size", "max_message_bytes"):
@@ -191,6 +192,8 @@ class PartyConfig:
             raise ValueError(f"max_message_bytes must be in [1024, 2^31), got {self.max_message_bytes}")
         if self.link is not None and not isinstance(self.link, LinkModel):
             raise TypeError(f"link must be a LinkModel or None, got {type(self.link).__name__}")
+        if self.tls_files is not None and not isinstance(self.tls_files, tls.TlsFiles):
+            raise TypeError(f"tls_files must be a tls.TlsFiles or None, got {type(self.tls_files).__name__}")
 
     @classmethod
     def from_env(cls) -> PartyConfig:
@@ -221,9 +224,15 @@ class _Inbox:
 class _Link:
     """The outgoing stream to one peer: a queue feeding a gRPC request iterator, and a thread draining replies."""
 
-    def __init__(self, dst: int, address: str, options: list[tuple[str, Any]]) -> None:
+    def __init__(
+        self, dst: int, address: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+    ) -> None:
         self.dst, self.address = dst, address
-        self.channel = grpc.insecure_channel(address, options=options)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:  # only a server holding party <dst>'s certificate is accepted, whatever the host name
+            options = options + tls.channel_options(f"party{dst}")
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.PeerStub(self.channel)
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.seq = 0
@@ -312,6 +321,7 @@ class GrpcCommunicator(Communicator):
         self._inbox = {src: _Inbox() for src in self._peers}
         self._links: dict[int, _Link] = {}
         self.reset_communication_stats()
+        self._channel_credentials = None if config.tls_files is None else tls.channel_credentials(config.tls_files)
         limit = config.max_message_bytes
         self._options = [
             ("grpc.max_send_message_length", limit),
@@ -361,7 +371,10 @@ class GrpcCommunicator(Communicator):
         pb_grpc.add_HealthServicer_to_server(_HealthServicer(self), server)
         address = self.config.listen or self.config.peers[self.rank]
         try:
-            server.add_insecure_port(address)
+            if self.config.tls_files is None:
+                server.add_insecure_port(address)
+            else:
+                server.add_secure_port(address, tls.server_credentials(self.config.tls_files))
         except RuntimeError:
             raise _bind_error(self.rank, address) from None
         server.start()
@@ -376,7 +389,7 @@ class GrpcCommunicator(Communicator):
         )
         for dst in self._peers:
             address = cfg.peers[dst]
-            link = self._links[dst] = _Link(dst, address, self._options)
+            link = self._links[dst] = _Link(dst, address, self._options, self._channel_credentials)
             try:
                 reply = link.stub.Hello(hello, timeout=max(deadline - time.monotonic(), 0.01), wait_for_ready=True)
             except grpc.RpcError as e:
@@ -468,6 +481,7 @@ class GrpcCommunicator(Communicator):
             return grpc.StatusCode.INVALID_ARGUMENT, reason
         now = time.monotonic()
         nbytes = msg.ByteSize() + GRPC_PREFIX_BYTES
+        del msg.tensors[:]  # decoded above: don't hold every payload twice while it waits in the inbox
         with self._cv:
             inbox = self._inbox[src]
             if msg.seq != inbox.next_seq or inbox.closed:
@@ -893,7 +907,16 @@ class _PeerServicer(pb_grpc.PeerServicer):
     def __init__(self, comm: GrpcCommunicator) -> None:
         self._comm = comm
 
+    def _check_role(self, rank: int, context: grpc.ServicerContext) -> None:
+        """With mutual TLS, a caller may only speak as the rank its certificate names."""
+        if self._comm.config.tls_files is not None and tls.peer_role(context) != f"party{rank}":
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"rank {self._comm.rank}: a caller with certificate {tls.peer_role(context)!r} claimed rank {rank}",
+            )
+
     def Hello(self, request: pb.PeerHello, context: grpc.ServicerContext) -> pb.PeerHello:
+        self._check_role(request.rank, context)
         problem = self._comm._check_hello(request)
         if problem:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
@@ -906,6 +929,10 @@ class _PeerServicer(pb_grpc.PeerServicer):
         received, src, clean = 0, None, False
         try:
             for msg in request_iterator:
+                if src is None:
+                    self._check_role(msg.src, context)
+                elif msg.src != src:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {src}'s stream carried rank {msg.src}'s")
                 rejection = self._comm._accept(msg)
                 if rejection is not None:
                     context.abort(*rejection)
@@ -975,11 +1002,13 @@ def init_party(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     rtt_ms: float | None = None,
     bandwidth_mbps: float | None = None,
+    tls_files: tls.TlsFiles | None = None,
 ) -> GrpcCommunicator:
     """Join `session` as `rank` and initialise CrypTen over gRPC; returns the communicator.
 
     Blocks until every peer is reachable (connect_timeout_s). Finish with `crypten.uninit()`, which flushes and
     waits for the peers to finish too. `rtt_ms`/`bandwidth_mbps` turn on link emulation (module docstring).
+    `tls_files`: this party's certificate files for mutual TLS with the other parties (mpcache/mpc/tls.py).
     """
     link = None
     if rtt_ms is not None or bandwidth_mbps is not None:
@@ -994,6 +1023,7 @@ def init_party(
         connect_timeout_s=connect_timeout_s,
         max_message_bytes=max_message_bytes,
         link=link,
+        tls_files=tls_files,
     )
     if crypten.mpc.ttp_required():
         raise ValueError(_TTP_UNSUPPORTED)
