@@ -21,7 +21,7 @@ Install into CrypTen with `init_party(rank, world_size, peers, session)`, which 
 `crypten.init()`; `crypten.uninit()` flushes and closes. Statistics: CrypTen's own counters (rounds, bytes as
 elements x 8, time; active when `crypten.cfg.communicator.verbose` is set, exactly as with gloo) plus always-on
 wire counters: serialized message bytes + the 5-byte gRPC frame prefix, sent and received (HTTP/2 and TCP
-headers are not counted).
+headers, the handshake and the OP_CLOSE / OP_ABORT control messages are not counted).
 
 Link emulation (`rtt_ms`, `bandwidth_mbps`, for benchmarks): a message that arrives at time t becomes visible to
 the receiving call at max(t, link_free) + bytes*8/bandwidth + rtt/2, where link_free is when the previous message
@@ -490,13 +490,13 @@ class GrpcCommunicator(Communicator):
                 self._fail_locked(ProtocolError(reason))
                 return grpc.StatusCode.FAILED_PRECONDITION, reason
             inbox.next_seq += 1
-            self.wire_bytes_received += nbytes
-            self.wire_messages_received += 1
-            if msg.op == pb.OP_CLOSE:
+            if msg.op == pb.OP_CLOSE:  # teardown, like the sender's, is not counted in the statistics
                 inbox.closed = True
             elif msg.op == pb.OP_ABORT:
                 self._fail_locked(PeerAbortedError(f"rank {src} aborted the session: {msg.error.message}"))
             else:
+                self.wire_bytes_received += nbytes
+                self.wire_messages_received += 1
                 deliver_at = now
                 if self.config.link is not None:
                     inbox.link_free_at = max(now, inbox.link_free_at) + self.config.link.transmit_s(nbytes)
