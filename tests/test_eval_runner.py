@@ -27,6 +27,7 @@ from mpcache.eval.runner import (
     row_cache_sizes,
 )
 from mpcache.eval.tasks import TASKS, make_samples
+from mpcache.methods import METHODS
 from mpcache.methods.base import check_budget
 from mpcache.model import ByteTokenizer, KVCache, ModelConfig, Transformer
 
@@ -249,19 +250,28 @@ def test_methods_are_checked(model: Transformer) -> None:
 
 
 def test_an_eviction_method_shrinks_the_cache(model: Transformer) -> None:
-    methods = pytest.importorskip("mpcache.methods")
-    name = "streamingllm" if "streamingllm" in getattr(methods, "METHODS", ()) else None
-    if name is None:
-        pytest.skip("streamingllm is not registered yet")
     samples = make_samples("passkey", 512, 2, count)
     full = evaluate_samples(model, TOK, samples, batch_size=2)
     for budget in (64, 0.125):
-        kept = evaluate_samples(model, TOK, samples, name, budget, batch_size=2)
+        kept = evaluate_samples(model, TOK, samples, "streamingllm", budget, batch_size=2)
         for a, b in zip(full, kept):
-            assert b.budget_tokens == budget_tokens(budget, b.prompt_tokens)
+            assert b.budget_tokens == (64 if budget == 64 else int(0.125 * b.prompt_tokens))
             assert b.cache_bytes is not None and a.cache_bytes is not None
             assert b.cache_bytes < 0.3 * a.cache_bytes and b.full_cache_bytes == a.full_cache_bytes
             assert b.cache_tokens is not None and b.cache_tokens <= b.budget_tokens + len(b.generated)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+def test_batching_is_invisible_to_every_method(model: Transformer, method: str) -> None:
+    """Batched evaluation (left padding) must decode what one-at-a-time evaluation decodes;
+    a ratio budget resolves to a different token count per row."""
+    samples = make_samples("niah", 512, 3, count)
+    assert len({count(s.prompt) for s in samples}) == 3  # different lengths: the batch is padded
+    single = evaluate_samples(model, TOK, samples, method, 0.2, batch_size=1)
+    batched = evaluate_samples(model, TOK, samples, method, 0.2, batch_size=3)
+    assert len({r.budget_tokens for r in single}) > 1
+    assert [r.generated for r in single] == [r.generated for r in batched]
+    assert [r.cache_tokens for r in single] == [r.cache_tokens for r in batched]
 
 
 # ---------------------------------------------------------------------- CLI
@@ -298,9 +308,6 @@ def test_cli_writes_json_and_markdown(checkpoint: Path, tmp_path: Path, capsys: 
 
 
 def test_cli_plot_with_several_budgets(checkpoint: Path, tmp_path: Path) -> None:
-    methods = pytest.importorskip("mpcache.methods")
-    if "streamingllm" not in getattr(methods, "METHODS", ()):
-        pytest.skip("streamingllm is not registered yet")
     out_png, out_json = tmp_path / "plot.png", tmp_path / "rows.json"
     accuracy.main(
         f"--model {checkpoint} --methods full,streamingllm --tasks passkey --lengths 512 --samples 1 --budgets 32,64 "
