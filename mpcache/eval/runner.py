@@ -3,12 +3,15 @@
     model, tokenizer = load_model()                         # the bundled model
     rows = evaluate(model, tokenizer, "snapkv", budget=128, tasks=["passkey"], lengths=[1024], samples=10)
 
-One row per (task, context_len): accuracy plus what the cache held after generation
-(`cache_tokens` per layer and KV head, `cache_bytes` of kept keys and values) next to
-what a full cache would hold (`full_cache_bytes`), averaged over the samples. Samples
-of one (task, length) have nearly equal prompt lengths, so they are decoded in
-left-padded batches.
-"""
+One row per (task, context_len): accuracy plus what the cache held after generation,
+averaged over the samples: `cache_tokens` (valid slots per layer and KV head of the main
+store; a method that moves tokens to a side store, like ThinK's pruned keys or MiKV's
+low-precision tokens, holds more), `cache_bytes` (those slots' keys and values plus the
+method's side stores) and `full_cache_bytes` (what a full cache would hold). Samples of
+one (task, length) have nearly equal prompt lengths, so they are decoded in left-padded
+batches; tests check that batching changes no method's output. A side store is shared
+evenly by a batch's rows and may be padded to its longest row, so use batch_size=1 for
+exact per-sample bytes of such methods."""
 
 from __future__ import annotations
 
