@@ -1,0 +1,579 @@
+"""Fixed-point numerics for 2PC that hold at LLM scale: exact truncation and range-aware approximations.
+
+Truncation. CrypTen encodes reals as int64 with 16 fractional bits; after a product (scale 2^32) the result
+must be divided by 2^16. With two parties CrypTen lets each party shift its own share (SecureML), which is
+off by 2^64 / 2^32 = 4.3e9 whenever the shares straddle the ring's wrap point: probability ~|x*y| / 2^32 per
+product, i.e. thousands of garbage values per LLM token. Here the division is exact up to the last bit, using a
+dealer tuple (r, floor(r / d), msb(r)) for a random ring element r (the tuple kind SPU calls TruncAPr):
+
+    the parties open z = x + 2^62 + r  (one round; r masks x perfectly),
+    x + 2^62 < 2^63, so the sum wrapped past 2^64 exactly when msb(r) = 1 and msb(z) = 0, and
+    floor(x / d) = floor(z / d) - floor(r / d) + wrap * floor(2^64 / d) - 2^62 / d  (- 1 or -2 at most).
+
+Requirement: |x| < 2^62 before the division, i.e. |x * y| < 2^30 for a product of two fixed-point values
+(CrypTen's own products already overflow at 2^31). `install()` makes every division by a public integer in
+CrypTen (every product, `div`, `mean`, re-encoding) use this protocol whenever the active tuple provider
+offers `exact_truncation_tuple`; with other providers CrypTen's behaviour is unchanged.
+
+Approximations (exp, reciprocal, inv_sqrt, GeLU, SiLU, softmax) are written once, against a handful of
+operations that exist for both torch tensors and CrypTen MPCTensors, so calling them on a float tensor *is*
+the floating-point simulator of exactly what MPC computes (same polynomials, same iterations, same clipping).
+Each states its input domain and its measured maximum error; costs (rounds, bytes) are in their docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mpcache.mpc.crypten_compat import import_crypten
+
+crypten = import_crypten()
+import crypten.communicator as comm  # noqa: E402
+from crypten.common.tensor_types import is_float_tensor, is_int_tensor  # noqa: E402
+from crypten.mpc import MPCTensor  # noqa: E402
+from crypten.mpc.primitives import ArithmeticSharedTensor  # noqa: E402
+from crypten.mpc.provider import TrustedFirstParty  # noqa: E402
+
+FRAC_BITS = 16  # CrypTen's default fixed-point precision
+SCALE = 1 << FRAC_BITS
+TRUNC_OFFSET = 1 << 62  # added before opening so the value is non-negative and below 2^63
+MAX_DIVISOR = 1 << 62
+PROVIDER_NAME = "MPCACHE_LOCAL"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact truncation: the tuple (pure math, shared with any dealer), the protocol, and an in-process provider
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pow2_divmod(exponent: int, d: int | Tensor) -> tuple[int | Tensor, int | Tensor]:
+    """(floor(2^exponent / d) mod 2^64 as int64, 2^exponent mod d) for exponent in {63, 64}, 2 <= d < 2^62."""
+    if isinstance(d, int):
+        q, r = divmod(1 << exponent, d)
+        return _wrap_int64(q), r
+    q, r = (1 << 62) // d, (1 << 62) % d
+    for _ in range(exponent - 62):  # double: 2^(k+1) = 2 q d + 2 r, and 2 r < 2 d fits in int64
+        carry = (2 * r >= d).long()
+        q, r = 2 * q + carry, 2 * r - carry * d
+    return q, r
+
+
+def _wrap_int64(v: int) -> int:
+    """Python int -> the int64 with the same value mod 2^64."""
+    return ((v + (1 << 63)) % (1 << 64)) - (1 << 63)
+
+
+def unsigned_floordiv(v: Tensor, divisor: int | Tensor) -> Tensor:
+    """floor(u / divisor) where u in [0, 2^64) is the unsigned reading of the int64 tensor `v`, 1 <= d < 2^62."""
+    if isinstance(divisor, int) and divisor == 1:
+        return v.clone()
+    t = v ^ torch.iinfo(torch.int64).min  # t = u - 2^63, exact in int64
+    q, rem = torch.div(t, divisor, rounding_mode="floor"), torch.remainder(t, divisor)
+    high_q, high_rem = _pow2_divmod(63, divisor)
+    return q + high_q + (rem + high_rem >= divisor).long()
+
+
+def truncation_derived(r: Tensor, divisor: int | Tensor) -> Tensor:
+    """The derived half of an exact-truncation tuple for the random ring element r: stack(floor(r/d), msb(r))."""
+    return torch.stack([unsigned_floordiv(r, divisor), (r < 0).long()])
+
+
+def truncation_tuple(seed: int, shape: Sequence[int], divisor: int | Tensor) -> tuple[Tensor, Tensor]:
+    """Plaintext tuple (r, stack(floor(r/d), msb(r))): a pure function of (seed, shape, divisor)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(-(1 << 63), (1 << 63) - 1, tuple(shape), generator=g, dtype=torch.long)
+    return r, truncation_derived(r, divisor)
+
+
+def _check_divisor(divisor: int | Tensor) -> None:
+    bad = (divisor < 1) | (divisor >= MAX_DIVISOR)
+    if bool(torch.as_tensor(bad).any()):
+        raise ValueError(f"truncation divisor must lie in [1, 2^62), got {divisor}")
+
+
+def exact_truncate_(xs: Sequence[ArithmeticSharedTensor], divisors: Sequence[int | Tensor]) -> None:
+    """Divide each shared x by its public positive integer divisor in place, exactly (error <= 2 in the last
+    place), all in one communication round. Requires |x| < 2^62 (raw ring value) and a provider that offers
+    `exact_truncation_tuple`."""
+    provider = crypten.mpc.get_default_provider()
+    masked, tuples = [], []
+    for x, d in zip(xs, divisors):
+        r, derived = provider.exact_truncation_tuple(x.size(), d, device=x.device)
+        share = x.share + r.share
+        if x.rank == 0:
+            share = share + TRUNC_OFFSET
+        masked.append(share)
+        tuples.append(derived)
+    opened = comm.get().all_reduce(masked, batched=True) if len(masked) > 1 else [comm.get().all_reduce(masked[0])]
+    for x, d, z, derived in zip(xs, divisors, opened, tuples):
+        q_r, msb_r = derived.share[0], derived.share[1]
+        no_top = (z >= 0).long()  # 1 - msb(z)
+        wrap_q = _pow2_divmod(64, d)[0]
+        share = -q_r + no_top * wrap_q * msb_r
+        if x.rank == 0:
+            share = share + unsigned_floordiv(z, d) - TRUNC_OFFSET // d
+        x.share = share
+
+
+class LocalDealer(TrustedFirstParty):
+    """In-process tuple provider for tests: CrypTen's trusted first party plus exact-truncation tuples.
+
+    INSECURE like TFP: party 0 draws every tuple (from a seed, via `truncation_tuple`) and secret-shares it
+    with pseudo-random zero shares, so it knows all masks. A dealer service serves the same tuple kind by
+    computing `truncation_derived` from its own stream of r.
+    """
+
+    NAME = PROVIDER_NAME
+
+    def exact_truncation_tuple(self, size, divisor, device=None) -> tuple[ArithmeticSharedTensor, ...]:
+        size = tuple(size)
+        if comm.get().get_rank() == 0:
+            seed = int(torch.randint(0, 1 << 62, (1,), generator=crypten.generators["local"][torch.device("cpu")]))
+            r, derived = truncation_tuple(seed, size, divisor)
+            both = torch.cat([r.unsqueeze(0), derived])
+            shared = ArithmeticSharedTensor(both, precision=0, src=0, device=device)
+        else:
+            shared = ArithmeticSharedTensor(None, size=(3, *size), precision=0, src=0, device=device)
+        r = ArithmeticSharedTensor.from_shares(shared.share[0], precision=0)
+        derived = ArithmeticSharedTensor.from_shares(shared.share[1:], precision=0)
+        return r, derived
+
+
+_original_div_ = ArithmeticSharedTensor.div_
+
+
+def _div_(self: ArithmeticSharedTensor, y):
+    """CrypTen's ArithmeticSharedTensor.div_, with exact truncation for public integer divisors in 2PC."""
+    if isinstance(y, float) and int(y) == y:
+        y = int(y)
+    if is_float_tensor(y) and y.frac().eq(0).all():
+        y = y.long()
+    integer = isinstance(y, int) or is_int_tensor(y)
+    provider = crypten.mpc.get_default_provider()
+    if integer and comm.get().get_world_size() == 2 and hasattr(provider, "exact_truncation_tuple"):
+        _check_divisor(y)
+        if is_int_tensor(y):
+            self.share = torch.broadcast_tensors(self.share, y)[0].clone()
+        elif y == 1:
+            return self
+        exact_truncate_([self], [y])
+        return self
+    return _original_div_(self, y)
+
+
+def decode(x: MPCTensor) -> Tensor:
+    """Open x exactly as float64 (CrypTen's get_plain_text goes through float32 and, for negative values,
+    divides by scale - 1, which is off by up to 1.0 at magnitudes above ~2^12)."""
+    return x.reveal().double() / x.encoder.scale
+
+
+def install(provider: str = PROVIDER_NAME) -> None:
+    """Register `LocalDealer`, route CrypTen's integer divisions through exact truncation, and select
+    `provider` (idempotent). Call in every party, before or after `crypten.init()`."""
+    vars(crypten.mpc)["__SUPPORTED_PROVIDERS"].setdefault(PROVIDER_NAME, LocalDealer())
+    ArithmeticSharedTensor.div_ = _div_
+    crypten.cfg.mpc.provider = provider
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Operations shared by MPC and the float simulator
+# ---------------------------------------------------------------------------------------------------------------
+# Values are torch tensors (the simulator) or MPCTensors. MPCTensors carry a fixed-point scale: 2^16 for reals,
+# 1 for the 0/1 bits that comparisons return; products of a bit and a real need no truncation. Every helper
+# truncates at most once, so its rounds are: products 1 (Beaver) + 1 (truncation), comparisons ~9 per batch.
+
+Value = Tensor | MPCTensor
+
+
+def is_private(x: object) -> bool:
+    return isinstance(x, MPCTensor)
+
+
+def stack(values: Sequence[Value], dim: int = 0) -> Value:
+    """torch.stack for tensors or MPCTensors (CrypTen's own stack, without torch's dispatch warning)."""
+    return crypten.stack(list(values), dim) if is_private(values[0]) else torch.stack(list(values), dim)
+
+
+def cat(values: Sequence[Value], dim: int = 0) -> Value:
+    return crypten.cat(list(values), dim) if is_private(values[0]) else torch.cat(list(values), dim)
+
+
+def on_grid(c: float | Sequence[float] | Tensor) -> Tensor:
+    """Public constants rounded to the 2^-16 grid, so MPC and the simulator use identical values."""
+    return torch.round(torch.as_tensor(c, dtype=torch.float64) * SCALE) / SCALE
+
+
+def _encode(c: Tensor | float) -> Tensor:
+    return torch.round(torch.as_tensor(c, dtype=torch.float64) * SCALE).long()
+
+
+def _scale(x: MPCTensor) -> int:
+    return x.encoder.scale
+
+
+def _from_raw(raw: Tensor, raw_scale: int, shift: int = 0) -> MPCTensor:
+    """Wrap raw ring shares of scale `raw_scale` as a tensor of scale 2^16 / 2^shift, truncating at most once
+    (or as 0/1 bits, scale 1, when raw_scale is 1 and shift 0)."""
+    if raw_scale == 1 and shift == 0:
+        return MPCTensor.from_shares(raw, precision=0)
+    out = MPCTensor.from_shares(raw, precision=FRAC_BITS)
+    divisor = raw_scale * (1 << shift) // SCALE
+    if divisor * SCALE != raw_scale * (1 << shift):
+        raise ValueError(f"cannot rescale a value of scale {raw_scale} by 2^-{shift} to 2^{FRAC_BITS}")
+    if divisor > 1:
+        out._tensor.div_(divisor)
+    return out
+
+
+def _product(op: str, x: Value, y: Value, shift: int) -> Value:
+    """op(x, y) / 2^shift for op in {mul, matmul}: one Beaver round when both are private, one truncation."""
+    if not is_private(x) and not is_private(y):
+        dtype = x.dtype if x.is_floating_point() else y.dtype
+        return getattr(torch, op)(x.to(dtype), y.to(dtype)) / (1 << shift)
+    from crypten.mpc.primitives import beaver
+
+    if is_private(x) and is_private(y):
+        raw = getattr(beaver, op)(x._tensor, y._tensor).share
+        return _from_raw(raw, _scale(x) * _scale(y), shift)
+    if is_private(x):
+        raw = getattr(torch, op)(x.share, _encode(y))
+        return _from_raw(raw, _scale(x) * SCALE, shift)
+    raw = getattr(torch, op)(_encode(x), y.share)
+    return _from_raw(raw, SCALE * _scale(y), shift)
+
+
+def mul(x: Value, y: Value | Tensor | float, shift: int = 0) -> Value:
+    """Elementwise x * y / 2^shift (broadcasting); public operands are rounded to the 2^-16 grid."""
+    return _product("mul", x, y if is_private(y) or torch.is_tensor(y) else torch.tensor(float(y)), shift)
+
+
+def matmul(x: Value, y: Value, shift: int = 0) -> Value:
+    """x @ y / 2^shift with one truncation for the whole product."""
+    return _product("matmul", x, y, shift)
+
+
+def square(x: Value) -> Value:
+    """x * x; in MPC one opening of x (CrypTen's square pair) instead of two."""
+    if not is_private(x):
+        return x * x
+    from crypten.mpc.primitives import beaver
+
+    return _from_raw(beaver.square(x._tensor).share, _scale(x) ** 2)
+
+
+def rescale(x: Value, shift: int) -> Value:
+    """x / 2^shift (one truncation)."""
+    if not is_private(x):
+        return x / (1 << shift)
+    return _from_raw(x.share.clone(), _scale(x), shift)
+
+
+def less_than(x: Value, thresholds: Sequence[float]) -> Value:
+    """Bits [x < t] for every public threshold t, stacked on a new leading dim; all in one comparison batch
+    (MPC: one arithmetic-to-binary conversion of the stacked differences, ~9 rounds whatever the count)."""
+    t = on_grid(list(thresholds))
+    if not is_private(x):
+        return torch.stack([(x < ti).to(x.dtype) for ti in t])
+    return stack([x - float(ti) for ti in t])._ltz()
+
+
+def mask_multiply(x: Value, mask: Tensor) -> Value:
+    """x * mask for a public 0/1 (or integer) mask: exact and free in MPC (integer multiple of each share)."""
+    if not is_private(x):
+        return x * mask.to(x.dtype)
+    out = x.shallow_copy()
+    out.share = x.share * mask.long()
+    return out
+
+
+def combine(stacked: Value, weights: Tensor, bias: Tensor | float = 0.0) -> Value:
+    """sum_k weights[k] * stacked[k] + bias, public weights (each broadcast against stacked[k]) and bias on the
+    2^-16 grid. One truncation for all terms, none when `stacked` holds 0/1 bits."""
+    w = on_grid(weights)
+    w = w.view(*w.shape, *([1] * (stacked.dim() - w.dim())))
+    if not is_private(stacked):
+        out = (w.to(stacked.dtype) * stacked).sum(0)
+    else:
+        out = _from_raw((_encode(w) * stacked.share).sum(0), _scale(stacked) * SCALE)
+    bias = on_grid(bias)
+    if bias.dim() == 0:
+        return out + float(bias) if float(bias) != 0.0 else out
+    return out + (bias.to(out.dtype) if not is_private(out) else bias)
+
+
+def powers(x: Value, degree: int) -> Value:
+    """Stack of x^1 .. x^degree in ceil(log2(degree)) product rounds (each doubles the known powers)."""
+    known = x.unsqueeze(0)
+    while known.shape[0] < degree:
+        have = known.shape[0]
+        m = min(have, degree - have)
+        known = cat([known, mul(known[:m], known[have - 1])])
+    return known
+
+
+def polynomial(x: Value, coeffs: Tensor) -> Value:
+    """sum_k coeffs[k] x^k (coeffs[0] is the constant term)."""
+    return combine(powers(x, len(coeffs) - 1), coeffs[1:], coeffs[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Coefficient tables (the one definition both MPC and the simulator read)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fit_piece(f, lo: float, hi: float, degree: int) -> Tensor:
+    """Near-minimax polynomial for f on [lo, hi] in the normalised variable t = (2a - lo - hi) / (hi - lo):
+    Lawson-reweighted least squares on Chebyshev nodes. How every table below was made (tests re-fit them)."""
+    t = torch.cos(torch.linspace(0, math.pi, 2001, dtype=torch.float64))
+    a = (t + 1) / 2 * (hi - lo) + lo
+    basis = torch.stack([t**k for k in range(degree + 1)], 1)
+    y, w = f(a), torch.ones_like(t)
+    for _ in range(100):
+        coef = torch.linalg.solve(basis.T @ (w[:, None] * basis), basis.T @ (w * y))  # weighted normal equations
+        w = w * (basis @ coef - y).abs()
+        w = w / w.sum()
+    return coef
+
+
+@dataclass(frozen=True)
+class ExpTable:
+    """exp(x) for x <= 0 as p(x / 2^halvings)^(2^halvings), x clipped to [-clip, 0] first."""
+
+    clip: float
+    halvings: int
+    coeffs: tuple[float, ...]  # p in monomials of u = x / 2^halvings on [-clip / 2^halvings, 0]
+
+
+@dataclass(frozen=True)
+class TailTable:
+    """f(x) = relu(x) - k(|x|) with k(a) = a * F(-a) (F the CDF behind GeLU or SiLU) approximated by one
+    polynomial per piece [cuts[i], cuts[i+1]) in t = (2a - lo - hi) / (hi - lo), and 0 beyond cuts[-1]."""
+
+    cuts: tuple[float, ...]
+    coeffs: tuple[tuple[float, ...], ...]
+
+
+def _exp_coeffs(clip: float, halvings: int, degree: int) -> tuple[float, ...]:
+    """Monomial coefficients in u of the fit on [-clip/2^h, 0] (u = (t - 1) * clip / 2^(h+1))."""
+    lo = -clip / (1 << halvings)
+    c = fit_piece(torch.exp, lo, 0.0, degree)
+    # t = 2u / (-lo) + 1; expand sum c_k t^k in powers of u
+    out = torch.zeros(degree + 1, dtype=torch.float64)
+    for k, ck in enumerate(c):
+        for j in range(k + 1):
+            out[j] += ck * math.comb(k, j) * (2 / -lo) ** j
+    return tuple(float(v) for v in out)
+
+
+def _gelu_tail(a: Tensor) -> Tensor:
+    return a * 0.5 * torch.special.erfc(a / math.sqrt(2))
+
+
+def _silu_tail(a: Tensor) -> Tensor:
+    return a * torch.sigmoid(-a)
+
+
+# exp on [-14, 0]: e^-14 = 8e-7 is below the 2^-16 resolution, so clipping there loses nothing (PUMA/MPCache
+# use the same threshold). Three halvings keep u in [-1.75, 0] where a degree-6 fit is 1e-7 accurate.
+EXP = ExpTable(
+    clip=14.0,
+    halvings=3,
+    coeffs=(
+        0.9999994787664673, 0.9999698496985381, 0.4997146897178856, 0.16564705905828905,
+        0.03990525429998039, 0.006720562903934639, 0.0005970229349067225,
+    ),
+)  # fmt: skip
+
+# GeLU: k(a) = a * Phi(-a) is below 1.5e-6 beyond a = 5. SiLU: a * sigmoid(-a) is below 7.4e-5 beyond a = 12.
+GELU = TailTable(
+    cuts=(0.0, 2.0, 5.0),
+    coeffs=(
+        (0.158665341249, -0.083194561686, -0.121250191785, 0.119980742858,
+         -0.019012160801, -0.014055659066, 0.004347143862),
+        (0.000831003297, -0.003991387417, 0.009634118215, -0.016105783934,
+         0.01442781324, -0.002690304115, -0.002142085129),
+    ),
+)  # fmt: skip
+SILU = TailTable(
+    cuts=(0.0, 3.0, 12.0),
+    coeffs=(
+        (0.273650661799, -0.062002088473, -0.176108696317, 0.147266545915,
+         -0.035025432963, -0.014112031927, 0.008623230138),
+        (0.004298424173, -0.0153418435, 0.027140649136, -0.043277469217,
+         0.04603418493, -0.012676762288, -0.006297572768),
+    ),
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Approximations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def exp_neg(x: Value, clip_top: bool = False) -> Value:
+    """exp(x) for x <= 0, any magnitude: exp(max(x, -14)) via a degree-6 polynomial of x/8, squared 3 times.
+
+    clip_top also clips at 0 (exp(x) := 1 for x > 0) in the same comparison batch, for callers that only have
+    an upper bound on x. Max abs error on x <= 0: 3e-4 in MPC (fixed point), 1e-6 in the simulator; relative
+    error ~1.2e-4 + 2^-16/e^x. Cost (2PC, n elements): one comparison batch + 1 + 1 + 3x2 + 1 + 3x2 rounds.
+    """
+    bits = less_than(x, [-EXP.clip, 0.0] if clip_top else [-EXP.clip])
+    x = x + mul(bits[0], -EXP.clip - x)  # below -clip -> -clip
+    if clip_top:
+        x = x - mul(1 - bits[1], x)  # above 0 -> 0
+    y = polynomial(rescale(x, EXP.halvings), on_grid(EXP.coeffs))
+    for _ in range(EXP.halvings):
+        y = square(y)
+    return y
+
+
+MIN_DOMAIN = 2.0**-10  # 64 units of the 2^-16 grid: thresholds below this cannot be resolved
+
+
+def _ladder(lo: float, hi: float, steps_per_octave: int) -> Tensor:
+    """Thresholds lo * rho^i (i = 1..n, rho = 2^(1/steps)) covering [lo, hi]."""
+    if not (MIN_DOMAIN <= lo < hi):
+        raise ValueError(f"domain must satisfy 2^-10 <= lo < hi (fixed-point resolution), got lo={lo}, hi={hi}")
+    n = math.ceil(math.log2(hi / lo) * steps_per_octave)
+    return lo * 2.0 ** (torch.arange(1, n + 1, dtype=torch.float64) / steps_per_octave)
+
+
+def _piecewise_constant(x: Value, thresholds: Tensor, values: Tensor) -> Value:
+    """values[i] on [thresholds[i-1], thresholds[i]) (values[0] below thresholds[0], values[-1] above the last):
+    one comparison batch; the sum of bits times public constants is exact and free."""
+    below = less_than(x, thresholds.tolist())  # [x < t_i]
+    # start from the top segment and step down one segment for every threshold x is below
+    return combine(below, values[:-1] - values[1:], float(values[-1]))
+
+
+def reciprocal(x: Value, lo: float, hi: float, scale_bits: int = 0, steps_per_octave: int = 4, iterations: int = 3):
+    """2^scale_bits / x for x in [lo, hi] (public, 2^-10 <= lo < hi).
+
+    Initial guess piecewise constant on a geometric ladder of thresholds (relative error <= 0.087 with 4 steps
+    per octave), then Newton y <- y (2 - x y / 2^scale_bits), whose relative error squares each iteration
+    (0.087 -> 7.5e-3 -> 5.6e-5 -> 3e-9). scale_bits > 0 returns a scaled reciprocal with that many more
+    significant bits, for x much larger than 1. Max error on [lo, hi]: relative 1e-4 plus 2^-16 absolute
+    (MPC); the simulator reaches 1e-7 relative (its guesses are rounded to the grid too).
+    Cost: one comparison batch of ceil(4 log2(hi/lo)) thresholds, then iterations x 2 products (4 rounds each).
+    """
+    t = _ladder(lo, hi, steps_per_octave)
+    edges = torch.cat([torch.tensor([lo], dtype=torch.float64), t])  # left edge of each segment
+    rho = 2.0 ** (1 / steps_per_octave)
+    values = (1 << scale_bits) * 2 / (1 + rho) / edges  # x y0 in [2/(1+rho), 2 rho/(1+rho)) on each segment
+    y = _piecewise_constant(x, t, on_grid(values))
+    for _ in range(iterations):
+        y = mul(y, 2 - mul(x, y, shift=scale_bits))
+    return y
+
+
+def inv_sqrt(x: Value, lo: float, hi: float, scale_bits: int = 0, steps_per_octave: int = 4, iterations: int = 2):
+    """2^scale_bits / sqrt(x) for x in [lo, hi] (public, 0 < lo < hi).
+
+    Initial guess piecewise constant on a geometric ladder (x y0^2 within [0.92, 1.09] with 4 steps per
+    octave), then Newton y <- y (3 - x y^2) / 2, whose relative error goes 0.09 -> 5.7e-3 -> 2.4e-5 -> 9e-10.
+    Needs 2^scale_bits / sqrt(lo) < 2^15 (products stay below 2^30). Max relative error on [lo, hi]:
+    5e-5 + 2^-16 * sqrt(x) / 2^scale_bits (MPC). Cost: one comparison batch of ceil(4 log2(hi/lo)) thresholds,
+    then iterations x 3 products (6 rounds each).
+    """
+    t = _ladder(lo, hi, steps_per_octave)
+    edges = torch.cat([torch.tensor([lo], dtype=torch.float64), t])
+    rho = 2.0 ** (1 / steps_per_octave)
+    values = (1 << scale_bits) * math.sqrt(2 / (1 + rho)) / edges.sqrt()
+    y = _piecewise_constant(x, t, on_grid(values))
+    for _ in range(iterations):
+        half_xyy = mul(mul(x, y), y, shift=2 * scale_bits + 1)  # x y^2 / 2 in units of 2^(2 scale_bits)
+        y = mul(y, 1.5 - half_xyy)
+    return y
+
+
+def _relu_minus_tail(x: Value, table: TailTable) -> Value:
+    """relu(x) - k(|x|) with k piecewise polynomial (see TailTable): one comparison batch for the sign and the
+    piece boundaries, one product for |x| normalised per piece, the powers, and one product selecting pieces."""
+    cuts = table.cuts
+    pieces = list(zip(cuts[:-1], cuts[1:]))
+    bits = less_than(x, [0.0] + [c for cut in cuts[1:] for c in (cut, -cut)])
+    neg = bits[0]
+    outside = [1 - bits[2 * i + 1] + bits[2 * i + 2] for i in range(len(cuts) - 1)]  # [|x| >= cut_i], i >= 1
+    # t_j = (2|x| - lo - hi) / (hi - lo) = w_j x - 2 w_j neg x - b_j, with w_j = 2 / (hi - lo)
+    w = on_grid([2 / (hi - lo) for lo, hi in pieces]).view(-1, *([1] * x.dim()))
+    b = on_grid([(lo + hi) / (hi - lo) for lo, hi in pieces]).view(-1, *([1] * x.dim()))
+    wx = mul(x.unsqueeze(0), w)
+    t = wx - 2 * mul(neg.unsqueeze(0), wx) - b
+    p = powers(t, len(table.coeffs[0]) - 1)  # [degree, pieces, ...]
+    coeffs = on_grid(table.coeffs)  # [pieces, degree + 1]
+    shape = (len(pieces),) + (1,) * x.dim()
+    values = combine(p, coeffs[:, 1:].T.reshape(-1, *shape), coeffs[:, 0].view(shape))  # [pieces, ...]
+    # piece j is selected where cut_j <= |x| < cut_{j+1}; relu(x) = (1 - neg) x
+    inside = [(1 - outside[0]) if j == 0 else outside[j - 1] - outside[j] for j in range(len(pieces))]
+    selected = mul(stack([1 - neg, *inside]), cat([x.unsqueeze(0), values]))
+    return selected[0] - selected[1:].sum(0)
+
+
+def gelu(x: Value) -> Value:
+    """GeLU (erf form) on all reals: relu(x) - k(|x|), k(a) = a Phi(-a) in two degree-6 pieces on [0, 5), zero
+    beyond. Max abs error 7e-5 in the simulator, 1e-4 in MPC (and within 5e-4 of the tanh form).
+    Cost: one comparison batch (5 thresholds) + 7 product rounds (+ truncations) ~ 20 rounds."""
+    return _relu_minus_tail(x, GELU)
+
+
+def silu(x: Value) -> Value:
+    """SiLU on all reals: relu(x) - k(|x|), k(a) = a sigmoid(-a) in two degree-6 pieces on [0, 12), zero beyond.
+    Max abs error 2.2e-4 in the simulator, 2.5e-4 in MPC. Cost as `gelu`."""
+    return _relu_minus_tail(x, SILU)
+
+
+MASK_FILL = 1.0e4  # masked scores before the max; any finite value below every real score works
+
+
+def row_max(x: Value) -> Value:
+    """Max over the last dim (keepdim). MPC: CrypTen's log-reduction tree, ~79 rounds and ~1.3 kB per element
+    for rows of 128; the dominant cost of a max-based softmax."""
+    if not is_private(x):
+        return x.amax(-1, keepdim=True)
+    return x.max(dim=-1, keepdim=True)[0]
+
+
+def softmax(x: Value, mask: Tensor | None = None, bound: float | Tensor | None = None) -> Value:
+    """Softmax over the last dim with a public 0/1 `mask` (False = excluded; rows with nothing valid give 0).
+
+    Without `bound`, subtracts the row max (CrypTen's comparison tree). With a public `bound` >= every score
+    (a number, or a tensor broadcasting against x[..., :1]),
+    subtracts the bound instead and skips the max entirely; exp's inputs are clipped to [-14, 0], so scores
+    above the bound saturate rather than overflow. Masked entries are zeroed after exp by an exact public
+    product, so no large negative constant reaches exp. The normaliser 2^a / sum (a = ceil(log2 n)) keeps
+    16 significant bits even for long rows.
+
+    Error (max over entries, measured in tests): with the max, |p - p_ref| <= 3e-4 + n * 2^-17 (the last term
+    is the sum of n rounded exps); with a bound, multiply by e^(bound - max) since every e^(x - bound) shrinks
+    by that factor while the rounding does not, so use a bound within ~3 of the true max.
+    """
+    n = x.shape[-1]
+    if mask is not None:
+        mask = torch.as_tensor(mask).bool()
+        try:
+            torch.broadcast_shapes(mask.shape, tuple(x.shape))
+        except RuntimeError:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(x.shape)}"
+            ) from None
+    if bound is None:
+        if mask is not None:
+            x = mask_multiply(x, mask) - MASK_FILL * (~mask).double()
+        e = exp_neg(x - row_max(x))
+        lo = 0.5  # the max's own term is e^0 = 1
+    else:
+        e = exp_neg(x - on_grid(bound).to(x.dtype if not is_private(x) else torch.float64), clip_top=True)
+        lo = 2.0**-10
+    if mask is not None:
+        e = mask_multiply(e, mask)
+    total = e.sum(-1, keepdim=True)
+    if mask is not None:
+        empty = ~mask.expand(*x.shape).any(-1, keepdim=True)
+        total = total + empty.double()  # a row with nothing valid divides 0 by 1
+    hi = 1.01 * n + 1
+    a = math.ceil(math.log2(hi))
+    return mul(e, reciprocal(total, lo, hi, scale_bits=a), shift=a)

@@ -1,0 +1,235 @@
+"""Exact 2PC truncation and the range-aware approximations of mpcache/mpc/numerics.py.
+
+Plain tests check the simulator (the approximations on float tensors) against the true functions; MPC tests
+run two CrypTen parties (forked once per module) and check MPC against the true function, the simulator and
+the error bounds stated in the docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpcache.mpc import numerics as N
+from mpcache.mpc.local import LocalParties
+
+
+@pytest.fixture(scope="module")
+def parties():
+    with LocalParties(setup=N.install, timeout=300) as p:
+        yield p
+
+
+# ------------------------------------------------------------------------------------------ party functions
+
+
+def _products(n: int, lo: float, hi: float, seed: int, exact: bool) -> tuple[int, float]:
+    """n products x*y with |x|, |y| uniform in [lo, hi] and random signs; (count off by > 1e-2, max error)."""
+    crypten = N.crypten
+    crypten.cfg.mpc.provider = N.PROVIDER_NAME if exact else "TFP"
+    g = torch.Generator().manual_seed(seed)
+    x, y = [(torch.rand(n, generator=g) * (hi - lo) + lo) * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+            for _ in range(2)]  # fmt: skip
+    ex, ey = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=1)
+    err = (N.decode(ex * ey) - N.decode(ex) * N.decode(ey)).abs()
+    crypten.cfg.mpc.provider = N.PROVIDER_NAME
+    return int((err > 1e-2).sum()), float(err.max())
+
+
+def _divide(x: torch.Tensor, divisor) -> torch.Tensor:
+    crypten = N.crypten
+    ex = crypten.cryptensor(x, src=1)
+    ex._tensor.div_(divisor)  # raw division of the ring value by a public integer
+    return ex._tensor.reveal()
+
+
+def _apply(name: str, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int, int]:
+    """Run numerics.<name> on x shared by party 0; (result, rounds, bytes) of this party."""
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    ex = crypten.cryptensor(x, src=0)
+    crypten.reset_communication_stats()
+    out = getattr(N, name)(ex, **kwargs)
+    stats = crypten.communicator.get().get_communication_stats()
+    crypten.cfg.communicator.verbose = False
+    return N.decode(out), stats["rounds"], stats["bytes"]
+
+
+# ---------------------------------------------------------------------------------------- exact truncation
+
+
+def test_unsigned_floordiv_matches_python_integers():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randint(-(1 << 63), (1 << 63) - 1, (500,), generator=g)
+    v[:4] = torch.tensor([0, -1, torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max])
+    for d in (1, 2, 3, 7, 1 << 16, (1 << 32) + 5, (1 << 61) + 3):
+        want = [(x % (1 << 64)) // d for x in v.tolist()]
+        want = [((w + (1 << 63)) % (1 << 64)) - (1 << 63) for w in want]
+        assert N.unsigned_floordiv(v, d).tolist() == want, d
+        if d > 1:
+            assert N.unsigned_floordiv(v, torch.full_like(v, d)).tolist() == want, d
+
+
+def test_truncation_tuple_is_a_pure_function_of_seed_shape_divisor():
+    r1, d1 = N.truncation_tuple(7, (3, 4), 1 << 16)
+    r2, d2 = N.truncation_tuple(7, (3, 4), 1 << 16)
+    r3, _ = N.truncation_tuple(8, (3, 4), 1 << 16)
+    assert torch.equal(r1, r2) and torch.equal(d1, d2) and not torch.equal(r1, r3)
+    assert torch.equal(d1[0], N.unsigned_floordiv(r1, 1 << 16)) and torch.equal(d1[1], (r1 < 0).long())
+
+
+@pytest.mark.timeout(300)
+def test_exact_truncation_has_no_catastrophic_errors(parties):
+    # 10^6 products of magnitude 2.5e3 .. 1e4 (CrypTen's local truncation fails ~1.3e-6 of these)
+    assert parties.run(_products, 10**6, 50.0, 100.0, 1, True)[0][0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_exact_truncation_ten_million_products(parties):
+    failures = sum(parties.run(_products, 10**6, 50.0, 100.0, 100 + i, True)[0][0] for i in range(10))
+    assert failures == 0
+    local = sum(parties.run(_products, 10**6, 50.0, 100.0, 100 + i, False)[0][0] for i in range(10))
+    assert local > 0  # ~13 expected: the check is sensitive to the failure it guards against
+
+
+@pytest.mark.timeout(300)
+def test_the_check_catches_crypten_local_truncation(parties):
+    # magnitudes ~1e6: CrypTen's local truncation fails with probability ~2.3e-4 per product
+    local, worst = parties.run(_products, 10**5, 500.0, 2000.0, 2, False)[0]
+    assert local > 0 and worst > 1e9
+    exact, worst = parties.run(_products, 10**5, 500.0, 2000.0, 2, True)[0]
+    assert exact == 0 and worst < 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_division_by_any_public_integer_is_exact_to_two_units(parties):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-(1 << 40), 1 << 40, (4000,), generator=g).double() / N.SCALE
+    raw = torch.round(x * N.SCALE).long()
+    for d in (2, 3, 1000, 1 << 20):
+        got = parties.run(_divide, x, d)[0]
+        assert (got - torch.div(raw, d, rounding_mode="floor")).abs().max() <= 2, d
+    divisors = torch.randint(1, 1 << 20, (4000,), generator=g)
+    got = parties.run(_divide, x, divisors)[0]
+    assert (got - torch.div(raw, divisors, rounding_mode="floor")).abs().max() <= 2
+
+
+def test_bad_divisor_is_a_value_error():
+    with pytest.raises(ValueError, match="divisor"):
+        N._check_divisor(0)
+    with pytest.raises(ValueError, match="divisor"):
+        N._check_divisor(torch.tensor([3, -1]))
+
+
+# ------------------------------------------------------------------------------------------ approximations
+
+
+def test_tables_are_the_documented_fits():
+    assert N.EXP.coeffs == pytest.approx(N._exp_coeffs(N.EXP.clip, N.EXP.halvings, 6), abs=1e-9)
+    for table, f in ((N.GELU, N._gelu_tail), (N.SILU, N._silu_tail)):
+        for (lo, hi), coeffs in zip(zip(table.cuts, table.cuts[1:]), table.coeffs):
+            assert coeffs == pytest.approx(N.fit_piece(f, lo, hi, 6).tolist(), abs=1e-9)
+
+
+def _log_space(lo: float, hi: float, n: int) -> torch.Tensor:
+    return torch.exp(torch.linspace(math.log(lo), math.log(hi), n, dtype=torch.float64))
+
+
+# name, inputs, kwargs, reference, simulator bound as (relative, absolute): |out - ref| <= rel |ref| + abs
+SIM_CASES = [
+    ("exp_neg", torch.linspace(-40, 0, 40001, dtype=torch.float64), {}, torch.exp, (0, 1e-5)),
+    ("gelu", torch.linspace(-30, 30, 60001, dtype=torch.float64), {}, F.gelu, (0, 7e-5)),
+    ("silu", torch.linspace(-30, 30, 60001, dtype=torch.float64), {}, F.silu, (0, 2.2e-4)),
+    ("reciprocal", _log_space(0.5, 5000, 20001), dict(lo=0.5, hi=5000), torch.reciprocal, (1e-7, 0)),
+    ("inv_sqrt", _log_space(2**-10, 1e4, 20001), dict(lo=2**-10, hi=1e4), torch.rsqrt, (1e-4, 0)),
+]
+
+
+def _within(out: torch.Tensor, ref: torch.Tensor, bound: tuple[float, float]) -> bool:
+    rel, abs_ = bound
+    excess = (out - ref).abs() - (rel * ref.abs() + abs_)
+    return bool(excess.max() <= 0)
+
+
+@pytest.mark.parametrize("name,x,kwargs,ref,bound", SIM_CASES, ids=[c[0] for c in SIM_CASES])
+def test_simulator_within_its_bound(name, x, kwargs, ref, bound):
+    assert _within(getattr(N, name)(x, **kwargs), ref(x), bound)
+
+
+def test_gelu_is_close_to_the_tanh_form_too():
+    x = torch.linspace(-30, 30, 60001, dtype=torch.float64)
+    assert (N.gelu(x) - F.gelu(x, approximate="tanh")).abs().max() < 5e-4
+
+
+def test_exp_clip_top_saturates_instead_of_overflowing():
+    x = torch.linspace(-5, 1000, 1001, dtype=torch.float64)
+    assert (N.exp_neg(x, clip_top=True) - x.clamp(max=0).exp()).abs().max() < 1e-5
+
+
+def test_domain_below_fixed_point_resolution_is_rejected():
+    with pytest.raises(ValueError, match="lo"):
+        N.reciprocal(torch.ones(3), lo=1e-6, hi=10)
+    with pytest.raises(ValueError, match="lo"):
+        N.inv_sqrt(torch.ones(3), lo=4.0, hi=2.0)
+
+
+LSB = 2.0**-16
+# MPC: name, inputs, kwargs, reference, docstring bound vs reference, bound vs simulator, max rounds
+MPC_CASES = [
+    ("exp_neg", torch.linspace(-40, 0, 4001, dtype=torch.float64), {}, torch.exp, (0, 3e-4), (0, 3e-4), 24),
+    ("gelu", torch.linspace(-30, 30, 4001, dtype=torch.float64), {}, F.gelu, (0, 1e-4), (0, 1e-4), 20),
+    ("silu", torch.linspace(-30, 30, 4001, dtype=torch.float64), {}, F.silu, (0, 2.5e-4), (0, 1e-4), 20),
+    # 2^13 / x keeps 16 significant bits up to x = 8192
+    ("reciprocal", _log_space(0.5, 5000, 1001), dict(lo=0.5, hi=5000, scale_bits=13),
+     lambda x: 2**13 / x, (1e-4, LSB), (1e-4, LSB), 22),
+    ("reciprocal", _log_space(0.5, 500, 1001), dict(lo=0.5, hi=500), torch.reciprocal,
+     (1e-4, LSB), (5e-5, 2 * LSB), 20),
+    ("inv_sqrt", _log_space(0.25, 1e4, 1001), dict(lo=0.25, hi=1e4), torch.rsqrt, (5e-5, LSB), (5e-5, 2 * LSB), 22),
+]  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,x,kwargs,ref,bound,sim_bound,max_rounds", MPC_CASES, ids=[c[0] for c in MPC_CASES])
+def test_mpc_matches_reference_and_simulator(parties, name, x, kwargs, ref, bound, sim_bound, max_rounds):
+    out, rounds, _ = parties.run(_apply, name, x, kwargs)[0]
+    xq = N.on_grid(x)  # what party 0 actually shared
+    assert _within(out, ref(xq), bound)
+    assert _within(out, getattr(N, name)(xq, **kwargs), sim_bound)
+    assert rounds <= max_rounds
+
+
+def _softmax(scores, mask, bound):
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    crypten.reset_communication_stats()
+    out = N.softmax(crypten.cryptensor(scores, src=0), mask, bound)
+    rounds = crypten.communicator.get().get_communication_stats()["rounds"]
+    crypten.cfg.communicator.verbose = False
+    return N.decode(out), rounds
+
+
+@pytest.mark.timeout(300)
+def test_mpc_softmax_with_mask_max_and_bound(parties):
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(6, 3, 96, generator=g, dtype=torch.float64) * 4
+    mask = torch.rand(6, 1, 96, generator=g) > 0.3
+    mask[0] = False  # a row with nothing to attend to gives zeros
+    mask[1, :, 1:] = False  # a single valid key gets probability 1
+    ref = torch.softmax(scores.masked_fill(~mask, -float("inf")), -1).nan_to_num(0.0)
+    out, rounds = parties.run(_softmax, scores, mask, None)[0]
+    assert (out - ref).abs().max() < 3e-4 + 96 * 2**-17
+    assert (out - N.softmax(scores, mask)).abs().max() < 2e-4
+    assert out[0].abs().max() == 0 and (out[1, :, 0] - 1).abs().max() < 1e-3
+    bound = scores.masked_fill(~mask, -1e9).amax(-1, keepdim=True).clamp(min=0) + 1.0  # public, 1 above the max
+    out_b, rounds_b = parties.run(_softmax, scores, mask, bound)[0]
+    assert (out_b - ref).abs().max() < (3e-4 + 96 * 2**-17) * math.e
+    assert rounds_b < rounds / 2  # no comparison tree
+
+
+def test_softmax_rejects_a_mask_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="mask"):
+        N.softmax(torch.zeros(2, 5), torch.ones(3, 5, dtype=torch.bool))
