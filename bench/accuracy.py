@@ -108,9 +108,34 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def format_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per (method, budget): accuracy per task averaged over lengths, the mean over
+    tasks, and the cache size relative to a full cache."""
+    tasks = list(dict.fromkeys(row["task"] for row in rows))
+    keys = list(dict.fromkeys((row["method"], row["budget"]) for row in rows))
+    body = []
+    for method, budget in keys:
+        mine = [r for r in rows if (r["method"], r["budget"]) == (method, budget)]
+        per_task = [[r["accuracy"] for r in mine if r["task"] == task] for task in tasks]
+        cells = [f"{sum(a) / len(a):.2f}" if a else "-" for a in per_task]
+        mean = sum(r["accuracy"] for r in mine) / len(mine)
+        held = [r["cache_bytes"] / r["full_cache_bytes"] for r in mine if r["cache_bytes"] is not None]
+        ratio = f"{sum(held) / len(held):.2f}" if held else "-"
+        body.append([method, "-" if budget is None else str(budget), *cells, f"{mean:.2f}", ratio])
+    return _markdown_table(["method", "budget", *tasks, "mean", "KV vs full"], body)
+
+
 def format_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in rows]
+    """A summary table (accuracy per task, averaged over lengths) and the full table."""
+    lengths = ", ".join(str(n) for n in sorted({row["context_len"] for row in rows}))
+    samples = sorted({row["samples"] for row in rows})
+    lines = [f"Exact-match accuracy, mean over prompt lengths {lengths} ({'/'.join(map(str, samples))} samples each):"]
+    lines += ["", *format_summary(rows), "", "Per length:", ""]
+    lines += _markdown_table(list(COLUMNS), [table_cells(row) for row in rows])
     return "\n".join(lines) + "\n"
 
 

@@ -300,7 +300,12 @@ def test_cli_writes_json_and_markdown(checkpoint: Path, tmp_path: Path, capsys: 
     rows = json.loads(out_json.read_text())
     assert [(r["method"], r["task"], r["budget"]) for r in rows] == [("full", "passkey", None), ("full", "niah", None)]
     assert all(ROW_FIELDS <= set(r) and r["samples"] == 2 for r in rows)
-    table = out_md.read_text().splitlines()
+    text = out_md.read_text()
+    summary, detail = text.split("Per length:")
+    assert "| method | budget | passkey | niah | mean | KV vs full |" in summary
+    assert f"| full | - | {rows[0]['accuracy']:.2f} | {rows[1]['accuracy']:.2f} |" in summary
+    assert summary.rstrip().endswith("| 1.00 |")  # a full cache holds all of a full cache
+    table = detail.strip().splitlines()
     assert table[0].startswith("| method | task | context | budget | accuracy")
     assert len(table) == 2 + len(rows) and table[2].startswith("| full | passkey | 512 | - |")
     printed = capsys.readouterr().out
