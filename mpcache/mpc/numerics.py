@@ -272,6 +272,15 @@ def rescale(x: Value, shift: int) -> Value:
     return _from_raw(x.share.clone(), _scale(x), shift)
 
 
+def divide(x: Value, d: int) -> Value:
+    """x / d for a public positive integer d (exact to the last bit; no rounded 1/d constant)."""
+    if not is_private(x):
+        return x / d
+    out = x.clone()
+    out._tensor.div_(int(d))
+    return out
+
+
 def less_than(x: Value, thresholds: Sequence[float]) -> Value:
     """Bits [x < t] for every public threshold t, stacked on a new leading dim; all in one comparison batch
     (MPC: one arithmetic-to-binary conversion of the stacked differences, ~9 rounds whatever the count)."""
@@ -513,6 +522,11 @@ def _relu_minus_tail(x: Value, table: TailTable) -> Value:
     return selected[0] - selected[1:].sum(0)
 
 
+def relu(x: Value) -> Value:
+    """max(x, 0): one comparison and one bit-times-value product (exact)."""
+    return mul(1 - less_than(x, [0.0])[0], x)
+
+
 def gelu(x: Value) -> Value:
     """GeLU (erf form) on all reals: relu(x) - k(|x|), k(a) = a Phi(-a) in two degree-6 pieces on [0, 5), zero
     beyond. Max abs error 7e-5 in the simulator, 1e-4 in MPC (and within 5e-4 of the tanh form).
@@ -577,3 +591,31 @@ def softmax(x: Value, mask: Tensor | None = None, bound: float | Tensor | None =
     hi = 1.01 * n + 1
     a = math.ceil(math.log2(hi))
     return mul(e, reciprocal(total, lo, hi, scale_bits=a), shift=a)
+
+
+def argmax(x: Value) -> Value:
+    """One-hot of the first maximum over the last dim (ties go to the lower index, as torch.argmax).
+
+    A tournament: ceil(log2 n) levels of pairwise comparisons (n - 1 in all) carry the larger value up; then
+    the one-hot is expanded top-down, each level multiplying the parent's bit by the comparison bit. MPC: ~10
+    rounds and one product round per level up, one product round per level down; bits are exact.
+    """
+    levels = []
+    cur = x
+    while cur.shape[-1] > 1:
+        k = cur.shape[-1] // 2
+        left, right, rest = cur[..., 0 : 2 * k : 2], cur[..., 1 : 2 * k : 2], cur[..., 2 * k :]
+        left_wins = 1 - less_than(left - right, [0.0])[0]  # [left >= right]
+        levels.append((left_wins, rest.shape[-1]))  # node i of the next level = winner of pair i, then rest
+        cur = cat([right + mul(left_wins, left - right), rest], dim=-1)
+    if not levels:  # a single candidate
+        ones = torch.ones(tuple(x.shape))
+        return crypten.cryptensor(ones, src=0, precision=0) if is_private(x) else ones.to(x.dtype)
+    left_wins, _ = levels.pop()  # the final pair: [left >= right]
+    one_hot = cat([left_wins, 1 - left_wins], dim=-1)
+    for left_wins, _ in reversed(levels):
+        k = left_wins.shape[-1]
+        pair, tail = one_hot[..., :k], one_hot[..., k:]
+        left = mul(left_wins, pair)
+        one_hot = cat([stack([left, pair - left], dim=-1).reshape(*pair.shape[:-1], 2 * k), tail], dim=-1)
+    return one_hot

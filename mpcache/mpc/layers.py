@@ -1,0 +1,367 @@
+"""Private layers of the GPT-2 and Llama families, mirroring mpcache/model/transformer.py top to bottom.
+
+Every layer is written once against the operations of mpcache.mpc.numerics, so it runs on CrypTen MPCTensors
+(the private model) or on float tensors (the simulator: the same approximations in floating point). Weights
+become private through a `share` function (server-side plaintext -> MPCTensor); the identity gives the
+simulator. Tokens enter as one-hot rows the client shares as 0/1 bits, and greedy decoding returns the next
+token as a secret one-hot, so the embedding lookup of the next step is again a product with a secret one-hot.
+
+Differences from the plaintext math (all deliberate, all tested):
+* 1/sqrt(head_dim) is folded into the query projection when the model is shared (exact in floats, free in MPC).
+* Normalisation uses numerics.inv_sqrt on a public range `norm_range` of mean(x^2) + eps (RMSNorm) or
+  var + eps (LayerNorm); eps below 2^-16 rounds to 0 in fixed point, so the range's lower end does its job.
+* GeLU of every flavour uses the erf form (within 5e-4 of the tanh forms).
+* Attention's softmax subtracts the row max unless a public `score_bound` is given (numerics.softmax).
+* The private KV cache appends new tokens after every head's slots; per-head lengths live in the public
+  `valid` mask, exactly as the plaintext cache's padding does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mpcache.model.config import ModelConfig
+from mpcache.model.transformer import Transformer, rope_inverse_frequencies
+from mpcache.mpc import numerics as N
+from mpcache.mpc.numerics import Value
+
+Share = Callable[[Tensor], Value]  # server-side plaintext tensor -> private value (identity: simulator)
+
+
+@dataclass(frozen=True)
+class PrivateOptions:
+    """Public numeric choices of the private model."""
+
+    norm_range: tuple[float, float] = (2.0**-6, 2.0**14)  # domain of mean(x^2) + eps / var + eps
+    norm_scale_bits: int = 6  # inv_sqrt returns 2^6 / sqrt(.), keeping 16 significant bits for large norms
+    score_bound: float | None = None  # public bound on attention scores: skip the max (numerics.softmax)
+
+
+def one_hot(ids: Tensor, vocab_size: int) -> Tensor:
+    """Client side: token ids [B, T] -> float one-hot rows [B, T, V] (share them with precision 0)."""
+    if ids.dim() != 2:
+        raise ValueError(f"token ids must be [batch, time], got shape {tuple(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+    return torch.nn.functional.one_hot(ids, vocab_size).double()
+
+
+class Linear:
+    """y = x @ W^T + b with W stored transposed; several nn.Linear fuse into one product along the output."""
+
+    def __init__(self, weight_t: Value, bias: Value | None) -> None:
+        self.weight_t, self.bias = weight_t, bias
+
+    @classmethod
+    def from_plain(cls, linears: list[nn.Linear], share: Share, scales: list[float] | None = None) -> Linear:
+        scales = scales or [1.0] * len(linears)
+        w = torch.cat([lin.weight.detach().double() * s for lin, s in zip(linears, scales)]).T.contiguous()
+        biases = [lin.bias for lin in linears]
+        if all(b is None for b in biases):
+            return cls(share(w), None)
+        b = torch.cat(
+            [(torch.zeros(lin.out_features) if lin.bias is None else lin.bias.detach()).double() * s
+             for lin, s in zip(linears, scales)]
+        )  # fmt: skip
+        return cls(share(w), share(b))
+
+    def __call__(self, x: Value) -> Value:
+        y = N.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+class Embedding:
+    """Lookup as a product with a secret one-hot (no index is revealed)."""
+
+    def __init__(self, table: Value) -> None:
+        self.table = table
+
+    def __call__(self, tokens: Value) -> Value:
+        return N.matmul(tokens, self.table)
+
+
+class RMSNorm:
+    def __init__(self, weight: Value, eps: float, options: PrivateOptions) -> None:
+        self.weight, self.eps, self.options = weight, eps, options
+
+    def __call__(self, x: Value) -> Value:
+        a = self.options.norm_scale_bits
+        sq, xw = N.mul(N.stack([x, x]), N.stack([x, self.weight.expand(x.shape)]))  # x^2 and x*w in one round
+        ms = N.divide(sq.sum(-1, keepdim=True), x.shape[-1]) + self.eps
+        return N.mul(xw, N.inv_sqrt(ms, *self.options.norm_range, scale_bits=a), shift=a)
+
+
+class LayerNorm:
+    def __init__(self, weight: Value, bias: Value, eps: float, options: PrivateOptions) -> None:
+        self.weight, self.bias, self.eps, self.options = weight, bias, eps, options
+
+    def __call__(self, x: Value) -> Value:
+        a = self.options.norm_scale_bits
+        d = x.shape[-1]
+        c = x - N.divide(x.sum(-1, keepdim=True), d)
+        sq, cw = N.mul(N.stack([c, c]), N.stack([c, self.weight.expand(c.shape)]))
+        var = N.divide(sq.sum(-1, keepdim=True), d) + self.eps
+        return N.mul(cw, N.inv_sqrt(var, *self.options.norm_range, scale_bits=a), shift=a) + self.bias
+
+
+def make_norm(module: nn.Module, share: Share, options: PrivateOptions) -> RMSNorm | LayerNorm:
+    if isinstance(module, nn.LayerNorm):
+        return LayerNorm(share(module.weight.detach().double()), share(module.bias.detach().double()), module.eps,
+                         options)  # fmt: skip
+    return RMSNorm(share(module.weight.detach().double()), module.eps, options)
+
+
+def activation(x: Value, name: str) -> Value:
+    if name == "silu":
+        return N.silu(x)
+    if name in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return N.gelu(x)
+    if name == "relu":
+        return N.relu(x)
+    raise NotImplementedError(f"activation {name!r} is not supported")
+
+
+def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """Public cos/sin [B, 1, T, D] of `positions` [B, T], as apply_rope computes them (rotate-half layout)."""
+    freqs = positions[:, None, :, None].double() * inv_freq.double()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+
+def apply_rope(x: Value, positions: Tensor, inv_freq: Tensor) -> Value:
+    """x * cos + rotate_half(x) * sin on shares: the rotation is local, the public products share one
+    truncation."""
+    cos, sin = rope_tables(positions, inv_freq)
+    half = x.shape[-1] // 2
+    rotated = N.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return N.combine(N.stack([x, rotated]), torch.stack([cos, sin]))
+
+
+def attention_mask(
+    query_positions: Tensor, key_positions: Tensor, key_valid: Tensor, sliding_window: int | None
+) -> Tensor:
+    """Public [B, Hkv, 1, T, L] visibility, as cached_attention: valid slot, s <= p, p - s < window."""
+    qpos = query_positions[:, None, None, :, None]
+    kpos = key_positions[:, :, None, None, :]
+    visible = key_valid[:, :, None, None, :] & (kpos <= qpos)
+    if sliding_window is not None:
+        visible = visible & (qpos - kpos < sliding_window)
+    return visible
+
+
+def cached_attention(
+    queries: Value,
+    keys: Value,
+    values: Value,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    sliding_window: int | None = None,
+    score_bound: float | None = None,
+) -> Value:
+    """Attention of pre-scaled queries [B, Hq, T, D] over private caches [B, Hkv, L, D] (public positions).
+    Rows that see nothing output zeros."""
+    b, hq, t, d = queries.shape
+    hkv = keys.shape[1]
+    q = queries.reshape(b, hkv, hq // hkv, t, d)
+    scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, L]
+    visible = attention_mask(query_positions, key_positions, key_valid, sliding_window)
+    probs = N.softmax(scores, visible, score_bound)
+    out = N.matmul(probs, values.unsqueeze(2))
+    return out.reshape(b, hq, t, values.shape[-1])
+
+
+@dataclass
+class PrivateLayerKV:
+    """One layer's private cache: slot j of head (b, h) holds the token at positions[b, h, j] if valid."""
+
+    keys: Value  # [B, H, L, Dk]
+    values: Value  # [B, H, L, Dv]
+    positions: Tensor  # [B, H, L] int64, public
+    valid: Tensor  # [B, H, L] bool, public
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
+class PrivateKVCache:
+    """Secret-shared keys/values with public positions and validity, the private twin of model.cache.KVCache.
+
+    Eviction policies subclass it and override `observe` (called with each layer's private queries).
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers: list[PrivateLayerKV | None] = [None] * n_layer
+        self.seen_tokens = 0
+
+    def update(self, layer: int, keys: Value, values: Value, positions: Tensor, valid: Tensor) -> PrivateLayerKV:
+        """Append T tokens (keys/values [B, H, T, D], positions/valid [B, T]) after every head's slots."""
+        b, h, t, _ = keys.shape
+        pos = positions[:, None, :].expand(b, h, t)
+        ok = valid[:, None, :].expand(b, h, t)
+        entry = self.layers[layer]
+        if entry is None:
+            entry = PrivateLayerKV(keys, values, pos.clone(), ok.clone())
+        else:
+            entry = PrivateLayerKV(
+                N.cat([entry.keys, keys], dim=2),
+                N.cat([entry.values, values], dim=2),
+                torch.cat([entry.positions, pos], dim=2),
+                torch.cat([entry.valid, ok], dim=2),
+            )
+        self.layers[layer] = entry
+        return entry
+
+    def keep(self, layer: int, index: Tensor) -> None:
+        """Keep slots `index` [B, H, K] (public) of every head: a local gather of the shares."""
+        entry = self.layers[layer]
+        if entry is None:
+            raise ValueError(f"layer {layer} has no cache to compact")
+        if index.dim() != 3 or int(index.min()) < 0 or int(index.max()) >= entry.capacity:
+            raise ValueError(f"index must be [B, H, K] with slots in [0, {entry.capacity}), got {tuple(index.shape)}")
+        gather = index[..., None]
+        self.layers[layer] = PrivateLayerKV(
+            entry.keys.gather(2, gather.expand(-1, -1, -1, entry.keys.shape[-1])),
+            entry.values.gather(2, gather.expand(-1, -1, -1, entry.values.shape[-1])),
+            entry.positions.gather(2, index),
+            entry.valid.gather(2, index),
+        )
+
+    def observe(self, layer: int, queries: Value, query_positions: Tensor) -> None:
+        """Hook: each layer's private queries after RoPE, before attention reads the cache. No-op here."""
+
+    def tokens_per_head(self, layer: int) -> Tensor:
+        entry = self.layers[layer]
+        return torch.zeros(0, dtype=torch.long) if entry is None else entry.valid.sum(-1)
+
+
+class Attention:
+    def __init__(self, config: ModelConfig, layer: int, qkv: Linear, o_proj: Linear, options: PrivateOptions):
+        self.config, self.layer, self.qkv, self.o_proj, self.options = config, layer, qkv, o_proj, options
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.inv_freq = rope_inverse_frequencies(config) if config.family == "llama" else None
+
+    @classmethod
+    def from_plain(cls, attn: nn.Module, share: Share, options: PrivateOptions) -> Attention:
+        scale = attn.head_dim**-0.5  # folded into the query projection
+        qkv = Linear.from_plain([attn.q_proj, attn.k_proj, attn.v_proj], share, [scale, 1.0, 1.0])
+        return cls(attn.config, attn.layer, qkv, Linear.from_plain([attn.o_proj], share), options)
+
+    def __call__(self, x: Value, positions: Tensor, valid: Tensor, cache: PrivateKVCache) -> Value:
+        b, t, _ = x.shape
+        hd, nq, nkv = self.head_dim, self.n_head, self.n_kv_head
+        qkv = self.qkv(x)
+        q = qkv[..., : nq * hd].reshape(b, t, nq, hd).transpose(1, 2)
+        k = qkv[..., nq * hd : (nq + nkv) * hd].reshape(b, t, nkv, hd).transpose(1, 2)
+        v = qkv[..., (nq + nkv) * hd :].reshape(b, t, nkv, hd).transpose(1, 2)
+        if self.inv_freq is not None:
+            q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        cache.update(self.layer, k, v, positions, valid)
+        cache.observe(self.layer, q, positions)
+        entry = cache.layers[self.layer]  # observe may have compacted it
+        assert entry is not None
+        out = cached_attention(
+            q, entry.keys, entry.values, positions, entry.positions, entry.valid,
+            self.config.sliding_window, self.options.score_bound,
+        )  # fmt: skip
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP:
+    """Llama: down(act(gate(x)) * up(x)) with gate and up fused into one product; GPT-2: down(act(up(x)))."""
+
+    def __init__(self, family: str, up: Linear, down: Linear, activation_name: str) -> None:
+        self.family, self.up, self.down, self.activation = family, up, down, activation_name
+
+    @classmethod
+    def from_plain(cls, mlp: nn.Module, share: Share) -> MLP:
+        ups = [mlp.gate_proj, mlp.up_proj] if mlp.family == "llama" else [mlp.up_proj]
+        return cls(mlp.family, Linear.from_plain(ups, share), Linear.from_plain([mlp.down_proj], share), mlp.activation)
+
+    def __call__(self, x: Value) -> Value:
+        h = self.up(x)
+        if self.family == "llama":
+            d_ff = h.shape[-1] // 2
+            return self.down(N.mul(activation(h[..., :d_ff], self.activation), h[..., d_ff:]))
+        return self.down(activation(h, self.activation))
+
+
+class Block:
+    def __init__(self, attn_norm, attn: Attention, mlp_norm, mlp: MLP) -> None:
+        self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
+
+    def __call__(self, x: Value, positions: Tensor, valid: Tensor, cache: PrivateKVCache) -> Value:
+        x = x + self.attn(self.attn_norm(x), positions, valid, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class PrivateTransformer:
+    """Maps secret one-hot tokens [B, T, V] to secret logits [B, T, V] through a private KV cache."""
+
+    def __init__(self, config: ModelConfig, tok_emb, pos_emb, blocks, norm, lm_head, options) -> None:
+        self.config, self.tok_emb, self.pos_emb, self.blocks = config, tok_emb, pos_emb, blocks
+        self.norm, self.lm_head, self.options = norm, lm_head, options
+
+    @classmethod
+    def from_plain(cls, model: Transformer, share: Share, options: PrivateOptions | None = None) -> PrivateTransformer:
+        """Share a plaintext model's weights (server side). share=lambda t: t gives the float simulator."""
+        options = options or PrivateOptions()
+        blocks = [
+            Block(
+                make_norm(blk.attn_norm, share, options),
+                Attention.from_plain(blk.attn, share, options),
+                make_norm(blk.mlp_norm, share, options),
+                MLP.from_plain(blk.mlp, share),
+            )
+            for blk in model.blocks
+        ]
+        pos_emb = share(model.pos_emb.weight.detach().double()) if model.config.family == "gpt2" else None
+        return cls(
+            model.config,
+            Embedding(share(model.tok_emb.weight.detach().double())),
+            pos_emb,
+            blocks,
+            make_norm(model.norm, share, options),
+            Linear.from_plain([model.lm_head], share),
+            options,
+        )
+
+    def __call__(
+        self,
+        tokens: Value,
+        cache: PrivateKVCache,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Value:
+        """Logits for one-hot `tokens` [B, T, V]; positions / attention_mask / last_only as Transformer.forward."""
+        if tokens.dim() != 3 or tokens.shape[-1] != self.config.vocab_size:
+            raise ValueError(
+                f"tokens must be one-hot [batch, time, {self.config.vocab_size}], got {tuple(tokens.shape)}"
+            )
+        b, t, _ = tokens.shape
+        if positions is None:
+            positions = torch.arange(cache.seen_tokens, cache.seen_tokens + t).expand(b, t)
+        valid = torch.ones(b, t, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        x = self.tok_emb(tokens)
+        if self.pos_emb is not None:
+            if int(positions.max()) >= self.config.max_position:
+                raise ValueError(f"position {int(positions.max())} exceeds max_position {self.config.max_position}")
+            x = x + self.pos_emb[positions]
+        for block in self.blocks:
+            x = block(x, positions, valid, cache)
+        cache.seen_tokens = int(positions.max()) + 1
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def greedy_token(logits: Value) -> Value:
+    """Secret one-hot of the argmax of the last position's logits [B, T, V] -> [B, 1, V] (first index on ties);
+    it feeds the next step's embedding directly, so the token is revealed to no one until the client opens it."""
+    return N.argmax(logits[:, -1:])

@@ -1,0 +1,238 @@
+"""Private layers (mpcache/mpc/layers.py) against the plaintext model, in simulation and in 2PC.
+
+Simulation (the layers on float tensors) must match the plaintext modules up to the approximations' bounds;
+MPC must match the plaintext modules and the simulator up to fixed-point error, for both model families.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpcache.model.cache import KVCache
+from mpcache.model.config import ModelConfig
+from mpcache.model.transformer import Transformer, rope_inverse_frequencies
+from mpcache.model.transformer import apply_rope as plain_rope
+from mpcache.model.transformer import cached_attention as plain_attention
+from mpcache.mpc import layers as L
+from mpcache.mpc import numerics as N
+from mpcache.mpc.local import LocalParties
+
+SIM = lambda t: t  # noqa: E731  (identity share: the simulator)
+
+
+def tiny(family: str, **overrides) -> Transformer:
+    torch.manual_seed(0)
+    kw = dict(family=family, vocab_size=40, n_layer=1, n_head=4, n_kv_head=2 if family == "llama" else 4,
+              d_model=32, d_ff=64, max_position=64, activation="silu" if family == "llama" else "gelu_new")  # fmt: skip
+    kw.update(overrides)
+    return Transformer(ModelConfig(**kw)).double().eval()
+
+
+@pytest.fixture(scope="module")
+def parties():
+    with LocalParties(setup=N.install, timeout=600) as p:
+        yield p
+
+
+# -------------------------------------------------------------------------------------------------- simulation
+
+
+def test_rope_on_values_matches_plaintext():
+    cfg = tiny("llama").config
+    x = torch.randn(2, 4, 5, cfg.head_dim, dtype=torch.float64)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 9, 20, 21, 22]])
+    inv_freq = rope_inverse_frequencies(cfg)
+    # cos/sin are public constants on the 2^-16 grid, as in MPC
+    assert (L.apply_rope(x, pos, inv_freq) - plain_rope(x, pos, inv_freq)).abs().max() < 4 * 2**-16
+
+
+def test_simulated_attention_matches_plaintext_with_gaps_and_window():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :2].repeat(1, 1, 3, 1), v[:, :2].repeat(1, 1, 3, 1)  # 2 KV heads, 9 slots
+    qpos = torch.tensor([[6, 7, 8]])
+    kpos = torch.arange(9).expand(1, 2, 9).clone()
+    valid = torch.rand(1, 2, 9, generator=g) > 0.3
+    for window in (None, 3):
+        ref = plain_attention(q, k, v, qpos, kpos, valid, window)
+        out = L.cached_attention(q / 8**0.5, k, v, qpos, kpos, valid, window)  # queries arrive pre-scaled
+        assert (out - ref).abs().max() < 1e-4, window
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_simulated_layers_match_plaintext_layers(family):
+    m = tiny(family)
+    cfg = m.config
+    x = torch.randn(2, 5, cfg.d_model, dtype=torch.float64) * 2
+    with torch.no_grad():
+        for plain in (m.blocks[0].attn_norm, m.norm):
+            assert (L.make_norm(plain, SIM, L.PrivateOptions())(x) - plain(x)).abs().max() < 1e-4
+        mlp = m.blocks[0].mlp
+        assert (L.MLP.from_plain(mlp, SIM)(x) - mlp(x)).abs().max() < 1e-3
+        assert (L.Linear.from_plain([m.lm_head], SIM)(x) - m.lm_head(x)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [("llama", {}), ("llama", dict(n_layer=2, sliding_window=4, qkv_bias=True)), ("gpt2", dict(n_layer=2))],
+)
+def test_simulated_model_matches_plaintext_prefill_decode_and_eviction(family, overrides):
+    m = tiny(family, **overrides)
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0  # left padding in the second row
+    pm = L.PrivateTransformer.from_plain(m, SIM)
+    cache, pcache = KVCache(m.config.n_layer), L.PrivateKVCache(m.config.n_layer)
+    with torch.no_grad():
+        ref = m(ids, cache, attention_mask=mask)
+        out = pm(L.one_hot(ids, 40), pcache, attention_mask=mask)
+        assert (out - ref).abs().max() < 1e-3
+        # evict the same public slots in both caches, then decode greedily
+        keep = torch.tensor([0, 2, 3, 5, 6]).expand(2, m.config.n_kv_head, 5)
+        for layer in range(m.config.n_layer):
+            cache.keep(layer, keep)
+            pcache.keep(layer, keep)
+        for _ in range(2):
+            token = L.greedy_token(out)
+            assert torch.equal(token.argmax(-1), ref[:, -1:].argmax(-1))
+            ref = m(ref[:, -1:].argmax(-1), cache)
+            out = pm(token, pcache)
+            assert (out - ref).abs().max() < 1e-3
+
+
+def test_bad_inputs_are_value_errors():
+    m = tiny("llama")
+    pm = L.PrivateTransformer.from_plain(m, SIM)
+    with pytest.raises(ValueError, match="token ids"):
+        L.one_hot(torch.tensor([[0, 40]]), 40)
+    with pytest.raises(ValueError, match="one-hot"):
+        pm(torch.zeros(1, 3, 39, dtype=torch.float64), L.PrivateKVCache(1))
+    cache = L.PrivateKVCache(1)
+    with pytest.raises(ValueError, match="no cache"):
+        cache.keep(0, torch.zeros(1, 2, 1, dtype=torch.long))
+    pm(L.one_hot(torch.tensor([[1, 2, 3]]), 40), cache)
+    with pytest.raises(ValueError, match="slots"):
+        cache.keep(0, torch.full((1, 2, 1), 3))
+    with pytest.raises(NotImplementedError, match="tanh"):
+        L.activation(torch.zeros(2), "tanh")
+
+
+# ------------------------------------------------------------------------------------------------------- MPC
+
+
+def _private_layers(family: str) -> dict:
+    """Every layer of a tiny model on the same random input, privately; outputs and this party's costs."""
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    m = tiny(family)
+    share = lambda t: crypten.cryptensor(t, src=0)  # noqa: E731  the server owns the weights
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, m.config.d_model, generator=g, dtype=torch.float64) * 2
+    ex = crypten.cryptensor(x, src=1)  # the client's activations
+    ids = torch.randint(0, 40, (1, 4), generator=g)
+    tokens = crypten.cryptensor(L.one_hot(ids, 40), src=1, precision=0)
+    blk = m.blocks[0]
+    layers = {
+        "embedding": (L.Embedding(share(m.tok_emb.weight.detach().double())), tokens),
+        "linear": (L.Linear.from_plain([blk.attn.o_proj], share), ex),
+        "norm": (L.make_norm(blk.attn_norm, share, L.PrivateOptions()), ex),
+        "mlp": (L.MLP.from_plain(blk.mlp, share), ex),
+        "lm_head": (L.Linear.from_plain([m.lm_head], share), ex),
+    }
+    out = {}
+    for name, (layer, inp) in layers.items():
+        crypten.reset_communication_stats()
+        y = layer(inp)
+        stats = crypten.communicator.get().get_communication_stats()
+        out[name] = (N.decode(y), stats["rounds"], stats["bytes"])
+    attn = L.Attention.from_plain(blk.attn, share, L.PrivateOptions())
+    cache = L.PrivateKVCache(1)
+    positions = torch.arange(4)[None]
+    crypten.reset_communication_stats()
+    y = attn(ex, positions, torch.ones(1, 4, dtype=torch.bool), cache)  # prefill
+    stats = crypten.communicator.get().get_communication_stats()
+    out["attention"] = (N.decode(y), stats["rounds"], stats["bytes"])
+    crypten.reset_communication_stats()
+    y = attn(ex[:, :1], torch.tensor([[4]]), torch.ones(1, 1, dtype=torch.bool), cache)  # one decode step
+    stats = crypten.communicator.get().get_communication_stats()
+    out["attention_decode"] = (N.decode(y), stats["rounds"], stats["bytes"])
+    out["inputs"] = (N.decode(ex), ids)
+    crypten.cfg.communicator.verbose = False
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_private_layers_match_plaintext_and_simulator(parties, family):
+    got = parties.run(_private_layers, family)[0]
+    m = tiny(family)
+    blk = m.blocks[0]
+    x, ids = got["inputs"]
+    with torch.no_grad():
+        plain = {
+            "embedding": m.tok_emb(ids).double(),
+            "linear": blk.attn.o_proj(x),
+            "norm": blk.attn_norm(x),
+            "mlp": blk.mlp(x),
+            "lm_head": m.lm_head(x),
+        }
+        cache = KVCache(1)
+        plain["attention"] = blk.attn(x, torch.arange(4)[None], torch.ones(1, 4, dtype=torch.bool), cache)
+        plain["attention_decode"] = blk.attn(x[:, :1], torch.tensor([[4]]), torch.ones(1, 1, dtype=torch.bool), cache)
+        sim_cache = L.PrivateKVCache(1)
+        sim_attn = L.Attention.from_plain(blk.attn, SIM, L.PrivateOptions())
+        sim = {
+            "norm": L.make_norm(blk.attn_norm, SIM, L.PrivateOptions())(x),
+            "mlp": L.MLP.from_plain(blk.mlp, SIM)(x),
+            "attention": sim_attn(x, torch.arange(4)[None], torch.ones(1, 4, dtype=torch.bool), sim_cache),
+            "attention_decode": sim_attn(x[:, :1], torch.tensor([[4]]), torch.ones(1, 1, dtype=torch.bool), sim_cache),
+        }
+    for name, ref in plain.items():
+        out, rounds, _ = got[name]
+        assert (out - ref).abs().max() < 2e-3, name
+        if name in sim:
+            assert (out - sim[name]).abs().max() < 1e-3, name
+    assert got["linear"][1] == 2 and got["embedding"][1] == 1  # one Beaver round (+ one truncation for reals)
+
+
+def _private_generation(family: str, ids: torch.Tensor, steps: int, keep: torch.Tensor) -> tuple[list, list, list]:
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    m = tiny(family)
+    pm = L.PrivateTransformer.from_plain(m, lambda t: crypten.cryptensor(t, src=0))
+    cache = L.PrivateKVCache(m.config.n_layer)
+    tokens = crypten.cryptensor(L.one_hot(ids, 40), src=1, precision=0)
+    logits_out, tokens_out, costs = [], [], []
+    for step in range(steps + 1):
+        crypten.reset_communication_stats()
+        logits = pm(tokens, cache, last_only=step > 0)
+        tokens = L.greedy_token(logits)
+        stats = crypten.communicator.get().get_communication_stats()
+        logits_out.append(N.decode(logits))
+        tokens_out.append(N.decode(tokens))
+        costs.append((stats["rounds"], stats["bytes"]))
+        if step == 0:
+            cache.keep(0, keep)
+    crypten.cfg.communicator.verbose = False
+    return logits_out, tokens_out, costs
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_private_greedy_generation_matches_plaintext(parties, family):
+    m = tiny(family)
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(4))
+    keep = torch.tensor([0, 1, 3, 4, 5]).expand(1, m.config.n_kv_head, 5)
+    logits, tokens, costs = parties.run(_private_generation, family, ids, 2, keep)[0]
+    cache = KVCache(1)
+    with torch.no_grad():
+        ref = m(ids, cache)
+        cache.keep(0, keep)
+        for step in range(3):
+            last = ref if step == 0 else ref[:, -1:]
+            assert (logits[step] - last).abs().max() < 2e-3, step
+            assert torch.equal(tokens[step].argmax(-1), last[:, -1:].argmax(-1)), step
+            assert torch.equal(tokens[step].sum(-1), torch.ones(1, 1, dtype=torch.float64))  # a one-hot
+            ref = m(last[:, -1:].argmax(-1), cache)
+    assert costs[1][1] < costs[0][1]  # a decode step moves fewer bytes than the prefill
