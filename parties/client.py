@@ -15,7 +15,6 @@ import os
 import sys
 import time
 import uuid
-from concurrent import futures
 
 import grpc
 import torch
@@ -36,6 +35,7 @@ def parse(argv: list[str] | None):
     p.add("--parties", default="127.0.0.1:50702,127.0.0.1:50712", help="client API addresses of party 0 and 1")
     p.add("--job", default="linear_relu", help="job kind (see parties/jobs.py)")
     p.add("--input", default="[0.5, -1.0, 2.0, 0.0, 1.0, 1.0, -2.0, 0.25]", help="input as a JSON (nested) list")
+    p.add("--input-file", default=None, help="read the input JSON from this file instead of --input")
     p.add("--params", default="{}", help="public job parameters as a JSON object")
     p.add("--timeout", default=120.0, type=float, help="seconds to wait for the answer")
     p.add("--connect-timeout", default=60.0, type=float, help="seconds to wait for both parties to be ready")
@@ -45,9 +45,13 @@ def parse(argv: list[str] | None):
     if len(args.parties) != 2:
         p.error(f"--parties needs 2 addresses (party 0, party 1), got {args.parties}")
     try:
-        args.x = torch.tensor(json.loads(args.input), dtype=torch.float64)
+        text = open(args.input_file).read() if args.input_file else args.input
+    except OSError as e:
+        p.error(f"cannot read --input-file: {e}")
+    try:
+        args.x = torch.tensor(json.loads(text), dtype=torch.float64)
     except (json.JSONDecodeError, TypeError, ValueError, RuntimeError) as e:
-        p.error(f"--input must be a JSON list of numbers: {e}")
+        p.error(f"the input must be a JSON (nested) list of numbers: {e}")
     try:
         params = json.loads(args.params)
     except json.JSONDecodeError as e:
@@ -104,8 +108,9 @@ class Client:
             log.info("step=ready party %d at %s is serving", i, self.addresses[i])
 
     def _both(self, what: str, calls, timeout: float) -> list:
-        with futures.ThreadPoolExecutor(2) as pool:
-            pending = [pool.submit(call) for call in calls]
+        """Issue both parties' calls at once; the first failure (in party order) is reported and the rest cancelled."""
+        pending = [call() for call in calls]  # grpc futures
+        try:
             results = []
             for i, f in enumerate(pending):
                 try:
@@ -118,6 +123,9 @@ class Client:
                         ) from None
                     raise Fatal(f"party {i} at {self.addresses[i]} failed {what}: {code.name}: {e.details()}") from None
             return results
+        finally:
+            for f in pending:
+                f.cancel()
 
     def run(self, kind: str, x: torch.Tensor, params: dict, timeout: float) -> tuple[torch.Tensor, list[pb.JobResult]]:
         job_id = uuid.uuid4().hex[:12]
@@ -133,7 +141,7 @@ class Client:
             for i, s in enumerate((s0, s1))
         ]
         log.info("step=submit job %s (%s) on input of shape %s", job_id, kind, list(x.shape))
-        calls = [lambda i=i: self.stubs[i].Run(requests[i], timeout=timeout) for i in range(2)]
+        calls = [lambda i=i: self.stubs[i].Run.future(requests[i], timeout=timeout) for i in range(2)]
         results = self._both(f"job {job_id}", calls, timeout)
         outs = []
         for k in range(len(results[0].outputs)):
@@ -146,9 +154,8 @@ class Client:
         return outs[0], results
 
     def shutdown(self, reason: str, timeout: float) -> None:
-        calls = [
-            lambda i=i: self.stubs[i].Shutdown(pb.ShutdownRequest(reason=reason), timeout=timeout) for i in range(2)
-        ]
+        request = pb.ShutdownRequest(reason=reason)
+        calls = [lambda i=i: self.stubs[i].Shutdown.future(request, timeout=timeout) for i in range(2)]
         self._both("shutdown", calls, timeout)
 
 

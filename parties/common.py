@@ -107,7 +107,6 @@ def setup_logging(role: str, session: str, level: str = "INFO") -> logging.Logge
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own C-level chatter would break the one-line rule
     return logging.getLogger(f"mpcache.{role}")
 
 
@@ -128,6 +127,9 @@ def run_main(role: str, main: Callable[[list[str] | None], int], argv: list[str]
     except KeyboardInterrupt:
         print(f"{role}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except grpc.RpcError as e:  # a call without its own handling: still one line, naming the status
+        print(f"{role}: error: gRPC {e.code().name}: {e.details()}", file=sys.stderr, flush=True)
+        return 1
     except Exception as e:
         if not _expected(e):
             raise

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             name, error = ended.get()
             done += 1
             if error:
+                service.settle(name, args.party_timeout)
                 raise Fatal(f"session {name} aborted: {error}")
             log.info("step=session-end session %s closed cleanly (%d/%s)", name, done, args.sessions or "inf")
     finally:

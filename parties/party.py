@@ -158,7 +158,7 @@ def serve_api(address: str, api: Api, credentials: grpc.ServerCredentials | None
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"party {api.rank} cannot listen on {address} for clients (port in use or address unavailable)")
+        raise OSError(f"party {api.rank} cannot listen on {address} for clients (port in use or address not available)")
     server.start()
     return server
 

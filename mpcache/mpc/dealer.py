@@ -367,6 +367,20 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
     def stop(self) -> None:
         self._stop.set()
 
+    def settle(self, name: str, timeout: float) -> None:
+        """After a session ended, wait (at most `timeout` s) until every party that is still alive has closed, so
+        a survivor learns why the session was aborted from its next heartbeat before the dealer goes away."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            s = self.sessions.get(name)
+        while s is not None and time.monotonic() < deadline:
+            now = time.monotonic()
+            with s.lock:
+                alive = [r for r in s.registered if r not in s.closed and now - s.last_seen[r] <= self.party_timeout]
+            if not alive:
+                return
+            time.sleep(0.05)
+
     # --- checks shared by the RPCs ---
 
     def _caller(self, context: grpc.ServicerContext, rank: int) -> None:
@@ -553,7 +567,10 @@ def serve(
     """
     from concurrent import futures
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    # so_reuseport off: a second dealer on a taken port must fail, not silently share it with the first
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)]
+    )
     pb_grpc.add_DealerServicer_to_server(service, server)
     pb_grpc.add_DealerControlServicer_to_server(service, server)
     pb_grpc.add_HealthServicer_to_server(service, server)
@@ -562,7 +579,7 @@ def serve(
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address} (port in use or address not available)")
+        raise OSError(f"dealer cannot listen on {address} (port in use or address not available)")
     server.start()
     return server, port
 

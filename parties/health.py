@@ -1,0 +1,47 @@
+"""`mpcache-health`: exit 0 if a role's server answers its health check as SERVING (for container health checks).
+
+    mpcache-health --address 127.0.0.1:50702 --role party0 --certs /certs
+
+A party reports SERVING once it has registered with the dealer and joined the other party; the dealer as soon as it
+listens. The check presents the certificate of `--as` (default: the checked role itself, i.e. the container's own).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+
+from mpcache.mpc import tls
+from mpcache.mpc.proto import mpcache_pb2 as pb
+from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
+from parties.common import Credentials, Fatal, Parser, add_tls_flags, run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="mpcache-health", description=__doc__.splitlines()[0])
+    add_tls_flags(p)
+    p.add("--address", default="127.0.0.1:50700", help="server to check")
+    p.add("--role", default="dealer", choices=tls.ROLES, help="role the server must hold a certificate for")
+    p.add("--as", dest="as_role", default=None, choices=tls.ROLES, help="certificate to present (default: --role)")
+    p.add("--timeout", default=5.0, type=float, help="seconds")
+    args = p.parse_args(argv)
+    creds = Credentials(args.as_role or args.role, args.certs, args.insecure)
+    channel = creds.channel_to(args.address, args.role)
+    try:
+        reply = pb_grpc.HealthStub(channel).Check(pb.HealthRequest(), timeout=args.timeout)
+    except grpc.RpcError as e:
+        raise Fatal(f"{args.role} at {args.address}: {e.code().name}") from None
+    finally:
+        channel.close()
+    status = pb.HealthResponse.ServingStatus.Name(reply.status)
+    print(f"{args.role} at {args.address}: {status} (session {reply.session or '-'})")
+    return 0 if reply.status == pb.HealthResponse.SERVING else 1
+
+
+def cli() -> None:
+    sys.exit(run_main("health", main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,151 @@
+"""The role CLIs as separate OS processes: the launcher end to end, and what happens when a role dies or stalls.
+
+Timeouts are shortened (3 s of silence, heartbeats every 0.5 s); every test kills what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpcache.mpc.launcher import Deployment
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(timeout=3.0, party_timeout=3.0, heartbeat=0.5)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _ready(dep: Deployment) -> None:
+    for role in ("party0", "party1"):
+        _wait_for(lambda role=role: "step=ready" in dep.log(role), 90, f"{role} to be ready")
+
+
+def _error_line(dep: Deployment, role: str) -> str:
+    lines = dep.log(role).strip().splitlines()
+    assert lines, f"{role} wrote nothing"
+    assert "Traceback" not in dep.log(role), dep.log(role)
+    return lines[-1]
+
+
+@pytest.mark.timeout(150)
+def test_launcher_runs_all_roles_and_prints_the_answer(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpcache.mpc.launcher", "--workdir", str(tmp_path), "--job", "poly"]
+        + ["--input", "[[1.5, -2.0], [0.25, 3.0]]", "--params", '{"coeffs": [1, -2, 0.5, 0.125]}'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=140,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    x = torch.tensor([[1.5, -2.0], [0.25, 3.0]], dtype=torch.float64)
+    expected = 1 - 2 * x + 0.5 * x**2 + 0.125 * x**3
+    assert torch.allclose(torch.tensor(result["answer"], dtype=torch.float64), expected, atol=1e-3)
+    p0, p1 = result["parties"]
+    assert p0["rounds"] == p1["rounds"] > 0 and p0["bytes"] == p1["bytes"] > 0
+    assert p0["tuples"] == p1["tuples"] == 3  # Horner: three secret products
+    assert p0["dealer_bytes"] > 0 and p1["dealer_bytes"] == 0
+    assert "mutual TLS" in proc.stdout and "client exit 0" in proc.stdout
+    assert "step=listen" in (tmp_path / "party0.log").read_text()  # logs name role, session and step
+    assert all("session=local" in (tmp_path / f"{r}.log").read_text() for r in ("dealer", "party0", "party1"))
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_party_makes_the_dealer_and_the_other_party_exit_naming_it(tmp_path):
+    dep = Deployment(tmp_path, **FAST)
+    try:
+        for role in ("dealer", "party0", "party1"):
+            dep.start(role)
+        _ready(dep)
+        t0 = time.monotonic()
+        dep.signal("party1", signal.SIGKILL)
+        assert dep.wait("dealer", 20) == 1 and dep.wait("party0", 20) == 1
+        elapsed = time.monotonic() - t0
+    finally:
+        dep.stop_all()
+    assert elapsed < 3.0 + 3.0 + 5  # party timeout + the survivor's grace, plus slack for a busy machine
+    assert "party 1 silent" in _error_line(dep, "dealer")
+    assert "party0: error:" in _error_line(dep, "party0") and "party 1" in _error_line(dep, "party0")
+
+
+@pytest.mark.timeout(120)
+def test_a_party_that_stalls_mid_job_fails_it_and_everyone_names_it(tmp_path):
+    dep = Deployment(tmp_path, **FAST)
+    (tmp_path / "x.json").write_text(json.dumps(torch.rand(200_000).tolist()))  # a job long enough to stall in
+    try:
+        for role in ("dealer", "party0", "party1"):
+            dep.start(role)
+        _ready(dep)
+        coeffs = json.dumps({"coeffs": [0.5] * 16})
+        dep.start("client", "--job", "poly", "--input-file", str(tmp_path / "x.json"), "--params", coeffs)
+        _wait_for(lambda: "step=job" in dep.log("party1"), 60, "the job to start")
+        dep.signal("party1", signal.SIGSTOP)
+        codes = {role: dep.wait(role, 30) for role in ("client", "party0", "dealer")}
+    finally:
+        dep.stop_all()
+    assert codes == {"client": 1, "party0": 1, "dealer": 1}, codes
+    for role in ("client", "party0", "dealer"):
+        line = _error_line(dep, role)
+        assert line.startswith(f"{role}: error:") and ("rank 1" in line or "party 1" in line), line
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "stalls"])
+def test_a_dealer_that_dies_or_stalls_makes_both_parties_exit_naming_it(tmp_path, how):
+    dep = Deployment(tmp_path, **FAST)
+    try:
+        for role in ("dealer", "party0", "party1"):
+            dep.start(role)
+        _ready(dep)
+        t0 = time.monotonic()
+        dep.signal("dealer", how)
+        codes = [dep.wait("party0", 30), dep.wait("party1", 30)]
+        elapsed = time.monotonic() - t0
+    finally:
+        dep.stop_all()
+    assert codes == [1, 1]
+    assert elapsed < 0.5 + 3.0 + 3.0 + 5  # a heartbeat, its deadline, close timeouts, slack
+    for role in ("party0", "party1"):
+        line = _error_line(dep, role)
+        assert line.startswith(f"{role}: error: dealer at 127.0.0.1:{dep.ports['dealer']}"), line
+
+
+@pytest.mark.timeout(90)
+def test_a_port_in_use_is_one_clear_line(tmp_path):
+    dep = Deployment(tmp_path, insecure=True, **FAST)
+    first = Deployment(tmp_path / "first", insecure=True, ports=dict(dep.ports), **FAST)
+    try:
+        first.start("dealer")  # a live dealer holds the port
+        _wait_for(lambda: "step=serve" in first.log("dealer"), 60, "the first dealer")
+        dep.start("dealer")
+        with socket.socket() as busy:  # and any other program holding party 0's client port
+            busy.bind(("127.0.0.1", dep.ports["api0"]))
+            busy.listen()
+            dep.start("party0")
+            codes = dep.wait("dealer", 60), dep.wait("party0", 60)
+    finally:
+        dep.stop_all()
+        first.stop_all()
+    assert codes == (1, 1)
+    for role, name, message in (("dealer", "dealer", "dealer"), ("party0", "api0", "party 0")):
+        assert dep.log(role).strip().splitlines() == [
+            f"{role}: error: {message} cannot listen on 127.0.0.1:{dep.ports[name]}"
+            + (" for clients" if role == "party0" else "")
+            + " (port in use or address not available)"
+        ]
