@@ -132,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
     parser.add_argument("--eval-samples", type=int, default=20)
+    parser.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint folder's weights")
+    parser.add_argument(
+        "--resume-progress",
+        type=float,
+        default=0.0,
+        help="with --init-from: continue the schedule from this progress (0-1) of the interrupted run",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -140,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     tok = ByteTokenizer()
     config = BUNDLED_CONFIG
     model = Transformer(config)
+    if args.init_from is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(args.init_from / "model.safetensors")))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "train_log.jsonl"
-    log = log_path.open("w")
+    log = log_path.open("a" if args.init_from is not None else "w")
     header = {
         "event": "start",
         "params": model.num_parameters(),
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "init_from": str(args.init_from) if args.init_from else None,
     }
     log.write(json.dumps(header) + "\n")
     print(f"training {model.num_parameters():,} parameters for {args.minutes} min", flush=True)
@@ -169,10 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     ema_loss = ema_answer = None
     while True:
         elapsed = time.time() - start
-        progress = max(step / args.steps, elapsed / budget)
-        if progress >= 1.0:
+        own = max(step / args.steps, elapsed / budget)
+        if own >= 1.0:
             break
-        warmup = min(1.0, step / 100)
+        progress = args.resume_progress + (1.0 - args.resume_progress) * own
+        warmup = min(1.0, step / (20 if args.init_from is not None else 100))
         lr = args.lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr
