@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0, help="deadline for the whole run, seconds")
     p.add_argument("--step-timeout", type=float, default=30.0, help="silence allowed from a peer or the dealer")
     p.add_argument("--workdir", default=None, help="where certificates, model and logs go (default: a temp dir)")
+    p.add_argument("--prepare", metavar="DIR", default=None, help="only write certificates and the demo model to DIR")
     args = p.parse_args(argv)
+    if args.prepare:  # docker-compose's one-shot setup service
+        prepare(Path(args.prepare), args.insecure)
+        print(f"launcher: certificates and demo model in {args.prepare}")
+        return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mpcache-launch-"))
     client_args = ["--job", args.job, "--timeout", str(args.timeout)]
     if args.input is not None:
