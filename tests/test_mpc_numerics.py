@@ -46,6 +46,17 @@ def _divide(x: torch.Tensor, divisor) -> torch.Tensor:
     return ex._tensor.reveal()
 
 
+def _divide_together(x: torch.Tensor, y: torch.Tensor, dx: int, dy: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    ex, ey = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=1)
+    crypten.reset_communication_stats()
+    N.exact_truncate_([ex._tensor, ey._tensor], [dx, dy])
+    rounds = crypten.communicator.get().get_communication_stats()["rounds"]
+    crypten.cfg.communicator.verbose = False
+    return ex._tensor.reveal(), ey._tensor.reveal(), rounds
+
+
 def _apply(name: str, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int, int]:
     """Run numerics.<name> on x shared by party 0; (result, rounds, bytes) of this party."""
     crypten = N.crypten
@@ -116,6 +127,15 @@ def test_division_by_any_public_integer_is_exact_to_two_units(parties):
     divisors = torch.randint(1, 1 << 20, (4000,), generator=g)
     got = parties.run(_divide, x, divisors)[0]
     assert (got - torch.div(raw, divisors, rounding_mode="floor")).abs().max() <= 2
+
+
+@pytest.mark.timeout(300)
+def test_several_truncations_share_one_round(parties):
+    x, y = torch.linspace(-1000, 1000, 301, dtype=torch.float64), torch.linspace(-5, 5, 7, dtype=torch.float64)
+    qx, qy, rounds = parties.run(_divide_together, x, y, 1 << 16, 7)[0]
+    assert rounds == 1
+    assert (qx - torch.div(torch.round(x * N.SCALE).long(), 1 << 16, rounding_mode="floor")).abs().max() <= 2
+    assert (qy - torch.div(torch.round(y * N.SCALE).long(), 7, rounding_mode="floor")).abs().max() <= 2
 
 
 def test_bad_divisor_is_a_value_error():

@@ -3,17 +3,19 @@
 Truncation. CrypTen encodes reals as int64 with 16 fractional bits; after a product (scale 2^32) the result
 must be divided by 2^16. With two parties CrypTen lets each party shift its own share (SecureML), which is
 off by 2^64 / 2^32 = 4.3e9 whenever the shares straddle the ring's wrap point: probability ~|x*y| / 2^32 per
-product, i.e. thousands of garbage values per LLM token. Here the division is exact up to the last bit, using a
-dealer tuple (r, floor(r / d), msb(r)) for a random ring element r (the tuple kind SPU calls TruncAPr):
+product, i.e. thousands of garbage values per LLM token. Here the division is right to the last unit, using
+a dealer tuple (r, floor(r / d), msb(r)) for a random ring element r (the tuple kind SPU calls TruncAPr):
 
     the parties open z = x + 2^62 + r  (one round; r masks x perfectly),
     x + 2^62 < 2^63, so the sum wrapped past 2^64 exactly when msb(r) = 1 and msb(z) = 0, and
-    floor(x / d) = floor(z / d) - floor(r / d) + wrap * floor(2^64 / d) - 2^62 / d  (- 1 or -2 at most).
+    x / d ~ floor(z / d) - floor(r / d) + wrap * floor(2^64 / d) - floor(2^62 / d)   (local, per share).
 
-Requirement: |x| < 2^62 before the division, i.e. |x * y| < 2^30 for a product of two fixed-point values
-(CrypTen's own products already overflow at 2^31). `install()` makes every division by a public integer in
-CrypTen (every product, `div`, `mean`, re-encoding) use this protocol whenever the active tuple provider
-offers `exact_truncation_tuple`; with other providers CrypTen's behaviour is unchanged.
+The result is floor(x / d) or floor(x / d) + 1 for d a power of two (an unbiased stochastic rounding), and
+within +2 units otherwise. Requirement: |x| < 2^62 before the division, i.e. |x * y| < 2^30 for a product of
+two fixed-point values (CrypTen's own products overflow at 2^31). Cost: 1 round and 16 bytes per element per
+party on top of the product (a CrypTen product is 1 round, 32 bytes per element). `install()` makes every
+division by a public integer in CrypTen (every product, `div`, `mean`, re-encoding) use this protocol when the
+active tuple provider offers `exact_truncation_tuple`; with other providers CrypTen's behaviour is unchanged.
 
 Approximations (exp, reciprocal, inv_sqrt, GeLU, SiLU, softmax) are written once, against a handful of
 operations that exist for both torch tensors and CrypTen MPCTensors, so calling them on a float tensor *is*
@@ -96,8 +98,8 @@ def _check_divisor(divisor: int | Tensor) -> None:
 
 
 def exact_truncate_(xs: Sequence[ArithmeticSharedTensor], divisors: Sequence[int | Tensor]) -> None:
-    """Divide each shared x by its public positive integer divisor in place, exactly (error <= 2 in the last
-    place), all in one communication round. Requires |x| < 2^62 (raw ring value) and a provider that offers
+    """Divide each shared x by its public positive integer divisor in place (see the module docstring), all
+    in one communication round. Requires |x| < 2^62 (raw ring value) and a provider that offers
     `exact_truncation_tuple`."""
     provider = crypten.mpc.get_default_provider()
     masked, tuples = [], []
@@ -184,7 +186,7 @@ def install(provider: str = PROVIDER_NAME) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Values are torch tensors (the simulator) or MPCTensors. MPCTensors carry a fixed-point scale: 2^16 for reals,
 # 1 for the 0/1 bits that comparisons return; products of a bit and a real need no truncation. Every helper
-# truncates at most once, so its rounds are: products 1 (Beaver) + 1 (truncation), comparisons ~9 per batch.
+# truncates at most once, so its rounds are: products 1 (Beaver) + 1 (truncation), comparisons 8 per batch.
 
 Value = Tensor | MPCTensor
 
@@ -283,7 +285,8 @@ def divide(x: Value, d: int) -> Value:
 
 def less_than(x: Value, thresholds: Sequence[float]) -> Value:
     """Bits [x < t] for every public threshold t, stacked on a new leading dim; all in one comparison batch
-    (MPC: one arithmetic-to-binary conversion of the stacked differences, ~9 rounds whatever the count)."""
+    (MPC: one arithmetic-to-binary conversion of the stacked differences: 8 rounds whatever the count, 432
+    bytes per element and threshold)."""
     t = on_grid(list(thresholds))
     if not is_private(x):
         return torch.stack([(x < ti).to(x.dtype) for ti in t])
@@ -428,7 +431,8 @@ def exp_neg(x: Value, clip_top: bool = False) -> Value:
 
     clip_top also clips at 0 (exp(x) := 1 for x > 0) in the same comparison batch, for callers that only have
     an upper bound on x. Max abs error on x <= 0: 3e-4 in MPC (fixed point), 1e-6 in the simulator; relative
-    error ~1.2e-4 + 2^-16/e^x. Cost (2PC, n elements): one comparison batch + 1 + 1 + 3x2 + 1 + 3x2 rounds.
+    error ~1.2e-4 + 2^-16/e^x. Cost: 23 rounds, 800 bytes per element (the clip's comparison is 432 of them;
+    CrypTen's exp, wrong below -512: 17 rounds, 272 bytes).
     """
     bits = less_than(x, [-EXP.clip, 0.0] if clip_top else [-EXP.clip])
     x = x + mul(bits[0], -EXP.clip - x)  # below -clip -> -clip
@@ -467,7 +471,8 @@ def reciprocal(x: Value, lo: float, hi: float, scale_bits: int = 0, steps_per_oc
     (0.087 -> 7.5e-3 -> 5.6e-5 -> 3e-9). scale_bits > 0 returns a scaled reciprocal with that many more
     significant bits, for x much larger than 1. Max error on [lo, hi]: relative 1e-4 plus 2^-16 absolute
     (MPC); the simulator reaches 1e-7 relative (its guesses are rounded to the grid too).
-    Cost: one comparison batch of ceil(4 log2(hi/lo)) thresholds, then iterations x 2 products (4 rounds each).
+    Cost: one comparison batch of ceil(4 log2(hi/lo)) thresholds, then iterations x 2 products (4 rounds each);
+    on [0.5, 512]: 20 rounds, 17.6 kB per element (CrypTen's reciprocal, wrong above ~200: 67 rounds, 1.6 kB).
     """
     t = _ladder(lo, hi, steps_per_octave)
     edges = torch.cat([torch.tensor([lo], dtype=torch.float64), t])  # left edge of each segment
@@ -486,7 +491,8 @@ def inv_sqrt(x: Value, lo: float, hi: float, scale_bits: int = 0, steps_per_octa
     octave), then Newton y <- y (3 - x y^2) / 2, whose relative error goes 0.09 -> 5.7e-3 -> 2.4e-5 -> 9e-10.
     Needs 2^scale_bits / sqrt(lo) < 2^15 (products stay below 2^30). Max relative error on [lo, hi]:
     5e-5 + 2^-16 * sqrt(x) / 2^scale_bits (MPC). Cost: one comparison batch of ceil(4 log2(hi/lo)) thresholds,
-    then iterations x 3 products (6 rounds each).
+    then iterations x 3 products (6 rounds each); on [2^-6, 2^14]: 20 rounds, 35 kB per element (per row of a
+    norm; CrypTen's inv_sqrt, wrong outside ~[0.1, 100]: 41 rounds, 0.75 kB).
     """
     t = _ladder(lo, hi, steps_per_octave)
     edges = torch.cat([torch.tensor([lo], dtype=torch.float64), t])
@@ -530,7 +536,7 @@ def relu(x: Value) -> Value:
 def gelu(x: Value) -> Value:
     """GeLU (erf form) on all reals: relu(x) - k(|x|), k(a) = a Phi(-a) in two degree-6 pieces on [0, 5), zero
     beyond. Max abs error 7e-5 in the simulator, 1e-4 in MPC (and within 5e-4 of the tanh form).
-    Cost: one comparison batch (5 thresholds) + 7 product rounds (+ truncations) ~ 20 rounds."""
+    Cost: one comparison batch (5 thresholds) and 5 product rounds: 18 rounds, 2.8 kB per element."""
     return _relu_minus_tail(x, GELU)
 
 
@@ -545,7 +551,7 @@ MASK_FILL = 1.0e4  # masked scores before the max; any finite value below every 
 
 def row_max(x: Value) -> Value:
     """Max over the last dim (keepdim). MPC: CrypTen's log-reduction tree, ~79 rounds and ~1.3 kB per element
-    for rows of 128; the dominant cost of a max-based softmax."""
+    for rows of 128: the dominant cost of a max-based softmax."""
     if not is_private(x):
         return x.amax(-1, keepdim=True)
     return x.max(dim=-1, keepdim=True)[0]
@@ -554,16 +560,18 @@ def row_max(x: Value) -> Value:
 def softmax(x: Value, mask: Tensor | None = None, bound: float | Tensor | None = None) -> Value:
     """Softmax over the last dim with a public 0/1 `mask` (False = excluded; rows with nothing valid give 0).
 
-    Without `bound`, subtracts the row max (CrypTen's comparison tree). With a public `bound` >= every score
-    (a number, or a tensor broadcasting against x[..., :1]),
-    subtracts the bound instead and skips the max entirely; exp's inputs are clipped to [-14, 0], so scores
-    above the bound saturate rather than overflow. Masked entries are zeroed after exp by an exact public
-    product, so no large negative constant reaches exp. The normaliser 2^a / sum (a = ceil(log2 n)) keeps
-    16 significant bits even for long rows.
+    Without `bound`, subtracts the row max (CrypTen's comparison tree). With a public `bound` >= every score (a
+    number, or a tensor broadcasting against x[..., :1]) it subtracts the bound and skips the max entirely; exp's
+    inputs are clipped to [-14, 0], so scores above the bound saturate rather than overflow. Masked entries are
+    zeroed after exp by an exact public product, so no large negative constant reaches exp (before the max they
+    are set to -1e4, far inside the fixed-point range). The normaliser 2^a / sum (a = ceil(log2 n)) keeps 16
+    significant bits for long rows.
 
-    Error (max over entries, measured in tests): with the max, |p - p_ref| <= 3e-4 + n * 2^-17 (the last term
-    is the sum of n rounded exps); with a bound, multiply by e^(bound - max) since every e^(x - bound) shrinks
-    by that factor while the rounding does not, so use a bound within ~3 of the true max.
+    Error (max over entries, checked in tests): with the max, |p - p_ref| <= 3e-4 + n 2^-17 (the last term is
+    the sum of n rounded exps); with a bound, that times e^(bound - max), as every e^(x - bound) shrinks by that
+    factor while the rounding does not: use a bound within ~3 of the true max.
+    Cost, 8 rows of 128 (per party): with the max 124 rounds, 2.3 kB per score; with a bound 46 rounds, 1.5 kB
+    (CrypTen's softmax, with exact truncation: 155 rounds, 1.7 kB).
     """
     n = x.shape[-1]
     if mask is not None:
