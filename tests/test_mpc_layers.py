@@ -101,6 +101,51 @@ def test_simulated_model_matches_plaintext_prefill_decode_and_eviction(family, o
             assert (out - ref).abs().max() < 1e-3
 
 
+def test_cache_hooks_are_called_as_in_the_plaintext_model():
+    calls = {"plain": [], "private": []}
+
+    def recorder(base, name):
+        class Recording(base):
+            def observe_hidden(self, layer, hidden):
+                calls[name].append(("observe_hidden", layer))
+
+            def observe(self, layer, queries, query_positions):
+                calls[name].append(("observe", layer, tuple(queries.shape)))
+
+            def attention_view(self, layer):
+                calls[name].append(("attention_view", layer))
+                return super().attention_view(layer)
+
+            def after_attention(self, layer, queries, query_positions):
+                calls[name].append(("after_attention", layer))
+
+        return Recording
+
+    m = tiny("llama", n_layer=2)
+    ids = torch.randint(0, 40, (1, 4), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        m(ids, recorder(KVCache, "plain")(2))
+        L.PrivateTransformer.from_plain(m, SIM)(L.one_hot(ids, 40), recorder(L.PrivateKVCache, "private")(2))
+    assert calls["plain"] == calls["private"] and len(calls["plain"]) == 8
+
+
+def test_keep_with_counts_matches_plaintext():
+    m = tiny("llama")
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(6))
+    pm = L.PrivateTransformer.from_plain(m, SIM)
+    cache, pcache = KVCache(1), L.PrivateKVCache(1)
+    with torch.no_grad():
+        m(ids, cache)
+        pm(L.one_hot(ids, 40), pcache)
+        index = torch.tensor([[[0, 2, 5, 1], [1, 3, 4, 0]]])
+        count = torch.tensor([[3, 2]])  # per-head budgets: only the first count slots stay valid
+        cache.keep(0, index, count)
+        pcache.keep(0, index, count)
+        assert torch.equal(cache.tokens_per_head(0), pcache.tokens_per_head(0))
+        nxt = torch.tensor([[7]])
+        assert (pm(L.one_hot(nxt, 40), pcache) - m(nxt, cache)).abs().max() < 1e-3
+
+
 def test_bad_inputs_are_value_errors():
     m = tiny("llama")
     pm = L.PrivateTransformer.from_plain(m, SIM)
@@ -114,6 +159,8 @@ def test_bad_inputs_are_value_errors():
     pm(L.one_hot(torch.tensor([[1, 2, 3]]), 40), cache)
     with pytest.raises(ValueError, match="slots"):
         cache.keep(0, torch.full((1, 2, 1), 3))
+    with pytest.raises(ValueError, match="count"):
+        cache.keep(0, torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([[1, 3]]))
     with pytest.raises(NotImplementedError, match="tanh"):
         L.activation(torch.zeros(2), "tanh")
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mpcache.model.config import ModelConfig
-from mpcache.model.transformer import Transformer, rope_inverse_frequencies
+from mpcache.model.transformer import Transformer, rope_inverse_frequencies, visibility
 from mpcache.mpc import numerics as N
 from mpcache.mpc.numerics import Value
 
@@ -141,18 +141,6 @@ def apply_rope(x: Value, positions: Tensor, inv_freq: Tensor) -> Value:
     return N.combine(N.stack([x, rotated]), torch.stack([cos, sin]))
 
 
-def attention_mask(
-    query_positions: Tensor, key_positions: Tensor, key_valid: Tensor, sliding_window: int | None
-) -> Tensor:
-    """Public [B, Hkv, 1, T, L] visibility, as cached_attention: valid slot, s <= p, p - s < window."""
-    qpos = query_positions[:, None, None, :, None]
-    kpos = key_positions[:, :, None, None, :]
-    visible = key_valid[:, :, None, None, :] & (kpos <= qpos)
-    if sliding_window is not None:
-        visible = visible & (qpos - kpos < sliding_window)
-    return visible
-
-
 def cached_attention(
     queries: Value,
     keys: Value,
@@ -169,7 +157,7 @@ def cached_attention(
     hkv = keys.shape[1]
     q = queries.reshape(b, hkv, hq // hkv, t, d)
     scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, L]
-    visible = attention_mask(query_positions, key_positions, key_valid, sliding_window)
+    visible = visibility(query_positions, key_positions, key_valid, sliding_window)
     probs = N.softmax(scores, visible, score_bound)
     out = N.matmul(probs, values.unsqueeze(2))
     return out.reshape(b, hq, t, values.shape[-1])
@@ -190,10 +178,8 @@ class PrivateLayerKV:
 
 
 class PrivateKVCache:
-    """Secret-shared keys/values with public positions and validity, the private twin of model.cache.KVCache.
-
-    Eviction policies subclass it and override `observe` (called with each layer's private queries).
-    """
+    """Secret-shared keys/values with public positions and validity, the private twin of model.cache.KVCache
+    (same hooks; eviction policies subclass it)."""
 
     def __init__(self, n_layer: int) -> None:
         self.layers: list[PrivateLayerKV | None] = [None] * n_layer
@@ -217,23 +203,46 @@ class PrivateKVCache:
         self.layers[layer] = entry
         return entry
 
-    def keep(self, layer: int, index: Tensor) -> None:
-        """Keep slots `index` [B, H, K] (public) of every head: a local gather of the shares."""
+    def keep(self, layer: int, index: Tensor, count: Tensor | None = None) -> None:
+        """Keep slots `index` [B, H, K] (public) of every head, the first `count[b, h]` of each row when given:
+        a local gather of the shares."""
         entry = self.layers[layer]
         if entry is None:
             raise ValueError(f"layer {layer} has no cache to compact")
-        if index.dim() != 3 or int(index.min()) < 0 or int(index.max()) >= entry.capacity:
-            raise ValueError(f"index must be [B, H, K] with slots in [0, {entry.capacity}), got {tuple(index.shape)}")
+        b, h, length = entry.valid.shape
+        if index.dim() != 3 or index.shape[:2] != (b, h) or bool(((index < 0) | (index >= length)).any()):
+            raise ValueError(f"index must be [{b}, {h}, K] with slots in [0, {length}), got {tuple(index.shape)}")
+        k = index.shape[2]
+        in_use = torch.ones(b, h, k, dtype=torch.bool)
+        if count is not None:
+            if count.shape != (b, h) or bool(((count < 0) | (count > k)).any()):
+                raise ValueError(f"count must be [{b}, {h}] with values in [0, {k}]")
+            in_use = torch.arange(k)[None, None, :] < count[:, :, None]
         gather = index[..., None]
         self.layers[layer] = PrivateLayerKV(
             entry.keys.gather(2, gather.expand(-1, -1, -1, entry.keys.shape[-1])),
             entry.values.gather(2, gather.expand(-1, -1, -1, entry.values.shape[-1])),
             entry.positions.gather(2, index),
-            entry.valid.gather(2, index),
+            entry.valid.gather(2, index) & in_use,
         )
 
+    # Hooks, called as in the plaintext Attention: observe_hidden -> update -> observe -> attention_view ->
+    # after_attention. All no-ops here; private eviction policies override them.
+    def observe_hidden(self, layer: int, hidden: Value) -> None:
+        """The attention block's private normalised input [B, T, d_model], before the projections."""
+
     def observe(self, layer: int, queries: Value, query_positions: Tensor) -> None:
-        """Hook: each layer's private queries after RoPE, before attention reads the cache. No-op here."""
+        """This step's private queries [B, Hq, T, D] (after RoPE, pre-scaled by 1/sqrt(D)), after the step's
+        keys were stored and before attention reads the cache."""
+
+    def attention_view(self, layer: int) -> PrivateLayerKV:
+        """The slots attention reads for this step (the whole layer here)."""
+        entry = self.layers[layer]
+        assert entry is not None
+        return entry
+
+    def after_attention(self, layer: int, queries: Value, query_positions: Tensor) -> None:
+        """Called after attention read the cache for this step."""
 
     def tokens_per_head(self, layer: int) -> Tensor:
         entry = self.layers[layer]
@@ -261,14 +270,15 @@ class Attention:
         v = qkv[..., (nq + nkv) * hd :].reshape(b, t, nkv, hd).transpose(1, 2)
         if self.inv_freq is not None:
             q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        cache.observe_hidden(self.layer, x)
         cache.update(self.layer, k, v, positions, valid)
         cache.observe(self.layer, q, positions)
-        entry = cache.layers[self.layer]  # observe may have compacted it
-        assert entry is not None
+        entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
         out = cached_attention(
             q, entry.keys, entry.values, positions, entry.positions, entry.valid,
             self.config.sliding_window, self.options.score_bound,
         )  # fmt: skip
+        cache.after_attention(self.layer, q, positions)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
