@@ -188,7 +188,7 @@ class Party:
         log.info("step=register dealer %s gave this party its seed", args.dealer)
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
 
-        from mpcache.mpc import grpc_comm, provider  # imports CrypTen: only the parties pay for it
+        from mpcache.mpc import grpc_comm, numerics, provider  # imports CrypTen: only the parties pay for it
 
         self.crypten = provider.crypten
         comm = grpc_comm.init_party(
@@ -206,6 +206,7 @@ class Party:
         fetch = self.dealer.get_tuples if self.rank == 0 else None
         self.session = provider.DealerSession(args.session, self.rank, seed, fetch)
         provider.attach(self.session)
+        numerics.install(provider.PROVIDER_NAME)  # exact truncation (dealer EXACT_TRUNCATION tuples) for every product
         log.info("step=connect joined party %d at %s", 1 - self.rank, args.peers[1 - self.rank])
         self._share_model()
         self.api.ready = True

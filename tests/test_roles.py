@@ -59,7 +59,7 @@ def test_launcher_runs_all_roles_and_prints_the_answer(tmp_path):
     assert torch.allclose(torch.tensor(result["answer"], dtype=torch.float64), expected, atol=1e-3)
     p0, p1 = result["parties"]
     assert p0["rounds"] == p1["rounds"] > 0 and p0["bytes"] == p1["bytes"] > 0
-    assert p0["tuples"] == p1["tuples"] == 3  # Horner: three secret products
+    assert p0["tuples"] == p1["tuples"] == 6  # Horner: three secret products, each a triple + an exact truncation
     assert p0["dealer_bytes"] > 0 and p1["dealer_bytes"] == 0
     assert "mutual TLS" in proc.stdout and "client exit 0" in proc.stdout
     assert "step=listen" in (tmp_path / "party0.log").read_text()  # logs name role, session and step
