@@ -93,18 +93,16 @@ def test_truncation_tuple_is_a_pure_function_of_seed_shape_divisor():
 
 
 @pytest.mark.timeout(300)
-def test_exact_truncation_has_no_catastrophic_errors(parties):
-    # 10^6 products of magnitude 2.5e3 .. 1e4 (CrypTen's local truncation fails ~1.3e-6 of these)
-    assert parties.run(_products, 10**6, 50.0, 100.0, 1, True)[0][0] == 0
+def test_exact_truncation_ten_million_products(parties):
+    # 10^7 products of magnitude 2.5e3 .. 1e4 in batches of 10^6 (~5 s): none may be off by more than 1e-2
+    assert sum(parties.run(_products, 10**6, 50.0, 100.0, 100 + i, True)[0][0] for i in range(10)) == 0
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_exact_truncation_ten_million_products(parties):
-    failures = sum(parties.run(_products, 10**6, 50.0, 100.0, 100 + i, True)[0][0] for i in range(10))
-    assert failures == 0
-    local = sum(parties.run(_products, 10**6, 50.0, 100.0, 100 + i, False)[0][0] for i in range(10))
-    assert local > 0  # ~13 expected: the check is sensitive to the failure it guards against
+@pytest.mark.timeout(600)
+def test_crypten_local_truncation_fails_on_the_same_ten_million(parties):
+    # the same products with CrypTen's local truncation: ~1.3e-6 fail each (15 measured), so the check above bites
+    assert sum(parties.run(_products, 10**6, 50.0, 100.0, 100 + i, False)[0][0] for i in range(10)) > 0
 
 
 @pytest.mark.timeout(300)
