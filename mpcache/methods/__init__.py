@@ -56,7 +56,9 @@ def make_policy(name: str, budget: Budget | None = None, **kwargs) -> CacheFacto
     if cls.needs_budget:
         check_budget(budget)
     _check_knobs(cls, kwargs)
-    cls(1, budget, **kwargs)  # a throwaway instance: bad option values fail now, not mid-evaluation
+    # A throwaway instance, so bad option values fail now rather than mid-evaluation (the layer
+    # count is only known per model; the factory checks layer_weights against it).
+    cls(len(kwargs.get("layer_weights") or [0]), budget, **kwargs)
 
     def factory(model) -> PolicyCache:
         return cls.from_model(model, budget, **kwargs)

@@ -161,19 +161,31 @@ def pool_scores(x: Tensor, kernel: int, kind: str = "avg") -> Tensor:
     return pool(flat, kernel, stride=1, padding=kernel // 2).reshape(x.shape)
 
 
+def chunk_ids(valid: Tensor, size: int) -> Tensor:
+    """Chunk of every slot [B, H, L]: valid slots, taken in order, form runs of `size`
+    (Quest pages, MPCache clusters), so padding and holes never shift a boundary; invalid
+    slots get -1."""
+    return torch.where(valid, arrival_rank(valid) // size, -1)
+
+
 def chunk_min_max(keys: Tensor, valid: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel max and min of the valid keys in every run of `size` consecutive slots
-    (Quest pages, MPCache clusters): keys [B, H, L, D] -> kmax, kmin [B, H, C, D] with
-    C = ceil(L / size), plus `nonempty` [B, H, C]. Empty chunks get zeros."""
+    """Per-channel max and min of the keys of every chunk (`chunk_ids`): keys [B, H, L, D]
+    -> kmax, kmin [B, H, C, D] with C = ceil(max valid / size), plus `nonempty` [B, H, C].
+    Empty chunks get zeros."""
     b, h, length, d = keys.shape
-    c = -(-length // size)
-    pad = c * size - length
-    k = F.pad(keys, (0, 0, 0, pad)).view(b, h, c, size, d)
-    v = F.pad(valid, (0, pad)).view(b, h, c, size, 1)
-    nonempty = v.any(3)
-    kmax = k.masked_fill(~v, float("-inf")).amax(3).masked_fill(~nonempty, 0.0)
-    kmin = k.masked_fill(~v, float("inf")).amin(3).masked_fill(~nonempty, 0.0)
-    return kmax, kmin, nonempty.squeeze(-1)
+    c = max(-(-int(valid.sum(-1).max()) // size), 1) if valid.numel() else 1
+    ids = chunk_ids(valid, size)
+    ids = torch.where(ids < 0, c, ids)[..., None].expand(-1, -1, -1, d)  # invalid -> a spare chunk, dropped
+    kmax = keys.new_full((b, h, c + 1, d), float("-inf")).scatter_reduce(2, ids, keys, "amax")[:, :, :c]
+    kmin = keys.new_full((b, h, c + 1, d), float("inf")).scatter_reduce(2, ids, keys, "amin")[:, :, :c]
+    nonempty = torch.arange(c, device=keys.device) < -(-valid.sum(-1, keepdim=True) // size)
+    return kmax.masked_fill(~nonempty[..., None], 0.0), kmin.masked_fill(~nonempty[..., None], 0.0), nonempty
+
+
+def chunks_to_slots(chosen: Tensor, valid: Tensor, size: int) -> Tensor:
+    """Slots [B, H, L] of the chunks set in `chosen` [B, H, C]."""
+    ids = chunk_ids(valid, size)
+    return chosen.gather(-1, ids.clamp(min=0)) & valid
 
 
 def concat_layers(first: LayerKV, second: LayerKV) -> LayerKV:

@@ -39,7 +39,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.methods.base import Budget, PolicyCache, chunk_min_max, group_queries, mask_to_index, top_mask
+from mpcache.methods.base import (
+    Budget,
+    PolicyCache,
+    chunk_min_max,
+    chunks_to_slots,
+    group_queries,
+    mask_to_index,
+    top_mask,
+)
 from mpcache.model.cache import LayerKV, gather_slots
 
 
@@ -90,7 +98,7 @@ def select_clusters(
     query [B, H, D]; keys [B, H, L, D] with `valid` [B, H, L]; tokens [B]: per-head budget,
     so budget // subcluster_size (>= 2) sub-clusters are read.
     """
-    b, h, length, _ = keys.shape
+    b, h = keys.shape[:2]
     n_sub = (tokens // subcluster_size).clamp(min=2)[:, None].expand(b, h)
     kmax, kmin, nonempty = chunk_min_max(keys, valid, cluster_size)
     parent_scores = force_ends(approx_similarity(query, kmax, kmin, alpha), nonempty)
@@ -101,7 +109,7 @@ def select_clusters(
     eligible = parents.repeat_interleave(cluster_size // subcluster_size, -1)[..., : nonempty.shape[-1]]
     child_scores = force_ends(approx_similarity(query, kmax, kmin, alpha), nonempty)
     children = top_mask(child_scores.masked_fill(~eligible, float("-inf")), n_sub)
-    return children.repeat_interleave(subcluster_size, -1)[..., :length] & valid
+    return chunks_to_slots(children, valid, subcluster_size)
 
 
 def sharing_pairs(n_layer: int, own_first: int = 2, own_last: int = 2) -> dict[int, int]:
@@ -170,10 +178,16 @@ class MPCache(PolicyCache):
 
     def score(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
         assert self.prompt_lengths is not None
-        w = observation_window(
-            int(self.prompt_lengths.max()), self.window_ratio, self.long_prompt, self.long_window_ratio
+        windows = torch.tensor(
+            [
+                observation_window(int(n), self.window_ratio, self.long_prompt, self.long_window_ratio)
+                for n in self.prompt_lengths
+            ]
         )
-        probs = self.probs(layer, queries, query_positions, last=min(w, queries.shape[2]))
+        w = min(int(windows.max()), queries.shape[2])
+        probs = self.probs(layer, queries, query_positions, last=w)
+        own = torch.arange(w) >= w - windows[:, None]  # [B, W]: each row votes with its own window
+        probs = probs * own[:, None, None, :, None]
         return static_scores(probs)[:, None, :].expand(-1, probs.shape[1], -1)
 
     def compress(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
@@ -202,8 +216,9 @@ class MPCache(PolicyCache):
             return
         entry = self.layers[layer]
         assert entry is not None and self.budget_tokens is not None
-        if bool((entry.valid.sum(-1) <= self.budget_tokens[:, None]).all()):
-            return  # everything fits the budget: read it all
+        fits = entry.valid.sum(-1) <= self.budget_tokens[:, None]  # such heads read everything
+        if bool(fits.all()):
+            return
         with torch.no_grad():
             query = group_queries(queries, entry.keys.shape[1])[:, :, :, 0].sum(2)
             mask = select_clusters(
@@ -216,7 +231,7 @@ class MPCache(PolicyCache):
                 self.subcluster_size,
                 self.ratio1,
             )
-        self.selected[layer] = mask_to_index(mask)
+        self.selected[layer] = mask_to_index(mask | (entry.valid & fits[..., None]))
 
     def read(self, layer: int) -> LayerKV:
         entry = super().read(layer)

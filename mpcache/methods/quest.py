@@ -1,8 +1,8 @@
 """Quest (Tang et al., arXiv 2406.10774): query-aware page selection, nothing evicted.
 
-The cache is split into pages of `page_size` consecutive slots, each summarised by the
-per-channel max and min of its keys (kept up to date as tokens arrive: only the last,
-still filling page changes). At every decode step each KV head reads only its
+The cache is split into pages of `page_size` consecutive tokens, each summarised by the
+per-channel max and min of its keys (recomputed every step here; a kernel keeps them
+incrementally, since only the last, still filling page changes). At every decode step each KV head reads only its
 budget // page_size pages: the last page (the newest tokens) and the pages with the
 largest criticality, an upper bound of q.k over the page's box,
     U = sum_c max(q_c * max_c, q_c * min_c) >= max_{t in page} q . k_t.
@@ -20,7 +20,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.methods.base import Budget, PolicyCache, chunk_min_max, group_queries, mask_to_index, top_mask
+from mpcache.methods.base import (
+    Budget,
+    PolicyCache,
+    chunk_min_max,
+    chunks_to_slots,
+    group_queries,
+    mask_to_index,
+    top_mask,
+)
 from mpcache.model.cache import LayerKV, gather_slots
 
 
@@ -44,8 +52,7 @@ class Quest(PolicyCache):
         if dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
         self.page_size, self.dense_layers = page_size, dense_layers
-        self.meta: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * n_layer  # kmax, kmin, nonempty
-        self.final_pages = [0] * n_layer  # leading pages that are full and therefore final
+        self.meta: list[tuple[Tensor, Tensor] | None] = [None] * n_layer  # page key max, min
         self.selected: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
 
     def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
@@ -57,39 +64,24 @@ class Quest(PolicyCache):
         if not decoding or layer < self.dense_layers:
             return
         with torch.no_grad():
-            kmax, kmin, nonempty = self.page_metadata(layer)
+            kmax, kmin, nonempty = chunk_min_max(entry.keys, entry.valid, self.page_size)
+            self.meta[layer] = (kmax, kmin)
             budget = self.budget_tokens
-            if bool((entry.valid.sum(-1) <= budget[:, None]).all()):
-                return  # everything fits the budget: dense, exactly the full cache
+            fits = entry.valid.sum(-1) <= budget[:, None]  # such heads attend densely: the full cache
+            if bool(fits.all()):
+                return
             bound = page_bound(group_queries(queries, entry.keys.shape[1])[:, :, :, 0], kmax, kmin).amax(2)
-            last_page = (entry.lengths - 1) // self.page_size
+            last_page = (entry.valid.sum(-1) - 1) // self.page_size
             bound = bound.masked_fill(~nonempty, float("-inf"))
             bound = bound.scatter(-1, last_page[..., None], float("inf"))  # the newest tokens are always read
-            pages = (budget // self.page_size).clamp(min=1)[:, None].expand_as(entry.lengths)
-            chosen = top_mask(bound, pages)
-            slots = chosen.repeat_interleave(self.page_size, dim=-1)[..., : entry.capacity] & entry.valid
-            self.selected[layer] = mask_to_index(slots)
+            pages = (budget // self.page_size).clamp(min=1)[:, None].expand_as(last_page)
+            chosen = top_mask(bound, pages) | fits[..., None]
+            self.selected[layer] = mask_to_index(chunks_to_slots(chosen, entry.valid, self.page_size))
 
     def read(self, layer: int) -> LayerKV:
         entry = super().read(layer)
         chosen = self.selected[layer]
         return entry if chosen is None else gather_slots(entry, *chosen)
-
-    def page_metadata(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-page key max/min, recomputing only pages that changed since the last step."""
-        entry = self.layers[layer]
-        assert entry is not None
-        size = self.page_size
-        start = self.final_pages[layer]
-        kmax, kmin, nonempty = chunk_min_max(entry.keys[:, :, start * size :], entry.valid[:, :, start * size :], size)
-        old = self.meta[layer]
-        if old is not None and start > 0:
-            kmax = torch.cat([old[0][:, :, :start], kmax], 2)
-            kmin = torch.cat([old[1][:, :, :start], kmin], 2)
-            nonempty = torch.cat([old[2][:, :, :start], nonempty], 2)
-        self.meta[layer] = (kmax, kmin, nonempty)
-        self.final_pages[layer] = int(entry.lengths.min()) // size
-        return kmax, kmin, nonempty
 
     def memory_bytes(self) -> int:
         extra = sum(m[0].numel() * m[0].element_size() * 2 for m in self.meta if m is not None)
