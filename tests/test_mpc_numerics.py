@@ -196,11 +196,13 @@ def test_domain_below_fixed_point_resolution_is_rejected():
 
 
 LSB = 2.0**-16
+WIDE = torch.cat([torch.linspace(-30, 30, 4001, dtype=torch.float64), torch.tensor([-3e4, -700.0, 700.0, 3e4])])
 # MPC: name, inputs, kwargs, reference, docstring bound vs reference, bound vs simulator, max rounds
 MPC_CASES = [
-    ("exp_neg", torch.linspace(-40, 0, 4001, dtype=torch.float64), {}, torch.exp, (0, 3e-4), (0, 3e-4), 24),
-    ("gelu", torch.linspace(-30, 30, 4001, dtype=torch.float64), {}, F.gelu, (0, 1e-4), (0, 1e-4), 20),
-    ("silu", torch.linspace(-30, 30, 4001, dtype=torch.float64), {}, F.silu, (0, 2.5e-4), (0, 1e-4), 20),
+    ("exp_neg", torch.cat([torch.linspace(-40, 0, 4001, dtype=torch.float64), torch.tensor([-3e4, -600.0])]), {},
+     torch.exp, (0, 3e-4), (0, 3e-4), 24),
+    ("gelu", WIDE, {}, F.gelu, (0, 1e-4), (0, 1e-4), 20),
+    ("silu", WIDE, {}, F.silu, (0, 2.5e-4), (0, 1e-4), 20),
     # 2^13 / x keeps 16 significant bits up to x = 8192
     ("reciprocal", _log_space(0.5, 5000, 1001), dict(lo=0.5, hi=5000, scale_bits=13),
      lambda x: 2**13 / x, (1e-4, LSB), (1e-4, LSB), 22),

@@ -168,8 +168,8 @@ def _div_(self: ArithmeticSharedTensor, y):
 
 
 def decode(x: MPCTensor) -> Tensor:
-    """Open x exactly as float64 (CrypTen's get_plain_text goes through float32 and, for negative values,
-    divides by scale - 1, which is off by up to 1.0 at magnitudes above ~2^12)."""
+    """Open x exactly as float64. CrypTen's get_plain_text goes through float32 and divides negative values by
+    scale - 1, which makes many negative values beyond ~1000 come out 1.0 too low."""
     return x.reveal().double() / x.encoder.scale
 
 
@@ -249,7 +249,8 @@ def _product(op: str, x: Value, y: Value, shift: int) -> Value:
 
 
 def mul(x: Value, y: Value | Tensor | float, shift: int = 0) -> Value:
-    """Elementwise x * y / 2^shift (broadcasting); public operands are rounded to the 2^-16 grid."""
+    """Elementwise x * y / 2^shift (broadcasting). In MPC a public operand is rounded to the 2^-16 grid (pass
+    on-grid constants, see `on_grid`, and the simulator computes the same product)."""
     return _product("mul", x, y if is_private(y) or torch.is_tensor(y) else torch.tensor(float(y)), shift)
 
 
