@@ -7,7 +7,7 @@ forward (see `mpcache.model.cache`):
     observe_hidden -> update -> observe -> attention_view -> cached_attention -> after_attention
 
 What a method may observe: this step's queries (post-RoPE), every stored key/value with its
-original position, the softmax attention of any window of this step's queries (`probs`),
+original position, the softmax attention any window of this step's queries gives each slot (`attention_received`),
 the block's hidden states (`observe_hidden`), and the model itself (`from_model`).
 
 When it acts (`_step`): each forward of a layer is a "prefill" (the layer's first forward,
@@ -76,8 +76,7 @@ def split_across_layers(total: Tensor, weights: Tensor) -> Tensor:
     share = total[:, None].double() * (weights.double() / weights.double().sum())[None]
     base = share.floor().long()
     short = total - base.sum(-1)
-    order = (base - share).argsort(-1)  # largest remainder first
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
+    rank = (base - share).argsort(-1).argsort(-1)  # 0 for the largest remainder
     return base + (rank < short[:, None]).long()
 
 
@@ -138,8 +137,7 @@ def topk_slots(scores: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
 
 def top_mask(scores: Tensor, count: Tensor) -> Tensor:
     """Boolean mask [B, H, C] of the `count[b, h]` best finite-or-+inf entries of each row."""
-    order = scores.argsort(-1, descending=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order).contiguous())
+    rank = scores.argsort(-1, descending=True).argsort(-1)  # 0 for the best
     return (rank < count[..., None]) & (scores > float("-inf"))
 
 
@@ -282,12 +280,12 @@ class PolicyCache(KVCache):
             self.prompt_lengths = valid.sum(-1)
             self.budget_tokens = resolve_budget(self.budget, self.prompt_lengths) if self.budget is not None else None
         old = self.layers[layer]
-        old_lengths = old.lengths if old is not None else torch.zeros(keys.shape[:2], dtype=torch.long)
+        old_lengths = old.lengths if old is not None else keys.new_zeros(keys.shape[:2], dtype=torch.long)
         entry = super().update(layer, keys, values, positions, valid)
         self.step_valid = valid
         for name, state in self.state[layer].items():  # new slots start at zero
             state = F.pad(state, (0, entry.capacity - state.shape[-1]))
-            fresh = torch.arange(entry.capacity, device=state.device) >= old_lengths.to(state.device)[..., None]
+            fresh = torch.arange(entry.capacity, device=state.device) >= old_lengths[..., None]
             self.state[layer][name] = state.masked_fill(fresh, 0.0)
         return entry
 
@@ -389,16 +387,45 @@ class PolicyCache(KVCache):
         self.keep(layer, index, count)
 
     # ------------------------------------------------------------------ helpers
-    def probs(self, layer: int, queries: Tensor, query_positions: Tensor, last: int | None = None) -> Tensor:
-        """Softmax attention [B, Hkv, G, T, L] of this step's queries (the `last` ones when
-        given) over the layer's stored slots; rows of padding queries are zero."""
+    def attention_received(
+        self,
+        layer: int,
+        queries: Tensor,
+        query_positions: Tensor,
+        last: int | None = None,
+        weights: Tensor | None = None,
+        chunk: int = 256,
+    ) -> Tensor:
+        """Softmax attention every stored slot receives from this step's queries (the `last`
+        ones when given), summed over those queries: [B, Hkv, G, L]. Padding queries give
+        nothing; `weights` [B, T'] rescales each query. Queries are taken `chunk` at a time,
+        so a long prompt never materialises its full [T, L] probabilities."""
         entry = self.layers[layer]
         assert entry is not None and self.step_valid is not None
-        q_valid = self.step_valid
+        w = self.step_valid.to(entry.keys.dtype)
         if last is not None:
-            queries, query_positions, q_valid = queries[:, :, -last:], query_positions[:, -last:], q_valid[:, -last:]
-        p = attention_probs(queries, entry.keys, query_positions, entry.positions, entry.valid, self.sliding_window)
-        return p * q_valid[:, None, None, :, None]
+            queries, query_positions, w = queries[:, :, -last:], query_positions[:, -last:], w[:, -last:]
+        if weights is not None:
+            w = w * weights
+        total = entry.keys.new_zeros(
+            entry.keys.shape[0],
+            entry.keys.shape[1],
+            queries.shape[1] // entry.keys.shape[1],
+            entry.capacity,
+            dtype=torch.float32,
+        )
+        for start in range(0, queries.shape[2], chunk):
+            part = slice(start, start + chunk)
+            p = attention_probs(
+                queries[:, :, part],
+                entry.keys,
+                query_positions[:, part],
+                entry.positions,
+                entry.valid,
+                self.sliding_window,
+            )
+            total += torch.einsum("bhgtl,bt->bhgl", p, w[:, part].float())
+        return total
 
     def attended_tokens(self, layer: int) -> Tensor:
         """Valid tokens attention read in `layer` on the last forward [B, Hkv]."""

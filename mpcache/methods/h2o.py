@@ -31,7 +31,7 @@ class H2O(PolicyCache):
 
     def record(self, layer: int, queries: Tensor, query_positions: Tensor, kind: StepKind) -> None:
         accumulated = self.slot_state(layer, "accumulated")
-        accumulated += self.probs(layer, queries, query_positions).sum((2, 3))
+        accumulated += self.attention_received(layer, queries, query_positions).sum(2)
 
     def score(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
         return self.slot_state(layer, "accumulated")

@@ -98,7 +98,7 @@ def dequantize_store(store: QuantizedStore, bits: int, balance: Tensor, like: La
     dk, dv, dtype = like.keys.shape[-1], like.values.shape[-1], like.keys.dtype
     keys = dequantize(unpack_bits(store.key_codes, bits, dk), store.key_scale, store.key_zero) / balance[:, :, None]
     values = dequantize(unpack_bits(store.value_codes, bits, dv), store.value_scale, store.value_zero)
-    lengths = torch.full(store.valid.shape[:2], store.valid.shape[2], dtype=torch.long)
+    lengths = torch.full(store.valid.shape[:2], store.valid.shape[2], dtype=torch.long, device=store.valid.device)
     return LayerKV(keys.to(dtype), values.to(dtype), store.positions, store.valid, lengths)
 
 
@@ -138,8 +138,8 @@ class MiKV(H2O):
         entry = self.layers[layer]
         balance = self.balance[layer]
         assert entry is not None and balance is not None
-        in_use = (torch.arange(index.shape[2]) < count[..., None]).long()
-        kept = torch.zeros(entry.valid.shape, dtype=torch.long).scatter_add_(2, index, in_use) > 0
+        in_use = (torch.arange(index.shape[2], device=index.device) < count[..., None]).long()
+        kept = index.new_zeros(entry.valid.shape).scatter_add_(2, index, in_use) > 0
         dropped = gather_slots(entry, *mask_to_index(entry.valid & ~kept))
         self.low[layer] = concat_stores(self.low[layer], quantize_entry(dropped, self.low_bits, balance))
         super().evict(layer, index, count)

@@ -58,9 +58,9 @@ def observation_window(
     return max(1, int(prompt_length * (long_ratio if prompt_length > long_prompt else ratio)))
 
 
-def static_scores(window_probs: Tensor) -> Tensor:
-    """Accumulated head-averaged attention [B, L] from window_probs [B, Hkv, G, W, L]."""
-    return window_probs.mean((1, 2)).sum(1)
+def static_scores(received: Tensor) -> Tensor:
+    """Head-averaged attention [B, L] from the window's attention summed per head [B, Hkv, G, L]."""
+    return received.mean((1, 2))
 
 
 def cluster_representatives(kmax: Tensor, kmin: Tensor, alpha: float) -> Tensor:
@@ -181,14 +181,14 @@ class MPCache(PolicyCache):
         windows = torch.tensor(
             [
                 observation_window(int(n), self.window_ratio, self.long_prompt, self.long_window_ratio)
-                for n in self.prompt_lengths
-            ]
+                for n in self.prompt_lengths.tolist()
+            ],
+            device=queries.device,
         )
         w = min(int(windows.max()), queries.shape[2])
-        probs = self.probs(layer, queries, query_positions, last=w)
-        own = torch.arange(w) >= w - windows[:, None]  # [B, W]: each row votes with its own window
-        probs = probs * own[:, None, None, :, None]
-        return static_scores(probs)[:, None, :].expand(-1, probs.shape[1], -1)
+        own = torch.arange(w, device=queries.device) >= w - windows[:, None]  # [B, W]: each row's own window
+        received = self.attention_received(layer, queries, query_positions, last=w, weights=own.float())
+        return static_scores(received)[:, None, :].expand(-1, received.shape[1], -1)
 
     def compress(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
         source = self.shared_from.get(layer)

@@ -38,6 +38,6 @@ class SnapKV(PolicyCache):
         entry = self.layers[layer]
         assert entry is not None
         w = min(self.window, queries.shape[2])
-        vote = self.probs(layer, queries, query_positions, last=w).sum(3).mean(2)  # [B, Hkv, L]
+        vote = self.attention_received(layer, queries, query_positions, last=w).mean(2)  # [B, Hkv, L]
         vote = vote.masked_fill(recency_rank(entry.valid) < w, 0.0)  # the window is kept anyway, not voted on
         return pool_scores(vote, self.kernel, self.pooling)

@@ -20,6 +20,6 @@ class TOVA(PolicyCache):
     default_decode_interval: ClassVar[int] = 1
 
     def score(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
-        last = self.probs(layer, queries, query_positions, last=1)  # [B, Hkv, G, 1, L]
-        shared = last.mean((1, 2, 3))  # one score per slot for the whole layer
+        last = self.attention_received(layer, queries, query_positions, last=1)  # [B, Hkv, G, L]
+        shared = last.mean((1, 2))  # one score per slot for the whole layer
         return shared[:, None, :].expand(-1, last.shape[1], -1)
