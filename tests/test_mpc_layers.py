@@ -241,6 +241,10 @@ def test_private_layers_match_plaintext_and_simulator(parties, family):
         if name in sim:
             assert (out - sim[name]).abs().max() < 1e-3, name
     assert got["linear"][1] == 2 and got["embedding"][1] == 1  # one Beaver round (+ one truncation for reals)
+    # the linear layer's weight was opened against a fixed mask at sharing time: only x - A and the
+    # truncation of y travel (16 bytes per element each); the embedding (plain Beaver) re-sends its table
+    assert got["linear"][2] == 16 * (x.numel() + plain["linear"].numel())
+    assert got["embedding"][2] == 16 * (ids.numel() * 40 + m.tok_emb.weight.numel())
 
 
 def _private_generation(family: str, ids: torch.Tensor, steps: int, keep: torch.Tensor) -> tuple[list, list, list]:

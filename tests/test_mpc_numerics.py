@@ -57,6 +57,22 @@ def _divide_together(x: torch.Tensor, y: torch.Tensor, dx: int, dy: int) -> tupl
     return ex._tensor.reveal(), ey._tensor.reveal(), rounds
 
 
+def _fixed_products(w: torch.Tensor, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int, int]]:
+    """x @ W for several x against one FixedOperand W; (result, rounds, bytes) per product."""
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    fw = N.fixed(crypten.cryptensor(w, src=0))
+    out = []
+    for x in xs:
+        ex = crypten.cryptensor(x, src=1)
+        crypten.reset_communication_stats()
+        y = N.matmul(ex, fw)
+        stats = crypten.communicator.get().get_communication_stats()
+        out.append((N.decode(y), stats["rounds"], stats["bytes"]))
+    crypten.cfg.communicator.verbose = False
+    return out
+
+
 def _apply(name: str, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int, int]:
     """Run numerics.<name> on x shared by party 0; (result, rounds, bytes) of this party."""
     crypten = N.crypten
@@ -134,6 +150,17 @@ def test_several_truncations_share_one_round(parties):
     assert rounds == 1
     assert (qx - torch.div(torch.round(x * N.SCALE).long(), 1 << 16, rounding_mode="floor")).abs().max() <= 2
     assert (qy - torch.div(torch.round(y * N.SCALE).long(), 7, rounding_mode="floor")).abs().max() <= 2
+
+
+@pytest.mark.timeout(300)
+def test_fixed_operand_products_send_only_the_masked_input(parties):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 48, generator=g, dtype=torch.float64)
+    xs = [torch.randn(1, 3, 64, generator=g, dtype=torch.float64) for _ in range(3)]
+    for x, (y, rounds, nbytes) in zip(xs, parties.run(_fixed_products, w, xs)[0]):
+        assert (y - N.on_grid(x) @ N.on_grid(w)).abs().max() < 1e-3
+        # one opening of x - A and one truncation of y, 16 bytes per element each; W is not re-sent
+        assert rounds == 2 and nbytes == 16 * (x.numel() + y.numel())
 
 
 def test_bad_divisor_is_a_value_error():

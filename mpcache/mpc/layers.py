@@ -51,9 +51,11 @@ def one_hot(ids: Tensor, vocab_size: int) -> Tensor:
 
 
 class Linear:
-    """y = x @ W^T + b with W stored transposed; several nn.Linear fuse into one product along the output."""
+    """y = x @ W^T + b with W stored transposed; several nn.Linear fuse into one product along the output.
+    A private weight is opened once against a fixed dealer mask (numerics.FixedOperand), so each product sends
+    only the masked input."""
 
-    def __init__(self, weight_t: Value, bias: Value | None) -> None:
+    def __init__(self, weight_t: Value | N.FixedOperand, bias: Value | None) -> None:
         self.weight_t, self.bias = weight_t, bias
 
     @classmethod
@@ -62,12 +64,12 @@ class Linear:
         w = torch.cat([lin.weight.detach().double() * s for lin, s in zip(linears, scales)]).T.contiguous()
         biases = [lin.bias for lin in linears]
         if all(b is None for b in biases):
-            return cls(share(w), None)
+            return cls(N.fixed(share(w)), None)
         b = torch.cat(
             [(torch.zeros(lin.out_features) if lin.bias is None else lin.bias.detach()).double() * s
              for lin, s in zip(linears, scales)]
         )  # fmt: skip
-        return cls(share(w), share(b))
+        return cls(N.fixed(share(w)), share(b))
 
     def __call__(self, x: Value) -> Value:
         y = N.matmul(x, self.weight_t)
@@ -77,7 +79,7 @@ class Linear:
 class Embedding:
     """Lookup as a product with a secret one-hot (no index is revealed)."""
 
-    def __init__(self, table: Value) -> None:
+    def __init__(self, table: Value | N.FixedOperand) -> None:
         self.table = table
 
     def __call__(self, tokens: Value) -> Value:
@@ -333,7 +335,7 @@ class PrivateTransformer:
         pos_emb = share(model.pos_emb.weight.detach().double()) if model.config.family == "gpt2" else None
         return cls(
             model.config,
-            Embedding(share(model.tok_emb.weight.detach().double())),
+            Embedding(N.fixed(share(model.tok_emb.weight.detach().double()))),
             pos_emb,
             blocks,
             make_norm(model.norm, share, options),

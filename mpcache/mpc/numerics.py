@@ -36,6 +36,7 @@ from mpcache.mpc.crypten_compat import import_crypten
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
+from crypten.common.rng import generate_random_ring_element  # noqa: E402
 from crypten.common.tensor_types import is_float_tensor, is_int_tensor  # noqa: E402
 from crypten.mpc import MPCTensor  # noqa: E402
 from crypten.mpc.primitives import ArithmeticSharedTensor  # noqa: E402
@@ -144,6 +145,31 @@ class LocalDealer(TrustedFirstParty):
         derived = ArithmeticSharedTensor.from_shares(shared.share[1:], precision=0)
         return r, derived
 
+    # Weight-stationary Beaver tuples (see `FixedOperand`): a mask B drawn once per weight, then per product a
+    # fresh A with C = op(A, B). Party 0 keeps B in the clear (as TFP knows every mask); the other parties keep
+    # its shape only.
+    def __init__(self) -> None:
+        super().__init__()
+        self._masks: list[Tensor] = []
+
+    def fixed_mask(self, size, device=None) -> tuple[int, ArithmeticSharedTensor]:
+        size = tuple(size)
+        first = comm.get().get_rank() == 0
+        b = generate_random_ring_element(size, device=device) if first else torch.empty(size, device="meta")
+        self._masks.append(b)  # every party makes the same requests, so keys agree
+        return len(self._masks) - 1, ArithmeticSharedTensor(b if first else None, size=size, precision=0, src=0)
+
+    def fixed_triple(self, key: int, size, op: str, device=None) -> tuple[ArithmeticSharedTensor, ...]:
+        size, b = tuple(size), self._masks[key]
+        if comm.get().get_rank() == 0:
+            a = generate_random_ring_element(size, device=device)
+            return ArithmeticSharedTensor(a, precision=0, src=0), ArithmeticSharedTensor(
+                getattr(torch, op)(a, b), precision=0, src=0
+            )
+        c_size = getattr(torch, op)(torch.empty(size, device="meta"), b).shape
+        a = ArithmeticSharedTensor(None, size=size, precision=0, src=0)
+        return a, ArithmeticSharedTensor(None, size=c_size, precision=0, src=0)
+
 
 _original_div_ = ArithmeticSharedTensor.div_
 
@@ -231,8 +257,48 @@ def _from_raw(raw: Tensor, raw_scale: int, shift: int = 0) -> MPCTensor:
     return out
 
 
-def _product(op: str, x: Value, y: Value, shift: int) -> Value:
+class FixedOperand:
+    """A private right operand reused by many products, such as a weight matrix (SecureML's trick).
+
+    With plain Beaver every product opens both masked operands, so a decode step re-sends every weight:
+    |W| elements per product, ~80% of a decode step's traffic. Here W - B is opened once for a dealer mask B,
+    and every product x @ W takes a tuple (A, A @ B) with a fresh A, opening only x - A:
+        x @ W = A @ B + (x - A) @ B + A @ (W - B) + (x - A) @ (W - B).
+    B is never reused for another operand, so W - B stays a one-time pad. Needs a provider with `fixed_mask`
+    and `fixed_triple`; `fixed(w)` returns w itself otherwise (and for simulator tensors).
+    """
+
+    def __init__(self, w: MPCTensor) -> None:
+        provider = crypten.mpc.get_default_provider()
+        self.value = w
+        self.key, self.mask = provider.fixed_mask(w.size())
+        self.opened = comm.get().all_reduce(w.share - self.mask.share)  # W - B, one round, once
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.value.shape
+
+    def product(self, op: str, x: MPCTensor, shift: int) -> MPCTensor:
+        a, c = crypten.mpc.get_default_provider().fixed_triple(self.key, x.size(), op)
+        eps = comm.get().all_reduce(x.share - a.share)
+        f = getattr(torch, op)
+        raw = c.share + f(eps, self.mask.share) + f(a.share, self.opened)
+        if comm.get().get_rank() == 0:
+            raw = raw + f(eps, self.opened)
+        return _from_raw(raw, _scale(x) * _scale(self.value), shift)
+
+
+def fixed(w: Value) -> Value | FixedOperand:
+    """Wrap a private weight as a FixedOperand when the tuple provider supports it; otherwise return it."""
+    if is_private(w) and hasattr(crypten.mpc.get_default_provider(), "fixed_mask"):
+        return FixedOperand(w)
+    return w
+
+
+def _product(op: str, x: Value, y: Value | FixedOperand, shift: int) -> Value:
     """op(x, y) / 2^shift for op in {mul, matmul}: one Beaver round when both are private, one truncation."""
+    if isinstance(y, FixedOperand):
+        return y.product(op, x, shift) if is_private(x) else _product(op, x, y.value, shift)
     if not is_private(x) and not is_private(y):
         dtype = x.dtype if x.is_floating_point() else y.dtype
         return getattr(torch, op)(x.to(dtype), y.to(dtype)) / (1 << shift)
@@ -254,7 +320,7 @@ def mul(x: Value, y: Value | Tensor | float, shift: int = 0) -> Value:
     return _product("mul", x, y if is_private(y) or torch.is_tensor(y) else torch.tensor(float(y)), shift)
 
 
-def matmul(x: Value, y: Value, shift: int = 0) -> Value:
+def matmul(x: Value, y: Value | FixedOperand, shift: int = 0) -> Value:
     """x @ y / 2^shift with one truncation for the whole product."""
     return _product("matmul", x, y, shift)
 
