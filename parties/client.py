@@ -162,7 +162,7 @@ class Client:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     setup_logging("client", args.session, args.log_level)
-    creds = Credentials("client", args.certs, args.insecure)
+    creds = Credentials("client", args)
     client = Client(args.parties, creds, args.connect_timeout)
     t0 = time.perf_counter()
     y, results = client.run(args.job, args.x, json.loads(args.params), args.timeout)

@@ -53,6 +53,9 @@ class Parser(argparse.ArgumentParser):
 
 def add_tls_flags(p: Parser) -> None:
     p.add("--certs", default="certs", help="directory with ca.pem and <role>.pem/<role>.key (see mpcache-certs)")
+    p.add("--tls-ca", default=None, help="CA certificate file (default: <certs>/ca.pem)")
+    p.add("--tls-cert", default=None, help="this role's certificate file (default: <certs>/<role>.pem)")
+    p.add("--tls-key", default=None, help="this role's private key file (default: <certs>/<role>.key)")
     p.add("--insecure", default=False, type=bool, help="plaintext gRPC, no authentication (development only)")
 
 
@@ -65,10 +68,16 @@ def add_common_flags(p: Parser) -> None:
 class Credentials:
     """This role's TLS material, or plaintext when --insecure; loaded at start so a missing file fails early."""
 
-    def __init__(self, role: str, certs: str, insecure: bool) -> None:
-        self.role, self.insecure = role, insecure
-        self.files = None if insecure else tls.TlsFiles.in_dir(Path(certs), role)
-        if self.files is not None:
+    def __init__(self, role: str, args: argparse.Namespace) -> None:
+        self.role, self.insecure = role, args.insecure
+        self.files = None
+        if not args.insecure:
+            default = tls.TlsFiles.in_dir(Path(args.certs), role)
+            self.files = tls.TlsFiles(
+                ca=Path(args.tls_ca or default.ca),
+                cert=Path(args.tls_cert or default.cert),
+                key=Path(args.tls_key or default.key),
+            )
             self.files.read()  # raises TlsError naming the missing file
 
     def server(self) -> grpc.ServerCredentials | None:

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging("dealer", args.session if args.sessions else "*", args.log_level)
     if args.party_timeout <= 0:
         raise Fatal(f"--party-timeout must be > 0, got {args.party_timeout}")
-    creds = Credentials("dealer", args.certs, args.insecure)
+    creds = Credentials("dealer", args)
     import mpcache.mpc.numerics  # noqa: F401 - EXACT_TRUNCATION's math loads CrypTen: now, not in the first request
+
     ended: queue.Queue[tuple[str, str]] = queue.Queue()
     service = dealer.DealerService(
         require_roles=not args.insecure,

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add("--as", dest="as_role", default=None, choices=tls.ROLES, help="certificate to present (default: --role)")
     p.add("--timeout", default=5.0, type=float, help="seconds")
     args = p.parse_args(argv)
-    creds = Credentials(args.as_role or args.role, args.certs, args.insecure)
+    creds = Credentials(args.as_role or args.role, args)
     channel = creds.channel_to(args.address, args.role)
     try:
         reply = pb_grpc.HealthStub(channel).Check(pb.HealthRequest(), timeout=args.timeout)

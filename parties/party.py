@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from mpcache.mpc import dealer, wire
+from mpcache.mpc import dealer, tls, wire
 from mpcache.mpc.proto import mpcache_pb2 as pb
 from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
 from parties import jobs
@@ -93,13 +93,22 @@ class Pending:
 
 
 class Api(pb_grpc.JobsServicer, pb_grpc.HealthServicer):
-    def __init__(self, rank: int, session: str) -> None:
-        self.rank, self.session = rank, session
+    """Client API. With mutual TLS only a caller holding the client's certificate may submit or shut down."""
+
+    def __init__(self, rank: int, session: str, require_client_role: bool) -> None:
+        self.rank, self.session, self.require_client_role = rank, session, require_client_role
         self.inbox: queue.Queue[Pending] = queue.Queue()
         self.ready = False
         self.failure: str | None = None  # set once the party is going down; pending requests fail with it
 
+    def _check_caller(self, context: grpc.ServicerContext) -> None:
+        if self.require_client_role and tls.peer_role(context) != "client":
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"only the client may call this, not {tls.peer_role(context)}"
+            )
+
     def Run(self, request: pb.JobRequest, context: grpc.ServicerContext) -> pb.JobResult:
+        self._check_caller(context)
         if request.party != self.rank:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"share for party {request.party} sent to party {self.rank}"
@@ -120,6 +129,7 @@ class Api(pb_grpc.JobsServicer, pb_grpc.HealthServicer):
         return pending.result
 
     def Shutdown(self, request: pb.ShutdownRequest, context: grpc.ServicerContext) -> pb.ShutdownResponse:
+        self._check_caller(context)
         pending = Pending(SHUTDOWN, SHUTDOWN, json.dumps({"reason": request.reason}))
         self._submit(pending, context)
         if pending.error is not None:
@@ -171,7 +181,7 @@ def serve_api(address: str, api: Api, credentials: grpc.ServerCredentials | None
 class Party:
     def __init__(self, args, creds: Credentials) -> None:
         self.args, self.creds, self.rank = args, creds, args.rank
-        self.api = Api(self.rank, args.session)
+        self.api = Api(self.rank, args.session, require_client_role=creds.files is not None)
         self.dealer: dealer.DealerClient | None = None
         self.session = None  # provider.DealerSession
         self.ctx = jobs.JobContext(self.rank)
@@ -292,6 +302,9 @@ class Party:
                 log.info("step=shutdown requested by the client")
                 return
             try:
+                bits = self.crypten.cfg.encoder.precision_bits
+                if any(b != bits for _, b in pending.inputs):
+                    raise ValueError(f"inputs must be fixed point with {bits} fractional bits (CrypTen's encoding)")
                 params = json.loads(pending.params_json)
                 jobs.check(pending.kind, params, [tuple(s.shape) for s, _ in pending.inputs], self.ctx)
             except (ValueError, json.JSONDecodeError) as e:
@@ -362,7 +375,7 @@ class Party:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     setup_logging(f"party{args.rank}", args.session, args.log_level)
-    creds = Credentials(f"party{args.rank}", args.certs, args.insecure)
+    creds = Credentials(f"party{args.rank}", args)
     party = Party(args, creds)
     try:
         party.start()

@@ -66,6 +66,31 @@ def test_launcher_runs_all_roles_and_prints_the_answer(tmp_path):
     assert all("session=local" in (tmp_path / f"{r}.log").read_text() for r in ("dealer", "party0", "party1"))
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            pass
+    return pids
+
+
+@pytest.mark.timeout(60)
+def test_launcher_deadline_kills_every_role(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpcache.mpc.launcher", "--workdir", str(tmp_path), "--timeout", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 1
+    assert "still running (killed)" in proc.stdout
+    assert _processes_mentioning(str(tmp_path)) == []  # no orphans
+
+
 @pytest.mark.timeout(120)
 def test_a_dead_party_makes_the_dealer_and_the_other_party_exit_naming_it(tmp_path):
     dep = Deployment(tmp_path, **FAST)
@@ -149,3 +174,43 @@ def test_a_port_in_use_is_one_clear_line(tmp_path):
             + (" for clients" if role == "party0" else "")
             + " (port in use or address not available)"
         ]
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_get_clear_errors_and_the_parties_stay_in_step(tmp_path):
+    from argparse import Namespace
+
+    from parties.client import Client, Fatal
+    from parties.common import Credentials
+
+    dep = Deployment(tmp_path, **FAST)
+
+    def creds(role):
+        return Credentials(
+            role, Namespace(insecure=False, certs=str(tmp_path / "certs"), tls_ca=None, tls_cert=None, tls_key=None)
+        )
+
+    try:
+        for role in ("dealer", "party0", "party1"):
+            dep.start(role)
+        _ready(dep)
+        api = [dep.address("api0"), dep.address("api1")]
+        client = Client(api, creds("client"), connect_timeout=30)
+        x = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, 1.0, -2.0, 0.25], dtype=torch.float64)
+        bad = [
+            ("nope", x, {}, "INVALID_ARGUMENT: unknown job kind 'nope'"),
+            ("poly", x, {"coeffs": "1,2"}, "INVALID_ARGUMENT: poly needs params"),
+            ("linear_relu", x[:5], {}, "INVALID_ARGUMENT: linear_relu input has last dimension 5"),
+        ]
+        for kind, inp, params, message in bad:
+            with pytest.raises(Fatal, match=f"party 0 .* failed job .*{message}"):
+                client.run(kind, inp, params, timeout=20)
+        with pytest.raises(Fatal, match="PERMISSION_DENIED: only the client"):
+            Client(api, creds("party1"), connect_timeout=30).run("poly", x, {"coeffs": [1]}, timeout=20)
+        y, results = client.run("poly", x, {"coeffs": [0.0, 1.0, 1.0]}, timeout=20)  # still in step: x + x^2
+        assert torch.allclose(y, x + x * x, atol=1e-3)
+        assert results[0].stats.tuples == results[1].stats.tuples == 4  # 2 products: triple + exact truncation each
+        client.shutdown("done", timeout=20)
+        assert [dep.wait(r, 30) for r in ("dealer", "party0", "party1")] == [0, 0, 0]
+    finally:
+        dep.stop_all()

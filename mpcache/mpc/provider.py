@@ -5,6 +5,9 @@ Every CrypTen party makes the same sequence of tuple requests (CrypTen is SPMD),
 derives its share of the derived value, and party 0 gets its correction share from the dealer. Batching: CrypTen's
 `trace()` / `fill_cache()` records a computation's tuple requests; `fill_cache` here fetches all of party 0's
 corrections in as few GetTuples calls as the message size allows, instead of one call per tuple.
+
+CrypTen's own "TFP" provider (and mpcache.mpc.numerics.LocalDealer built on it) stays available for in-process
+unit tests only: party 0 makes every tuple there, so it knows all masks. INSECURE; no role CLI can select it.
 """
 
 from __future__ import annotations
@@ -167,12 +170,3 @@ def attach(session: DealerSession) -> DealerProvider:
     _PROVIDER.session = session
     crypten.cfg.mpc.provider = PROVIDER_NAME
     return _PROVIDER
-
-
-def use_insecure_tfp() -> None:
-    """CrypTen's trusted-first-party mode: party 0 makes every tuple itself and therefore knows all masks.
-
-    INSECURE, for single-machine unit tests of numerics only; no role CLI offers it.
-    """
-    log.warning("INSECURE tuple provider: trusted first party (party 0 knows every mask); unit tests only")
-    crypten.cfg.mpc.provider = "TFP"
