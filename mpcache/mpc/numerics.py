@@ -260,8 +260,9 @@ def _from_raw(raw: Tensor, raw_scale: int, shift: int = 0) -> MPCTensor:
 class FixedOperand:
     """A private right operand reused by many products, such as a weight matrix (SecureML's trick).
 
-    With plain Beaver every product opens both masked operands, so a decode step re-sends every weight:
-    |W| elements per product, ~80% of a decode step's traffic. Here W - B is opened once for a dealer mask B,
+    With plain Beaver every product opens both masked operands, so a decode step re-sends every weight (|W|
+    elements per product: 80% of a decode step's traffic; one step of a bundled-shape model, 4 layers of
+    d_model 256, moves 13 MB per party instead of 66 MB). Here W - B is opened once for a dealer mask B,
     and every product x @ W takes a tuple (A, A @ B) with a fresh A, opening only x - A:
         x @ W = A @ B + (x - A) @ B + A @ (W - B) + (x - A) @ (W - B).
     B is never reused for another operand, so W - B stays a one-time pad. Needs a provider with `fixed_mask`
