@@ -71,13 +71,37 @@ def resolve_budget(budget: Budget, prompt_lengths: Tensor) -> Tensor:
 
 
 def split_across_layers(total: Tensor, weights: Tensor) -> Tensor:
-    """Split `total` [B] tokens over layers in proportion to `weights` [L] (largest remainder,
-    so every row sums exactly to its total). Returns [B, L] ints."""
-    share = total[:, None].double() * (weights.double() / weights.double().sum())[None]
+    """Split `total` [B] tokens over layers in proportion to `weights` [L] (or one row of
+    weights per batch row, [B, L]) by largest remainder, so every row sums exactly to its
+    total. Returns [B, L] ints."""
+    share = total[:, None].double() * (weights.double() / weights.double().sum(-1, keepdim=True))
     base = share.floor().long()
     short = total - base.sum(-1)
     rank = (base - share).argsort(-1).argsort(-1)  # 0 for the largest remainder
     return base + (rank < short[:, None]).long()
+
+
+def split_bounded(total: Tensor, weights: Tensor, high: Tensor) -> Tensor:
+    """`split_across_layers` with a per-layer cap (CAKE, D2O, CompressKV): `total` [B] tokens
+    over layers in proportion to `weights` [B, L] >= 0, no layer above `high` [B, L] (ints).
+    A capped layer's excess goes to the others in proportion to their weights (water
+    filling), so rows sum exactly to min(total, sum of caps). Returns [B, L] ints."""
+    w = weights.double().clamp(min=0.0)
+    high = high.expand_as(w).double()
+    total = torch.minimum(total.double(), high.sum(-1))
+    capped = torch.zeros_like(w, dtype=torch.bool)
+    share = high
+    for _ in range(w.shape[-1]):
+        free = w.masked_fill(capped, 0.0)
+        free = torch.where(free.sum(-1, keepdim=True) > 0, free, (~capped).double())  # all-zero weights: even split
+        rest = total - high.masked_fill(~capped, 0.0).sum(-1)
+        share = torch.where(capped, high, rest[:, None] * free / free.sum(-1, keepdim=True).clamp(min=1e-300))
+        over = (share > high) & ~capped
+        if not bool(over.any()):
+            break
+        capped |= over
+    share = share.clamp(min=0.0)
+    return split_across_layers(total.round().long(), share + (share.sum(-1, keepdim=True) == 0))
 
 
 def global_head_counts(scores: Tensor, budget: Tensor, floor: float) -> Tensor:
@@ -184,6 +208,18 @@ def chunks_to_slots(chosen: Tensor, valid: Tensor, size: int) -> Tensor:
     """Slots [B, H, L] of the chunks set in `chosen` [B, H, C]."""
     ids = chunk_ids(valid, size)
     return chosen.gather(-1, ids.clamp(min=0)) & valid
+
+
+def merge_into(x: Tensor, target: Tensor, weight: Tensor, norm: Tensor) -> Tensor:
+    """Merge stored vectors into kept slots (KVMerger, Elastic Cache, D2O): every slot i of
+    x [B, H, L, D] adds weight[i] x[i] to slot target[i] (-1: to none), and a slot anyone
+    merged into becomes sum(weight x) / sum(norm) over its contributors; others are unchanged.
+    A kept slot lists itself as its target, so e.g. weight = norm = 1 gives plain means."""
+    b, h, length, d = x.shape
+    to = torch.where(target < 0, length, target)  # -1 -> a spare slot, dropped
+    num = x.new_zeros(b, h, length + 1, d).scatter_add_(2, to[..., None].expand(-1, -1, -1, d), weight[..., None] * x)
+    den = x.new_zeros(b, h, length + 1).scatter_add_(2, to, norm.to(x.dtype))[..., :length]
+    return torch.where(den[..., None] > 0, num[:, :, :length] / den.clamp(min=1e-30)[..., None], x)
 
 
 def concat_layers(first: LayerKV, second: LayerKV) -> LayerKV:
