@@ -96,6 +96,18 @@ def test_random_shares_look_uniform_and_independent_per_party():
     assert not torch.equal(a0, dealer.stream(k0, 0, 1, (4096,)))
 
 
+def test_weight_stationary_tuples_use_the_mask_they_name():
+    p0, p1, _ = _local_sessions()
+    (b0,), e0 = p0.next(dealer.Spec(pb.FIXED_MASK, (4, 3)))
+    (b1,), e1 = p1.next(dealer.Spec(pb.FIXED_MASK, (4, 3)))
+    assert e0.numel() == e1.numel() == 0  # nothing derived, nothing sent
+    p0.next(SPECS[0]), p1.next(SPECS[0])  # an unrelated tuple in between
+    for spec in (dealer.Spec.fixed("matmul", (2, 4), (4, 3), 0), dealer.Spec.fixed("mul", (5, 4, 3), (4, 3), 0)):
+        (a0,), c0 = p0.next(spec)
+        (a1,), c1 = p1.next(spec)
+        assert torch.equal(c0 + c1, getattr(torch, dealer.FIXED_OPS[spec.kind])(a0 + a1, b0 + b1))
+
+
 def test_prefetch_batches_and_detects_a_diverged_schedule():
     p0, p1, calls = _local_sessions()
     p0.prefetch(SPECS[:3])
@@ -157,6 +169,8 @@ def test_service_serves_party0_corrections_and_nothing_to_party1():
             c1.get_tuples(0, [SPECS[0]])
         with pytest.raises(dealer.DealerUnavailable, match="out of step"):
             c0.get_tuples(0, [SPECS[0]])  # tuple 0 was served already: never twice
+        with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*not a FIXED_MASK"):
+            c0.get_tuples(len(SPECS), [dealer.Spec.fixed("matmul", (2, 3), (3, 3), 1)])  # tuple 1 is a triple
         assert c1.heartbeat() == ""
         r1, r0 = c1.close(), c0.close()
         assert r0.tuples_served == len(SPECS) and r1.tuples_served == 0
@@ -265,6 +279,12 @@ PARTY = textwrap.dedent(
     prod = numerics.decode(crypten.cryptensor(bx, src=0) * crypten.cryptensor(by, src=1))
     out["exact_err"] = (prod - bx.double() * by.double()).abs().max().item()
     out["exact_tuples"] = session.consumed - before
+    # Weight-stationary products (numerics.FixedOperand): one FIXED_MASK for w, then FIXED_MATMUL tuples.
+    fw = numerics.fixed(ew)
+    out["fixed_err"] = max(
+        (numerics.decode(numerics.matmul(v, fw)) - p.double() @ w.double()).abs().max().item()
+        for v, p in ((ex, x), (ey, y))
+    )
     out["consumed"] = session.consumed
     out["fetch_calls"] = len(fetches)
     out["closed"] = [client.close().bytes_served]
@@ -307,6 +327,7 @@ def test_crypten_products_with_dealer_tuples_are_correct():
         assert r0[key] < 1e-3 and r1[key] < 1e-3, (key, r0[key])
     assert r0["relu"] < 1e-3 and r0["gt"] == 0.0  # comparisons use binary triples and B2A bits
     assert r0["exact_err"] < 0.1 and r0["exact_tuples"] == 2  # a Beaver triple and an exact-truncation tuple
+    assert r0["fixed_err"] < 1e-3 and r1["fixed_err"] < 1e-3
     assert r0["consumed"] == r1["consumed"] > 10
     assert r0["batched_fetches"] == [2]  # the two traced triples came in one GetTuples call
     assert r1["fetch_calls"] == 0

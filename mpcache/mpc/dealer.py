@@ -58,6 +58,7 @@ BEAVER_OPS = {
     pb.BEAVER_CONV_TRANSPOSE2D: "conv_transpose2d",
 }
 OP_KINDS = {op: kind for kind, op in BEAVER_OPS.items()}
+FIXED_OPS = {pb.FIXED_MUL: "mul", pb.FIXED_MATMUL: "matmul"}  # products with a weight-stationary mask B
 CONV_KINDS = set(BEAVER_OPS) - {pb.BEAVER_MUL, pb.BEAVER_MATMUL}
 
 
@@ -77,6 +78,7 @@ class Spec:
     conv: tuple[tuple[str, int | tuple[int, ...]], ...] = ()
     bitlength: int = 64
     divisor: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    mask_tuple: int | None = None  # FIXED_MUL / FIXED_MATMUL: tuple number of the FIXED_MASK B (shape_b)
 
     def __post_init__(self) -> None:
         if self.kind not in pb.TupleKind.values() or self.kind == pb.TUPLE_KIND_UNSPECIFIED:
@@ -88,6 +90,10 @@ class Spec:
             raise ValueError(f"bitlength {self.bitlength} must be in 1..64")
         if self.conv and self.kind not in CONV_KINDS:
             raise ValueError(f"conv parameters given for non-convolution tuple kind {pb.TupleKind.Name(self.kind)}")
+        if (self.kind in FIXED_OPS) != (self.mask_tuple is not None):
+            raise ValueError("a mask tuple number goes with FIXED_MUL / FIXED_MATMUL tuples and only with them")
+        if self.mask_tuple is not None and self.mask_tuple < 0:
+            raise ValueError(f"mask tuple number {self.mask_tuple} must be >= 0")
         if (self.kind == pb.EXACT_TRUNCATION) != bool(self.divisor[1]):
             raise ValueError("a divisor goes with EXACT_TRUNCATION tuples and only with them")
         if self.divisor[1]:
@@ -113,6 +119,14 @@ class Spec:
         else:
             raise TypeError(f"truncation divisor must be an int or an integer tensor, got {type(divisor).__name__}")
         return cls(pb.EXACT_TRUNCATION, tuple(shape), divisor=d)
+
+    @classmethod
+    def fixed(cls, op: str, shape_a: Sequence[int], mask_shape: Sequence[int], mask_tuple: int) -> Spec:
+        """(A, op(A, B)) for the weight-stationary mask B drawn as tuple number `mask_tuple`."""
+        kinds = {v: k for k, v in FIXED_OPS.items()}
+        if op not in kinds:
+            raise ValueError(f"unsupported weight-stationary op {op!r}; expected one of {sorted(kinds)}")
+        return cls(kinds[op], tuple(shape_a), tuple(mask_shape), mask_tuple=mask_tuple)
 
     def divisor_value(self) -> int | torch.Tensor:
         shape, values = self.divisor
@@ -145,9 +159,9 @@ class Spec:
     def derived_shape(self) -> tuple[int, ...]:
         """Shape of the derived value, without arithmetic (meta tensors only for convolutions)."""
         try:
-            if self.kind in (pb.BEAVER_MUL, pb.BINARY_AND):
+            if self.kind in (pb.BEAVER_MUL, pb.BINARY_AND, pb.FIXED_MUL):
                 return _broadcast(self.shape_a, self.shape_b)
-            if self.kind == pb.BEAVER_MATMUL:
+            if self.kind in (pb.BEAVER_MATMUL, pb.FIXED_MATMUL):
                 return _matmul_shape(self.shape_a, self.shape_b)
             if self.kind in CONV_KINDS:
                 a = torch.empty(self.shape_a, device="meta")
@@ -157,6 +171,8 @@ class Spec:
             raise ValueError(f"{self.name}: shapes {self.shape_a} and {self.shape_b} do not fit: {e}") from None
         if self.kind == pb.EXACT_TRUNCATION:
             return (2, *self.shape_a)
+        if self.kind == pb.FIXED_MASK:
+            return (0,)  # nothing derived: B is the sum of the parties' own draws
         return self.shape_a
 
     def derived_xor(self) -> bool:
@@ -176,6 +192,8 @@ class Spec:
                 getattr(msg.conv, key).extend(value if isinstance(value, tuple) else (value,))
         if self.divisor[1]:
             msg.divisor.CopyFrom(wire.tensor_to_proto(torch.tensor(self.divisor[1]).reshape(self.divisor[0])))
+        if self.mask_tuple is not None:
+            msg.mask_tuple = self.mask_tuple
         return msg
 
     @classmethod
@@ -190,12 +208,14 @@ class Spec:
                 elif len(value):
                     conv.append((key, tuple(int(v) for v in value)))
         bitlength = msg.bitlength or 64
-        if msg.kind in (pb.SQUARE, pb.B2A_BIT, pb.TRUNCATION_PAIR, pb.EXACT_TRUNCATION) and msg.shape_b:
+        if msg.kind in (pb.SQUARE, pb.B2A_BIT, pb.TRUNCATION_PAIR, pb.EXACT_TRUNCATION, pb.FIXED_MASK) and msg.shape_b:
             raise ValueError(f"{pb.TupleKind.Name(msg.kind)} takes one shape, got shape_b={list(msg.shape_b)}")
         if msg.kind == pb.EXACT_TRUNCATION:
             if not msg.HasField("divisor"):
                 raise ValueError("EXACT_TRUNCATION needs a divisor")
             return cls.truncation(tuple(msg.shape_a), int64_from_pb(msg.divisor))
+        if msg.kind in FIXED_OPS:
+            return cls.fixed(FIXED_OPS[msg.kind], tuple(msg.shape_a), tuple(msg.shape_b), int(msg.mask_tuple))
         return cls(msg.kind, tuple(msg.shape_a), tuple(msg.shape_b), tuple(conv), bitlength)
 
 
@@ -258,8 +278,9 @@ def derived_share(key: bytes, index: int, spec: Spec) -> torch.Tensor:
     return stream(key, index, len(spec.random_parts()), spec.derived_shape(), bits)
 
 
-def derived_value(spec: Spec, shares: list[list[torch.Tensor]]) -> torch.Tensor:
-    """The plaintext derived value from every party's random shares (`shares[rank][part]`). Dealer only."""
+def derived_value(spec: Spec, shares: list[list[torch.Tensor]], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The plaintext derived value from every party's random shares (`shares[rank][part]`) and, for FIXED_*
+    tuples, the plaintext mask B. Dealer only."""
     parts = []
     for p, (_, _, xor) in enumerate(spec.random_parts()):
         total = shares[0][p].clone()
@@ -274,6 +295,10 @@ def derived_value(spec: Spec, shares: list[list[torch.Tensor]]) -> torch.Tensor:
         return parts[0] & parts[1]
     if spec.kind == pb.B2A_BIT:
         return parts[0]
+    if spec.kind == pb.FIXED_MASK:
+        return torch.empty(0, dtype=torch.int64)
+    if spec.kind in FIXED_OPS:
+        return getattr(torch, FIXED_OPS[spec.kind])(parts[0], mask)
     if spec.kind == pb.EXACT_TRUNCATION:
         from mpcache.mpc.numerics import truncation_derived  # the tuple's definition lives with its protocol
 
@@ -290,7 +315,12 @@ def derived_value(spec: Spec, shares: list[list[torch.Tensor]]) -> torch.Tensor:
 
 def correction(keys: Sequence[bytes], index: int, spec: Spec) -> torch.Tensor:
     """Party 0's share of the derived value: the dealer's whole per-tuple output."""
-    value = derived_value(spec, [random_shares(k, index, spec) for k in keys])
+    mask = None
+    if spec.kind in FIXED_OPS:  # B = the sum of the parties' draws for the FIXED_MASK tuple (its only part)
+        mask = stream(keys[0], spec.mask_tuple, 0, spec.shape_b)
+        for key in keys[1:]:
+            mask = mask + stream(key, spec.mask_tuple, 0, spec.shape_b)
+    value = derived_value(spec, [random_shares(k, index, spec) for k in keys], mask)
     for key in keys[1:]:
         other = derived_share(key, index, spec)
         value = value ^ other if spec.derived_xor() else value - other
@@ -329,6 +359,7 @@ class _Session:
     closed: set[int] = field(default_factory=set)
     last_seen: dict[int, float] = field(default_factory=dict)
     served: int = 0  # tuples whose corrections went to party 0
+    masks: dict[int, tuple[int, ...]] = field(default_factory=dict)  # FIXED_MASK tuple number -> shape of B
     bytes_to: dict[int, int] = field(default_factory=dict)
     aborted: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -471,11 +502,20 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
                 )
             out = []
             index = s.served
+            masks = dict(s.masks)
             for spec, count in specs:
                 for _ in range(count):
+                    if spec.kind == pb.FIXED_MASK:
+                        masks[index] = spec.shape_a
+                    elif spec.kind in FIXED_OPS and masks.get(spec.mask_tuple) != spec.shape_b:
+                        context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{spec.name} refers to tuple {spec.mask_tuple}, which is not a FIXED_MASK of shape "
+                            f"{spec.shape_b}",
+                        )
                     out.append(int64_to_pb(correction(s.keys, index, spec)))
                     index += 1
-            s.served = index
+            s.served, s.masks = index, masks
             reply = pb.TupleResponse(request_id=request.request_id, corrections=out)
             s.bytes_to[0] = s.bytes_to.get(0, 0) + reply.ByteSize()
         return reply

@@ -50,6 +50,7 @@ class DealerSession:
         self.consumed = 0  # tuples used so far (= index of the next tuple)
         self.fetched = 0  # party 0: tuples whose corrections have arrived
         self.correction_bytes = 0
+        self.masks: dict[int, tuple[int, ...]] = {}  # FIXED_MASK tuple number -> shape of B
         self._ready: collections.deque[tuple[int, dealer.Spec, torch.Tensor]] = collections.deque()
 
     def prefetch(self, specs: list[dealer.Spec]) -> None:
@@ -84,6 +85,8 @@ class DealerSession:
                 )
         else:
             derived = dealer.derived_share(self.key, index, spec)
+        if spec.kind == pb.FIXED_MASK:
+            self.masks[index] = spec.shape_a
         self.consumed += 1
         return randoms, derived
 
@@ -102,11 +105,14 @@ class DealerProvider(TupleProvider):
         super().__init__()
         self.session: DealerSession | None = None
 
-    def _next(self, spec: dealer.Spec, device) -> tuple[list[torch.Tensor], torch.Tensor]:
-        _cpu(device)
+    def _session(self) -> DealerSession:
         if self.session is None:
             raise RuntimeError("dealer provider used before attach(): no dealer session")
-        return self.session.next(spec)
+        return self.session
+
+    def _next(self, spec: dealer.Spec, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        _cpu(device)
+        return self._session().next(spec)
 
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
         if args:
@@ -138,6 +144,20 @@ class DealerProvider(TupleProvider):
         return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(
             derived, precision=0
         )
+
+    def fixed_mask(self, size, device=None):
+        """(key, B) for a weight-stationary operand (mpcache.mpc.numerics.FixedOperand); key = B's tuple number."""
+        key = self._session().consumed
+        (b,), _ = self._next(dealer.Spec(pb.FIXED_MASK, tuple(size)), device)
+        return key, ArithmeticSharedTensor.from_shares(b, precision=0)
+
+    def fixed_triple(self, key: int, size, op: str, device=None):
+        """(A, op(A, B)) with a fresh A for the mask B of `fixed_mask`'s `key`."""
+        masks = self._session().masks
+        if key not in masks:
+            raise ValueError(f"no weight-stationary mask with key {key} in this session")
+        (a,), c = self._next(dealer.Spec.fixed(op, tuple(size), masks[key], key), device)
+        return ArithmeticSharedTensor.from_shares(a, precision=0), ArithmeticSharedTensor.from_shares(c, precision=0)
 
     def fill_cache(self) -> None:
         """Fetch party 0's corrections for every traced request in batched calls, then fill CrypTen's cache."""

@@ -62,6 +62,9 @@ class TupleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     B2A_BIT: _ClassVar[TupleKind]
     TRUNCATION_PAIR: _ClassVar[TupleKind]
     EXACT_TRUNCATION: _ClassVar[TupleKind]
+    FIXED_MASK: _ClassVar[TupleKind]
+    FIXED_MUL: _ClassVar[TupleKind]
+    FIXED_MATMUL: _ClassVar[TupleKind]
 
 class ShareEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -122,6 +125,9 @@ BINARY_AND: TupleKind
 B2A_BIT: TupleKind
 TRUNCATION_PAIR: TupleKind
 EXACT_TRUNCATION: TupleKind
+FIXED_MASK: TupleKind
+FIXED_MUL: TupleKind
+FIXED_MATMUL: TupleKind
 SHARE_ENCODING_UNSPECIFIED: ShareEncoding
 TOKEN_IDS: ShareEncoding
 ONE_HOT: ShareEncoding
@@ -206,7 +212,7 @@ class ConvParams(_message.Message):
     def __init__(self, stride: _Optional[_Iterable[int]] = ..., padding: _Optional[_Iterable[int]] = ..., dilation: _Optional[_Iterable[int]] = ..., groups: _Optional[int] = ..., output_padding: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TupleSpec(_message.Message):
-    __slots__ = ("kind", "shape_a", "shape_b", "conv", "bitlength", "count", "divisor")
+    __slots__ = ("kind", "shape_a", "shape_b", "conv", "bitlength", "count", "divisor", "mask_tuple")
     KIND_FIELD_NUMBER: _ClassVar[int]
     SHAPE_A_FIELD_NUMBER: _ClassVar[int]
     SHAPE_B_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +220,7 @@ class TupleSpec(_message.Message):
     BITLENGTH_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     DIVISOR_FIELD_NUMBER: _ClassVar[int]
+    MASK_TUPLE_FIELD_NUMBER: _ClassVar[int]
     kind: TupleKind
     shape_a: _containers.RepeatedScalarFieldContainer[int]
     shape_b: _containers.RepeatedScalarFieldContainer[int]
@@ -221,7 +228,8 @@ class TupleSpec(_message.Message):
     bitlength: int
     count: int
     divisor: Tensor
-    def __init__(self, kind: _Optional[_Union[TupleKind, str]] = ..., shape_a: _Optional[_Iterable[int]] = ..., shape_b: _Optional[_Iterable[int]] = ..., conv: _Optional[_Union[ConvParams, _Mapping]] = ..., bitlength: _Optional[int] = ..., count: _Optional[int] = ..., divisor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    mask_tuple: int
+    def __init__(self, kind: _Optional[_Union[TupleKind, str]] = ..., shape_a: _Optional[_Iterable[int]] = ..., shape_b: _Optional[_Iterable[int]] = ..., conv: _Optional[_Union[ConvParams, _Mapping]] = ..., bitlength: _Optional[int] = ..., count: _Optional[int] = ..., divisor: _Optional[_Union[Tensor, _Mapping]] = ..., mask_tuple: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("session", "rank", "world_size", "protocol_version")
