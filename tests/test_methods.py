@@ -378,6 +378,28 @@ def test_slot_state_follows_keep_and_starts_at_zero() -> None:
     assert state[1, :, 0].tolist() == [4, 3] and state[1, :, 1:3].abs().sum() == 0  # fresh slots, no leftovers
 
 
+def test_attention_received_sums_causal_softmax_in_chunks(model: Transformer) -> None:
+    ids, mask = batch()
+    cache = spy(H2O, model, 1000)
+    run(model, cache, ids, mask, steps=0)
+    snap = cache.seen[1][0]
+    manual = manual_probs(snap["q"], snap["keys"], positions_of(mask), snap["pos"], snap["valid"])
+    manual = (manual * mask[:, None, None, :, None]).sum(3)
+    for chunk in (5, 1000):
+        got = cache.attention_received(1, snap["q"], positions_of(mask), chunk=chunk)
+        assert torch.allclose(got, manual, atol=1e-5)
+    weights = torch.rand(2, 10)
+    last = cache.attention_received(1, snap["q"], positions_of(mask), last=10, weights=weights, chunk=3)
+    assert torch.allclose(
+        last,
+        (
+            manual_probs(snap["q"][:, :, -10:], snap["keys"], positions_of(mask)[:, -10:], snap["pos"], snap["valid"])
+            * weights[:, None, None, :, None]
+        ).sum(3),
+        atol=1e-5,
+    )
+
+
 # --------------------------------------------------------------- when methods act
 def test_timing_before_compresses_what_the_prompt_attends_to(model: Transformer) -> None:
     ids, mask = batch(pad=0)
