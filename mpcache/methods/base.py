@@ -390,7 +390,8 @@ class PolicyCache(KVCache):
         assert self.budget_tokens is not None
         if self.layer_weights is None:
             return self.budget_tokens
-        return split_across_layers(self.budget_tokens * len(self.layers), self.layer_weights)[:, layer]
+        weights = self.layer_weights.to(self.budget_tokens.device)
+        return split_across_layers(self.budget_tokens * len(self.layers), weights)[:, layer]
 
     def protection(self, layer: int, budget: Tensor) -> tuple[int | Tensor, int | Tensor]:
         """(sink, window): how many first / last valid tokens of each head are always kept."""
