@@ -441,7 +441,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
     def _end(self, s: _Session, error: str) -> None:
         if error and not s.aborted:
             s.aborted = error
-            log.error("session %s aborted: %s", s.name, error)
+            log.error("step=abort session %s aborted: %s", s.name, error)
         if self.on_session_end is not None:
             self.on_session_end(s.name, error)
 
@@ -475,7 +475,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             s.last_seen[request.rank] = time.monotonic()
             reply = pb.RegisterResponse(seed=s.seeds[request.rank], dealer_id=self.dealer_id)
             s.bytes_to[request.rank] = s.bytes_to.get(request.rank, 0) + reply.ByteSize()
-        log.info("session %s: party %d registered", request.session, request.rank)
+        log.info("step=register session %s: party %d registered", request.session, request.rank)
         return reply
 
     def GetTuples(self, request: pb.TupleRequest, context: grpc.ServicerContext) -> pb.TupleResponse:
@@ -549,7 +549,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
                 s.aborted = f"party {request.rank} failed: {request.error}"
             now_done = s.done
         log.info(
-            "session %s: party %d closed%s (%d tuples, %d bytes sent to it)",
+            "step=close session %s: party %d closed%s (%d tuples, %d bytes sent to it)",
             s.name,
             request.rank,
             f" with error: {request.error}" if request.error else "",
