@@ -120,6 +120,14 @@ def test_prefetch_batches_and_detects_a_diverged_schedule():
         p0.next(SPECS[1])
 
 
+def test_oversized_tuples_are_refused_by_both_parties_and_the_dealer():
+    huge = dealer.Spec.beaver("mul", (1 << 24, 2), (1,))  # a 256 MiB correction
+    for session in _local_sessions()[:2]:
+        with pytest.raises(ValueError, match="split the operation"):
+            session.next(huge)
+        assert session.consumed == 0
+
+
 def test_bad_specs_are_rejected_with_a_message():
     with pytest.raises(ValueError, match="do not fit"):
         dealer.Spec.beaver("matmul", (2, 3), (4, 5)).derived_shape()
@@ -169,6 +177,10 @@ def test_service_serves_party0_corrections_and_nothing_to_party1():
             c1.get_tuples(0, [SPECS[0]])
         with pytest.raises(dealer.DealerUnavailable, match="out of step"):
             c0.get_tuples(0, [SPECS[0]])  # tuple 0 was served already: never twice
+        with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*split the operation"):
+            c0.get_tuples(len(SPECS), [dealer.Spec.beaver("mul", (1 << 24, 2), (1,))])
+        with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*in batches"):
+            c0.get_tuples(len(SPECS), [dealer.Spec.beaver("mul", (1 << 23,), (1,))] * 3)
         with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*not a FIXED_MASK"):
             c0.get_tuples(len(SPECS), [dealer.Spec.fixed("matmul", (2, 3), (3, 3), 1)])  # tuple 1 is a triple
         assert c1.heartbeat() == ""

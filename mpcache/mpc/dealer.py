@@ -42,8 +42,9 @@ log = logging.getLogger("mpcache.dealer")
 
 PROTOCOL_VERSION = 1
 WORLD_SIZE = 2  # computing parties; the dealer is not counted
-MAX_TUPLE_ELEMENTS = 1 << 27  # 1 GiB of int64 per tensor: beyond that a request is a bug, not a workload
 MAX_MESSAGE_BYTES = 256 << 20
+MAX_STREAM_ELEMENTS = 1 << 30  # locally drawn shares (8 GiB): beyond that a request is a bug, not a workload
+MAX_CORRECTION_ELEMENTS = 1 << 24  # one correction tensor (128 MiB) must fit a GetTuples reply with room to spare
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -178,10 +179,20 @@ class Spec:
     def derived_xor(self) -> bool:
         return self.kind == pb.BINARY_AND
 
-    def numel(self) -> int:
-        """Elements in the largest tensor this tuple involves (for size limits)."""
-        sizes = [s for s, _, _ in self.random_parts()] + [self.derived_shape()]
-        return max(int(np.prod(s, dtype=np.int64)) for s in sizes)
+    def correction_numel(self) -> int:
+        """Elements of the derived value, i.e. of party 0's correction on the wire."""
+        return int(np.prod(self.derived_shape(), dtype=np.int64))
+
+    def check_size(self) -> None:
+        """ValueError if a share to draw or the correction to send is beyond the limits above."""
+        for shape, _, _ in self.random_parts():
+            if int(np.prod(shape, dtype=np.int64)) > MAX_STREAM_ELEMENTS:
+                raise ValueError(f"{self.name} share of shape {shape} exceeds {MAX_STREAM_ELEMENTS} elements")
+        if self.correction_numel() > MAX_CORRECTION_ELEMENTS:
+            raise ValueError(
+                f"{self.name} correction of shape {self.derived_shape()} exceeds {MAX_CORRECTION_ELEMENTS} elements; "
+                "split the operation"
+            )
 
     def to_pb(self) -> pb.TupleSpec:
         msg = pb.TupleSpec(kind=self.kind, shape_a=self.shape_a, shape_b=self.shape_b, bitlength=self.bitlength)
@@ -257,8 +268,8 @@ def stream(key: bytes, index: int, part: int, shape: Sequence[int], bits: int = 
     Each (index, part) has its own counter block range, so tuples can be drawn in any order or in parallel.
     """
     n = int(np.prod(shape, dtype=np.int64))
-    if n > MAX_TUPLE_ELEMENTS:
-        raise ValueError(f"tuple tensor of shape {tuple(shape)} exceeds {MAX_TUPLE_ELEMENTS} elements")
+    if n > MAX_STREAM_ELEMENTS:
+        raise ValueError(f"tuple tensor of shape {tuple(shape)} exceeds {MAX_STREAM_ELEMENTS} elements")
     encryptor = Cipher(algorithms.AES(key), modes.CTR(struct.pack(">QII", index, part, 0))).encryptor()
     raw = encryptor.update(bytes(8 * n))
     out = torch.from_numpy(np.frombuffer(raw, dtype="<i8").astype(np.int64)).reshape(tuple(shape))
@@ -487,11 +498,16 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
         s = self._session(context, request.session, request.rank)
         try:
             specs = [(Spec.from_pb(m), m.count or 1) for m in request.specs]
+            total = 0
             for spec, count in specs:
-                if spec.numel() > MAX_TUPLE_ELEMENTS:
-                    raise ValueError(f"{spec.name} tuple of {spec.numel()} elements exceeds {MAX_TUPLE_ELEMENTS}")
+                spec.check_size()
                 if count > 1 << 20:
                     raise ValueError(f"count {count} too large")
+                total += 8 * count * spec.correction_numel()
+            if total > MAX_MESSAGE_BYTES // 2:
+                raise ValueError(
+                    f"the reply would carry {total} bytes of corrections; ask in batches under {MAX_MESSAGE_BYTES // 2}"
+                )
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         with s.lock:

@@ -60,8 +60,8 @@ class DealerSession:
         start = 0
         while start < len(specs):
             stop, size = start, 0
-            while stop < len(specs) and (stop == start or size + 8 * specs[stop].numel() <= BATCH_BYTES):
-                size += 8 * int(torch.Size(specs[stop].derived_shape()).numel())
+            while stop < len(specs) and (stop == start or size + 8 * specs[stop].correction_numel() <= BATCH_BYTES):
+                size += 8 * specs[stop].correction_numel()
                 stop += 1
             chunk = specs[start:stop]
             for spec, c0 in zip(chunk, self.fetch(self.fetched, chunk), strict=True):
@@ -72,6 +72,7 @@ class DealerSession:
 
     def next(self, spec: dealer.Spec) -> tuple[list[torch.Tensor], torch.Tensor]:
         """This party's shares of the next tuple: (random input shares, share of the derived value)."""
+        spec.check_size()  # both parties refuse an oversized tuple the same way, before any traffic
         index = self.consumed
         randoms = dealer.random_shares(self.key, index, spec)
         if self.rank == 0:
