@@ -246,12 +246,12 @@ class Party:
         while not self._stop_heartbeat.wait(self.args.heartbeat):
             try:
                 reason = self.dealer.heartbeat(timeout=self.args.timeout)
+                if reason:
+                    reason = f"dealer aborted the session: {reason}"
             except dealer.DealerUnavailable as e:
-                if self._stop_heartbeat.is_set():
-                    return
-                reason = str(e)
+                reason = str(e)  # names the dealer's address and what failed
             if reason and not self._stop_heartbeat.is_set():
-                self._give_up(reason if "dealer" in reason else f"dealer aborted the session: {reason}")
+                self._give_up(reason)
                 return
 
     def _give_up(self, reason: str) -> None:
