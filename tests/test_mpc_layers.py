@@ -287,3 +287,43 @@ def test_private_greedy_generation_matches_plaintext(parties, family):
             assert torch.equal(tokens[step].sum(-1), torch.ones(1, 1, dtype=torch.float64))  # a one-hot
             ref = m(last[:, -1:].argmax(-1), cache)
     assert costs[1][1] < costs[0][1]  # a decode step moves fewer bytes than the prefill
+
+
+def _private_bundled_greedy(prompt: torch.Tensor, steps: int) -> tuple[list[int], list[tuple[int, int]]]:
+    from mpcache.model.loading import load_bundled
+
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    model, _ = load_bundled(dtype=torch.float64)
+    pm = L.PrivateTransformer.from_plain(model, lambda t: crypten.cryptensor(t, src=0))
+    cache = L.PrivateKVCache(model.config.n_layer)
+    tokens = crypten.cryptensor(L.one_hot(prompt, model.config.vocab_size), src=1, precision=0)
+    out, costs = [], []
+    for _ in range(steps):
+        crypten.reset_communication_stats()
+        tokens = L.greedy_token(pm(tokens, cache, last_only=True))
+        stats = crypten.communicator.get().get_communication_stats()
+        out.append(int(N.decode(tokens).argmax(-1)))
+        costs.append((stats["rounds"], stats["bytes"]))
+    crypten.cfg.communicator.verbose = False
+    return out, costs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_private_bundled_model_decodes_like_plaintext(parties):
+    from mpcache.model.loading import load_bundled
+
+    try:
+        model, tok = load_bundled(dtype=torch.float64)
+    except FileNotFoundError:
+        pytest.skip("no bundled model")
+    prompt = torch.tensor([tok.encode("The pass key is 60754. Remember it. What is the pass key? The pass key is")])
+    want, cache = [], KVCache(model.config.n_layer)
+    with torch.no_grad():
+        logits = model(prompt, cache)
+        for _ in range(6):
+            want.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[want[-1]]]), cache)
+    got, _ = parties.run(_private_bundled_greedy, prompt, 6)[0]
+    assert got == want
