@@ -148,6 +148,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_head * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * hd, config.d_model, bias=config.out_bias)
+        self.use_kernels = False  # set by mpcache.kernels.enable: Triton decode attention where it can run
         if config.family == "llama":
             self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
@@ -168,9 +169,14 @@ class Attention(nn.Module):
             cache.update(self.layer, k, v, positions, valid)
             cache.observe(self.layer, q, positions)
             entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
-            out = cached_attention(
-                q, entry.keys, entry.values, positions, entry.positions, entry.valid, self.config.sliding_window
-            )
+            if self.use_kernels:
+                from mpcache.kernels import decode_attention  # imported here: mpcache.kernels imports this module
+
+                out = decode_attention(q, entry, positions, self.config.sliding_window)
+            else:
+                out = cached_attention(
+                    q, entry.keys, entry.values, positions, entry.positions, entry.valid, self.config.sliding_window
+                )
             cache.after_attention(self.layer, q, positions)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

@@ -1,0 +1,177 @@
+"""Triton kernels (mpcache.kernels) against the torch code they replace: time and max error.
+
+    python -m bench.kernels                       # on a CUDA machine: markdown table on stdout
+    python -m bench.kernels --json kernels.json   # also write the rows
+    TRITON_INTERPRET=1 python -m bench.kernels    # no GPU: correctness on tiny shapes only
+
+Times are CUDA-event medians over `--iters` calls after warm-up, one GPU, inputs already
+on the device; "torch" is the path the model takes without kernels (`cached_attention`
+through SDPA; `gather_slots` first for a selected subset). GB/s counts the key/value
+bytes a kernel must read. Without CUDA nothing is timed: the interpreter runs Triton
+programs one by one in numpy, ~1000x slower than torch, so its times say nothing; the
+rows then carry max errors only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from mpcache import kernels
+from mpcache.methods.base import chunk_min_max
+from mpcache.methods.mpcache import approx_similarity
+from mpcache.methods.quest import page_bound
+from mpcache.model.cache import LayerKV, gather_slots
+from mpcache.model.transformer import cached_attention
+
+
+def make_cache(b: int, hkv: int, length: int, d: int, dtype: torch.dtype, device: str) -> LayerKV:
+    """A cache whose heads hold between half and all of `length` slots (per-head lengths)."""
+    lengths = torch.randint(length // 2, length + 1, (b, hkv), device=device)
+    slots = torch.arange(length, device=device)
+    return LayerKV(
+        torch.randn(b, hkv, length, d, device=device, dtype=dtype),
+        torch.randn(b, hkv, length, d, device=device, dtype=dtype),
+        slots.expand(b, hkv, length).contiguous(),
+        slots < lengths[..., None],
+        lengths,
+    )
+
+
+def select_pages(entry: LayerKV, budget: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Quest-like subset: budget // page random pages per head, as slot lists (index, count)."""
+    b, h, length = entry.valid.shape
+    n_pages = length // page
+    chosen = torch.rand(b, h, n_pages, device=entry.keys.device).argsort(-1)[..., : budget // page].sort(-1).values
+    index = (chosen[..., None] * page + torch.arange(page, device=chosen.device)).flatten(2)
+    count = torch.full((b, h), index.shape[-1], dtype=torch.long, device=index.device)
+    return index, count
+
+
+def cuda_time_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cases(b: int, hq: int, hkv: int, length: int, d: int, dtype: torch.dtype, device: str, budget: int):
+    """(name, kernel call, torch call, bytes read) for one shape."""
+    entry = make_cache(b, hkv, length, d, dtype, device)
+    q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
+    qpos = torch.full((b, 1), length, device=device)
+    index, count = select_pages(entry, budget, 16)
+    kv_bytes = 2 * int(entry.lengths.sum()) * d * entry.keys.element_size()
+    sub_bytes = 2 * int(count.sum()) * d * entry.keys.element_size()
+    kmax, kmin, _ = chunk_min_max(entry.keys, entry.valid, 16)
+    groups = q[:, :, 0].view(b, hkv, hq // hkv, d)
+    window_q = torch.randn(b, hq, 32, d, device=device, dtype=dtype)
+    window_pos = torch.full((b, 32), length, device=device)
+    ones = torch.ones(b, 32, device=device)
+    meta_bytes = 2 * kmax.numel() * kmax.element_size()
+
+    def torch_subset():
+        picked = gather_slots(entry, index, count)
+        return cached_attention(q, picked.keys, picked.values, qpos, picked.positions, picked.valid)
+
+    return [
+        (
+            "decode, full cache",
+            lambda: kernels.decode_attention(q, entry, qpos),
+            lambda: cached_attention(q, entry.keys, entry.values, qpos, entry.positions, entry.valid),
+            kv_bytes,
+        ),
+        (
+            f"decode, {budget} selected slots",
+            lambda: kernels.decode_attention(q, entry, qpos, index=index, count=count),
+            torch_subset,
+            sub_bytes,
+        ),
+        (
+            "Quest page bound",
+            lambda: kernels.page_bound(groups, kmax, kmin),
+            lambda: page_bound(groups, kmax, kmin),
+            meta_bytes,
+        ),
+        (
+            "MPCache cluster score",
+            lambda: kernels.approx_similarity(groups.sum(2), kmax, kmin, 0.6),
+            lambda: approx_similarity(groups.sum(2), kmax, kmin, 0.6),
+            meta_bytes,
+        ),
+        (
+            "key norms",
+            lambda: kernels.token_key_norms(entry.keys, entry.valid),
+            lambda: kernels.token_key_norms(entry.keys, entry.valid, use_kernels=False),
+            kv_bytes // 2,
+        ),
+        (
+            "window sums (32 queries)",
+            lambda: kernels.window_attention_sums(window_q, entry.keys, window_pos, entry.positions, entry.valid, ones),
+            lambda: kernels.window_attention_sums(
+                window_q, entry.keys, window_pos, entry.positions, entry.valid, ones, use_kernels=False
+            ),
+            kv_bytes // 2,
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    gpu = torch.cuda.is_available() and kernels.available() and not kernels.INTERPRET
+    if gpu:
+        device, dtype = "cuda", torch.bfloat16
+        shapes = [(1, 32, 8, 4096, 128), (1, 32, 8, 32768, 128), (8, 32, 8, 8192, 128), (4, 12, 12, 4096, 64)]
+        budget = 2048
+        note = f"GPU: {torch.cuda.get_device_name()}; bf16; CUDA-event medians of {args.iters} calls"
+    elif kernels.available():
+        device, dtype, shapes, budget = "cpu", torch.float32, [(1, 4, 2, 96, 32)], 32
+        note = "NO GPU: Triton interpreter only (TRITON_INTERPRET=1); max errors only, no timing claims"
+    else:
+        note = "NO GPU and no interpreter (set TRITON_INTERPRET=1 for a CPU correctness run): nothing to measure"
+        print(note)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"note": note, "rows": []}, f, indent=1)
+        return
+    print(note, "\n")
+    print("| shape (B, Hq, Hkv, L, D) | op | triton ms | torch ms | speed-up | triton GB/s | max abs err |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for shape in shapes:
+        for name, fast, slow, nbytes in cases(*shape, dtype, device, budget):
+            err = (fast().float() - slow().float()).abs().max().item()
+            row = dict(shape=list(shape), op=name, dtype=str(dtype), max_abs_err=err, triton_ms=None, torch_ms=None)
+            if gpu:
+                row["triton_ms"], row["torch_ms"] = cuda_time_ms(fast, args.iters), cuda_time_ms(slow, args.iters)
+                row["triton_gbps"] = nbytes / row["triton_ms"] / 1e6
+                timing = (
+                    f"{row['triton_ms']:.4f} | {row['torch_ms']:.4f} | {row['torch_ms'] / row['triton_ms']:.2f}x | "
+                    f"{row['triton_gbps']:.0f}"
+                )
+            else:
+                timing = "n/a | n/a | n/a | n/a"
+            print(f"| {tuple(shape)} | {name} | {timing} | {err:.2e} |")
+            rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"note": note, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

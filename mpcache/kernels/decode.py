@@ -1,0 +1,193 @@
+"""Triton decode attention over per-(batch, KV head) variable-length caches.
+
+One query token per row attends to the padded cache of `mpcache.model.cache.LayerKV`
+(keys/values [B, Hkv, L, D], positions, valid, lengths). Flash-decoding: stage 1 splits
+every head's slots into `num_splits` ranges, one program per (batch, KV head, split) runs
+an online softmax for all G query heads of the group at once (GQA: each key block is
+loaded once for G heads, via `tl.dot`) and stores a normalised partial output plus its
+log-sum-exp; stage 2 merges the splits. With `index`/`count` a program walks the first
+`count[b, h]` entries of a per-head slot list instead of slots [0, lengths[b, h]) - the
+gather Quest and MPCache need, without materialising the gathered cache.
+
+Masking is `mpcache.model.transformer.visibility`; an index list means exactly what
+`mpcache.model.cache.gather_slots` means (entries clamped into range, entries past
+`count` unused). Rows that see nothing output zeros. Loads are cast to float32 at once:
+the interpreter computes garbage on bf16, and decode is memory-bound anyway.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_N = 64  # cache slots per inner step (>= 16: GPU `tl.dot` minimum)
+MIN_BLOCK = 16  # GPU `tl.dot` needs every dimension >= 16
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, QPOS, KPOS, VALID, LENGTHS, INDEX, COUNT, OUT, LSE,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_pb, stride_ph, stride_pl,
+    stride_ib, stride_ih, stride_ik,
+    stride_ob, stride_oh, stride_os, stride_od,
+    n_kv_head, capacity, n_entries, split_size, window, scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // n_kv_head
+    h = bh % n_kv_head
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    heads = h * GROUP + g  # the query heads that share KV head h
+    q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd
+    q = tl.load(q_ptr, mask=(g[:, None] < GROUP) & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    q_pos = tl.load(QPOS + b)
+
+    # Entries this program walks: slot lists (index) or slots themselves, per head.
+    if HAS_INDEX:
+        n = tl.minimum(tl.load(COUNT + bh), n_entries)
+    else:
+        n = tl.minimum(tl.load(LENGTHS + bh), capacity)
+    lo = split * split_size
+    hi = tl.minimum(lo + split_size, n)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    for start in range(lo, hi, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < hi
+        if HAS_INDEX:
+            slot = tl.load(INDEX + b * stride_ib + h * stride_ih + offs * stride_ik, mask=live, other=0)
+            slot = tl.minimum(tl.maximum(slot, 0), capacity - 1)  # as gather_slots clamps
+        else:
+            slot = offs
+        meta = b * stride_pb + h * stride_ph + slot * stride_pl
+        k_pos = tl.load(KPOS + meta, mask=live, other=0)
+        ok = tl.load(VALID + meta, mask=live, other=0) != 0
+        visible = live & ok & (k_pos <= q_pos)
+        if HAS_WINDOW:
+            visible = visible & (q_pos - k_pos < window)
+        k_ptr = K + b * stride_kb + h * stride_kh + slot[:, None] * stride_kl + d[None, :] * stride_kd
+        k = tl.load(k_ptr, mask=live[:, None] & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [G, BLOCK], log2 units
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: keep zeros, not NaN
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        v_ptr = V + b * stride_vb + h * stride_vh + slot[:, None] * stride_vl + dv[None, :] * stride_vd
+        v = tl.load(v_ptr, mask=live[:, None] & (dv[None, :] < VALUE_DIM), other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))  # log2 units
+    o_ptr = OUT + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + dv[None, :] * stride_od
+    tl.store(o_ptr, out, mask=(g[:, None] < GROUP) & (dv[None, :] < VALUE_DIM))
+    lse_ptr = LSE + (b * n_kv_head * GROUP + heads) * tl.num_programs(1) + split  # [B, Hq, splits], contiguous
+    tl.store(lse_ptr, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_kernel(
+    PART, LSE, OUT,
+    stride_pb, stride_ph, stride_ps, stride_pd,
+    stride_ob, stride_oh, stride_od,
+    n_head, n_splits,
+    VALUE_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # b * n_head + head
+    b = row // n_head
+    head = row % n_head
+    s = tl.arange(0, BLOCK_S)
+    dv = tl.arange(0, BLOCK_DV)
+    lse = tl.load(LSE + row * n_splits + s, mask=s < n_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_use)  # empty splits weigh 0
+    part_ptr = PART + b * stride_pb + head * stride_ph + s[:, None] * stride_ps + dv[None, :] * stride_pd
+    part = tl.load(part_ptr, mask=(s[:, None] < n_splits) & (dv[None, :] < VALUE_DIM), other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # a row that saw nothing: zeros
+    tl.store(OUT + b * stride_ob + head * stride_oh + dv * stride_od, out, mask=dv < VALUE_DIM)
+
+
+def _pow2(n: int) -> int:
+    return max(MIN_BLOCK, triton.next_power_of_2(n))
+
+
+def default_splits(batch_heads: int, entries: int, device: torch.device) -> int:
+    """Enough (batch, KV head, split) programs to fill a GPU (~4 per SM), at least one block
+    per split; one split under the interpreter, which runs programs one after another."""
+    if device.type != "cuda" or entries == 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(entries, BLOCK_N), triton.cdiv(4 * sms, batch_heads)))
+
+
+def decode_attention(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    lengths: Tensor,
+    sliding_window: int | None = None,
+    index: Tensor | None = None,
+    count: Tensor | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Attention of one query per row, queries [B, Hq, 1, D], over the cache [B, Hkv, L, D]
+    (slots [0, lengths[b, h]) or, with `index` [B, Hkv, K] + `count` [B, Hkv], the listed
+    slots); returns [B, Hq, 1, Dv] in the queries' dtype. `mpcache.kernels.decode_attention`
+    checks the arguments; this launches."""
+    b, hq, _, d = queries.shape
+    hkv, capacity, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    group = hq // hkv
+    has_index = index is not None
+    if index is None:
+        index = lengths.new_zeros(1, 1, 1)
+        count = lengths
+    assert count is not None
+    entries = index.shape[2] if has_index else capacity
+    splits = num_splits or default_splits(b * hkv, entries, queries.device)
+    split_size = triton.cdiv(max(entries, 1), splits)
+    split_size = triton.cdiv(split_size, BLOCK_N) * BLOCK_N
+    q = queries[:, :, 0]
+    part = torch.empty(b, hq, splits, dv, dtype=torch.float32, device=queries.device)
+    lse = torch.empty(b, hq, splits, dtype=torch.float32, device=queries.device)
+    valid = key_valid.view(torch.uint8) if key_valid.dtype == torch.bool else key_valid
+    qpos = query_positions[:, 0].contiguous()
+    lengths, count = lengths.contiguous(), count.contiguous()
+    _decode_split_kernel[(b * hkv, splits)](
+        q, keys, values, qpos, key_positions, valid, lengths, index, count, part, lse,
+        *q.stride(), *keys.stride(), *values.stride(), *key_positions.stride(), *index.stride(), *part.stride(),
+        hkv, capacity, entries, split_size, sliding_window or 0, math.log2(math.e) / math.sqrt(d),
+        GROUP=group, HEAD_DIM=d, VALUE_DIM=dv,
+        BLOCK_G=_pow2(group), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK=BLOCK_N,
+        HAS_INDEX=has_index, HAS_WINDOW=sliding_window is not None,
+    )  # fmt: skip
+    out = torch.empty(b, hq, 1, dv, dtype=queries.dtype, device=queries.device)
+    _merge_kernel[(b * hq,)](
+        part, lse, out,
+        *part.stride(), out.stride(0), out.stride(1), out.stride(3),
+        hq, splits,
+        VALUE_DIM=dv, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=triton.next_power_of_2(dv),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,148 @@
+"""Triton window-attention column sums: what SnapKV, MPCache and ThinK vote with.
+
+The softmax attention each cached slot receives from a window of W queries, summed over
+the window with per-query weights: [B, Hkv, G, L], i.e. `PolicyCache.attention_received`
+(`attention_probs` then a weighted sum over queries) without the [W, L] probabilities in
+memory. Two passes: `_row_lse_kernel` finds every query's log-sum-exp over the visible
+slots (online, one program per (row, query head, query block)); `_column_sum_kernel`
+recomputes the scores one slot block at a time and adds exp(s - lse) x weight over the
+queries. Masking is `mpcache.model.transformer.visibility`; a query that sees nothing
+adds nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MIN_BLOCK = 16  # GPU `tl.dot` needs every dimension >= 16
+
+
+@triton.jit
+def _scores(
+    Q, K, QPOS, KPOS, VALID, b, head, kv, t, slot, window, scale_log2,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_pb, stride_pt, stride_mb, stride_mh, stride_ml,
+    n_query, length, head_dim,
+    BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
+    """Masked scores [BLOCK_T, BLOCK_L] (log2 units, -inf where not visible)."""
+    d = tl.arange(0, BLOCK_D)
+    q_in, k_in = t < n_query, slot < length
+    q_ptr = Q + b * stride_qb + head * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd
+    q = tl.load(q_ptr, mask=q_in[:, None] & (d[None, :] < head_dim), other=0.0).to(tl.float32)
+    k_ptr = K + b * stride_kb + kv * stride_kh + slot[:, None] * stride_kl + d[None, :] * stride_kd
+    k = tl.load(k_ptr, mask=k_in[:, None] & (d[None, :] < head_dim), other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+    q_pos = tl.load(QPOS + b * stride_pb + t * stride_pt, mask=q_in, other=0)
+    meta = b * stride_mb + kv * stride_mh + slot * stride_ml
+    k_pos = tl.load(KPOS + meta, mask=k_in, other=0)
+    ok = tl.load(VALID + meta, mask=k_in, other=0) != 0
+    visible = q_in[:, None] & (k_in & ok)[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _row_lse_kernel(
+    Q, K, QPOS, KPOS, VALID, LSE,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_pb, stride_pt, stride_mb, stride_mh, stride_ml,
+    n_head, group, n_query, length, head_dim, window, scale_log2,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # b * n_head + query head
+    b = row // n_head
+    head = row % n_head
+    kv = head // group
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_i = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T], tl.float32)
+    for l0 in range(0, length, BLOCK_L):
+        slot = l0 + tl.arange(0, BLOCK_L)
+        s = _scores(
+            Q, K, QPOS, KPOS, VALID, b, head, kv, t, slot, window, scale_log2,
+            stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+            stride_pb, stride_pt, stride_mb, stride_mh, stride_ml, n_query, length, head_dim,
+            BLOCK_D, HAS_WINDOW,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # +inf: exp2(s - lse) = 0
+    tl.store(LSE + row * n_query + t, lse, mask=t < n_query)
+
+
+@triton.jit
+def _column_sum_kernel(
+    Q, K, QPOS, KPOS, VALID, LSE, WEIGHT, OUT,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_pb, stride_pt, stride_mb, stride_mh, stride_ml,
+    stride_wb, stride_wt,
+    n_head, group, n_query, length, head_dim, window, scale_log2,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    b = row // n_head
+    head = row % n_head
+    kv = head // group
+    slot = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    acc = tl.zeros([BLOCK_L], tl.float32)
+    for t0 in range(0, n_query, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        s = _scores(
+            Q, K, QPOS, KPOS, VALID, b, head, kv, t, slot, window, scale_log2,
+            stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+            stride_pb, stride_pt, stride_mb, stride_mh, stride_ml, n_query, length, head_dim,
+            BLOCK_D, HAS_WINDOW,
+        )  # fmt: skip
+        lse = tl.load(LSE + row * n_query + t, mask=t < n_query, other=float("inf"))
+        w = tl.load(WEIGHT + b * stride_wb + t * stride_wt, mask=t < n_query, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.exp2(s - lse[:, None]) * w[:, None], 0)
+    tl.store(OUT + row * length + slot, acc, mask=slot < length)
+
+
+def window_attention_sums(
+    queries: Tensor,
+    keys: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    weights: Tensor,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """sum_t weights[b, t] softmax(q_t . K / sqrt(D))[l] for queries [B, Hq, W, D] over
+    keys [B, Hkv, L, D]: [B, Hkv, G, L] float32."""
+    b, hq, w, d = queries.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    group = hq // hkv
+    out = torch.zeros(b, hq, length, dtype=torch.float32, device=queries.device)
+    if out.numel() == 0 or w == 0:
+        return out.view(b, hkv, group, length)
+    lse = torch.empty(b, hq, w, dtype=torch.float32, device=queries.device)
+    valid = key_valid.view(torch.uint8) if key_valid.dtype == torch.bool else key_valid
+    block_t = min(64, max(MIN_BLOCK, triton.next_power_of_2(w)))
+    block_l = min(128, max(MIN_BLOCK, triton.next_power_of_2(length)))
+    common = (
+        *queries.stride(), *keys.stride(), *query_positions.stride(), *key_positions.stride(),
+    )  # fmt: skip
+    shape = (hq, group, w, length, d, sliding_window or 0, math.log2(math.e) / math.sqrt(d))
+    meta = dict(BLOCK_T=block_t, BLOCK_L=block_l, BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(d)))
+    meta["HAS_WINDOW"] = sliding_window is not None
+    _row_lse_kernel[(b * hq, triton.cdiv(w, block_t))](
+        queries, keys, query_positions, key_positions, valid, lse, *common, *shape, **meta
+    )
+    _column_sum_kernel[(b * hq, triton.cdiv(length, block_l))](
+        queries, keys, query_positions, key_positions, valid, lse, weights, out, *common, *weights.stride(), *shape,
+        **meta,
+    )  # fmt: skip
+    return out.view(b, hkv, group, length)

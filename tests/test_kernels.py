@@ -1,0 +1,183 @@
+"""Triton kernels (mpcache.kernels) against the torch code they replace, under the CPU interpreter.
+
+TRITON_INTERPRET=1 must be set before the kernels are defined, hence before the imports.
+The interpreter runs programs one after another (~0.5 ms each), so shapes are tiny but
+ragged: odd head dims, lengths that are not block multiples, empty heads, holes.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from mpcache import kernels  # noqa: E402
+from mpcache.methods import make_policy  # noqa: E402
+from mpcache.methods.base import chunk_min_max  # noqa: E402
+from mpcache.methods.mpcache import approx_similarity  # noqa: E402
+from mpcache.methods.quest import page_bound  # noqa: E402
+from mpcache.methods.snapkv import SnapKV  # noqa: E402
+from mpcache.methods.think import channel_scores  # noqa: E402
+from mpcache.model import ModelConfig, Transformer  # noqa: E402
+from mpcache.model.cache import LayerKV, gather_slots  # noqa: E402
+from mpcache.model.transformer import cached_attention  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def ragged_cache(b: int, hkv: int, length: int, d: int, dtype: torch.dtype, seed: int) -> LayerKV:
+    """A padded layer whose heads hold different slot counts (one empty), with invalid holes
+    and scattered positions, as eviction leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, hkv, length, d, generator=g).to(dtype)
+    values = torch.randn(b, hkv, length, d + 3, generator=g).to(dtype)  # Dv != D
+    lengths = torch.randint(1, length + 1, (b, hkv), generator=g)
+    lengths[0, -1] = 0  # an empty head
+    lengths[-1, 0] = length
+    valid = (torch.arange(length) < lengths[..., None]) & (torch.rand(b, hkv, length, generator=g) > 0.15)
+    positions = torch.randint(0, length + 20, (b, hkv, length), generator=g)
+    return LayerKV(keys, values, positions, valid, lengths)
+
+
+def test_kernels_run_under_the_interpreter():
+    # Otherwise every comparison below would compare the torch fallback with itself.
+    assert kernels.INTERPRET and kernels.available()
+    assert kernels.runs_on(torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_cached_attention(dtype):
+    b, hkv, group, length, d = 2, 2, 3, 150, 20
+    entry = ragged_cache(b, hkv, length, d, dtype, seed=0)
+    queries = torch.randn(b, hkv * group, 1, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    query_positions = torch.tensor([[length], [length // 2]])  # row 1 cannot see its later slots
+    for window, splits in ((None, 1), (None, 3), (25, 2)):
+        out = kernels.decode_attention(queries, entry, query_positions, window, num_splits=splits)
+        ref = cached_attention(queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid, window)
+        assert out.dtype == dtype and out.shape == ref.shape
+        torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=0)
+        assert bool((out[0, -group:] == 0).all()), "an empty head must output zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_over_index_lists_matches_gather_slots(dtype):
+    b, hkv, group, length, d = 2, 2, 2, 90, 16
+    entry = ragged_cache(b, hkv, length, d, dtype, seed=2)
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(b, hkv * group, 1, d, generator=g).to(dtype)
+    index = torch.randint(-2, length + 2, (b, hkv, 70), generator=g)  # out-of-range entries are clamped
+    count = torch.tensor([[70, 0], [33, 5]])
+    query_positions = torch.tensor([[length + 5], [length + 5]])
+    out = kernels.decode_attention(queries, entry, query_positions, index=index, count=count, num_splits=2)
+    picked = gather_slots(entry, index, count)
+    ref = cached_attention(queries, picked.keys, picked.values, query_positions, picked.positions, picked.valid)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=0)
+    full = kernels.decode_attention(queries, entry, query_positions)
+    assert not torch.allclose(out[1, :group].float(), full[1, :group].float(), atol=1e-3), "the index list was ignored"
+
+
+@pytest.mark.parametrize("method", ["h2o", "quest"])
+def test_model_decodes_the_same_with_kernels(method):
+    """Whole-model decode: compacted per-head caches (H2O) and per-step gathered subsets
+    (Quest) through the Triton decode kernel give the torch path's logits."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, max_position=256)
+    model = Transformer(config).eval()
+    prompt = torch.randint(0, 64, (2, 40))
+    mask = torch.ones_like(prompt)
+    mask[1, :7] = 0  # left padding
+    options = {"h2o": {"decode_interval": 1}, "quest": {"page_size": 4, "dense_layers": 0}}[method]
+    factory = make_policy(method, 12, **options)
+    logits = []
+    for on in (False, True):
+        kernels.enable(model, on)
+        cache = factory(model)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        step = []
+        with torch.no_grad():
+            out = model(prompt, cache=cache, positions=positions, attention_mask=mask, last_only=True)
+            nxt = mask.sum(-1, keepdim=True)
+            for _ in range(3):
+                out = model(out[:, -1].argmax(-1, keepdim=True), cache=cache, positions=nxt)
+                step.append(out)
+                nxt = nxt + 1
+        logits.append(torch.cat(step, 1))
+        assert int(cache.attended_tokens(1).max()) < 40, "the policy did not shrink what attention reads"
+    kernels.enable(model, False)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_scores_match_quest_and_mpcache(dtype):
+    entry = ragged_cache(2, 3, 100, 20, dtype, seed=4)
+    kmax, kmin, _ = chunk_min_max(entry.keys, entry.valid, 16)  # empty pages are zeros
+    queries = torch.randn(2, 3, 2, 20, generator=torch.Generator().manual_seed(5)).to(dtype)
+    tol = TOL[dtype] * 10  # sums of 20 products of magnitude ~1
+    torch.testing.assert_close(
+        kernels.page_bound(queries, kmax, kmin), page_bound(queries, kmax, kmin).float(), atol=tol, rtol=0
+    )
+    got = kernels.approx_similarity(queries[:, :, 0], kmax, kmin, 0.6)
+    torch.testing.assert_close(got, approx_similarity(queries[:, :, 0], kmax, kmin, 0.6).float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_norms(dtype):
+    entry = ragged_cache(2, 2, 150, 20, dtype, seed=6)
+    ref = torch.linalg.vector_norm(entry.keys.float(), dim=-1) * entry.valid
+    torch.testing.assert_close(kernels.token_key_norms(entry.keys, entry.valid), ref, atol=1e-5, rtol=1e-5)
+    window_queries = torch.randn(2, 2, 6, 20, generator=torch.Generator().manual_seed(7)).to(dtype)
+    got = kernels.channel_scores(window_queries, entry.keys, entry.valid)
+    ref = channel_scores(window_queries, entry.keys, entry.valid).float()
+    torch.testing.assert_close(got, ref, atol=TOL[dtype] * 10, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_attention_sums_match_attention_received(dtype):
+    """SnapKV's vote: the kernel against `PolicyCache.attention_received` on a real cache."""
+    b, hkv, group, t, d = 2, 2, 2, 37, 16
+    g = torch.Generator().manual_seed(8)
+    cache = SnapKV(1, 8, window=4)
+    keys = torch.randn(b, hkv, t, d, generator=g).to(dtype)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, :9] = False  # left padding: those queries see nothing and must add nothing
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    entry = cache.update(0, keys, keys.flip(-1), positions, mask)
+    queries = torch.randn(b, hkv * group, t, d, generator=g).to(dtype)
+    w = 20
+    weights = torch.rand(b, w, generator=g)
+    ref = cache.attention_received(0, queries, positions, last=w, weights=weights)
+    got = kernels.window_attention_sums(
+        queries[:, :, -w:], entry.keys, positions[:, -w:], entry.positions, entry.valid, weights * mask[:, -w:]
+    )
+    torch.testing.assert_close(got, ref, atol=TOL[dtype] * 10, rtol=0)
+    windowed = kernels.window_attention_sums(
+        queries, entry.keys, positions, entry.positions, entry.valid, mask.float(), sliding_window=5
+    )
+    ref = kernels.window_attention_sums(
+        queries, entry.keys, positions, entry.positions, entry.valid, mask.float(), sliding_window=5, use_kernels=False
+    )
+    torch.testing.assert_close(windowed, ref, atol=TOL[dtype] * 10, rtol=0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    entry = ragged_cache(1, 2, 10, 8, torch.float32, seed=9)
+    q = torch.randn(1, 4, 1, 8)
+    pos = torch.tensor([[10]])
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.decode_attention(torch.randn(1, 4, 1, 6), entry, pos)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        kernels.decode_attention(torch.randn(1, 3, 1, 8), entry, pos)
+    with pytest.raises(ValueError, match="index and count go together"):
+        kernels.decode_attention(q, entry, pos, index=torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        kernels.decode_attention(q, entry, pos, index=torch.zeros(1, 2, 3), count=torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="query_positions"):
+        kernels.decode_attention(q, entry, torch.tensor([10]))
+    with pytest.raises(ValueError, match="kmax/kmin"):
+        kernels.page_bound(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8))
+    with pytest.raises(TypeError, match="bool"):
+        kernels.token_key_norms(entry.keys, entry.valid.float())
