@@ -43,6 +43,16 @@ SMALL: dict[str, dict] = {
     "think": {"window": 8, "recent": 8, "channel_queries": 8},
     "quest": {"page_size": 4, "dense_layers": 1},
     "mpcache": {"cluster_size": 8, "subcluster_size": 4, "sink": 4, "window": 4, "own_first": 1, "own_last": 0},
+    "cake": {"window": 4},
+    "elastic_cache": {"distance": 4},
+    "d2o": {"first_dense": 0, "last_dense": 0},
+    "compresskv": {
+        "first_k": 2,
+        "min_layer": 4,
+        "heads": [[1, 2, 0, 3], [3, 0, 1, 2], [2, 3, 1, 0]],
+        "layer_errors": [0.2, 0.3, 0.5],
+    },
+    "lazyeviction": {"window": 2},
 }
 
 
@@ -73,6 +83,11 @@ def _mpcache_read(b: int, p: int, s: int, layer: int) -> int:
     return n if n <= b else max(b // SMALL["mpcache"]["subcluster_size"], 2) * SMALL["mpcache"]["subcluster_size"]
 
 
+def _lazy_stored(b: int, p: int, s: int) -> int:
+    last = SMALL["lazyeviction"]["window"] * (s // SMALL["lazyeviction"]["window"])  # the last eviction step
+    return min(p + last, b) + s - last
+
+
 EXPECT: dict[str, Expect] = {
     "full": Expect(lambda b, p, s: p + s, lambda b, p, s, layer: p + s),
     "streamingllm": Expect(lambda b, p, s: min(b, p + s), lambda b, p, s, layer: min(b, p + s - 1) + 1),
@@ -83,6 +98,16 @@ EXPECT: dict[str, Expect] = {
     "mikv": Expect(lambda b, p, s: p + s, lambda b, p, s, layer: p + s),  # nothing dropped, only quantized
     "quest": Expect(lambda b, p, s: p + s, _quest_read, read_is_bound=True),
     "mpcache": Expect(lambda b, p, s: _mpcache_static(b, p) + s, _mpcache_read, read_is_bound=True),
+    "cake": Expect(lambda b, p, s: min(b, p + s), lambda b, p, s, layer: min(b, p + s - 1) + 1, layer_total=True),
+    "kvmerger": Expect(lambda b, p, s: min(b, p) + s, lambda b, p, s, layer: min(b, p) + s),
+    "elastic_cache": Expect(lambda b, p, s: min(b, p + s), lambda b, p, s, layer: min(b, p + s - 1) + 1),
+    "d2o": Expect(  # evicts from the first decode step on
+        lambda b, p, s: p if s == 0 else min(b, p + s),
+        lambda b, p, s, layer: p + 1 if s == 1 else min(b, p + s - 1) + 1,
+        layer_total=True,
+    ),
+    "compresskv": Expect(lambda b, p, s: min(b, p) + s, lambda b, p, s, layer: min(b, p) + s, layer_total=True),
+    "lazyeviction": Expect(_lazy_stored, lambda b, p, s, layer: _lazy_stored(b, p, s - 1) + 1),
 }
 SAVES_MEMORY = {name for name in METHODS if name not in ("full", "quest")}
 

@@ -12,9 +12,18 @@ from __future__ import annotations
 import inspect
 
 from mpcache.generate import CacheFactory
+from mpcache.methods.attention_gate import AttentionGate
 from mpcache.methods.base import Budget, PolicyCache, check_budget
+from mpcache.methods.cake import CAKE
+from mpcache.methods.compresskv import CompressKV
+from mpcache.methods.d2o import D2O
+from mpcache.methods.elastic_cache import ElasticCache
+from mpcache.methods.ems import EMS
 from mpcache.methods.full import FullCache
 from mpcache.methods.h2o import H2O
+from mpcache.methods.kvmerger import KVMerger
+from mpcache.methods.lazyeviction import LazyEviction
+from mpcache.methods.locret import Locret
 from mpcache.methods.mikv import MiKV
 from mpcache.methods.mpcache import MPCache
 from mpcache.methods.quest import Quest
@@ -23,21 +32,31 @@ from mpcache.methods.streamingllm import StreamingLLM
 from mpcache.methods.think import ThinK
 from mpcache.methods.tova import TOVA
 
-_CLASSES: tuple[type[PolicyCache], ...] = (FullCache, StreamingLLM, H2O, SnapKV, TOVA, Quest, ThinK, MiKV, MPCache)
+_CLASSES: tuple[type[PolicyCache], ...] = (
+    FullCache,
+    StreamingLLM,
+    H2O,
+    SnapKV,
+    TOVA,
+    Quest,
+    ThinK,
+    MiKV,
+    MPCache,
+    CAKE,
+    KVMerger,
+    ElasticCache,
+    D2O,
+    CompressKV,
+    LazyEviction,
+    Locret,
+    EMS,
+    AttentionGate,
+)
 METHODS: dict[str, type[PolicyCache]] = {cls.name: cls for cls in _CLASSES}
 
 # Command-line names still to be implemented (issue 5, part 2).
 PLANNED = (
-    "cake",
-    "kvmerger",
-    "elastic_cache",
-    "locret",
     "epicache",
-    "d2o",
-    "compresskv",
-    "lazyeviction",
-    "ems",
-    "attention_gate",
 )
 
 
