@@ -86,6 +86,7 @@ def test_missing_file_is_a_tls_error_naming_it_and_the_fix(tmp_path):
         tls.TlsFiles.in_dir(tmp_path, "party0").read()
 
 
+@pytest.mark.timeout(120)
 def test_missing_certificate_is_reported_in_one_line_by_every_role(tmp_path):
     for module, extra in (("parties.dealer", []), ("parties.party", ["--rank", "1"]), ("parties.client", [])):
         proc = subprocess.run(
@@ -101,6 +102,7 @@ def test_missing_certificate_is_reported_in_one_line_by_every_role(tmp_path):
         assert "error: TLS CA certificate not found" in lines[0] and "--insecure" in lines[0]
 
 
+@pytest.mark.timeout(120)
 def test_mpcache_certs_cli_keeps_an_existing_ca(tmp_path):
     run = [sys.executable, "-m", "mpcache.mpc.tls", "--out", str(tmp_path)]
     subprocess.run(run, check=True, capture_output=True, timeout=60)
