@@ -186,6 +186,7 @@ class Party:
         self.session = None  # provider.DealerSession
         self.ctx = jobs.JobContext(self.rank)
         self._stop_heartbeat = threading.Event()
+        self._dealer_lost = False  # no point telling an unreachable dealer that we are closing
 
     # --- start-up ---
 
@@ -250,6 +251,7 @@ class Party:
                     reason = f"dealer aborted the session: {reason}"
             except dealer.DealerUnavailable as e:
                 reason = str(e)  # names the dealer's address and what failed
+                self._dealer_lost = True
             if reason and not self._stop_heartbeat.is_set():
                 self._give_up(reason)
                 return
@@ -360,7 +362,7 @@ class Party:
                 self.crypten.uninit()  # flushes our last messages and waits for the peer's close
             except Exception as e:  # noqa: BLE001 - best effort while going down
                 log.warning("step=close communicator: %s", e)
-        if self.dealer is not None:
+        if self.dealer is not None and not self._dealer_lost:
             try:
                 reply = self.dealer.close(error=error, timeout=min(self.args.timeout, 5.0))
                 log.info(
