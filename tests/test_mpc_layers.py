@@ -247,6 +247,29 @@ def test_private_layers_match_plaintext_and_simulator(parties, family):
     assert got["embedding"][2] == 16 * (ids.numel() * 40 + m.tok_emb.weight.numel())
 
 
+def _private_norms(x: torch.Tensor, options: L.PrivateOptions) -> dict:
+    crypten = N.crypten
+    out = {}
+    for family in ("llama", "gpt2"):
+        norm = L.make_norm(tiny(family).norm, lambda t: crypten.cryptensor(t, src=0), options)
+        out[family] = N.decode(norm(crypten.cryptensor(x, src=1)))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_private_norms_keep_precision_for_small_and_large_activations(parties):
+    # rows with RMS 0.01 (mean(x^2) = 1e-4, a few units of the 2^-16 grid) up to RMS 100
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 32, generator=g, dtype=torch.float64) * torch.tensor([[0.01], [0.1], [10.0], [100.0]])
+    x = x + torch.tensor([[0.0], [0.0], [0.0], [50.0]])  # a large mean for LayerNorm
+    options = L.PrivateOptions(norm_range=(2.0**-14, 2.0**14))
+    got = parties.run(_private_norms, N.on_grid(x), options)[0]
+    with torch.no_grad():
+        for family in ("llama", "gpt2"):
+            ref = tiny(family).norm(N.on_grid(x))
+            assert ((got[family] - ref).abs() / ref.abs().amax(-1, keepdim=True)).max() < 2e-3, family
+
+
 def _private_generation(family: str, ids: torch.Tensor, steps: int, keep: torch.Tensor) -> tuple[list, list, list]:
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True

@@ -9,7 +9,7 @@ token as a secret one-hot, so the embedding lookup of the next step is again a p
 Differences from the plaintext math (all deliberate, all tested):
 * 1/sqrt(head_dim) is folded into the query projection when the model is shared (exact in floats, free in MPC).
 * Normalisation uses numerics.inv_sqrt on a public range `norm_range` of mean(x^2) + eps (RMSNorm) or
-  var + eps (LayerNorm); eps below 2^-16 rounds to 0 in fixed point, so the range's lower end does its job.
+  var + eps (LayerNorm), applied to the sum of squares (sqrt(d) is folded into the norm weight).
 * GeLU of every flavour uses the erf form (within 5e-4 of the tanh forms).
 * Attention's softmax subtracts the row max unless a public `score_bound` is given (numerics.softmax).
 * The private KV cache appends new tokens after every head's slots; per-head lengths live in the public
@@ -18,6 +18,7 @@ Differences from the plaintext math (all deliberate, all tested):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +38,6 @@ class PrivateOptions:
     """Public numeric choices of the private model."""
 
     norm_range: tuple[float, float] = (2.0**-6, 2.0**14)  # domain of mean(x^2) + eps / var + eps
-    norm_scale_bits: int = 6  # inv_sqrt returns 2^6 / sqrt(.), keeping 16 significant bits for large norms
     score_bound: float | None = None  # public bound on attention scores: skip the max (numerics.softmax)
 
 
@@ -87,34 +87,51 @@ class Embedding:
 
 
 class RMSNorm:
-    def __init__(self, weight: Value, eps: float, options: PrivateOptions) -> None:
-        self.weight, self.eps, self.options = weight, eps, options
+    """w * x / sqrt(mean(x^2) + eps), computed as (sqrt(d) w) * x / sqrt(sum(x^2) + d eps) with the sum of
+    squares kept to 16 significant bits (see `_normalise`); sqrt(d) is folded into the weight when shared."""
+
+    def __init__(self, weight_sqrt_d: Value, eps: float, options: PrivateOptions) -> None:
+        self.weight, self.eps, self.options = weight_sqrt_d, eps, options
 
     def __call__(self, x: Value) -> Value:
-        a = self.options.norm_scale_bits
-        sq, xw = N.mul(N.stack([x, x]), N.stack([x, self.weight.expand(x.shape)]))  # x^2 and x*w in one round
-        ms = N.divide(sq.sum(-1, keepdim=True), x.shape[-1]) + self.eps
-        return N.mul(xw, N.inv_sqrt(ms, *self.options.norm_range, scale_bits=a), shift=a)
+        return _normalise(x, self.weight, self.eps, self.options)
 
 
 class LayerNorm:
-    def __init__(self, weight: Value, bias: Value, eps: float, options: PrivateOptions) -> None:
-        self.weight, self.bias, self.eps, self.options = weight, bias, eps, options
+    """w * (x - mean) / sqrt(var + eps) + b, normalised as in RMSNorm (sqrt(d) folded into w)."""
+
+    def __init__(self, weight_sqrt_d: Value, bias: Value, eps: float, options: PrivateOptions) -> None:
+        self.weight, self.bias, self.eps, self.options = weight_sqrt_d, bias, eps, options
 
     def __call__(self, x: Value) -> Value:
-        a = self.options.norm_scale_bits
-        d = x.shape[-1]
-        c = x - N.divide(x.sum(-1, keepdim=True), d)
-        sq, cw = N.mul(N.stack([c, c]), N.stack([c, self.weight.expand(c.shape)]))
-        var = N.divide(sq.sum(-1, keepdim=True), d) + self.eps
-        return N.mul(cw, N.inv_sqrt(var, *self.options.norm_range, scale_bits=a), shift=a) + self.bias
+        c = x - N.divide(x.sum(-1, keepdim=True), x.shape[-1])
+        return _normalise(c, self.weight, self.eps, self.options) + self.bias
+
+
+def _normalise(x: Value, weight_sqrt_d: Value, eps: float, options: PrivateOptions) -> Value:
+    """x * weight_sqrt_d / sqrt(sum(x^2) + d eps), for mean(x^2) + eps within options.norm_range = (lo, hi).
+
+    x^2 and x * w come from one product round, kept 2^k times larger (k even) so the sum of squares holds 16
+    significant bits even at the low end; inv_sqrt returns 2^c / sqrt(sum) with the smallest c that keeps it
+    at least 1 on the range (16 significant bits), capped so 2^c / sqrt(d lo) stays below 2^15. The final
+    product stays below 2^30 while |w| sqrt(d) 2^(k + c) does.
+    """
+    d = x.shape[-1]
+    lo, hi = (d * v for v in options.norm_range)
+    k = min(16, max(0, 2 * math.ceil(-math.log2(lo) / 2)))  # lo 2^k >= 1
+    c = min(math.ceil(math.log2(hi) / 2), 14 + math.floor(math.log2(lo) / 2))
+    if c + k // 2 < 0:
+        raise ValueError(f"norm_range {options.norm_range} is too wide for d={d}")
+    sq, xw = N.mul(N.stack([x, x]), N.stack([x, weight_sqrt_d.expand(x.shape)]), shift=-k)
+    r = N.inv_sqrt(sq.sum(-1, keepdim=True) + d * eps * 2**k, lo * 2**k, hi * 2**k, scale_bits=c + k // 2)
+    return N.mul(xw, r, shift=c + k)  # (x w 2^k) (2^c / sqrt(sum)) / 2^(c + k)
 
 
 def make_norm(module: nn.Module, share: Share, options: PrivateOptions) -> RMSNorm | LayerNorm:
+    weight = share(module.weight.detach().double() * module.weight.shape[0] ** 0.5)
     if isinstance(module, nn.LayerNorm):
-        return LayerNorm(share(module.weight.detach().double()), share(module.bias.detach().double()), module.eps,
-                         options)  # fmt: skip
-    return RMSNorm(share(module.weight.detach().double()), module.eps, options)
+        return LayerNorm(weight, share(module.bias.detach().double()), module.eps, options)
+    return RMSNorm(weight, module.eps, options)
 
 
 def activation(x: Value, name: str) -> Value:

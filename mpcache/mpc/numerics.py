@@ -244,16 +244,16 @@ def _scale(x: MPCTensor) -> int:
 
 
 def _from_raw(raw: Tensor, raw_scale: int, shift: int = 0) -> MPCTensor:
-    """Wrap raw ring shares of scale `raw_scale` as a tensor of scale 2^16 / 2^shift, truncating at most once
-    (or as 0/1 bits, scale 1, when raw_scale is 1 and shift 0)."""
+    """Wrap raw ring shares of scale `raw_scale` as the value / 2^shift at scale 2^16 (shift < 0 keeps extra
+    low bits), truncating at most once; or as 0/1 bits (scale 1) when raw_scale is 1 and shift 0."""
     if raw_scale == 1 and shift == 0:
         return MPCTensor.from_shares(raw, precision=0)
     out = MPCTensor.from_shares(raw, precision=FRAC_BITS)
-    divisor = raw_scale * (1 << shift) // SCALE
-    if divisor * SCALE != raw_scale * (1 << shift):
-        raise ValueError(f"cannot rescale a value of scale {raw_scale} by 2^-{shift} to 2^{FRAC_BITS}")
-    if divisor > 1:
-        out._tensor.div_(divisor)
+    num, den = raw_scale << max(shift, 0), SCALE << max(-shift, 0)
+    if num % den:
+        raise ValueError(f"cannot rescale a value of scale {raw_scale} by 2^{-shift} to scale 2^{FRAC_BITS}")
+    if num // den > 1:
+        out._tensor.div_(num // den)
     return out
 
 
@@ -302,7 +302,7 @@ def _product(op: str, x: Value, y: Value | FixedOperand, shift: int) -> Value:
         return y.product(op, x, shift) if is_private(x) else _product(op, x, y.value, shift)
     if not is_private(x) and not is_private(y):
         dtype = x.dtype if x.is_floating_point() else y.dtype
-        return getattr(torch, op)(x.to(dtype), y.to(dtype)) / (1 << shift)
+        return getattr(torch, op)(x.to(dtype), y.to(dtype)) / 2.0**shift
     from crypten.mpc.primitives import beaver
 
     if is_private(x) and is_private(y):
@@ -316,8 +316,9 @@ def _product(op: str, x: Value, y: Value | FixedOperand, shift: int) -> Value:
 
 
 def mul(x: Value, y: Value | Tensor | float, shift: int = 0) -> Value:
-    """Elementwise x * y / 2^shift (broadcasting). In MPC a public operand is rounded to the 2^-16 grid (pass
-    on-grid constants, see `on_grid`, and the simulator computes the same product)."""
+    """Elementwise x * y / 2^shift (broadcasting; a negative shift keeps more bits of small products). In MPC a
+    public operand is rounded to the 2^-16 grid: pass on-grid constants (`on_grid`) and the simulator computes
+    the same product."""
     return _product("mul", x, y if is_private(y) or torch.is_tensor(y) else torch.tensor(float(y)), shift)
 
 
