@@ -3,6 +3,7 @@
     python -m bench.kernels                       # on a CUDA machine: markdown table on stdout
     python -m bench.kernels --json kernels.json   # also write the rows
     TRITON_INTERPRET=1 python -m bench.kernels    # no GPU: correctness on tiny shapes only
+    python -m bench.kernels --compile 90          # no GPU needed: build every kernel for sm_90
 
 Times are CUDA-event medians over `--iters` calls after warm-up, one GPU, inputs already
 on the device; "torch" is the path the model takes without kernels (`cached_attention`
@@ -10,13 +11,21 @@ through SDPA; `gather_slots` first for a selected subset). GB/s counts the key/v
 bytes a kernel must read. Without CUDA nothing is timed: the interpreter runs Triton
 programs one by one in numpy, ~1000x slower than torch, so its times say nothing; the
 rows then carry max errors only.
+
+`--compile ARCH` builds the kernels for a CUDA architecture with the ptxas that ships in
+the triton wheel (the launchers' own block sizes, Llama-like head dims) and prints each
+one's registers and stack (spills): the interpreter accepts programs a GPU compiler
+rejects (e.g. `tl.dot` under 16 wide), so this is the CPU-side check that they build.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import tempfile
 
 import torch
 
@@ -127,11 +136,73 @@ def cases(b: int, hq: int, hkv: int, length: int, d: int, dtype: torch.dtype, de
     ]
 
 
+# Pointer types for compile-only builds, by kernel argument name (bf16 caches, int64 positions).
+POINTERS = {
+    **dict.fromkeys(["Q", "K", "V", "KMAX", "KMIN"], "*bf16"),
+    **dict.fromkeys(["QPOS", "KPOS", "LENGTHS", "INDEX", "COUNT"], "*i64"),
+    **dict.fromkeys(["PART", "LSE", "WEIGHT", "OUT"], "*fp32"),
+    "VALID": "*u8",
+}
+
+
+def compile_kernels(arch: int) -> list[dict]:
+    """Build every kernel specialization the launchers use at typical shapes for sm_`arch`;
+    report registers and stack bytes (spills) from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mpcache.kernels import decode, scores, window
+
+    if kernels.INTERPRET:
+        raise SystemExit("--compile needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    builds = [
+        *[(decode._decode_split_kernel, decode.split_meta(g, d, d, idx, win, False))
+          for g, d in ((4, 128), (1, 64)) for idx in (False, True) for win in (False, True)],
+        *[(decode._merge_kernel, decode.merge_meta(128, splits)) for splits in (1, 16)],
+        *[(scores._chunk_score_kernel, scores.chunk_meta(256, 128, mode)) for mode in (scores.QUEST, scores.LINEAR)],
+        (scores._token_norm_kernel, scores.norm_meta(4096, 128)),
+        (scores._channel_norm_kernel, scores.norm_meta(4096, 128)),
+        *[(fn, window.window_meta(32, 4096, 128, True, False)) for fn in (window._row_lse_kernel,
+                                                                         window._column_sum_kernel)],
+    ]  # fmt: skip
+    rows = []
+    for fn, meta in builds:
+        meta = dict(meta)
+        warps = meta.pop("num_warps", 4)
+        names = fn.arg_names
+        signature = {
+            n: "constexpr" if n in meta else POINTERS.get(n, "fp32" if n in ("alpha", "scale_log2") else "i32")
+            for n in names
+        }
+        source = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in meta.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
+        row = dict(kernel=fn.__name__, meta=meta, num_warps=warps, registers=int(fields["REG"]),
+                   stack_bytes=int(fields["STACK"]), shared_bytes=compiled.metadata.shared)  # fmt: skip
+        print(f"sm_{arch} {row['kernel']:22s} regs {row['registers']:3d} stack {row['stack_bytes']:5d} "
+              f"shared {row['shared_bytes']:6d}  {meta}")  # fmt: skip
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--compile", type=int, metavar="ARCH", help="only build the kernels for sm_ARCH (e.g. 90)")
     args = parser.parse_args()
+    if args.compile:
+        rows = compile_kernels(args.compile)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"note": f"compile-only for sm_{args.compile}; nothing ran", "rows": rows}, f, indent=1)
+        return
     torch.manual_seed(0)
     gpu = torch.cuda.is_available() and kernels.available() and not kernels.INTERPRET
     if gpu:

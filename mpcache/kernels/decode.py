@@ -11,8 +11,10 @@ gather Quest and MPCache need, without materialising the gathered cache.
 
 Masking is `mpcache.model.transformer.visibility`; an index list means exactly what
 `mpcache.model.cache.gather_slots` means (entries clamped into range, entries past
-`count` unused). Rows that see nothing output zeros. Loads are cast to float32 at once:
-the interpreter computes garbage on bf16, and decode is memory-bound anyway.
+`count` unused). Rows that see nothing output zeros. On a GPU the dots take the cache's
+bf16/fp16 tiles with float32 accumulation (tensor cores; float32 tiles of 64 x 128 spill
+registers); on CPU tensors, i.e. under the interpreter, which computes garbage on bf16,
+every load is cast to float32.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_N = 64  # cache slots per inner step (>= 16: GPU `tl.dot` minimum)
+BLOCK_N = 64  # cache slots per inner step (with 8 warps: no register spills at D = 128 on sm_90)
 MIN_BLOCK = 16  # GPU `tl.dot` needs every dimension >= 16
 
 
@@ -40,7 +42,7 @@ def _decode_split_kernel(
     n_kv_head, capacity, n_entries, split_size, window, scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -52,7 +54,11 @@ def _decode_split_kernel(
     dv = tl.arange(0, BLOCK_DV)
     heads = h * GROUP + g  # the query heads that share KV head h
     q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd
-    q = tl.load(q_ptr, mask=(g[:, None] < GROUP) & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    q = tl.load(q_ptr, mask=(g[:, None] < GROUP) & (d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(K.dtype.element_ty)  # bf16/fp16 tensor-core dots, float32 accumulation
     q_pos = tl.load(QPOS + b)
 
     # Entries this program walks: slot lists (index) or slots themselves, per head.
@@ -81,7 +87,9 @@ def _decode_split_kernel(
         if HAS_WINDOW:
             visible = visible & (q_pos - k_pos < window)
         k_ptr = K + b * stride_kb + h * stride_kh + slot[:, None] * stride_kl + d[None, :] * stride_kd
-        k = tl.load(k_ptr, mask=live[:, None] & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+        k = tl.load(k_ptr, mask=live[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [G, BLOCK], log2 units
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -89,8 +97,10 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         v_ptr = V + b * stride_vb + h * stride_vh + slot[:, None] * stride_vl + dv[None, :] * stride_vd
-        v = tl.load(v_ptr, mask=live[:, None] & (dv[None, :] < VALUE_DIM), other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        v = tl.load(v_ptr, mask=live[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
@@ -129,6 +139,20 @@ def _merge_kernel(
 
 def _pow2(n: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(n))
+
+
+def split_meta(group: int, head_dim: int, value_dim: int, has_index: bool, has_window: bool, upcast: bool) -> dict:
+    """Compile-time arguments of `_decode_split_kernel` (also what `bench.kernels --compile` builds)."""
+    return dict(
+        GROUP=group, HEAD_DIM=head_dim, VALUE_DIM=value_dim,
+        BLOCK_G=_pow2(group), BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(value_dim), BLOCK=BLOCK_N,
+        HAS_INDEX=has_index, HAS_WINDOW=has_window, UPCAST=upcast, num_warps=8,
+    )  # fmt: skip
+
+
+def merge_meta(value_dim: int, splits: int) -> dict:
+    """Compile-time arguments of `_merge_kernel`."""
+    return dict(VALUE_DIM=value_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=triton.next_power_of_2(value_dim))
 
 
 def default_splits(batch_heads: int, entries: int, device: torch.device) -> int:
@@ -179,15 +203,12 @@ def decode_attention(
         q, keys, values, qpos, key_positions, valid, lengths, index, count, part, lse,
         *q.stride(), *keys.stride(), *values.stride(), *key_positions.stride(), *index.stride(), *part.stride(),
         hkv, capacity, entries, split_size, sliding_window or 0, math.log2(math.e) / math.sqrt(d),
-        GROUP=group, HEAD_DIM=d, VALUE_DIM=dv,
-        BLOCK_G=_pow2(group), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK=BLOCK_N,
-        HAS_INDEX=has_index, HAS_WINDOW=sliding_window is not None,
+        **split_meta(group, d, dv, has_index, sliding_window is not None, queries.device.type == "cpu"),
     )  # fmt: skip
     out = torch.empty(b, hq, 1, dv, dtype=queries.dtype, device=queries.device)
     _merge_kernel[(b * hq,)](
         part, lse, out,
         *part.stride(), out.stride(0), out.stride(1), out.stride(3),
-        hq, splits,
-        VALUE_DIM=dv, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=triton.next_power_of_2(dv),
+        hq, splits, **merge_meta(dv, splits),
     )  # fmt: skip
     return out

@@ -98,6 +98,18 @@ def _channel_norm_kernel(
     tl.store(OUT + bh * head_dim + d, tl.sqrt(acc), mask=d < head_dim)
 
 
+def chunk_meta(n_chunk: int, head_dim: int, mode: int) -> dict:
+    """Compile-time arguments of `_chunk_score_kernel` (also what `bench.kernels --compile` builds)."""
+    return dict(MODE=mode, BLOCK_C=min(64, max(16, triton.next_power_of_2(n_chunk))),
+                BLOCK_D=min(64, triton.next_power_of_2(head_dim)))  # fmt: skip
+
+
+def norm_meta(length: int, head_dim: int) -> dict:
+    """Compile-time arguments of `_token_norm_kernel` and `_channel_norm_kernel`."""
+    return dict(BLOCK_L=min(64, max(16, triton.next_power_of_2(length))),
+                BLOCK_D=min(64, max(16, triton.next_power_of_2(head_dim))))  # fmt: skip
+
+
 def _as_bytes(valid: Tensor) -> Tensor:
     return valid.view(torch.uint8) if valid.dtype == torch.bool else valid
 
@@ -109,12 +121,10 @@ def chunk_scores(queries: Tensor, kmax: Tensor, kmin: Tensor, mode: int, alpha: 
     out = torch.empty(b, h, g, c, dtype=torch.float32, device=queries.device)
     if out.numel() == 0:
         return out
-    block_c = min(64, max(16, triton.next_power_of_2(c)))
-    grid = (b * h * g, triton.cdiv(c, block_c))
-    _chunk_score_kernel[grid](
-        queries, kmax, kmin, out, *queries.stride(), *kmax.stride(), h, g, c, d, float(alpha),
-        MODE=mode, BLOCK_C=block_c, BLOCK_D=min(64, triton.next_power_of_2(d)),
-    )  # fmt: skip
+    meta = chunk_meta(c, d, mode)
+    _chunk_score_kernel[(b * h * g, triton.cdiv(c, meta["BLOCK_C"]))](
+        queries, kmax, kmin, out, *queries.stride(), *kmax.stride(), h, g, c, d, float(alpha), **meta
+    )
     return out
 
 
@@ -125,11 +135,10 @@ def token_key_norms(keys: Tensor, valid: Tensor) -> Tensor:
     if out.numel() == 0:
         return out
     valid = _as_bytes(valid)
-    block_l = min(128, max(16, triton.next_power_of_2(length)))
-    _token_norm_kernel[(b * h, triton.cdiv(length, block_l))](
-        keys, valid, out, *keys.stride(), *valid.stride(), h, length, d,
-        BLOCK_L=block_l, BLOCK_D=min(64, triton.next_power_of_2(d)),
-    )  # fmt: skip
+    meta = norm_meta(length, d)
+    _token_norm_kernel[(b * h, triton.cdiv(length, meta["BLOCK_L"]))](
+        keys, valid, out, *keys.stride(), *valid.stride(), h, length, d, **meta
+    )
     return out
 
 
@@ -140,9 +149,8 @@ def channel_key_norms(keys: Tensor, valid: Tensor) -> Tensor:
     if b * h * d == 0 or length == 0:
         return out
     valid = _as_bytes(valid)
-    block_d = min(64, max(16, triton.next_power_of_2(d)))
-    _channel_norm_kernel[(b * h, triton.cdiv(d, block_d))](
-        keys, valid, out, *keys.stride(), *valid.stride(), h, length, d,
-        BLOCK_L=min(128, max(16, triton.next_power_of_2(length))), BLOCK_D=block_d,
-    )  # fmt: skip
+    meta = norm_meta(length, d)
+    _channel_norm_kernel[(b * h, triton.cdiv(d, meta["BLOCK_D"]))](
+        keys, valid, out, *keys.stride(), *valid.stride(), h, length, d, **meta
+    )
     return out

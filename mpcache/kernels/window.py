@@ -7,7 +7,8 @@ memory. Two passes: `_row_lse_kernel` finds every query's log-sum-exp over the v
 slots (online, one program per (row, query head, query block)); `_column_sum_kernel`
 recomputes the scores one slot block at a time and adds exp(s - lse) x weight over the
 queries. Masking is `mpcache.model.transformer.visibility`; a query that sees nothing
-adds nothing.
+adds nothing. Dots take bf16/fp16 operands on a GPU (float32 accumulation); on CPU
+tensors (the interpreter, which mishandles bf16) everything is cast to float32 on load.
 """
 
 from __future__ import annotations
@@ -29,15 +30,20 @@ def _scores(
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_pb, stride_pt, stride_mb, stride_mh, stride_ml,
     n_query, length, head_dim,
-    BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Masked scores [BLOCK_T, BLOCK_L] (log2 units, -inf where not visible)."""
     d = tl.arange(0, BLOCK_D)
     q_in, k_in = t < n_query, slot < length
     q_ptr = Q + b * stride_qb + head * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd
-    q = tl.load(q_ptr, mask=q_in[:, None] & (d[None, :] < head_dim), other=0.0).to(tl.float32)
+    q = tl.load(q_ptr, mask=q_in[:, None] & (d[None, :] < head_dim), other=0.0)
     k_ptr = K + b * stride_kb + kv * stride_kh + slot[:, None] * stride_kl + d[None, :] * stride_kd
-    k = tl.load(k_ptr, mask=k_in[:, None] & (d[None, :] < head_dim), other=0.0).to(tl.float32)
+    k = tl.load(k_ptr, mask=k_in[:, None] & (d[None, :] < head_dim), other=0.0)
+    if UPCAST:  # the interpreter: float32 throughout
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    else:  # GPU: bf16/fp16 tensor-core dot, float32 accumulation
+        q = q.to(k.dtype)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
     q_pos = tl.load(QPOS + b * stride_pb + t * stride_pt, mask=q_in, other=0)
     meta = b * stride_mb + kv * stride_mh + slot * stride_ml
@@ -57,6 +63,7 @@ def _row_lse_kernel(
     stride_pb, stride_pt, stride_mb, stride_mh, stride_ml,
     n_head, group, n_query, length, head_dim, window, scale_log2,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # b * n_head + query head
     b = row // n_head
@@ -71,7 +78,7 @@ def _row_lse_kernel(
             Q, K, QPOS, KPOS, VALID, b, head, kv, t, slot, window, scale_log2,
             stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
             stride_pb, stride_pt, stride_mb, stride_mh, stride_ml, n_query, length, head_dim,
-            BLOCK_D, HAS_WINDOW,
+            BLOCK_D, HAS_WINDOW, UPCAST,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -90,6 +97,7 @@ def _column_sum_kernel(
     stride_wb, stride_wt,
     n_head, group, n_query, length, head_dim, window, scale_log2,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     b = row // n_head
@@ -103,12 +111,22 @@ def _column_sum_kernel(
             Q, K, QPOS, KPOS, VALID, b, head, kv, t, slot, window, scale_log2,
             stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
             stride_pb, stride_pt, stride_mb, stride_mh, stride_ml, n_query, length, head_dim,
-            BLOCK_D, HAS_WINDOW,
+            BLOCK_D, HAS_WINDOW, UPCAST,
         )  # fmt: skip
         lse = tl.load(LSE + row * n_query + t, mask=t < n_query, other=float("inf"))
         w = tl.load(WEIGHT + b * stride_wb + t * stride_wt, mask=t < n_query, other=0.0).to(tl.float32)
         acc += tl.sum(tl.exp2(s - lse[:, None]) * w[:, None], 0)
     tl.store(OUT + row * length + slot, acc, mask=slot < length)
+
+
+def window_meta(n_query: int, length: int, head_dim: int, has_window: bool, upcast: bool) -> dict:
+    """Compile-time arguments of both kernels (also what `bench.kernels --compile` builds)."""
+    return dict(
+        BLOCK_T=min(32, max(MIN_BLOCK, triton.next_power_of_2(n_query))),
+        BLOCK_L=min(64, max(MIN_BLOCK, triton.next_power_of_2(length))),
+        BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(head_dim)),
+        HAS_WINDOW=has_window, UPCAST=upcast, num_warps=4,
+    )  # fmt: skip
 
 
 def window_attention_sums(
@@ -130,14 +148,10 @@ def window_attention_sums(
         return out.view(b, hkv, group, length)
     lse = torch.empty(b, hq, w, dtype=torch.float32, device=queries.device)
     valid = key_valid.view(torch.uint8) if key_valid.dtype == torch.bool else key_valid
-    block_t = min(64, max(MIN_BLOCK, triton.next_power_of_2(w)))
-    block_l = min(128, max(MIN_BLOCK, triton.next_power_of_2(length)))
-    common = (
-        *queries.stride(), *keys.stride(), *query_positions.stride(), *key_positions.stride(),
-    )  # fmt: skip
+    common = (*queries.stride(), *keys.stride(), *query_positions.stride(), *key_positions.stride())
     shape = (hq, group, w, length, d, sliding_window or 0, math.log2(math.e) / math.sqrt(d))
-    meta = dict(BLOCK_T=block_t, BLOCK_L=block_l, BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(d)))
-    meta["HAS_WINDOW"] = sliding_window is not None
+    meta = window_meta(w, length, d, sliding_window is not None, queries.device.type == "cpu")
+    block_t, block_l = meta["BLOCK_T"], meta["BLOCK_L"]
     _row_lse_kernel[(b * hq, triton.cdiv(w, block_t))](
         queries, keys, query_positions, key_positions, valid, lse, *common, *shape, **meta
     )
