@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mpcache.mpc import numerics as N
-from mpcache.mpc.local import LocalParties
+from mpcache.mpc.local import LocalParties, PartyError
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,25 @@ def _apply(name: str, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, int,
     stats = crypten.communicator.get().get_communication_stats()
     crypten.cfg.communicator.verbose = False
     return N.decode(out), stats["rounds"], stats["bytes"]
+
+
+def _one_party_fails() -> float:
+    crypten = N.crypten
+    x = crypten.cryptensor(torch.ones(3), src=0)
+    if crypten.communicator.get().get_rank() == 1:
+        raise ValueError("party 1 refuses")
+    return float(N.decode(x).sum())  # party 0 now waits for party 1 in a collective
+
+
+def _rank() -> int:
+    return N.crypten.communicator.get().get_rank()
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_party_is_an_error_not_a_hang(parties):
+    with pytest.raises(PartyError, match="party 1 refuses"):
+        parties.run(_one_party_fails)
+    assert parties.run(_rank) == [0, 1]  # a fresh pair serves the next call
 
 
 # ---------------------------------------------------------------------------------------- exact truncation
