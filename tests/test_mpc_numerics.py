@@ -271,10 +271,13 @@ def test_mpc_matches_reference_and_simulator(parties, name, x, kwargs, ref, boun
 def _softmax(scores, mask, bound):
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True
+    x = crypten.cryptensor(scores, src=0)
+    before = N.decode(x)
     crypten.reset_communication_stats()
-    out = N.softmax(crypten.cryptensor(scores, src=0), mask, bound)
+    out = N.softmax(x, mask, bound)
     rounds = crypten.communicator.get().get_communication_stats()["rounds"]
     crypten.cfg.communicator.verbose = False
+    assert torch.equal(N.decode(x), before), "softmax changed its input"
     return N.decode(out), rounds
 
 

@@ -367,7 +367,7 @@ def mask_multiply(x: Value, mask: Tensor) -> Value:
     """x * mask for a public 0/1 (or integer) mask: exact and free in MPC (integer multiple of each share)."""
     if not is_private(x):
         return x * mask.to(x.dtype)
-    out = x.shallow_copy()
+    out = x.clone()  # not shallow_copy: that shares the underlying shares, and the caller's x would change
     out.share = x.share * mask.long()
     return out
 
