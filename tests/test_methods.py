@@ -53,6 +53,10 @@ SMALL: dict[str, dict] = {
         "layer_errors": [0.2, 0.3, 0.5],
     },
     "lazyeviction": {"window": 2},
+    "locret": {"stabilizers": 4, "heads": "random"},  # tiny models have no trained heads
+    "ems": {"window": 8},
+    "attention_gate": {"gates": "random"},
+    "epicache": {"segment_size": 8, "n_medoid": 2, "question_tokens": 8, "split": "uniform"},
 }
 
 
@@ -108,6 +112,10 @@ EXPECT: dict[str, Expect] = {
     ),
     "compresskv": Expect(lambda b, p, s: min(b, p) + s, lambda b, p, s, layer: min(b, p) + s, layer_total=True),
     "lazyeviction": Expect(_lazy_stored, lambda b, p, s, layer: _lazy_stored(b, p, s - 1) + 1),
+    "locret": Expect(lambda b, p, s: min(b, p) + s, lambda b, p, s, layer: min(b, p) + s),
+    "ems": Expect(lambda b, p, s: min(b, p) + s, lambda b, p, s, layer: min(b, p) + s),
+    "attention_gate": Expect(lambda b, p, s: min(b, p + s), lambda b, p, s, layer: min(b, p + s - 1) + 1),
+    "epicache": Expect(lambda b, p, s: min(b, p) + s, lambda b, p, s, layer: min(b, p) + s),
 }
 SAVES_MEMORY = {name for name in METHODS if name not in ("full", "quest")}
 

@@ -19,6 +19,7 @@ from mpcache.methods.compresskv import CompressKV
 from mpcache.methods.d2o import D2O
 from mpcache.methods.elastic_cache import ElasticCache
 from mpcache.methods.ems import EMS
+from mpcache.methods.epicache import EpiCache
 from mpcache.methods.full import FullCache
 from mpcache.methods.h2o import H2O
 from mpcache.methods.kvmerger import KVMerger
@@ -51,13 +52,12 @@ _CLASSES: tuple[type[PolicyCache], ...] = (
     Locret,
     EMS,
     AttentionGate,
+    EpiCache,
 )
 METHODS: dict[str, type[PolicyCache]] = {cls.name: cls for cls in _CLASSES}
 
 # Command-line names still to be implemented (issue 5, part 2).
-PLANNED = (
-    "epicache",
-)
+PLANNED: tuple[str, ...] = ()
 
 
 def make_policy(name: str, budget: Budget | None = None, **kwargs) -> CacheFactory:
