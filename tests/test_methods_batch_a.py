@@ -24,6 +24,7 @@ from mpcache.methods.compresskv import (
     CompressKV,
     error_aware_budgets,
     layer_eviction_errors,
+    needle_probes,
     rank_heads,
     retrieval_head_scores,
 )
@@ -33,6 +34,7 @@ from mpcache.methods.full import FullCache
 from mpcache.methods.kvmerger import KVMerger, merging_sets
 from mpcache.methods.lazyeviction import LazyEviction, rank_with_recency, recurrence_priority, update_recurrence
 from mpcache.model import ModelConfig, Transformer
+from mpcache.model.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -590,6 +592,17 @@ def test_retrieval_head_scores_sum_needle_attention_at_needle_tokens() -> None:
     assert rank_heads(torch.tensor([[0.1, 0.9, 0.5]])) == [[1, 2, 0]]
     with pytest.raises(ValueError, match="needle span"):
         retrieval_head_scores(model, [(ids, 5, 500)])
+
+
+def test_needle_probes_span_the_pass_key() -> None:
+    tokenizer = ByteTokenizer()
+    probes = needle_probes(tokenizer, n=3, context_len=300)
+    assert len(probes) == 3
+    for ids, start, end in probes:
+        needle = tokenizer.decode(ids[start:end].tolist())
+        key = needle[:5]
+        assert key.isdigit() and needle.endswith(key) and needle.count(key) == 2
+        assert key not in tokenizer.decode(ids[:start].tolist()) + tokenizer.decode(ids[end:].tolist())
 
 
 def test_layer_eviction_errors_vanish_without_eviction() -> None:

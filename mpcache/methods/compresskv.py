@@ -13,8 +13,9 @@ Once, after the prompt (official code, methods-part2.md 3.2-3.4):
   one token at a time, which lands on the same kind of exact, capped, error-ordered split).
 
 Both inputs are offline profiles of the model, made here by `retrieval_head_scores` (needle
-probes: at every decoding step whose token is part of the needle, each head's attention mass
-on the needle span counts, over probes whose output recalls at least half the needle) and
+probes, e.g. the pass-key prompts of `needle_probes`: at every decoding step whose token is
+part of the needle, each head's attention mass on the needle span counts, over probes whose
+output recalls at least half the needle) and
 `layer_eviction_errors` (relative Frobenius error of each layer's attention output over a
 prompt with the SRH-compressed instead of the full cache, at a tiny budget). Pass them as
 `heads` (per layer, query heads best first, e.g. `rank_heads(scores)`) and `layer_errors`.
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from mpcache.methods.base import Budget, PolicyCache, pool_scores, recency_rank, split_bounded
 from mpcache.model.cache import KVCache
+from mpcache.model.tokenizer import Tokenizer
 from mpcache.model.transformer import Transformer, attention_probs, cached_attention
 
 
@@ -123,6 +125,9 @@ class CompressKV(PolicyCache):
 
 
 # ------------------------------------------------------------------------ offline profiles
+Probe = tuple[Tensor, int, int]  # prompt ids [T], needle start, needle end (token positions)
+
+
 class _Trace(KVCache):
     """Records each forward's queries, and the last query's attention mass on a slot range."""
 
@@ -144,7 +149,7 @@ class _Trace(KVCache):
 
 @torch.no_grad()
 def retrieval_head_scores(
-    model: Transformer, probes: Sequence[tuple[Tensor, int, int]], steps: int = 50, min_recall: float = 0.5
+    model: Transformer, probes: Sequence[Probe], steps: int = 50, min_recall: float = 0.5
 ) -> Tensor:
     """CompressKV's semantic-retrieval-head score per (layer, query head) [L, H].
 
@@ -170,6 +175,26 @@ def retrieval_head_scores(
             if token in needle:
                 total += torch.stack([trace.mass[layer][step][0] for layer in range(cfg.n_layer)]).double()
     return total / max(kept, 1)
+
+
+def needle_probes(tokenizer: Tokenizer, n: int = 10, context_len: int = 1000, seed: int = 0) -> list[Probe]:
+    """`n` pass-key prompts (`mpcache.eval.tasks`, depths spread evenly) as probes for
+    `retrieval_head_scores`: the needle runs from the key's first to its last occurrence in
+    the haystack. Token offsets come from encoding the text before them, exact for a byte
+    tokenizer (a BPE may merge a token across the boundary)."""
+    from mpcache.eval.tasks import make_samples  # eval imports the methods package
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_bos=False))
+
+    probes = []
+    for sample in make_samples("passkey", context_len, n, count, seed):
+        first = sample.prompt.index(sample.answer)
+        last = sample.prompt.rindex(sample.answer) + len(sample.answer)
+        ids = torch.tensor(tokenizer.encode(sample.prompt))
+        start, end = len(tokenizer.encode(sample.prompt[:first])), len(tokenizer.encode(sample.prompt[:last]))
+        probes.append((ids, start, end))
+    return probes
 
 
 @torch.no_grad()
