@@ -179,9 +179,10 @@ def retrieval_head_scores(
 
 def needle_probes(tokenizer: Tokenizer, n: int = 10, context_len: int = 1000, seed: int = 0) -> list[Probe]:
     """`n` pass-key prompts (`mpcache.eval.tasks`, depths spread evenly) as probes for
-    `retrieval_head_scores`: the needle runs from the key's first to its last occurrence in
-    the haystack. Token offsets come from encoding the text before them, exact for a byte
-    tokenizer (a BPE may merge a token across the boundary)."""
+    `retrieval_head_scores`; the needle is the key where the haystack first states it, so the
+    recall filter asks for the key itself (the answer is only the key, not the needle sentence).
+    Token offsets come from encoding the text before them, exact for a byte tokenizer (a BPE
+    may merge a token across the boundary)."""
     from mpcache.eval.tasks import make_samples  # eval imports the methods package
 
     def count(text: str) -> int:
@@ -190,9 +191,9 @@ def needle_probes(tokenizer: Tokenizer, n: int = 10, context_len: int = 1000, se
     probes = []
     for sample in make_samples("passkey", context_len, n, count, seed):
         first = sample.prompt.index(sample.answer)
-        last = sample.prompt.rindex(sample.answer) + len(sample.answer)
         ids = torch.tensor(tokenizer.encode(sample.prompt))
-        start, end = len(tokenizer.encode(sample.prompt[:first])), len(tokenizer.encode(sample.prompt[:last]))
+        start = len(tokenizer.encode(sample.prompt[:first]))
+        end = len(tokenizer.encode(sample.prompt[: first + len(sample.answer)]))
         probes.append((ids, start, end))
     return probes
 
