@@ -69,7 +69,7 @@ def gated_forward(model: Transformer, gates: Gates | None, ids: Tensor, answer_s
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # [1, Hkv, G, T, T]
         if gates is not None:
             keep = torch.sigmoid(gates(layer, h))[0].T  # [Hkv, T]
-            flag = (keep >= 0.5).float() + keep - keep.detach()  # straight-through
+            flag = (keep >= 0.5).float() + (keep - keep.detach())  # straight-through: exactly 0 or 1 forward
             weights = weights * torch.where(gated_rows, flag[:, None, None, :], 1.0)[None]  # [1, Hkv, 1, T, T]
             soft.append(flag)
         probs = weights / weights.sum(-1, keepdim=True)
