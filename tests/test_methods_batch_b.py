@@ -494,3 +494,30 @@ def test_epicache_layer_similarity_profile() -> None:
     blocked = layer_similarity(model, ids, block=12, sink=2, window=10)
     assert blocked[0] == pytest.approx(1.0, abs=1e-5)  # first-layer keys never see attention
     assert all(s < 0.9999 for s in blocked[1:])
+
+
+def test_batch_b_knobs_are_validated() -> None:
+    from mpcache.methods import make_policy
+
+    for name, knobs in [
+        ("locret", {"stabilizers": -1}),
+        ("ems", {"window": 0}),
+        ("ems", {"combine": "mean"}),
+        ("ems", {"min_similarity": 2.0}),
+        ("attention_gate", {"threshold": 1.0}),
+        ("epicache", {"segment_size": 0}),
+        ("epicache", {"n_episodes": 0}),
+        ("epicache", {"alpha": -1.0}),
+        ("epicache", {"layer_similarity": [0.9, 1.5]}),
+    ]:
+        with pytest.raises(ValueError):
+            make_policy(name, 8, **knobs)
+    for name, knobs in [("locret", {"window": 4}), ("epicache", {"window": 4}), ("attention_gate", {"gates": 3})]:
+        with pytest.raises(TypeError):
+            make_policy(name, 8, **knobs)
+    with pytest.raises(ValueError, match="budget"):
+        make_policy("locret")  # only attention_gate may run without a budget
+    make_policy("attention_gate")
+    with pytest.raises(ValueError, match="layer_similarity"):
+        make_policy("epicache", 8, layer_similarity=[0.9, 0.8])(tiny_model("llama"))  # 3 layers
+    make_policy("epicache", 8, layer_similarity=[0.9, 0.8, 0.7])(tiny_model("llama"))

@@ -201,8 +201,10 @@ class EpiCache(PolicyCache):
         for label, value in (("segment_size", segment_size), ("n_episodes", n_episodes), ("n_medoid", n_medoid)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be an int >= 1, got {value!r}")
-        if layer_similarity is not None and len(layer_similarity) != n_layer:
-            raise ValueError(f"layer_similarity needs {n_layer} numbers, got {list(layer_similarity)}")
+        if layer_similarity is not None and (
+            len(layer_similarity) == 0 or not all(-1 <= x <= 1 for x in layer_similarity)
+        ):
+            raise ValueError(f"layer_similarity must be cosine similarities in [-1, 1], got {list(layer_similarity)}")
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.segment_size, self.n_episodes, self.n_medoid = segment_size, n_episodes, n_medoid
@@ -218,6 +220,8 @@ class EpiCache(PolicyCache):
     def from_model(cls, model: Transformer, budget: Budget | None, **kwargs) -> EpiCache:
         cache = super().from_model(model, budget, **kwargs)
         assert isinstance(cache, EpiCache)
+        if cache.similarity is not None and len(cache.similarity) != model.config.n_layer:
+            raise ValueError(f"layer_similarity has {len(cache.similarity)} layers, the model {model.config.n_layer}")
         cache.attention = [block.attn for block in model.blocks]
         return cache
 
