@@ -21,6 +21,7 @@ def parse(argv: list[str] | None) -> Parser:
     p.add("--listen", default="0.0.0.0:50700", help="address to serve on")
     p.add("--party-timeout", default=30.0, type=float, help="seconds of silence after which a party is given up")
     p.add("--sessions", default=0, type=int, help="exit after this many sessions (0 = serve forever)")
+    p.add("--mask-cache-mb", default=1024, type=int, help="memory for weight-stationary masks kept in plaintext")
     return p.parse_args(argv)
 
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         require_roles=not args.insecure,
         party_timeout=args.party_timeout,
         on_session_end=lambda name, error: ended.put((name, error)),
+        mask_cache_bytes=args.mask_cache_mb << 20,
     )
     server, port = dealer.serve(args.listen, service, creds.server())
     log.info("step=serve listening on %s (%s)", args.listen, "plaintext, INSECURE" if args.insecure else "mutual TLS")

@@ -108,6 +108,17 @@ def test_weight_stationary_tuples_use_the_mask_they_name():
         assert torch.equal(c0 + c1, getattr(torch, dealer.FIXED_OPS[spec.kind])(a0 + a1, b0 + b1))
 
 
+def test_mask_cache_keeps_recent_masks_within_its_budget():
+    keys = [dealer.party_key(5, "m", r) for r in range(2)]
+    s = dealer._Session("m", [5, 5], keys, 0.0)
+    budget = 2 * 8 * 12  # room for two masks of shape (3, 4)
+    for index in (0, 1, 0, 2):  # touching 0 again makes 1 the least recently used
+        assert torch.equal(s.mask(index, (3, 4), budget), dealer.fixed_mask_value(keys, index, (3, 4)))
+    assert list(s.mask_cache) == [0, 2] and s.mask_cache_bytes == budget
+    s.mask(3, (10, 10), budget)  # larger than the budget: computed, not cached
+    assert list(s.mask_cache) == [0, 2]
+
+
 def test_prefetch_batches_and_detects_a_diverged_schedule():
     p0, p1, calls = _local_sessions()
     p0.prefetch(SPECS[:3])

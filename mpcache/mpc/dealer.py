@@ -20,6 +20,7 @@ The CrypTen side (a TupleProvider that uses these) is mpcache/mpc/provider.py.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import secrets
@@ -155,7 +156,7 @@ class Spec:
             return [(self.shape_a, self.bitlength, True), (self.shape_b, self.bitlength, True)]
         if self.kind == pb.B2A_BIT:
             return [(self.shape_a, 1, True)]
-        return [(self.shape_a, 64, False)]  # SQUARE, TRUNCATION_PAIR
+        return [(self.shape_a, 64, False)]  # SQUARE, TRUNCATION_PAIR, EXACT_TRUNCATION, FIXED_*
 
     def derived_shape(self) -> tuple[int, ...]:
         """Shape of the derived value, without arithmetic (meta tensors only for convolutions)."""
@@ -324,13 +325,19 @@ def derived_value(spec: Spec, shares: list[list[torch.Tensor]], mask: torch.Tens
     raise ValueError(f"no derivation for tuple kind {spec.name}")
 
 
-def correction(keys: Sequence[bytes], index: int, spec: Spec) -> torch.Tensor:
-    """Party 0's share of the derived value: the dealer's whole per-tuple output."""
-    mask = None
-    if spec.kind in FIXED_OPS:  # B = the sum of the parties' draws for the FIXED_MASK tuple (its only part)
-        mask = stream(keys[0], spec.mask_tuple, 0, spec.shape_b)
-        for key in keys[1:]:
-            mask = mask + stream(key, spec.mask_tuple, 0, spec.shape_b)
+def fixed_mask_value(keys: Sequence[bytes], mask_tuple: int, shape: Sequence[int]) -> torch.Tensor:
+    """The plaintext weight-stationary mask B: the sum of the parties' draws for that FIXED_MASK tuple."""
+    mask = stream(keys[0], mask_tuple, 0, shape)
+    for key in keys[1:]:
+        mask = mask + stream(key, mask_tuple, 0, shape)
+    return mask
+
+
+def correction(keys: Sequence[bytes], index: int, spec: Spec, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Party 0's share of the derived value: the dealer's whole per-tuple output. FIXED_* tuples take their mask
+    B (`fixed_mask_value`) from the caller's cache, or regenerate it."""
+    if spec.kind in FIXED_OPS and mask is None:
+        mask = fixed_mask_value(keys, spec.mask_tuple, spec.shape_b)
     value = derived_value(spec, [random_shares(k, index, spec) for k in keys], mask)
     for key in keys[1:]:
         other = derived_share(key, index, spec)
@@ -371,6 +378,24 @@ class _Session:
     last_seen: dict[int, float] = field(default_factory=dict)
     served: int = 0  # tuples whose corrections went to party 0
     masks: dict[int, tuple[int, ...]] = field(default_factory=dict)  # FIXED_MASK tuple number -> shape of B
+    mask_cache: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # tuple number -> B (LRU)
+    mask_cache_bytes: int = 0
+
+    def mask(self, mask_tuple: int, shape: tuple[int, ...], budget: int) -> torch.Tensor:
+        """B of a FIXED_MASK tuple: kept in plaintext up to `budget` bytes (least recently used goes first),
+        because every product with that weight needs it and regenerating costs two AES streams of its size."""
+        if mask_tuple in self.mask_cache:
+            self.mask_cache.move_to_end(mask_tuple)
+            return self.mask_cache[mask_tuple]
+        value = fixed_mask_value(self.keys, mask_tuple, shape)
+        size = value.numel() * 8
+        if size <= budget:
+            while self.mask_cache_bytes + size > budget:
+                self.mask_cache_bytes -= self.mask_cache.popitem(last=False)[1].numel() * 8
+            self.mask_cache[mask_tuple] = value
+            self.mask_cache_bytes += size
+        return value
+
     bytes_to: dict[int, int] = field(default_factory=dict)
     aborted: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -395,8 +420,10 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
         party_timeout: float = 30.0,
         on_session_end: Callable[[str, str], None] | None = None,
         dealer_id: str = "dealer",
+        mask_cache_bytes: int = 1 << 30,
     ) -> None:
         self.require_roles = require_roles
+        self.mask_cache_bytes = mask_cache_bytes
         self.party_timeout = party_timeout
         self.on_session_end = on_session_end
         self.dealer_id = dealer_id
@@ -529,7 +556,10 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
                             f"{spec.name} refers to tuple {spec.mask_tuple}, which is not a FIXED_MASK of shape "
                             f"{spec.shape_b}",
                         )
-                    out.append(int64_to_pb(correction(s.keys, index, spec)))
+                    mask = (
+                        s.mask(spec.mask_tuple, spec.shape_b, self.mask_cache_bytes) if spec.kind in FIXED_OPS else None
+                    )
+                    out.append(int64_to_pb(correction(s.keys, index, spec, mask)))
                     index += 1
             s.served, s.masks = index, masks
             reply = pb.TupleResponse(request_id=request.request_id, corrections=out)
