@@ -229,8 +229,10 @@ class EpiCache(PolicyCache):
     def plan(self, hidden: Tensor, valid: Tensor) -> None:
         """Episodes of every row from the layer-0 inputs [B, T, d] of its valid tokens."""
         self.plans = [
-            plan_episodes(h[v], self.segment_size, self.n_episodes, self.n_medoid, self.question_tokens, self.seed)
-            for h, v in zip(hidden, valid, strict=True)
+            plan_episodes(
+                h[v].float().cpu(), self.segment_size, self.n_episodes, self.n_medoid, self.question_tokens, self.seed
+            )
+            for h, v in zip(hidden, valid, strict=True)  # planning is small and sequential: on the CPU
         ]
         longest = max(len(p.patched) for p in self.plans)
         self.patched_valid = torch.arange(longest) < torch.tensor([len(p.patched) for p in self.plans])[:, None]
@@ -240,7 +242,7 @@ class EpiCache(PolicyCache):
         assert self.plans is not None and self.patched_valid is not None
         out = hidden.new_zeros(hidden.shape[0], self.patched_valid.shape[1], hidden.shape[-1])
         for row, (plan, h, v) in enumerate(zip(self.plans, hidden, valid, strict=True)):
-            out[row, : len(plan.patched)] = h[v][plan.patched]
+            out[row, : len(plan.patched)] = h[v][plan.patched.to(h.device)]
         return out
 
     def observe_hidden(self, layer: int, hidden: Tensor) -> None:
@@ -296,11 +298,11 @@ def episodic_prefill(
     cache.plan(layer_input(model, input_ids, positions), valid)
     assert cache.plans is not None and cache.patched_valid is not None
     if cache.patched_valid.shape[1]:
-        ids = torch.zeros(cache.patched_valid.shape, dtype=input_ids.dtype)
+        ids = input_ids.new_zeros(cache.patched_valid.shape)
         for row, plan in enumerate(cache.plans):
-            ids[row, : len(plan.patched)] = input_ids[row][valid[row]][plan.patched]
+            ids[row, : len(plan.patched)] = input_ids[row][valid[row]][plan.patched.to(input_ids.device)]
         recorder = _HiddenRecorder(model.config.n_layer)
-        model(ids, cache=recorder, attention_mask=cache.patched_valid.long(), last_only=True)
+        model(ids, cache=recorder, attention_mask=cache.patched_valid.long().to(ids.device), last_only=True)
         cache.patched = recorder.hidden
     return prefill_in_chunks(model, input_ids, cache, block_size, attention_mask)
 
