@@ -177,16 +177,19 @@ class RecordingGate(AttentionGate):
         return entry
 
 
-def gate_cache(model: Transformer, budget=None) -> RecordingGate:
-    cache = type("HiddenRecordingGate", (HiddenSpy, RecordingGate), {}).from_model(model, budget, gates="random")
+def gate_cache(model: Transformer, budget=None, sink: int = 0, window: int = 0) -> RecordingGate:
+    cls = type("HiddenRecordingGate", (HiddenSpy, RecordingGate), {})
+    cache = cls.from_model(model, budget, gates="random", sink=sink, window=window)
     cache.gates = mixed_gates(model)
     return cache
 
 
 def test_attention_gate_flags_are_fixed_and_decide_what_stays(model: Transformer) -> None:
     ids, mask = batch()
-    cache = gate_cache(model)
+    sink, window = 2, 3
+    cache = gate_cache(model, sink=sink, window=window)
     full = KVCache(model.config.n_layer)
+    kept_total = []
     run(model, full, ids, mask, steps=6)
 
     def check(step: int) -> None:
@@ -201,13 +204,17 @@ def test_attention_gate_flags_are_fixed_and_decide_what_stays(model: Transformer
                             stored[int(entry.positions[b, h, slot])] = float(gate[b, h, slot])
                     seen = {p: g for (lay, r, hh, p), g in cache.arrived.items() if (lay, r, hh) == (layer, b, h)}
                     assert all(stored[p] == seen[p] for p in stored)  # a flag never changes
-                    assert set(stored) == {p for p, g in seen.items() if g >= 0.5}  # kept exactly when flagged
+                    protected = {p for p in seen if p < sink or p > max(seen) - window}
+                    flagged = {p for p, g in seen.items() if g >= 0.5}
+                    assert set(stored) == flagged | protected  # kept exactly when flagged or protected
+                    if step == 6:
+                        kept_total.append(len(flagged | protected))
 
     run(model, cache, ids, mask, steps=6, on_step=check)
     gates = torch.tensor(list(cache.arrived.values()))
     assert 0.2 < float((gates >= 0.5).float().mean()) < 0.8  # the test gates really split the tokens
     kept = sum(int(cache.tokens_per_head(layer).sum()) for layer in range(model.config.n_layer))
-    assert kept == int((gates >= 0.5).sum())  # eviction ratio = mean(1 - flag)
+    assert kept == sum(kept_total) < len(gates)  # eviction ratio = mean(1 - flag) outside the protection
     assert KVCache.memory_bytes(cache) < full.memory_bytes()
     # the gates' decisions through their own store equal their training-time forward on the unpadded row
     for layer in range(model.config.n_layer):
@@ -223,10 +230,11 @@ def test_attention_gate_inference_matches_training_forward(model: Transformer) -
     ids = torch.randint(0, 96, (1, 40), generator=g)
     answer = 28
     gates = mixed_gates(model)
+    sink, window = 2, 3
     with torch.no_grad():
-        trained_logits, flags = gated_forward(model, gates, ids, answer)
+        trained_logits, flags = gated_forward(model, gates, ids, answer, sink, window)
         full_logits, _ = gated_forward(model, None, ids, answer)
-        cache = gate_cache(model)
+        cache = gate_cache(model, sink=sink, window=window)
         out = [model(ids[:, :answer], cache=cache)[0, -1]]
         for i in range(answer, 40):
             out.append(model(ids[:, i : i + 1], cache=cache, positions=torch.tensor([[i]]))[0, -1])
@@ -234,8 +242,9 @@ def test_attention_gate_inference_matches_training_forward(model: Transformer) -
     assert torch.allclose(served, trained_logits[0, answer - 1 :], atol=1e-4)
     assert not torch.allclose(served[1:], full_logits[0, answer:], atol=1e-3)  # eviction did change them
     assert set(flags.unique().tolist()) <= {0.0, 1.0}
+    protected = (torch.arange(40) < sink) | (torch.arange(40) > 39 - window)
     stored = sum(int(cache.tokens_per_head(layer).sum()) for layer in range(model.config.n_layer))
-    assert stored == int(flags.sum())
+    assert stored == int((flags.bool() | protected).sum())
 
 
 def test_attention_gate_straight_through_gradients_reach_the_gates() -> None:

@@ -7,7 +7,8 @@ the token is processed (prompt or decode step), and never revisited. Without a b
 (the paper's mode) the flag g >= `threshold` says keep, anything else is evicted right
 after the step that produced it (after attention, as every method here: the prompt
 attends to the whole prompt, then a generated token sees the flagged prompt tokens, the
-flagged earlier generated tokens and itself). The eviction ratio is an outcome of
+flagged earlier generated tokens and itself), except the first `sink` and newest
+`window` tokens, which stay until they leave that window. The eviction ratio is an outcome of
 training. With a budget, g is the importance score of the usual keep-set rule instead
 (each head keeps its `budget` highest-g tokens, re-applied every decode step), so the
 gates can be compared with the other methods at equal cache size.
@@ -35,7 +36,7 @@ from mpcache.model.transformer import Transformer, apply_rope, cached_attention,
 
 class Gates(nn.Module):
     """One gate per layer: `heads` causal attention heads of `head_dim` dims over the layer
-    input, then a linear map to a retention logit per KV head (bias starts at +2: keep)."""
+    input, then a linear map to a retention logit per KV head (bias starts at +1: keep)."""
 
     def __init__(self, config: ModelConfig, heads: int = 2, head_dim: int = 8) -> None:
         super().__init__()
@@ -44,7 +45,7 @@ class Gates(nn.Module):
         self.qkv = nn.ModuleList(nn.Linear(config.d_model, 3 * width, bias=False) for _ in range(config.n_layer))
         self.out = nn.ModuleList(nn.Linear(width, config.n_kv_head) for _ in range(config.n_layer))
         for linear in self.out:
-            nn.init.constant_(linear.bias, 2.0)
+            nn.init.constant_(linear.bias, 1.0)
         self.register_buffer("inv_freq", rope_inverse_frequencies(ModelConfig(head_dim=head_dim)), persistent=False)
 
     @classmethod
@@ -72,16 +73,27 @@ class Gates(nn.Module):
 class AttentionGate(PolicyCache):
     """threshold: keep a token when its gate g >= threshold (0.5, the paper's hard flag);
     gates: "auto" (this model's trained gates, else random with a warning), "random", or
-    a path to a trained artifact. budget: optional (see the module docstring)."""
+    a path to a trained artifact; sink / window: first and newest tokens kept whatever
+    their gate (4, StreamingLLM's sinks, and 32, SnapKV's window: the paper's choice is
+    unknown; the gates are trained with the same protection). budget: optional (see the
+    module docstring)."""
 
     name: ClassVar[str] = "attention_gate"
     needs_budget: ClassVar[bool] = False
     default_decode_interval: ClassVar[int] = 1
 
     def __init__(
-        self, n_layer: int, budget: Budget | None = None, *, threshold: float = 0.5, gates: str = "auto", **common
+        self,
+        n_layer: int,
+        budget: Budget | None = None,
+        *,
+        threshold: float = 0.5,
+        gates: str = "auto",
+        sink: int = 4,
+        window: int = 32,
+        **common,
     ) -> None:
-        super().__init__(n_layer, budget, **common)
+        super().__init__(n_layer, budget, sink=sink, window=window, **common)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         if not isinstance(gates, str):

@@ -42,9 +42,12 @@ from mpcache.model.transformer import Transformer, apply_rope
 SEED_BASE = 60_000_000  # far from the evaluation seeds
 
 
-def gated_forward(model: Transformer, gates: Gates | None, ids: Tensor, answer_start: int) -> tuple[Tensor, Tensor]:
+def gated_forward(
+    model: Transformer, gates: Gates | None, ids: Tensor, answer_start: int, sink: int = 0, window: int = 0
+) -> tuple[Tensor, Tensor]:
     """Logits [1, T, V] of one sequence whose answer queries (rows >= answer_start) see only
-    gated-in tokens and themselves, and the soft gates [L, Hkv, T]. gates=None: full cache."""
+    gated-in tokens, the first `sink` tokens and the last `window` + 1 (themselves included,
+    what `AttentionGate` keeps), and the flags [L, Hkv, T]. gates=None: full cache."""
     config = model.config
     t = ids.shape[1]
     positions = torch.arange(t)[None]
@@ -53,7 +56,7 @@ def gated_forward(model: Transformer, gates: Gates | None, ids: Tensor, answer_s
         x = x + model.pos_emb(positions)
     rows, cols = torch.arange(t)[:, None], torch.arange(t)[None]
     causal = cols <= rows
-    gated_rows = (rows >= answer_start) & (cols < rows)  # where a key's flag applies
+    gated_rows = (rows >= answer_start) & (cols >= sink) & (rows - cols > window)  # where a key's flag applies
     soft = []
     for layer, block in enumerate(model.blocks):
         attn = block.attn
@@ -97,10 +100,10 @@ def answer_loss(logits: Tensor, ids: Tensor, start: int) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def validate(model: Transformer, gates: Gates, data: list[tuple[Tensor, int]]) -> dict:
+def validate(model: Transformer, gates: Gates, data: list[tuple[Tensor, int]], sink: int, window: int) -> dict:
     gated, full, acc_g, acc_f, kept = [], [], [], [], []
     for ids, start in data:
-        logits, soft = gated_forward(model, gates, ids, start)
+        logits, soft = gated_forward(model, gates, ids, start, sink, window)
         loss, acc = answer_loss(logits, ids, start)
         gated.append(float(loss))
         acc_g.append(float(acc))
@@ -125,8 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=21, help="validation sequences")
     parser.add_argument("--lengths", default="512,768")
     parser.add_argument("--keep", type=float, default=0.5, help="target fraction of tokens kept")
-    parser.add_argument("--lam", type=float, default=5.0, help="weight of the eviction loss")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lam", type=float, default=30.0, help="weight of the eviction loss")
+    parser.add_argument("--sink", type=int, default=4, help="first tokens always kept (AttentionGate's default)")
+    parser.add_argument("--window", type=int, default=32, help="newest tokens always kept (AttentionGate's default)")
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=artifact_path("attention_gate"))
     parser.add_argument("--log", type=Path, default=ASSETS / "attention_gate_log.jsonl")
@@ -151,13 +156,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(record))
 
     write({"event": "start", "model": fingerprint(model), "args": {k: str(v) for k, v in vars(args).items()}})
-    write({"event": "val", "step": 0, **validate(model, gates, val)})
+    write({"event": "val", "step": 0, **validate(model, gates, val, args.sink, args.window)})
     order = random.Random(args.seed)
     totals = {"loss": 0.0, "ce": 0.0, "kept": 0.0}
     every = max(1, args.steps // 6)
     for step in range(args.steps):
         ids, answer = train[order.randrange(len(train))]
-        logits, soft = gated_forward(model, gates, ids, answer)
+        logits, soft = gated_forward(model, gates, ids, answer, args.sink, args.window)
         ce, _ = answer_loss(logits, ids, answer)
         kept = soft.mean()
         loss = ce + args.lam * (kept - args.keep) ** 2
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         if (step + 1) % every == 0:
             write({"event": "train", "step": step + 1, **{k: round(v, 4) for k, v in totals.items()}})
             totals = dict.fromkeys(totals, 0.0)
-    metrics = validate(model, gates, val)
+    metrics = validate(model, gates, val, args.sink, args.window)
     write({"event": "val", "step": args.steps, **metrics})
     meta = {"method": "attention_gate", "args": {k: str(v) for k, v in vars(args).items()}, **metrics}
     save_parts(gates, model, args.out, meta)
