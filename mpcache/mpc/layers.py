@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Transformer, rope_inverse_frequencies, visibility
 from mpcache.mpc import numerics as N
+from mpcache.mpc.accounting import layer, span
 from mpcache.mpc.numerics import Value
 
 Share = Callable[[Tensor], Value]  # server-side plaintext tensor -> private value (identity: simulator)
@@ -72,7 +73,8 @@ class Linear:
         return cls(N.fixed(share(w)), share(b))
 
     def __call__(self, x: Value) -> Value:
-        y = N.matmul(x, self.weight_t)
+        with span("linear"):
+            y = N.matmul(x, self.weight_t)
         return y if self.bias is None else y + self.bias
 
 
@@ -83,7 +85,8 @@ class Embedding:
         self.table = table
 
     def __call__(self, tokens: Value) -> Value:
-        return N.matmul(tokens, self.table)
+        with span("linear"):
+            return N.matmul(tokens, self.table)
 
 
 class RMSNorm:
@@ -94,7 +97,8 @@ class RMSNorm:
         self.weight, self.eps, self.options = weight_sqrt_d, eps, options
 
     def __call__(self, x: Value) -> Value:
-        return _normalise(x, self.weight, self.eps, self.options)
+        with span("norm"):
+            return _normalise(x, self.weight, self.eps, self.options)
 
 
 class LayerNorm:
@@ -104,8 +108,9 @@ class LayerNorm:
         self.weight, self.bias, self.eps, self.options = weight_sqrt_d, bias, eps, options
 
     def __call__(self, x: Value) -> Value:
-        c = x - N.divide(x.sum(-1, keepdim=True), x.shape[-1])
-        return _normalise(c, self.weight, self.eps, self.options) + self.bias
+        with span("norm"):
+            c = x - N.divide(x.sum(-1, keepdim=True), x.shape[-1])
+            return _normalise(c, self.weight, self.eps, self.options) + self.bias
 
 
 def _normalise(x: Value, weight_sqrt_d: Value, eps: float, options: PrivateOptions) -> Value:
@@ -157,7 +162,8 @@ def apply_rope(x: Value, positions: Tensor, inv_freq: Tensor) -> Value:
     cos, sin = rope_tables(positions, inv_freq)
     half = x.shape[-1] // 2
     rotated = N.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return N.combine(N.stack([x, rotated]), torch.stack([cos, sin]))
+    with span("rope"):
+        return N.combine(N.stack([x, rotated]), torch.stack([cos, sin]))
 
 
 def cached_attention(
@@ -175,10 +181,13 @@ def cached_attention(
     b, hq, t, d = queries.shape
     hkv = keys.shape[1]
     q = queries.reshape(b, hkv, hq // hkv, t, d)
-    scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, L]
+    with span("attention"):
+        scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, L]
     visible = visibility(query_positions, key_positions, key_valid, sliding_window)
-    probs = N.softmax(scores, visible, score_bound)
-    out = N.matmul(probs, values.unsqueeze(2))
+    with span("softmax"):
+        probs = N.softmax(scores, visible, score_bound)
+    with span("attention"):
+        out = N.matmul(probs, values.unsqueeze(2))
     return out.reshape(b, hq, t, values.shape[-1])
 
 
@@ -314,10 +323,13 @@ class MLP:
 
     def __call__(self, x: Value) -> Value:
         h = self.up(x)
-        if self.family == "llama":
-            d_ff = h.shape[-1] // 2
-            return self.down(N.mul(activation(h[..., :d_ff], self.activation), h[..., d_ff:]))
-        return self.down(activation(h, self.activation))
+        with span("activation"):
+            if self.family == "llama":
+                d_ff = h.shape[-1] // 2
+                h = N.mul(activation(h[..., :d_ff], self.activation), h[..., d_ff:])
+            else:
+                h = activation(h, self.activation)
+        return self.down(h)
 
 
 class Block:
@@ -377,20 +389,24 @@ class PrivateTransformer:
         if positions is None:
             positions = torch.arange(cache.seen_tokens, cache.seen_tokens + t).expand(b, t)
         valid = torch.ones(b, t, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        x = self.tok_emb(tokens)
+        with layer("embed"):
+            x = self.tok_emb(tokens)
         if self.pos_emb is not None:
             if int(positions.max()) >= self.config.max_position:
                 raise ValueError(f"position {int(positions.max())} exceeds max_position {self.config.max_position}")
             x = x + self.pos_emb[positions]
-        for block in self.blocks:
-            x = block(x, positions, valid, cache)
+        for i, block in enumerate(self.blocks):
+            with layer(i):
+                x = block(x, positions, valid, cache)
         cache.seen_tokens = int(positions.max()) + 1
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        with layer("head"):
+            return self.lm_head(self.norm(x))
 
 
 def greedy_token(logits: Value) -> Value:
     """Secret one-hot of the argmax of the last position's logits [B, T, V] -> [B, 1, V] (first index on ties);
     it feeds the next step's embedding directly, so the token is revealed to no one until the client opens it."""
-    return N.argmax(logits[:, -1:])
+    with layer("head"), span("selection"):
+        return N.argmax(logits[:, -1:])

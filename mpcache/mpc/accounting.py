@@ -1,0 +1,124 @@
+"""Cost accounting of private inference: rounds, bytes and wall time per step, per layer and per operation class.
+
+The private layers (mpcache/mpc/layers.py) wrap each leaf operation in `span(op)` and each block in `layer(i)`;
+both do nothing unless a `Ledger` is active (`with ledger:`), so the float simulator pays nothing. A span reads the
+communicator's counters (CrypTen counts them only with cfg.communicator.verbose) before and after, so the numbers
+are this party's: rounds = communicator calls, bytes = what CrypTen counts for them. Spans do not nest: an inner
+span inside an open one is charged to the outer one. Whatever runs outside every span (residual adds, cache
+concatenation, reshapes) is charged to op "other" by `Ledger.end_step`, so each step's classes sum to its total.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+OPS = ("linear", "attention", "softmax", "norm", "activation", "rope", "selection", "other")
+Counters = Callable[[], dict]  # -> {"rounds": ..., "bytes": ...}
+
+_active: Ledger | None = None
+
+
+class Ledger:
+    """Accumulates [rounds, bytes, seconds] per (step, layer, op); layer is a block index, "embed" or "head"."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.steps: list[dict] = []
+        self._cells: dict[tuple[str, str], list[float]] = {}
+        self._layer = "embed"
+        self._open = False
+        self._step_start: tuple[float, float, float] | None = None
+
+    def _now(self) -> tuple[float, float, float]:
+        c = self.counters()
+        return float(c.get("rounds", 0)), float(c.get("bytes", 0)), time.perf_counter()
+
+    def __enter__(self) -> Ledger:
+        global _active
+        if _active is not None:
+            raise RuntimeError("another Ledger is already active")
+        _active = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _active
+        _active = None
+
+    def begin_step(self, name: str) -> None:
+        self._cells, self._layer, self._name = {}, "embed", name
+        self._step_start = self._now()
+
+    def end_step(self) -> dict:
+        """Close the step: returns {name, rounds, bytes, seconds, cells: [{layer, op, rounds, bytes, seconds}]}."""
+        if self._step_start is None:
+            raise RuntimeError("end_step without begin_step")
+        end = self._now()
+        total = [e - s for s, e in zip(self._step_start, end)]
+        spent = [sum(cell[i] for cell in self._cells.values()) for i in range(3)]
+        other = [t - s for t, s in zip(total, spent)]
+        if any(abs(v) > 0 for v in other):
+            self._cells[("all", "other")] = other
+        cells = [
+            {"layer": layer, "op": op, "rounds": int(v[0]), "bytes": int(v[1]), "seconds": round(v[2], 6)}
+            for (layer, op), v in self._cells.items()
+        ]
+        record = {
+            "name": self._name,
+            "rounds": int(total[0]),
+            "bytes": int(total[1]),
+            "seconds": round(total[2], 6),
+            "cells": cells,
+        }
+        self.steps.append(record)
+        self._step_start = None
+        return record
+
+    def charge(self, op: str, before: tuple[float, float, float]) -> None:
+        cell = self._cells.setdefault((str(self._layer), op), [0.0, 0.0, 0.0])
+        for i, (s, e) in enumerate(zip(before, self._now())):
+            cell[i] += e - s
+
+
+@contextmanager
+def span(op: str) -> Iterator[None]:
+    """Charge what runs inside to operation class `op` of the current layer (no-op without an active Ledger)."""
+    ledger = _active
+    if ledger is None or ledger._open or ledger._step_start is None:
+        yield
+        return
+    if op not in OPS:
+        raise ValueError(f"unknown operation class {op!r}; expected one of {OPS}")
+    ledger._open = True
+    before = ledger._now()
+    try:
+        yield
+    finally:
+        ledger._open = False
+        ledger.charge(op, before)
+
+
+@contextmanager
+def layer(name: int | str) -> Iterator[None]:
+    """Spans inside are charged to layer `name` (a block index, "embed" or "head")."""
+    ledger = _active
+    if ledger is None:
+        yield
+        return
+    previous, ledger._layer = ledger._layer, str(name)
+    try:
+        yield
+    finally:
+        ledger._layer = previous
+
+
+def summarize(steps: list[dict]) -> dict[str, dict[str, float]]:
+    """Per op class over all given steps: {op: {rounds, bytes, seconds}} (layers summed)."""
+    out: dict[str, dict[str, float]] = {}
+    for step in steps:
+        for cell in step["cells"]:
+            row = out.setdefault(cell["op"], {"rounds": 0, "bytes": 0, "seconds": 0.0})
+            for key in row:
+                row[key] += cell[key]
+    return out

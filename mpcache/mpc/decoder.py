@@ -1,0 +1,113 @@
+"""The private decoder: prefill and greedy decoding of a secret-shared prompt with secret-shared weights.
+
+Who sees what in plaintext (the deployment in parties/):
+* The model owner is party 0: it loads the checkpoint and secret-shares every weight once per session
+  (`share_model`); party 1 learns only the architecture (ModelConfig: public, it fixes the protocol's shapes).
+* The client one-hot encodes the prompt's token ids and secret-shares the bits (precision 0), so neither party
+  sees the prompt; its length and the number of new tokens are public.
+* Every step's next token stays a secret one-hot (layers.greedy_token) that feeds the next step's embedding;
+  the parties return shares of the generated one-hots and only the client adds them (argmax revealed to it only).
+* Public to both parties: sequence length, positions, cache validity, the step count and the dealer's tuples'
+  shapes - never values.
+The same code runs on float tensors (share = identity): the simulator of the private numerics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mpcache.model.cache import KVCache
+from mpcache.model.config import ModelConfig
+from mpcache.model.transformer import Transformer
+from mpcache.mpc import layers as L
+from mpcache.mpc.accounting import Ledger
+from mpcache.mpc.numerics import Value
+
+CacheFactory = Callable[[int], L.PrivateKVCache]  # n_layer -> an empty private cache (a method's policy)
+
+
+def architecture_only(config: ModelConfig) -> Transformer:
+    """The model as party 1 knows it: the public architecture; its (random) weights are never used, only shapes."""
+    with torch.no_grad():
+        return Transformer(config).double().eval()
+
+
+def share_model(model: Transformer, share: L.Share, options: L.PrivateOptions | None = None) -> L.PrivateTransformer:
+    """Secret-share the model owner's weights (`share`: plaintext -> MPCTensor from the owner; identity: simulator)."""
+    return L.PrivateTransformer.from_plain(model, share, options)
+
+
+def share_cache(plain: KVCache | None, config: ModelConfig, shapes: list[tuple[int, ...]], share: L.Share):
+    """A private cache from the owner's plaintext cache (`plain`, None at the other party; `shapes` = each layer's
+    keys shape, public). Used by benchmarks to build long caches quickly: the cached tokens are then known to the
+    owner, so this is a cost measurement shortcut, not a private prefill."""
+    cache = L.PrivateKVCache(config.n_layer)
+    for i, (b, h, n, d) in enumerate(shapes):
+        if plain is not None:
+            entry = plain.layers[i]
+            keys, values = entry.keys[:, :, :n].double(), entry.values[:, :, :n].double()
+            positions, valid = entry.positions[:, :, :n], entry.valid[:, :, :n]
+        else:
+            keys = values = torch.zeros(b, h, n, d, dtype=torch.float64)
+            positions, valid = torch.arange(n).expand(b, h, n), torch.ones(b, h, n, dtype=torch.bool)
+        cache.layers[i] = L.PrivateLayerKV(share(keys), share(values), positions.clone(), valid.clone())
+    cache.seen_tokens = shapes[0][2] if plain is None else plain.seen_tokens
+    return cache
+
+
+def generate(
+    model: L.PrivateTransformer,
+    tokens: Value,
+    steps: int,
+    cache: L.PrivateKVCache | None = None,
+    ledger: Ledger | None = None,
+) -> tuple[list[Value], Value]:
+    """Greedy decoding: one-hot prompt [B, T, V] -> (`steps` secret one-hots [B, 1, V], first step's logits [B, 1, V]).
+
+    Step 0 is the prefill (the whole prompt), each later step feeds the previous secret one-hot. With a ledger,
+    every step is recorded as "prefill" / "decode" with its per-layer, per-operation costs.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    cache = cache if cache is not None else L.PrivateKVCache(model.config.n_layer)
+    out: list[Value] = []
+    first_logits = None
+    for step in range(steps):
+        if ledger is not None:
+            ledger.begin_step("prefill" if step == 0 else "decode")
+        logits = model(tokens, cache, last_only=True)
+        tokens = L.greedy_token(logits)
+        if ledger is not None:
+            ledger.end_step()
+        if first_logits is None:
+            first_logits = logits
+        out.append(tokens)
+    return out, first_logits
+
+
+def plain_greedy(model: Transformer, ids: Tensor, steps: int) -> tuple[list[int], Tensor]:
+    """The plaintext reference: greedy tokens of batch row 0 and the first step's last-position logits."""
+    cache = KVCache(model.config.n_layer)
+    out = []
+    with torch.no_grad():
+        logits = model(ids, cache)[:, -1:]
+        first = logits
+        for _ in range(steps):
+            out.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[out[-1]]]), cache)
+    return out, first
+
+
+def simulate(model: Transformer, ids: Tensor, steps: int) -> tuple[list[int], Tensor]:
+    """The float simulator of the private decoder (same approximations, no MPC): greedy tokens, first logits."""
+    pm = share_model(model, lambda t: t)
+    tokens, logits = generate(pm, L.one_hot(ids, model.config.vocab_size), steps)
+    return [int(t[0, -1].argmax()) for t in tokens], logits
+
+
+def decode_tokens(one_hots: Tensor) -> list[int]:
+    """Client side: reconstructed one-hots [..., V] -> token ids (argmax)."""
+    return one_hots.reshape(-1, one_hots.shape[-1]).argmax(-1).tolist()

@@ -1,0 +1,147 @@
+"""The private decoder end to end: dealer, party 0, party 1 as separate OS processes over gRPC, the client here.
+
+The client shares a one-hot prompt, the parties run prefill + greedy decoding on secret-shared weights and cache,
+the client reconstructs the tokens. Checked against the plaintext model (exact) and the simulator (the same
+approximations in floating point), plus the cost report's bookkeeping.
+
+Tolerances on the first step's logits: MPC vs simulator 2e-3 (fixed-point error of 16 fractional bits through
+the layers), MPC vs exact plaintext 2e-2 (plus the approximations' error: softmax exp, SiLU/GeLU, inverse sqrt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mpcache.model.config import ModelConfig
+from mpcache.model.transformer import Transformer
+from mpcache.mpc import accounting
+from mpcache.mpc.decoder import plain_greedy, simulate
+from mpcache.mpc.launcher import Deployment
+from parties.client import Client
+from parties.common import Credentials, Fatal
+
+SIM_TOL, EXACT_TOL = 2e-3, 2e-2
+FAST = dict(timeout=60.0, party_timeout=60.0, heartbeat=1.0)
+
+
+def tiny_checkpoint(folder: Path, family: str) -> Transformer:
+    torch.manual_seed(1)
+    config = ModelConfig(
+        family=family, vocab_size=40, n_layer=2, n_head=4, n_kv_head=2 if family == "llama" else 4, d_model=32,
+        d_ff=64, max_position=64, activation="silu" if family == "llama" else "gelu_new",
+    )  # fmt: skip
+    model = Transformer(config).double().eval()
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    config.save(folder / "config.json")
+    return model
+
+
+def client_for(dep: Deployment) -> Client:
+    creds = Credentials("client", argparse.Namespace(insecure=True))
+    return Client([dep.address("api0"), dep.address("api1")], creds, connect_timeout=180)
+
+
+def run_private(dep: Deployment, ids: list[int], vocab: int, steps: int):
+    for role in ("dealer", "party0", "party1"):
+        dep.start(role)
+    client = client_for(dep)
+    tokens, logits, results = client.generate(ids, vocab, steps, timeout=1500, return_logits=True)
+    client.shutdown("test done", 60)
+    return client, tokens, logits, results
+
+
+def check_report(results, n_layer: int, steps: int, ops: set[str]) -> list[dict]:
+    reports = [json.loads(r.stats.report_json)["steps"] for r in results]
+    assert len(reports[0]) == steps and [s["name"] for s in reports[0]] == ["prefill"] + ["decode"] * (steps - 1)
+    for party in reports:
+        for step in party:
+            cells = step["cells"]
+            assert sum(c["rounds"] for c in cells) == step["rounds"] > 0  # the classes account for every round
+            assert sum(c["bytes"] for c in cells) == step["bytes"] > 0
+            assert {c["layer"] for c in cells} >= {str(i) for i in range(n_layer)} | {"embed", "head"}
+            assert {c["op"] for c in cells} >= ops
+    for a, b in zip(*reports):  # lock step: both parties count the same traffic
+        assert (a["rounds"], a["bytes"]) == (b["rounds"], b["bytes"])
+    assert sum(r.stats.rounds for r in results[:1]) == sum(s["rounds"] for s in reports[0])
+    return reports[0]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_private_decoder_over_grpc_matches_plaintext_and_simulator(tmp_path, family):
+    model = tiny_checkpoint(tmp_path / "model", family)
+    ids = torch.randint(0, 40, (1, 7), generator=torch.Generator().manual_seed(3))
+    steps = 3
+    dep = Deployment(tmp_path / "run", insecure=True, model=tmp_path / "model", **FAST)
+    try:
+        client, tokens, logits, results = run_private(dep, ids[0].tolist(), 40, steps)
+    finally:
+        dep.stop_all()
+    want, exact_logits = plain_greedy(model, ids, steps)
+    sim_tokens, sim_logits = simulate(model, ids, steps)
+    assert (logits - sim_logits).abs().max() < SIM_TOL
+    assert (logits - exact_logits).abs().max() < EXACT_TOL
+    assert tokens == want == sim_tokens
+    ops = {"linear", "attention", "softmax", "norm", "activation", "selection"}
+    ops |= {"rope"} if family == "llama" else set()
+    report = check_report(results, model.config.n_layer, steps, ops)
+    assert report[1]["bytes"] < report[0]["bytes"]  # a decode step moves less than the prefill
+    assert "step=model shared the decoder" in dep.log("party1")
+    assert results[0].stats.dealer_bytes > 0 and results[1].stats.dealer_bytes == 0
+
+
+@pytest.mark.timeout(300)
+def test_generate_rejects_bad_requests_without_hanging(tmp_path):
+    tiny_checkpoint(tmp_path / "model", "llama")
+    dep = Deployment(tmp_path / "run", insecure=True, model=tmp_path / "model", **FAST)
+    try:
+        for role in ("dealer", "party0", "party1"):
+            dep.start(role)
+        client = client_for(dep)
+        with pytest.raises(Fatal, match="max_new_tokens"):
+            client.generate([1, 2, 3], 40, 0, timeout=60)
+        with pytest.raises(Fatal, match=r"one-hot prompt of shape \[1, T, 40\]"):
+            client.generate([1, 2, 3], 41, 2, timeout=60)
+        with pytest.raises(Fatal, match="generate inputs must be fixed point with 0 fractional bits"):
+            client.run_all("generate", torch.zeros(1, 2, 40), {}, timeout=60)
+        tokens, _, _ = client.generate([1, 2, 3], 40, 1, timeout=300)  # the parties are still in step
+        assert len(tokens) == 1
+        client.shutdown("test done", 60)
+    finally:
+        dep.stop_all()
+
+
+def test_ledger_charges_every_round_to_one_class():
+    counter = {"rounds": 0, "bytes": 0}
+
+    def talk(rounds: int) -> None:
+        counter["rounds"] += rounds
+        counter["bytes"] += 8 * rounds
+
+    with accounting.Ledger(lambda: dict(counter)) as ledger:
+        ledger.begin_step("decode")
+        with accounting.layer(0):
+            with accounting.span("linear"):
+                talk(2)
+                with accounting.span("softmax"):  # nested: charged to the outer span
+                    talk(3)
+            talk(1)  # outside every span: "other"
+        with accounting.layer("head"), accounting.span("selection"):
+            talk(4)
+        step = ledger.end_step()
+    cells = {(c["layer"], c["op"]): c["rounds"] for c in step["cells"]}
+    assert cells == {("0", "linear"): 5, ("head", "selection"): 4, ("all", "other"): 1}
+    assert step["rounds"] == 10 and step["bytes"] == 80
+    with accounting.span("linear"):  # no active ledger: a no-op
+        talk(1)
+    with pytest.raises(ValueError, match="unknown operation class"), accounting.Ledger(lambda: dict(counter)) as ledger:
+        ledger.begin_step("x")
+        with accounting.span("lineer"):
+            pass
