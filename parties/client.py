@@ -5,6 +5,12 @@
 Neither party sees the input or the answer: party 0 receives enc(x) - r and party 1 receives r for a uniformly
 random r (mod 2^64); each returns a share of the output and only the client adds them. The last stdout line is
 `RESULT <json>` with the answer, latency and per-party communication, for scripts.
+
+    client --job generate --prompt 'The pass key is 123. ... What is the pass key?' --params '{"max_new_tokens": 8}'
+
+runs the private decoder: the client tokenizes the prompt (--tokenizer: a checkpoint folder, default the bundled
+model's), secret-shares its one-hot rows and adds the parties' shares of the generated one-hots; only it learns the
+tokens. --report PATH writes both parties' per-step, per-layer, per-operation costs as JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import torch
@@ -40,10 +47,21 @@ def parse(argv: list[str] | None):
     p.add("--timeout", default=120.0, type=float, help="seconds to wait for the answer")
     p.add("--connect-timeout", default=60.0, type=float, help="seconds to wait for both parties to be ready")
     p.add("--shutdown", default=False, type=bool, help="ask both parties to shut down afterwards")
+    p.add("--prompt", default=None, help="generate: the prompt text (tokenized here, shared as one-hot rows)")
+    p.add("--prompt-file", default=None, help="generate: read the prompt from this file")
+    p.add("--tokenizer", default=None, help="generate: checkpoint folder of the tokenizer (default: bundled model)")
+    p.add("--report", default=None, help="generate: write the parties' cost reports (JSON) to this file")
     args = p.parse_args(argv)
     args.parties = [a.strip() for a in args.parties.split(",") if a.strip()]
     if len(args.parties) != 2:
         p.error(f"--parties needs 2 addresses (party 0, party 1), got {args.parties}")
+    if args.job == "generate":
+        try:
+            args.prompt = open(args.prompt_file).read() if args.prompt_file else args.prompt
+        except OSError as e:
+            p.error(f"cannot read --prompt-file: {e}")
+        if not args.prompt:
+            p.error("--job generate needs --prompt or --prompt-file")
     try:
         text = open(args.input_file).read() if args.input_file else args.input
     except OSError as e:
@@ -128,14 +146,23 @@ class Client:
                 f.cancel()
 
     def run(self, kind: str, x: torch.Tensor, params: dict, timeout: float) -> tuple[torch.Tensor, list[pb.JobResult]]:
+        outs, results = self.run_all(kind, x, params, timeout)
+        if len(outs) != 1:
+            raise Fatal(f"job {kind} returned {len(outs)} outputs; this client prints exactly one")
+        return outs[0], results
+
+    def run_all(
+        self, kind: str, x: torch.Tensor, params: dict, timeout: float, bits: int = PRECISION_BITS
+    ) -> tuple[list[torch.Tensor], list[pb.JobResult]]:
+        """Share x with `bits` fractional bits, run job `kind`, reconstruct every output."""
         job_id = uuid.uuid4().hex[:12]
-        s0, s1 = share(x)
+        s0, s1 = share(x, bits)
         requests = [
             pb.JobRequest(
                 job_id=job_id,
                 party=i,
                 kind=kind,
-                inputs=[pb.FixedPointShare(precision_bits=PRECISION_BITS, share=wire.tensor_to_proto(s))],
+                inputs=[pb.FixedPointShare(precision_bits=bits, share=wire.tensor_to_proto(s))],
                 params_json=json.dumps(params),
             )
             for i, s in enumerate((s0, s1))
@@ -149,9 +176,19 @@ class Client:
             if len({p.precision_bits for p in parts}) != 1:
                 raise Fatal(f"the parties returned output {k} with different precisions")
             outs.append(reconstruct([dealer.int64_from_pb(p.share) for p in parts], parts[0].precision_bits))
-        if len(outs) != 1:
-            raise Fatal(f"job {kind} returned {len(outs)} outputs; this client prints exactly one")
-        return outs[0], results
+        return outs, results
+
+    def generate(
+        self, ids: list[int], vocab_size: int, max_new_tokens: int, timeout: float, return_logits: bool = False
+    ) -> tuple[list[int], torch.Tensor | None, list[pb.JobResult]]:
+        """The private decoder: greedy tokens after prompt `ids` (and the first step's logits if asked)."""
+        from mpcache.mpc.layers import one_hot
+
+        x = one_hot(torch.tensor([ids]), vocab_size)
+        params = {"max_new_tokens": max_new_tokens, "return_logits": return_logits}
+        outs, results = self.run_all("generate", x, params, timeout, bits=0)
+        tokens = outs[0][0].argmax(-1).tolist()
+        return tokens, (outs[1] if return_logits else None), results
 
     def shutdown(self, reason: str, timeout: float) -> None:
         request = pb.ShutdownRequest(reason=reason)
@@ -164,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("client", args.session, args.log_level)
     creds = Credentials("client", args)
     client = Client(args.parties, creds, args.connect_timeout)
+    if args.job == "generate":
+        return _generate(client, args)
     t0 = time.perf_counter()
     y, results = client.run(args.job, args.x, json.loads(args.params), args.timeout)
     latency = time.perf_counter() - t0
@@ -188,6 +227,43 @@ def main(argv: list[str] | None = None) -> int:
             f"{p['dealer_bytes']} bytes from the dealer, {p['tuples']} tuples, {p['mpc_s']} s MPC"
         )
     record = {"job": args.job, "answer": y.tolist(), "latency_s": round(latency, 4), "parties": per_party}
+    print("RESULT " + json.dumps(record), flush=True)
+    return 0
+
+
+def _generate(client: Client, args) -> int:
+    from mpcache.model.config import ModelConfig
+    from mpcache.model.loading import BUNDLED_DIR, config_from_hf, is_mpcache_config, load_tokenizer, read_config
+
+    folder = Path(args.tokenizer or BUNDLED_DIR)
+    raw = read_config(folder)
+    config = ModelConfig.from_dict(raw) if is_mpcache_config(raw) else config_from_hf(raw)
+    tokenizer = load_tokenizer(folder)
+    params = json.loads(args.params)
+    ids = tokenizer.encode(args.prompt)
+    t0 = time.perf_counter()
+    tokens, _, results = client.generate(ids, config.vocab_size, params.get("max_new_tokens", 16), args.timeout)
+    latency = time.perf_counter() - t0
+    if args.shutdown:
+        client.shutdown("client done", args.timeout)
+    text = tokenizer.decode(tokens)
+    reports = [json.loads(r.stats.report_json or "{}") for r in results]
+    if args.report:
+        Path(args.report).write_text(json.dumps({"parties": reports}, indent=1))
+    print(f"prompt: {len(ids)} tokens (shared as one-hot rows; neither party saw them)")
+    print(f"generated: {text!r}")
+    print(f"latency: {latency:.3f} s for {len(tokens)} tokens (prefill included)")
+    for i, r in enumerate(results):
+        print(f"party {i}: {r.stats.rounds} rounds, {r.stats.bytes} bytes party<->party, {r.stats.elapsed_s:.2f} s MPC")
+    steps = reports[0].get("steps", [])
+    record = {
+        "job": "generate",
+        "prompt_tokens": len(ids),
+        "tokens": tokens,
+        "text": text,
+        "latency_s": round(latency, 4),
+        "steps": [{k: s[k] for k in ("name", "rounds", "bytes", "seconds")} for s in steps],
+    }
     print("RESULT " + json.dumps(record), flush=True)
     return 0
 

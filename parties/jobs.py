@@ -3,8 +3,8 @@
 A job takes the client's secret-shared inputs (CrypTen MPCTensors), public parameters (a JSON object) and the
 party's context (rank, the model's secret-shared weights), and returns secret-shared outputs; the party sends its
 share of each output back to the client. Parameters are validated before any communication, so a bad request fails
-identically at both parties without desynchronising them. The private decoder is meant to be one more entry here
-(registered with `@job("generate")`), running on the same queue.
+identically at both parties without desynchronising them. The private decoder is the job "generate"
+(mpcache/mpc/decoder.py says who sees what).
 """
 
 from __future__ import annotations
@@ -23,20 +23,26 @@ class JobContext:
 
     rank: int
     weights: dict[str, Any] = field(default_factory=dict)  # name -> crypten MPCTensor
+    decoder: Any = None  # mpcache.mpc.layers.PrivateTransformer when the party serves a language model
+    report: Any = None  # the last job's public cost report (JSON-able), sent to the client with the job's stats
 
 
 JobFn = Callable[[JobContext, list, dict], list]
 JOBS: dict[str, tuple[JobFn, Callable[[dict, list[tuple[int, ...]], JobContext], None]]] = {}
+INPUT_BITS: dict[str, int] = {}  # jobs whose inputs use another fixed-point precision than CrypTen's
 
 
-def job(name: str, validate: Callable[[dict, list[tuple[int, ...]], JobContext], None]):
+def job(name: str, validate: Callable[[dict, list[tuple[int, ...]], JobContext], None], input_bits: int | None = None):
     """Register `fn(ctx, inputs, params) -> outputs` under `name`; `validate(params, input_shapes, ctx)` raises
-    ValueError for a request the job cannot run (it sees only public information: both parties agree on it)."""
+    ValueError for a request the job cannot run (it sees only public information: both parties agree on it).
+    `input_bits`: the fixed-point precision the inputs must have (default: CrypTen's)."""
 
     def register(fn: JobFn) -> JobFn:
         if name in JOBS:
             raise ValueError(f"job {name!r} registered twice")
         JOBS[name] = (fn, validate)
+        if input_bits is not None:
+            INPUT_BITS[name] = input_bits
         return fn
 
     return register
@@ -53,6 +59,49 @@ def check(kind: str, params: Any, shapes: list[tuple[int, ...]], ctx: JobContext
 
 def run(kind: str, ctx: JobContext, inputs: list, params: dict) -> list:
     return JOBS[kind][0](ctx, inputs, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The private decoder
+# ---------------------------------------------------------------------------------------------------------------
+
+MAX_NEW_TOKENS = 256
+
+
+def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext) -> None:
+    if ctx.decoder is None:
+        raise ValueError("generate needs a language model (start party 0 with --model DIR, a checkpoint folder)")
+    config = ctx.decoder.config
+    if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][0] != 1 or shapes[0][2] != config.vocab_size:
+        raise ValueError(f"generate takes one one-hot prompt of shape [1, T, {config.vocab_size}], got {shapes}")
+    unknown = set(params) - {"max_new_tokens", "return_logits"}
+    if unknown:
+        raise ValueError(f"unknown generate parameters {sorted(unknown)}")
+    steps = params.get("max_new_tokens", 16)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_NEW_TOKENS:
+        raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {steps!r}")
+    if not isinstance(params.get("return_logits", False), bool):
+        raise ValueError("return_logits must be true or false")
+    if not 1 <= shapes[0][1] or shapes[0][1] + steps > config.max_position:
+        raise ValueError(f"prompt of {shapes[0][1]} tokens + {steps} new ones exceeds {config.max_position} positions")
+
+
+@job("generate", _check_generate, input_bits=0)
+def generate(ctx: JobContext, inputs: list, params: dict) -> list:
+    """Greedy decoding of the client's secret one-hot prompt: returns the secret one-hots of the new tokens
+    [1, steps, V] (and, with return_logits, the first step's logits [1, 1, V] for equivalence tests); the cost of
+    every step per layer and operation class goes to ctx.report."""
+    from mpcache.mpc import decoder
+    from mpcache.mpc.accounting import Ledger
+    from mpcache.mpc.crypten_compat import import_crypten
+
+    crypten = import_crypten()
+    comm = crypten.communicator.get()
+    with Ledger(comm.get_communication_stats) as ledger:
+        tokens, logits = decoder.generate(ctx.decoder, inputs[0], params.get("max_new_tokens", 16), ledger=ledger)
+    ctx.report = {"steps": ledger.steps}
+    out = [crypten.cat(tokens, dim=1)]
+    return out + [logits] if params.get("return_logits", False) else out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ then runs the jobs clients submit (parties/jobs.py) until a client asks it to sh
           --certs certs --model model.safetensors
 
 Only party 0 loads the model (it is the model owner); its weights are secret-shared with party 1 at start-up.
+--model is a safetensors file of named weights (the demo jobs) or a checkpoint folder (config.json + weights, as
+mpcache.model.from_pretrained reads): then party 1 learns the architecture (ModelConfig) and both serve the
+private decoder, job "generate" (mpcache/mpc/decoder.py).
 Threads: gRPC handlers only queue requests; the main thread runs every MPC step (CrypTen keeps global state), and
 a heartbeat thread keeps the dealer session alive and notices a dead dealer or an aborted session.
 """
@@ -45,7 +48,7 @@ def parse(argv: list[str] | None):
     p.add("--listen", default=None, help="bind address for party-to-party traffic (default: own --peers entry)")
     p.add("--api-listen", default=None, help="bind address of the client API (default 0.0.0.0:50702 + 10*rank)")
     p.add("--dealer", default="127.0.0.1:50700", help="dealer address")
-    p.add("--model", default=None, help="party 0: safetensors file with the model weights")
+    p.add("--model", default=None, help="party 0: safetensors file with weights, or a checkpoint folder (decoder)")
     p.add("--timeout", default=30.0, type=float, help="seconds a peer or the dealer may stay silent mid-step")
     p.add("--connect-timeout", default=60.0, type=float, help="seconds to wait for the dealer and the other party")
     p.add("--heartbeat", default=2.0, type=float, help="seconds between heartbeats to the dealer")
@@ -224,7 +227,28 @@ class Party:
         log.info("step=ready serving jobs %s", sorted(jobs.JOBS))
 
     def _share_model(self) -> None:
-        """Party 0 secret-shares its model weights; party 1 learns only their names and shapes."""
+        """Party 0 secret-shares its model weights; party 1 learns only their names and shapes (or the decoder's
+        architecture)."""
+        model_dir = self.args.model if self.rank == 0 and self.args.model and Path(self.args.model).is_dir() else None
+        config = None
+        if model_dir is not None:
+            from mpcache.model.loading import from_pretrained
+
+            try:
+                model = from_pretrained(model_dir, torch.float64)
+            except (OSError, ValueError) as e:
+                raise Fatal(f"cannot load the model folder {model_dir}: {e}") from None
+            config = model.config.to_dict()
+        config = self.comm.broadcast_obj(config, 0)
+        if config is not None:
+            from mpcache.model.config import ModelConfig
+            from mpcache.mpc import decoder
+
+            if self.rank == 1:
+                model = decoder.architecture_only(ModelConfig.from_dict(config))
+            self.ctx.decoder = decoder.share_model(model, lambda t: self.crypten.cryptensor(t, src=0))
+            log.info("step=model shared the decoder (%s, %d layers)", config["family"], config["n_layer"])
+            return
         weights = {}
         if self.rank == 0 and self.args.model:
             from safetensors.torch import load_file
@@ -304,9 +328,9 @@ class Party:
                 log.info("step=shutdown requested by the client")
                 return
             try:
-                bits = self.crypten.cfg.encoder.precision_bits
+                bits = jobs.INPUT_BITS.get(pending.kind, self.crypten.cfg.encoder.precision_bits)
                 if any(b != bits for _, b in pending.inputs):
-                    raise ValueError(f"inputs must be fixed point with {bits} fractional bits (CrypTen's encoding)")
+                    raise ValueError(f"{pending.kind} inputs must be fixed point with {bits} fractional bits")
                 params = json.loads(pending.params_json)
                 jobs.check(pending.kind, params, [tuple(s.shape) for s, _ in pending.inputs], self.ctx)
             except (ValueError, json.JSONDecodeError) as e:
@@ -320,6 +344,7 @@ class Party:
         stats0 = self.comm.get_communication_stats()
         consumed0, dealer_bytes0 = self.session.consumed, self.session.correction_bytes
         t0 = time.perf_counter()
+        self.ctx.report = None
         inputs = [crypten.mpc.MPCTensor.from_shares(share, precision=bits) for share, bits in pending.inputs]
         outputs = jobs.run(pending.kind, self.ctx, inputs, params)
         shares = []
@@ -339,6 +364,7 @@ class Party:
                 bytes=int(stats["bytes"] - stats0["bytes"]),
                 dealer_bytes=self.session.correction_bytes - dealer_bytes0,
                 tuples=self.session.consumed - consumed0,
+                report_json="" if self.ctx.report is None else json.dumps(self.ctx.report),
             ),
         )
         log.info(

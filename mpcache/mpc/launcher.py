@@ -2,6 +2,8 @@
 processes on loopback, with mutual TLS (a throw-away CA) unless --insecure.
 
     python -m mpcache.mpc.launcher [--job linear_relu] [--input '[...]'] [--params '{}'] [--timeout 180]
+    python -m mpcache.mpc.launcher --job generate --model mpcache/assets/bundled --prompt '...' --params \
+        '{"max_new_tokens": 8}'                       # the private decoder on a checkpoint folder
 
 It waits for the client, prints the client's output (answer, latency, communication per party) and the exit
 status of every role. If any role fails or the deadline passes, it kills every process it started (no orphans),
@@ -61,6 +63,7 @@ class Deployment:
     party_timeout: float = 30.0  # dealer: a party silent this long aborts the session
     heartbeat: float = 2.0
     session: str = "local"
+    model: Path | None = None  # party 0's --model (default: the demo weights file in workdir)
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -83,7 +86,7 @@ class Deployment:
             args = ["--listen", self.address("dealer"), "--sessions", "1", "--party-timeout", str(self.party_timeout)]
         elif role == "party0":
             args = ["--rank", "0", "--api-listen", self.address("api0"), *party]
-            args += ["--model", str(self.workdir / "model.safetensors")]
+            args += ["--model", str(self.model or self.workdir / "model.safetensors")]
         elif role == "party1":
             args = ["--rank", "1", "--api-listen", self.address("api1"), *party]
         else:
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job", default="linear_relu", help="job kind (parties/jobs.py)")
     p.add_argument("--input", default=None, help="input as a JSON list (default: the client's demo input)")
     p.add_argument("--params", default=None, help="job parameters as a JSON object")
+    p.add_argument("--model", default=None, help="party 0's model: a checkpoint folder serves job generate")
+    p.add_argument("--prompt", default=None, help="job generate: the prompt text")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC instead of mutual TLS")
     p.add_argument("--timeout", type=float, default=180.0, help="deadline for the whole run, seconds")
     p.add_argument("--step-timeout", type=float, default=30.0, help="silence allowed from a peer or the dealer")
@@ -193,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         client_args += ["--input", args.input]
     if args.params is not None:
         client_args += ["--params", args.params]
-    deployment = Deployment(workdir, insecure=args.insecure, timeout=args.step_timeout)
+    if args.prompt is not None:
+        client_args += ["--prompt", args.prompt]
+    if args.model is not None:
+        client_args += ["--tokenizer", args.model]
+    model = Path(args.model) if args.model else None
+    deployment = Deployment(workdir, insecure=args.insecure, timeout=args.step_timeout, model=model)
     print(f"launcher: roles on 127.0.0.1 ports {deployment.ports}, {'plaintext' if args.insecure else 'mutual TLS'}")
     print(f"launcher: logs in {workdir}", flush=True)
 

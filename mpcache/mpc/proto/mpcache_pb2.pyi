@@ -459,18 +459,20 @@ class JobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., party: _Optional[int] = ..., kind: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[FixedPointShare, _Mapping]]] = ..., params_json: _Optional[str] = ...) -> None: ...
 
 class JobStats(_message.Message):
-    __slots__ = ("elapsed_s", "rounds", "bytes", "dealer_bytes", "tuples")
+    __slots__ = ("elapsed_s", "rounds", "bytes", "dealer_bytes", "tuples", "report_json")
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     DEALER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TUPLES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     elapsed_s: float
     rounds: int
     bytes: int
     dealer_bytes: int
     tuples: int
-    def __init__(self, elapsed_s: _Optional[float] = ..., rounds: _Optional[int] = ..., bytes: _Optional[int] = ..., dealer_bytes: _Optional[int] = ..., tuples: _Optional[int] = ...) -> None: ...
+    report_json: str
+    def __init__(self, elapsed_s: _Optional[float] = ..., rounds: _Optional[int] = ..., bytes: _Optional[int] = ..., dealer_bytes: _Optional[int] = ..., tuples: _Optional[int] = ..., report_json: _Optional[str] = ...) -> None: ...
 
 class JobResult(_message.Message):
     __slots__ = ("job_id", "outputs", "stats")
