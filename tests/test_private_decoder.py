@@ -145,3 +145,44 @@ def test_ledger_charges_every_round_to_one_class():
         ledger.begin_step("x")
         with accounting.span("lineer"):
             pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_private_bundled_model_answers_a_passkey_prompt_like_plaintext(tmp_path):
+    """~256-token passkey prompt, 64 greedy steps through the gRPC deployment: the first 32 tokens equal the
+    plaintext model's, the passkey is answered, and the agreement over 64 steps is printed (run with -s)."""
+    from mpcache.eval.tasks import exact_match, make_sample
+    from mpcache.model.loading import BUNDLED_DIR, load_bundled
+
+    try:
+        model, tok = load_bundled(dtype=torch.float64)
+    except FileNotFoundError:
+        pytest.skip("no bundled model")
+    sample = make_sample("passkey", 256, 0, lambda text: len(tok.encode(text, add_bos=False)))
+    ids = torch.tensor([tok.encode(sample.prompt)])
+    steps = 64
+    dep = Deployment(tmp_path / "run", insecure=True, model=BUNDLED_DIR, **FAST)
+    try:
+        _, tokens, logits, results = run_private(dep, ids[0].tolist(), model.config.vocab_size, steps)
+    finally:
+        dep.stop_all()
+    want, exact_logits = plain_greedy(model, ids, steps)
+    _, sim_logits = simulate(model, ids, 1)
+    agree = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), steps)
+    summary = {
+        "prompt_tokens": ids.shape[1],
+        "steps_agreeing_before_first_difference": agree,
+        "steps_equal": sum(a == b for a, b in zip(tokens, want)),
+        "logits_vs_simulator": float((logits - sim_logits).abs().max()),
+        "logits_vs_exact": float((logits - exact_logits).abs().max()),
+        "private_text": tok.decode(tokens),
+        "plaintext_text": tok.decode(want),
+        "answer": sample.answer,
+        "prefill_s": json.loads(results[0].stats.report_json)["steps"][0]["seconds"],
+        "mpc_s": results[0].stats.elapsed_s,
+    }
+    print("BUNDLED", json.dumps(summary))
+    assert summary["logits_vs_simulator"] < SIM_TOL and summary["logits_vs_exact"] < EXACT_TOL
+    assert agree >= 32, summary
+    assert exact_match(tok.decode(tokens).split("\n")[0], sample.answer), summary
