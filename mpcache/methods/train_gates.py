@@ -5,16 +5,19 @@
 The model is frozen; only the gates train (the paper's continual pre-training setting,
 on the generated task mix the model itself was trained on, at seeds the evaluation never
 uses). The forward pass mirrors inference exactly: prompt tokens attend to the whole
-prompt, and every answer token attends only to the tokens whose gate kept them, plus
-itself. The hard flag g >= 0.5 is used in the forward pass; its gradient is the
-sigmoid's (straight-through estimator), entering through a multiplicative attention
-mask (softmax weights e^s x flag, renormalised), so a dropped token is exactly
-invisible while the loss still reaches its gate.
+prompt, and every answer token attends only to the tokens whose gate kept them, the
+first `--sink` tokens and the newest `--window` (itself included). The hard flag
+g >= 0.5 is used in the forward pass; its gradient is the sigmoid's (straight-through
+estimator), entering through a multiplicative attention mask (softmax weights e^s x
+flag, renormalised), so a dropped token is exactly invisible while the loss still
+reaches its gate.
 
 Loss = next-token cross-entropy on the answer + `--lam` x (mean keep flag - `--keep`)^2,
 the eviction loss that steers the kept fraction towards the target (the paper's form
-and target are not in the notes; this is the simplest loss with that effect). Adam,
-lr 2e-3, cosine decay, fixed step count and seeds. Writes
+and target are not in the notes; this is the simplest loss with that effect; a
+layer may keep more than another, only the mean is steered). Adam, lr 1e-2 (the gate
+bias starts at +1 and must be able to cross 0 within the run), cosine decay, fixed step
+count and seeds. Writes
 `mpcache/assets/methods/attention_gate.safetensors` and `attention_gate_log.jsonl`
 (validation: answer loss and teacher-forced answer accuracy with gates vs the full
 cache, and the kept fraction per layer).
@@ -123,7 +126,7 @@ def validate(model: Transformer, gates: Gates, data: list[tuple[Tensor, int]], s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--train", type=int, default=140, help="training sequences")
     parser.add_argument("--val", type=int, default=21, help="validation sequences")
     parser.add_argument("--lengths", default="512,768")
