@@ -124,7 +124,7 @@ class AttentionGate(PolicyCache):
         hidden = self.hidden[layer]
         if hidden is None or self.gates is None:
             raise ValueError(f"layer {layer}: update without observe_hidden (the gates read the layer input)")
-        q, k, v = self.gates.project(layer, hidden, positions)
+        q, k, v = self.gates.project(layer, hidden.float(), positions)  # the gates run in float32
         store = self.gate_store.update(layer, k, v, positions, valid)
         mixed = cached_attention(q, store.keys, store.values, positions, store.positions, store.valid)
         keep = torch.sigmoid(self.gates.logits(layer, mixed).float())  # [B, T, Hkv]

@@ -79,7 +79,8 @@ def evict_then_merge(
     slots = torch.arange(weight.shape[-1], device=keys.device).expand_as(target)
     into = torch.where(received, slots, target)  # a centre that received tokens merges into itself too
     share = weight * (into >= 0)
-    return merge_into(keys, into, share, share), merge_into(values, into, share, share), target, tbm
+    merged = [merge_into(x.float(), into, share, share).to(x.dtype) for x in (keys, values)]  # exact round trip
+    return merged[0], merged[1], target, tbm
 
 
 class EMS(PolicyCache):

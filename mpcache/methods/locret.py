@@ -92,7 +92,7 @@ class Locret(PolicyCache):
     def observe_hidden(self, layer: int, hidden: Tensor) -> None:
         if self.heads is None:
             raise ValueError("locret needs its retaining heads: build the cache with Locret.from_model(model, ...)")
-        self.pending[layer] = self.heads(layer, qkv_features(self.attention[layer], hidden))
+        self.pending[layer] = self.heads(layer, qkv_features(self.attention[layer], hidden).float())
 
     def update(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor) -> LayerKV:
         entry = super().update(layer, keys, values, positions, valid)
