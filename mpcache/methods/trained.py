@@ -78,7 +78,8 @@ def load_parts(
         raise TypeError(f"the trained-part source must be 'auto', 'random' or a path, got {type(source).__name__}")
     loaded = _LOADED.setdefault(model, {})
     if (method, source) not in loaded:
-        loaded[method, source] = _load(model, method, build, source)
+        parts, trained = _load(model, method, build, source)
+        loaded[method, source] = parts.to(next(model.parameters()).device), trained
     return loaded[method, source]
 
 
