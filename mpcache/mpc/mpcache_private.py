@@ -1,0 +1,424 @@
+"""MPCache on secret-shared keys and queries: the MPC side of mpcache/methods/mpcache.py.
+
+Every step mirrors a plaintext function of the reference (imported, not re-derived) and is written against
+mpcache.mpc.numerics, so on float tensors it is the simulator and on MPCTensors it runs in 2PC. The parties learn
+public sizes only: the prompt length, the fixed keep count, the cluster boundaries and how many clusters are read;
+never which tokens or clusters (no value derived from a score is ever opened).
+
+1. Look-once static eviction (`static_keep`): the observation window's softmax attention summed over its queries
+   and averaged over heads (`static_scores`), a FIXED public keep count (max(budget, static_ratio x prompt)), the
+   first `sink` and last `window` tokens kept publicly, the rest ranked by `pairwise_rank` and compacted by one
+   oblivious gather (a secret one-hot matrix times the cache), in slot order. Done once per layer after prefill.
+2. Hierarchical clustering (`ClusterSummary`): contiguous 16-token children and 32-token parents with public
+   boundaries; per-channel max/min by a comparison tree (children: log2 16 levels, parents: one more level from
+   the children); a decode step's appended key changes only the last child and parent (one comparison batch).
+3. Query-aware selection (`select`): similarity = one product of the blended representatives
+   (`cluster_representatives`) with the group-summed query; top `ratio1` parents, then the best children of the
+   chosen parents (others pushed down by a secret bit times a public constant); the first and last child are
+   always read, publicly. The chosen middle children are gathered by a one-hot [k, C] times the cache viewed as
+   [C, 16 x (Dk + Dv)] (`oblivious_gather`).
+4. Cross-layer sharing (`sharing_pairs`): a reusing layer applies its source's secret compaction and selection
+   matrices to its own cache.
+
+Secret top-k (`pairwise_rank`, `top_k_mask`): rank_i = #{j better than i} from all n(n-1)/2 pairwise comparisons
+in ONE comparison batch (8 rounds, 432 bytes per pair per party), then [rank < k] (8 rounds, n comparisons).
+16 rounds whatever n and k, against k sequential arg-maxes (k x ~10 log2 n rounds) for repeated one-hot argmax;
+the price is quadratic traffic, cheap at cluster granularity (C = L / 32) and paid once for static eviction.
+Compaction (`compaction_matrix`): the j-th chosen item is where the exclusive prefix count of chosen bits equals
+j; unchosen items are lifted out of range by a bit times a public constant, so P[j, i] = [v_i == j] takes one
+comparison batch of 2 k n and no product. Gathering is one Beaver product (bits x reals: no truncation).
+
+Gathered slots' true positions are secret; they are only needed for causal visibility, which every cached token
+passes at decode, so gathered slots carry the lowest position they could hold (a public lower bound). Models with
+a sliding window would need the true positions: not supported.
+
+Measured cost per party of one decode step's attention in one layer, bundled-model shapes (4 KV heads, 8 query
+heads, head_dim 32), batch 1, 2PC over gloo on this machine, CrypTen's communication counters
+(`python -m mpcache.mpc.mpcache_private`). "full" = cached_attention over the whole cache (softmax with the row
+max); "select" = similarity + two-level top-k + gather (budget 20% of L: ratio2 = 0.2); "mpcache" = select +
+attention over the chosen slots:
+
+COST_TABLE
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mpcache.methods.mpcache import cluster_representatives, observation_window, sharing_pairs, static_scores
+from mpcache.model.transformer import visibility
+from mpcache.mpc import numerics as N
+from mpcache.mpc.accounting import span
+from mpcache.mpc.layers import PrivateKVCache, PrivateLayerKV, cached_attention
+from mpcache.mpc.numerics import Value
+
+LIFT = 1.0e4  # pushes an ineligible cluster's score below every real score (|q . r| stays far below it)
+
+
+# ----------------------------------------------------------------------------------------------- secret top-k
+def _index_add(x: Value, index: Tensor, n: int) -> Value:
+    """out[..., m] = sum of x[..., p] over p with index[p] = m (local on shares; x holds integers at scale 1)."""
+    if not N.is_private(x):
+        return x.new_zeros(*x.shape[:-1], n).index_add_(x.dim() - 1, index, x)
+    share = x.share.new_zeros(*x.shape[:-1], n).index_add_(x.dim() - 1, index, x.share)
+    return N.MPCTensor.from_shares(share, precision=0)
+
+
+def _take(x: Value, index: Tensor) -> Value:
+    """x[..., index] along the last dim (public index)."""
+    return x.index_select(x.dim() - 1, index)
+
+
+def pairwise_rank(scores: Value) -> Value:
+    """Rank of every entry of each row [..., n] (0 = best; ties go to the lower index, as a stable sort): one
+    comparison batch of the n(n-1)/2 pairwise differences, the rest is local. Integers at scale 1."""
+    n = scores.shape[-1]
+    i, j = torch.triu_indices(n, n, 1)
+    lower = N.less_than(_take(scores, i) - _take(scores, j), [0.0])[0]  # [s_i < s_j] for every i < j
+    # i is beaten by a later j when s_j > s_i, and by an earlier j unless s_j < s_i
+    return _index_add(lower, i, n) - _index_add(lower, j, n) + torch.arange(n, dtype=torch.float64)
+
+
+def top_k_mask(scores: Value, k: int) -> Value:
+    """Secret bits [..., n] of the k best entries of each row (public k, 0 < k < n): rank, then [rank < k]."""
+    n = scores.shape[-1]
+    if not 0 < k < n:
+        raise ValueError(f"top-k needs 0 < k < n, got k={k}, n={n}")
+    return N.less_than(pairwise_rank(scores), [float(k)])[0]
+
+
+def compaction_matrix(chosen: Value, k: int) -> Value:
+    """Secret one-hot rows [..., k, n]: row j marks the j-th chosen item (in index order) of `chosen` [..., n], a
+    row of 0/1 bits with exactly k ones. One comparison batch (2 k n), no product."""
+    n = chosen.shape[-1]
+    before = chosen.cumsum(-1) - chosen  # chosen items before i (exclusive prefix count)
+    lifted = before + N.mul(1 - chosen, float(n + 1)) if N.is_private(chosen) else before + (1 - chosen) * (n + 1)
+    diff = lifted.unsqueeze(-2) - torch.arange(k, dtype=torch.float64)[:, None]  # [..., k, n]
+    bits = N.less_than(diff, [1.0, 0.0])  # [v - j < 1], [v - j < 0]: v == j for integers
+    return bits[0] - bits[1]
+
+
+def oblivious_gather(chosen: Value, k: int, x: Value) -> Value:
+    """The k chosen rows of x [..., n, F] (secret bits `chosen` [..., n]) in index order: one-hot [k, n] @ x."""
+    return N.matmul(compaction_matrix(chosen, k), x)
+
+
+def _mid_rows(x: Value, start: int, stop: int, dim: int) -> Value:
+    return x.narrow(dim, start, stop - start)
+
+
+# ------------------------------------------------------------------------------------- 1. static eviction
+@dataclass
+class StaticKeep:
+    """A layer's static keep-set: public sink/window counts and the secret compaction of the middle slots."""
+
+    sink: int
+    window: int
+    matrix: Value | None  # [B, 1, k, L - sink - window] one-hot rows (None: nothing evicted in the middle)
+
+
+def static_plan(length: int, keep: int, sink: int, window: int) -> tuple[int, int, int]:
+    """(sink, window, middle picks) for a prompt of `length` kept to `keep` slots, as base.protect clamps them."""
+    keep = min(keep, length)
+    sink = min(sink, keep)
+    window = min(window, keep - sink)
+    return sink, window, keep - sink - window
+
+
+def window_scores(queries: Value, keys: Value, query_positions: Tensor, key_positions: Tensor) -> Value:
+    """Head-averaged attention [B, L] the given (pre-scaled) queries [B, Hq, W, D] give every slot, summed over
+    the queries (plaintext: static_scores(attention_received))."""
+    b, hq, w, d = queries.shape
+    hkv = keys.shape[1]
+    q = queries.reshape(b, hkv, hq // hkv, w, d)
+    scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, W, L]
+    valid = torch.ones(b, hkv, keys.shape[2], dtype=torch.bool)
+    probs = N.softmax(scores, visibility(query_positions, key_positions, valid))
+    received = probs.sum(3)  # [B, Hkv, G, L]
+    if not N.is_private(received):
+        return static_scores(received)
+    return N.divide(received.sum(1).sum(1), hq)  # static_scores' head mean, exactly
+
+
+def static_keep(scores: Value, keep: int, sink: int, window: int, source: StaticKeep | None = None) -> StaticKeep:
+    """Keep-set of a fixed public size from per-slot scores [B, L]: sinks and window publicly, the best `keep -
+    sink - window` of the rest secretly (or the source layer's set, reused)."""
+    if source is not None:
+        return source
+    length = scores.shape[-1]
+    sink, window, picks = static_plan(length, keep, sink, window)
+    middle = length - sink - window
+    if picks >= middle:
+        return StaticKeep(sink, window, None)
+    chosen = top_k_mask(_mid_rows(scores, sink, length - window, -1), picks)
+    return StaticKeep(sink, window, compaction_matrix(chosen, picks).unsqueeze(1))
+
+
+def compact(entry: PrivateLayerKV, plan: StaticKeep) -> PrivateLayerKV:
+    """Apply a keep-set: [sinks, gathered middle, window], keys and values in one product."""
+    if plan.matrix is None:
+        return entry
+    length = entry.capacity
+    lo, hi = plan.sink, length - plan.window
+    dk = entry.keys.shape[-1]
+    kv = N.cat([entry.keys, entry.values], -1)
+    middle = N.matmul(plan.matrix, _mid_rows(kv, lo, hi, 2))  # [B, H, k, Dk + Dv]
+    kv = N.cat([_mid_rows(kv, 0, lo, 2), middle, _mid_rows(kv, hi, length, 2)], 2)
+    k = middle.shape[2]
+    positions = torch.cat([entry.positions[..., :lo], entry.positions[..., lo : lo + k], entry.positions[..., hi:]], 2)
+    valid = torch.ones_like(positions, dtype=torch.bool)
+    return PrivateLayerKV(kv[..., :dk], kv[..., dk:], positions, valid)
+
+
+# ------------------------------------------------------------------------------------ 2. clustering
+def _extrema_tree(xmax: Value, xmin: Value, same: bool) -> tuple[Value, Value]:
+    """Max and min over dim -2 of [..., s, D] by pairwise levels; each level one comparison batch and one bit x
+    real product for both (one comparison serves both when `same`, i.e. xmax is xmin)."""
+    while xmax.shape[-2] > 1:
+        k = xmax.shape[-2] // 2
+        a_max, b_max, rest_max = xmax[..., 0 : 2 * k : 2, :], xmax[..., 1 : 2 * k : 2, :], xmax[..., 2 * k :, :]
+        a_min, b_min, rest_min = xmin[..., 0 : 2 * k : 2, :], xmin[..., 1 : 2 * k : 2, :], xmin[..., 2 * k :, :]
+        if same:
+            bit = N.less_than(a_max - b_max, [0.0])[0]  # [a < b]
+            step = N.mul(bit, b_max - a_max)
+            new_max, new_min = a_max + step, b_max - step
+        else:
+            bits = N.less_than(N.stack([a_max - b_max, a_min - b_min]), [0.0])[0]
+            step = N.mul(bits, N.stack([b_max - a_max, b_min - a_min]))
+            new_max, new_min = a_max + step[0], b_min - step[1]
+        xmax, xmin = N.cat([new_max, rest_max], -2), N.cat([new_min, rest_min], -2)
+        same = False
+    return xmax.squeeze(-2), xmin.squeeze(-2)
+
+
+def _pad_to(x: Value, size: int) -> Value:
+    """Pad dim 2 of [B, H, L, D] to a multiple of `size` with copies of the last slot (a member of the last chunk,
+    so its max/min do not change)."""
+    extra = -x.shape[2] % size
+    if extra == 0:
+        return x
+    return N.cat([x, *([x[:, :, -1:]] * extra)], 2)
+
+
+@dataclass
+class ClusterSummary:
+    """Per-channel key max/min of every child (`sub` tokens) and parent (`size` tokens) cluster of one layer."""
+
+    child_max: Value  # [B, H, C2, D]
+    child_min: Value
+    parent_max: Value  # [B, H, C1, D]
+    parent_min: Value
+    length: int
+    size: int = 32
+    sub: int = 16
+
+    @classmethod
+    def build(cls, keys: Value, size: int = 32, sub: int = 16) -> ClusterSummary:
+        """From a full cache [B, H, L, D]: log2(sub) levels for the children, log2(size / sub) more for parents."""
+        if sub < 1 or size % sub:
+            raise ValueError(f"cluster size ({size}) must be a multiple of the sub-cluster size ({sub})")
+        b, h, length, d = keys.shape
+        if length < 1:
+            raise ValueError("cannot cluster an empty cache")
+        x = _pad_to(keys, sub).reshape(b, h, -1, sub, d)
+        cmax, cmin = _extrema_tree(x, x, True)
+        r = size // sub
+        pmax, pmin = _pad_to(cmax, r).reshape(b, h, -1, r, d), _pad_to(cmin, r).reshape(b, h, -1, r, d)
+        pmax, pmin = _extrema_tree(pmax, pmin, False)
+        return cls(cmax, cmin, pmax, pmin, length, size, sub)
+
+    def append(self, key: Value) -> None:
+        """One appended key [B, H, 1, D]: a new child/parent starts with it, or the last one absorbs it; all
+        absorptions share one comparison batch."""
+        updates = []
+        for name, size in (("child", self.sub), ("parent", self.size)):
+            if self.length % size == 0:
+                setattr(self, f"{name}_max", N.cat([getattr(self, f"{name}_max"), key], 2))
+                setattr(self, f"{name}_min", N.cat([getattr(self, f"{name}_min"), key], 2))
+            else:
+                updates.append(name)
+        if updates:
+            last = [getattr(self, f"{n}_{m}")[:, :, -1:] for n in updates for m in ("max", "min")]
+            bits = N.less_than(N.stack([v - key for v in last]), [0.0])[0]  # [v < key]
+            moved = N.mul(bits, N.stack([key - v for v in last]))  # max: v + moved; min: key - moved
+            for i, n in enumerate(updates):
+                new_max, new_min = last[2 * i] + moved[2 * i], key - moved[2 * i + 1]
+                setattr(self, f"{n}_max", N.cat([getattr(self, f"{n}_max")[:, :, :-1], new_max], 2))
+                setattr(self, f"{n}_min", N.cat([getattr(self, f"{n}_min")[:, :, :-1], new_min], 2))
+        self.length += 1
+
+
+# ------------------------------------------------------------------------------- 3. dynamic selection
+@dataclass
+class Selection:
+    """One decode step's choice for a layer: the first and last child publicly, `matrix` (secret one-hot rows
+    [B, H, k, C2 - 2] over the middle children) for the rest; None when k = 0."""
+
+    matrix: Value | None
+    n_child: int
+
+
+def select(
+    query: Value, summary: ClusterSummary, tokens: int, alpha: float = 0.6, ratio1: float = 0.5
+) -> Selection | None:
+    """Two-level query-aware choice (plaintext: select_clusters) for group-summed queries [B, H, D] and a per-head
+    budget of `tokens` (public): budget // sub children are read. None when every child fits the budget."""
+    c1, c2, sub = summary.parent_max.shape[2], summary.child_max.shape[2], summary.sub
+    n_sub = max(tokens // sub, 2)
+    if n_sub >= c2:
+        return None
+    n_parent = max(-(-(n_sub + 1) // 2), math.floor(ratio1 * c1))
+    a = float(N.on_grid(alpha))
+    reps = cluster_representatives(
+        N.cat([summary.parent_max, summary.child_max], 2), N.cat([summary.parent_min, summary.child_min], 2), a
+    )
+    scores = N.matmul(reps, query.unsqueeze(-1)).squeeze(-1)  # [B, H, C1 + C2]: one product for both levels
+    parent_scores, child_scores = scores[..., :c1], scores[..., c1:]
+    r = summary.size // sub
+    parent_of = torch.arange(1, c2 - 1) // r  # parents of the middle children
+    if n_parent >= c1:
+        penalty: Value | Tensor = torch.zeros(c1, dtype=torch.float64)
+    elif n_parent == 2:
+        penalty = torch.full((c1,), LIFT, dtype=torch.float64)
+        penalty[[0, c1 - 1]] = 0.0
+    else:
+        chosen = top_k_mask(parent_scores[..., 1 : c1 - 1], n_parent - 2)  # the ends are always chosen
+        lifted = N.mul(1 - chosen, LIFT)
+        zero = N.mask_multiply(lifted[..., :1], torch.zeros(1))
+        penalty = N.cat([zero, lifted, zero], -1)
+    middle = child_scores[..., 1 : c2 - 1] - _take(penalty, parent_of)
+    k = n_sub - 2
+    if k == 0:
+        return Selection(None, c2)
+    return Selection(compaction_matrix(top_k_mask(middle, k), k), c2)
+
+
+def gather_view(entry: PrivateLayerKV, selection: Selection, sub: int) -> PrivateLayerKV:
+    """What attention reads: the first child, the chosen middle children (one-hot over clusters times the cache
+    viewed as [C2 - 2, sub x (Dk + Dv)]), and the last child."""
+    b, h, length = entry.valid.shape
+    last = (selection.n_child - 1) * sub
+    dk = entry.keys.shape[-1]
+    kv = N.cat([entry.keys, entry.values], -1)
+    parts, positions = [kv[:, :, :sub]], [entry.positions[..., :sub]]
+    if selection.matrix is not None:
+        k = selection.matrix.shape[2]
+        clusters = kv[:, :, sub:last].reshape(b, h, selection.n_child - 2, -1)
+        parts.append(N.matmul(selection.matrix, clusters).reshape(b, h, k * sub, -1))
+        positions.append(entry.positions[..., sub : sub + k * sub])  # lower bounds of the true positions
+    parts.append(kv[:, :, last:])
+    positions.append(entry.positions[..., last:])
+    kv = N.cat(parts, 2)
+    pos = torch.cat(positions, 2)
+    return PrivateLayerKV(kv[..., :dk], kv[..., dk:], pos, torch.ones_like(pos, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------- the cache
+class PrivateMPCache(PrivateKVCache):
+    """MPCache on a private KV cache (knobs as mpcache.methods.mpcache.MPCache; `budget`: public int tokens per
+    KV head read per decode step). Needs unpadded rows (every slot valid) and no sliding window."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        budget: int,
+        *,
+        static_ratio: float = 0.5,
+        window_ratio: float = 0.2,
+        long_prompt: int = 24_000,
+        long_window_ratio: float = 0.1,
+        alpha: float = 0.6,
+        cluster_size: int = 32,
+        subcluster_size: int = 16,
+        ratio1: float = 0.5,
+        share_layers: bool = True,
+        own_first: int = 2,
+        own_last: int = 2,
+        sink: int = 16,
+        window: int = 16,
+    ) -> None:
+        super().__init__(n_layer)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be a public int token count >= 1, got {budget!r}")
+        for label, value in (("static_ratio", static_ratio), ("window_ratio", window_ratio), ("ratio1", ratio1)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{label} must be in (0, 1], got {value}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if subcluster_size < 1 or cluster_size % subcluster_size:
+            raise ValueError(f"cluster_size ({cluster_size}) must be a multiple of subcluster_size ({subcluster_size})")
+        if min(sink, window) < 0:
+            raise ValueError("sink and window must be >= 0")
+        self.budget, self.static_ratio, self.alpha, self.ratio1 = budget, static_ratio, alpha, ratio1
+        self.window_ratio, self.long_prompt, self.long_window_ratio = window_ratio, long_prompt, long_window_ratio
+        self.cluster_size, self.subcluster_size, self.sink, self.window = cluster_size, subcluster_size, sink, window
+        self.shared_from = sharing_pairs(n_layer, own_first, own_last) if share_layers else {}
+        self.static: list[StaticKeep | None] = [None] * n_layer
+        self.summary: list[ClusterSummary | None] = [None] * n_layer
+        self.selection: list[Selection | None] = [None] * n_layer
+
+    def update(self, layer: int, keys: Value, values: Value, positions: Tensor, valid: Tensor) -> PrivateLayerKV:
+        if not bool(valid.all()):
+            raise ValueError("the private MPCache needs unpadded rows (every token valid)")
+        entry = super().update(layer, keys, values, positions, valid)
+        summary = self.summary[layer]
+        if summary is not None:
+            for t in range(keys.shape[2]):
+                summary.append(keys[:, :, t : t + 1])
+        return entry
+
+    def after_attention(self, layer: int, queries: Value, query_positions: Tensor) -> None:
+        """After the prompt's attention (prefill logits are those of the full cache): static eviction, once."""
+        if self.summary[layer] is not None:
+            return
+        entry = self.layers[layer]
+        assert entry is not None
+        length = entry.capacity
+        keep = max(self.budget, math.floor(length * self.static_ratio))
+        with span("selection"):
+            if length > keep:
+                source = self.shared_from.get(layer)
+                plan = self.static[source] if source is not None else None
+                if plan is None:
+                    w = observation_window(length, self.window_ratio, self.long_prompt, self.long_window_ratio)
+                    scores = window_scores(
+                        queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions
+                    )
+                    plan = static_keep(scores, keep, self.sink, self.window)
+                self.static[layer] = plan
+                self.layers[layer] = entry = compact(entry, plan)
+            self.summary[layer] = ClusterSummary.build(entry.keys, self.cluster_size, self.subcluster_size)
+
+    def observe(self, layer: int, queries: Value, query_positions: Tensor) -> None:
+        """At a decode step: choose the clusters attention reads (or reuse the source layer's choice)."""
+        self.selection[layer] = None
+        summary, entry = self.summary[layer], self.layers[layer]
+        if summary is None or queries.shape[2] != 1 or entry is None or entry.capacity <= self.budget:
+            return
+        source = self.shared_from.get(layer)
+        with span("selection"):
+            if source is not None:
+                self.selection[layer] = self.selection[source]
+                return
+            b, hq, _, d = queries.shape
+            hkv = entry.keys.shape[1]
+            query = queries.reshape(b, hkv, hq // hkv, d).sum(2)  # the score is linear in q: sum the group
+            self.selection[layer] = select(query, summary, self.budget, self.alpha, self.ratio1)
+
+    def attention_view(self, layer: int) -> PrivateLayerKV:
+        entry = self.layers[layer]
+        assert entry is not None
+        chosen = self.selection[layer]
+        if chosen is None:
+            return entry
+        with span("selection"):
+            return gather_view(entry, chosen, self.subcluster_size)
+
+
+def full_attention(queries: Value, entry: PrivateLayerKV, query_positions: Tensor) -> Value:
+    """Decode attention over the whole cache: the baseline MPCache is measured against."""
+    return cached_attention(queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid)

@@ -1,0 +1,272 @@
+"""MPCache on secret shares (mpcache/mpc/mpcache_private.py) against the plaintext reference (methods/mpcache.py).
+
+Simulation (the same code on float tensors) must choose exactly what the plaintext functions choose; 2PC must choose
+the same clusters/tokens (ties aside), match attention within fixed-point tolerance and open nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_mpc_layers import tiny
+
+from mpcache.methods.base import chunk_min_max, protect, top_mask, topk_slots
+from mpcache.methods.mpcache import MPCache, select_clusters, static_scores
+from mpcache.model.transformer import attention_probs
+from mpcache.model.transformer import cached_attention as plain_attention
+from mpcache.mpc import layers as L
+from mpcache.mpc import mpcache_private as M
+from mpcache.mpc import numerics as N
+from mpcache.mpc.local import LocalParties
+
+ALPHA = float(N.on_grid(0.6))
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return N.on_grid(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+
+
+def slot_ids(b: int, h: int, length: int) -> torch.Tensor:
+    return torch.arange(length, dtype=torch.float64).expand(b, h, length)[..., None].clone()
+
+
+def entry_of(keys: torch.Tensor, values: torch.Tensor) -> L.PrivateLayerKV:
+    b, h, length, _ = keys.shape
+    return L.PrivateLayerKV(
+        keys, values, torch.arange(length).expand(b, h, length).clone(), torch.ones(b, h, length, dtype=torch.bool)
+    )
+
+
+def read_mask(view_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Slot mask [B, H, L] from the slot ids a view carries in its values [B, H, K, 1]."""
+    ids = view_ids[..., 0].round().long()
+    return torch.zeros(*ids.shape[:2], length, dtype=torch.bool).scatter_(2, ids, True)
+
+
+# -------------------------------------------------------------------------------------------------- simulation
+
+
+def test_pairwise_rank_top_k_and_compaction_match_sorting():
+    scores = randn(3, 2, 21, seed=0)
+    rank = M.pairwise_rank(scores)
+    assert torch.equal(rank.long(), scores.argsort(dim=-1, descending=True, stable=True).argsort(-1))
+    for k in (1, 5, 20):
+        chosen = M.top_k_mask(scores, k)
+        assert torch.equal(chosen.bool(), top_mask(scores, torch.full((3, 2), k)))
+        x = randn(3, 2, 21, 4, seed=1)
+        index, _ = topk_slots(scores, torch.full((3, 2), k))  # slot order
+        gathered = M.oblivious_gather(chosen, k, x)
+        assert torch.equal(gathered, x.gather(2, index[..., None].expand(-1, -1, -1, 4)))
+    ties = torch.tensor([[1.0, 3.0, 1.0, 3.0]])
+    assert M.pairwise_rank(ties).tolist() == [[2.0, 0.0, 3.0, 1.0]]  # stable: the lower index first
+    for k in (0, 4):
+        with pytest.raises(ValueError, match="0 < k < n"):
+            M.top_k_mask(ties, k)
+
+
+@pytest.mark.parametrize("length", [1, 16, 45, 64])
+def test_cluster_summary_matches_chunk_min_max_and_updates_on_append(length):
+    keys = randn(2, 3, length + 40, 8, seed=length)
+    summary = M.ClusterSummary.build(keys[:, :, :length])
+    for n in range(length, length + 40):
+        if n > length:
+            summary.append(keys[:, :, n - 1 : n])
+        assert summary.length == n
+        valid = torch.ones(2, 3, n, dtype=torch.bool)
+        for size, got in ((16, (summary.child_max, summary.child_min)), (32, (summary.parent_max, summary.parent_min))):
+            kmax, kmin, _ = chunk_min_max(keys[:, :, :n], valid, size)
+            assert torch.equal(got[0], kmax) and torch.equal(got[1], kmin), (n, size)
+    with pytest.raises(ValueError, match="multiple"):
+        M.ClusterSummary.build(keys, 32, 12)
+
+
+def _plain_selection(query, keys, budget):
+    valid = torch.ones(keys.shape[:3], dtype=torch.bool)
+    return select_clusters(query, keys, valid, torch.tensor([budget] * keys.shape[0]), alpha=ALPHA)
+
+
+@pytest.mark.parametrize("length,budget", [(100, 32), (203, 48), (203, 64), (256, 17), (130, 100)])
+def test_simulated_selection_matches_select_clusters(length, budget):
+    keys, query = randn(2, 3, length, 8, seed=length), randn(2, 3, 8, seed=budget)
+    summary = M.ClusterSummary.build(keys)
+    chosen = M.select(query, summary, budget, ALPHA)
+    assert chosen is not None
+    view = M.gather_view(entry_of(keys, slot_ids(2, 3, length)), chosen, 16)
+    want = _plain_selection(query, keys, budget)
+    assert torch.equal(read_mask(view.values, length), want)
+    assert view.capacity == int(want.sum(-1).max())  # a public size: every head reads the same count
+    assert M.select(query, summary, 16 * summary.child_max.shape[2], ALPHA) is None  # everything fits
+
+
+def _plain_static(queries, keys, keep, sink, window):
+    """Plaintext static keep-set: window attention -> static_scores -> protect -> topk_slots (slot indices)."""
+    b, h, length, _ = keys.shape
+    w = queries.shape[2]
+    pos = torch.arange(length).expand(b, h, length)
+    probs = attention_probs(queries, keys, torch.arange(length - w, length).expand(b, w), pos, torch.ones_like(pos) > 0)
+    scores = static_scores(probs.double().sum(3))
+    guarded = protect(
+        scores[:, None].expand(b, h, length), torch.ones_like(pos) > 0, torch.full((b, h), keep), sink, window
+    )
+    return scores, topk_slots(guarded, torch.full((b, h), keep))[0]
+
+
+def test_simulated_static_keep_matches_plaintext():
+    b, hkv, hq, length, d, keep = 2, 2, 4, 60, 8, 30
+    queries, keys = randn(b, hq, 12, d, seed=3), randn(b, hkv, length, d, seed=4)
+    want_scores, want = _plain_static(queries, keys, keep, 4, 6)
+    scores = M.window_scores(
+        queries / d**0.5, keys, torch.arange(48, 60).expand(b, 12), torch.arange(60).expand(b, hkv, 60)
+    )
+    assert (scores - want_scores).abs().max() < 1e-4  # the simulator's softmax approximation
+    plan = M.static_keep(scores, keep, 4, 6)
+    kept = M.compact(entry_of(keys, slot_ids(b, hkv, length)), plan)
+    assert torch.equal(kept.values[..., 0].long(), want)
+    assert torch.equal(kept.keys, keys.gather(2, want[..., None].expand(-1, -1, -1, d)))
+    assert kept.capacity == keep and bool((kept.positions <= 59).all())
+    assert M.static_keep(scores, 70, 4, 6).matrix is None  # nothing to evict
+
+
+def test_simulated_policy_generates_like_plaintext_mpcache():
+    m = tiny("llama", n_layer=4, max_position=256)
+    knobs = dict(static_ratio=0.5, sink=16, window=16, own_first=0, own_last=0)  # layers 1 and 3 reuse 0 and 2
+    ids = torch.randint(0, 40, (1, 150), generator=torch.Generator().manual_seed(9))
+    plain = MPCache(4, 48, **knobs)
+    private = M.PrivateMPCache(4, 48, **knobs)
+    assert private.shared_from == {1: 0, 3: 2} == plain.shared_from
+    pm = L.PrivateTransformer.from_plain(m, lambda t: t)
+    with torch.no_grad():
+        ref, out = m(ids, plain), pm(L.one_hot(ids, 40), private)
+        assert (out - ref).abs().max() < 1e-3  # prefill attends densely
+        for step in range(4):
+            assert torch.equal(out[:, -1:].argmax(-1), ref[:, -1:].argmax(-1)), step
+            for layer in range(4):
+                assert torch.equal(private.tokens_per_head(layer), plain.layers[layer].valid.sum(-1)), (step, layer)
+            token = ref[:, -1:].argmax(-1)
+            ref, out = m(token, plain), pm(L.one_hot(token, 40), private)
+            assert (out - ref).abs().max() < 2e-3, step
+            assert private.attention_view(0).capacity < int(private.tokens_per_head(0).max())  # a real subset
+            assert [int(private.attention_view(i).capacity) for i in range(4)] == [
+                int(plain.attended_tokens(i).max()) for i in range(4)
+            ]
+
+
+def test_bad_knobs_and_padding_are_value_errors():
+    for kwargs, match in (
+        (dict(budget=0), "budget"),
+        (dict(budget=0.5), "budget"),
+        (dict(budget=8, ratio1=0.0), "ratio1"),
+        (dict(budget=8, alpha=2.0), "alpha"),
+        (dict(budget=8, cluster_size=24), "multiple"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            M.PrivateMPCache(2, **kwargs)
+    cache = M.PrivateMPCache(1, 8)
+    x = torch.zeros(1, 2, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unpadded"):
+        cache.update(0, x, x, torch.arange(3)[None], torch.tensor([[False, True, True]]))
+
+
+# ------------------------------------------------------------------------------------------------------- MPC
+
+
+@pytest.fixture(scope="module")
+def parties():
+    with LocalParties(setup=N.install, timeout=600) as p:
+        yield p
+
+
+def _count_openings() -> dict:
+    """Wrap every way an MPCTensor is opened so the caller can assert none happened."""
+    counts = {"opened": 0}
+    for name in ("get_plain_text", "reveal"):
+        original = getattr(N.MPCTensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counts["opened"] += 1
+            return _original(self, *args, **kwargs)
+
+        setattr(N.MPCTensor, name, counted)
+        counts[name] = original
+    return counts
+
+
+def _restore(counts: dict) -> None:
+    for name in ("get_plain_text", "reveal"):
+        setattr(N.MPCTensor, name, counts[name])
+
+
+def _private_steps(keys, values, new_key, query, budget, queries, keep) -> dict:
+    crypten = N.crypten
+    share = lambda t, src=0: crypten.cryptensor(t, src=src)  # noqa: E731  the cache: held as shares
+    k, v, q, new = share(keys), share(values), share(query, 1), share(new_key)
+    b, h, length, _ = keys.shape
+    counts = _count_openings()
+    try:
+        summary = M.ClusterSummary.build(k)
+        summary.append(new)
+        entry = entry_of(N.cat([k, new], 2), share(slot_ids(b, h, length + 1)))
+        chosen = M.select(q, summary, budget, ALPHA)
+        view = M.gather_view(entry, chosen, 16)
+        attn_v = M.gather_view(entry_of(N.cat([k, new], 2), N.cat([v, share(values[:, :, :1])], 2)), chosen, 16)
+        qh = q.unsqueeze(2).unsqueeze(2).reshape(b, h, 1, -1)  # one query head per KV head
+        out = M.full_attention(qh, attn_v, torch.full((b, 1), length))
+        scores = M.window_scores(
+            share(queries, 1),
+            k,
+            torch.arange(length - queries.shape[2], length).expand(b, -1),
+            entry.positions[..., :length],
+        )
+        plan = M.static_keep(scores, keep, 4, 6)
+        kept = M.compact(entry_of(k, share(slot_ids(b, h, length))), plan)
+        private = [chosen.matrix, view.keys, out, scores, plan.matrix, kept.values]
+        types_ok = all(isinstance(x, N.MPCTensor) for x in private)
+        opened = counts["opened"]
+    finally:
+        _restore(counts)
+    return {
+        "opened": opened,
+        "types_ok": types_ok,
+        "read": N.decode(view.values),
+        "out": N.decode(out),
+        "cmax": N.decode(summary.child_max),
+        "scores": N.decode(scores),
+        "kept": N.decode(kept.values),
+    }
+
+
+@pytest.mark.timeout(600)
+def test_private_selection_and_static_keep_match_plaintext_and_open_nothing(parties):
+    b, h, length, d, budget = 1, 2, 95, 8, 48
+    keys, values = randn(b, h, length, d, seed=11), randn(b, h, length, d, seed=12)
+    new_key, query = randn(b, h, 1, d, seed=13), randn(b, h, d, seed=14)
+    queries = randn(b, 2 * h, 8, d, seed=15) / d**0.5
+    got = parties.run(_private_steps, keys, values, new_key, query, budget, queries, 40)[0]
+    assert got["opened"] == 0 and got["types_ok"]
+    all_keys = torch.cat([keys, new_key], 2)
+    assert torch.equal(got["cmax"], chunk_min_max(all_keys, torch.ones(b, h, length + 1) > 0, 16)[0])  # exact
+    # decode selection: the plaintext reference's slots, and attention over them within fixed-point tolerance
+    want = _plain_selection(query, all_keys, budget)
+    assert torch.equal(read_mask(got["read"], length + 1), want)
+    all_values = torch.cat([values, values[:, :, :1]], 2)
+    qh = query[:, :, None]
+    pos = torch.arange(length + 1).expand(b, h, -1)
+    ref = plain_attention(qh * d**0.5, all_keys, all_values, torch.full((b, 1), length), pos, want)
+    assert (got["out"] - ref).abs().max() < 2e-3
+    # static eviction: MPC scores within the softmax tolerance; the kept set is exactly the top of the MPC's own
+    # scores, and the plaintext set except where two scores sit within the tolerance (ties aside)
+    want_scores, want_kept = _plain_static(queries * d**0.5, keys, 40, 4, 6)
+    assert (got["scores"] - want_scores).abs().max() < 2e-3
+    kept = got["kept"][..., 0].round().long()
+    assert torch.equal(kept, _plain_static_from_scores(got["scores"], 40, 4, 6, h))
+    mismatch = set(kept[0, 0].tolist()) ^ set(want_kept[0, 0].tolist())
+    threshold = want_scores[0, want_kept[0, 0][4:-6]].min()
+    assert all(abs(float(want_scores[0, i] - threshold)) < 4e-3 for i in mismatch), mismatch
+
+
+def _plain_static_from_scores(scores, keep, sink, window, h):
+    b, length = scores.shape
+    guarded = protect(
+        scores[:, None].expand(b, h, length), torch.ones(b, h, length) > 0, torch.full((b, h), keep), sink, window
+    )
+    return topk_slots(guarded, torch.full((b, h), keep))[0]
