@@ -258,15 +258,48 @@ def test_private_selection_and_static_keep_match_plaintext_and_open_nothing(part
     want_scores, want_kept = _plain_static(queries * d**0.5, keys, 40, 4, 6)
     assert (got["scores"] - want_scores).abs().max() < 2e-3
     kept = got["kept"][..., 0].round().long()
-    assert torch.equal(kept, _plain_static_from_scores(got["scores"], 40, 4, 6, h))
+    assert torch.equal(kept, _stable_static(got["scores"], 40, 4, 6)[:, None].expand(-1, h, -1))
     mismatch = set(kept[0, 0].tolist()) ^ set(want_kept[0, 0].tolist())
     threshold = want_scores[0, want_kept[0, 0][4:-6]].min()
     assert all(abs(float(want_scores[0, i] - threshold)) < 4e-3 for i in mismatch), mismatch
 
 
-def _plain_static_from_scores(scores, keep, sink, window, h):
-    b, length = scores.shape
-    guarded = protect(
-        scores[:, None].expand(b, h, length), torch.ones(b, h, length) > 0, torch.full((b, h), keep), sink, window
-    )
-    return topk_slots(guarded, torch.full((b, h), keep))[0]
+def _stable_static(scores: torch.Tensor, keep: int, sink: int, window: int) -> torch.Tensor:
+    """Kept slots [B, keep] from scores [B, L]: sinks, window, and the best middle slots, exact ties to the lower
+    index (the MPC rank's rule; torch.topk breaks ties arbitrarily)."""
+    length = scores.shape[-1]
+    middle = scores[:, sink : length - window].argsort(dim=-1, descending=True, stable=True)[:, : keep - sink - window]
+    ends = torch.cat([torch.arange(sink), torch.arange(length - window, length)]).expand(scores.shape[0], -1)
+    return torch.cat([ends, middle + sink], -1).sort(-1).values
+
+
+def _private_policy(ids: torch.Tensor, steps: int, knobs: dict) -> tuple[list, list]:
+    crypten = N.crypten
+    m = tiny("llama", n_layer=2, max_position=256)
+    pm = L.PrivateTransformer.from_plain(m, lambda t: crypten.cryptensor(t, src=0))
+    cache = M.PrivateMPCache(2, 48, **knobs)
+    tokens = crypten.cryptensor(L.one_hot(ids, 40), src=1, precision=0)
+    logits, reads = [], []
+    for step in range(steps + 1):
+        out = pm(tokens, cache, last_only=step > 0)
+        logits.append(N.decode(out[:, -1:]))
+        reads.append([cache.attention_view(i).capacity for i in range(2)])
+        tokens = L.greedy_token(out)
+    return logits, reads
+
+
+@pytest.mark.timeout(600)
+def test_private_policy_decodes_like_plaintext_mpcache(parties):
+    knobs = dict(static_ratio=0.5, sink=16, window=16, own_first=0, own_last=0)  # layer 1 reuses layer 0
+    ids = torch.randint(0, 40, (1, 100), generator=torch.Generator().manual_seed(10))
+    logits, reads = parties.run(_private_policy, ids, 2, knobs)[0]
+    m = tiny("llama", n_layer=2, max_position=256)
+    plain = MPCache(2, 48, **knobs)
+    with torch.no_grad():
+        ref = m(ids, plain)
+        for step in range(3):
+            assert (logits[step] - ref[:, -1:]).abs().max() < 3e-3, step
+            if step:
+                # child 0, one chosen middle child (budget 48 // 16 = 3 children), the partial last child
+                assert reads[step] == [int(plain.attended_tokens(i).max()) for i in range(2)] == [34 + step] * 2
+            ref = m(ref[:, -1:].argmax(-1), plain)

@@ -96,7 +96,7 @@ def compaction_matrix(chosen: Value, k: int) -> Value:
     row of 0/1 bits with exactly k ones. One comparison batch (2 k n), no product."""
     n = chosen.shape[-1]
     before = chosen.cumsum(-1) - chosen  # chosen items before i (exclusive prefix count)
-    lifted = before + N.mul(1 - chosen, float(n + 1)) if N.is_private(chosen) else before + (1 - chosen) * (n + 1)
+    lifted = before + (1 - chosen) * (n + 1)  # an integer multiple of bits: local, exact
     diff = lifted.unsqueeze(-2) - torch.arange(k, dtype=torch.float64)[:, None]  # [..., k, n]
     bits = N.less_than(diff, [1.0, 0.0])  # [v - j < 1], [v - j < 0]: v == j for integers
     return bits[0] - bits[1]
@@ -385,9 +385,7 @@ class PrivateMPCache(PrivateKVCache):
                 plan = self.static[source] if source is not None else None
                 if plan is None:
                     w = observation_window(length, self.window_ratio, self.long_prompt, self.long_window_ratio)
-                    scores = window_scores(
-                        queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions
-                    )
+                    scores = window_scores(queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions)
                     plan = static_keep(scores, keep, self.sink, self.window)
                 self.static[layer] = plan
                 self.layers[layer] = entry = compact(entry, plan)
