@@ -229,7 +229,9 @@ def _private_steps(keys, values, new_key, query, budget, queries, keep) -> dict:
         "types_ok": types_ok,
         "read": N.decode(view.values),
         "out": N.decode(out),
-        "cmax": N.decode(summary.child_max),
+        "extrema": [
+            N.decode(x) for x in (summary.child_max, summary.child_min, summary.parent_max, summary.parent_min)
+        ],
         "scores": N.decode(scores),
         "kept": N.decode(kept.values),
     }
@@ -244,7 +246,9 @@ def test_private_selection_and_static_keep_match_plaintext_and_open_nothing(part
     got = parties.run(_private_steps, keys, values, new_key, query, budget, queries, 40)[0]
     assert got["opened"] == 0 and got["types_ok"]
     all_keys = torch.cat([keys, new_key], 2)
-    assert torch.equal(got["cmax"], chunk_min_max(all_keys, torch.ones(b, h, length + 1) > 0, 16)[0])  # exact
+    for i, size in enumerate((16, 32)):  # max/min by comparisons are exact, appended key included
+        want_max, want_min, _ = chunk_min_max(all_keys, torch.ones(b, h, length + 1) > 0, size)
+        assert torch.equal(got["extrema"][2 * i], want_max) and torch.equal(got["extrema"][2 * i + 1], want_min)
     # decode selection: the plaintext reference's slots, and attention over them within fixed-point tolerance
     want = _plain_selection(query, all_keys, budget)
     assert torch.equal(read_mask(got["read"], length + 1), want)
@@ -303,3 +307,11 @@ def test_private_policy_decodes_like_plaintext_mpcache(parties):
                 # child 0, one chosen middle child (budget 48 // 16 = 3 children), the partial last child
                 assert reads[step] == [int(plain.attended_tokens(i).max()) for i in range(2)] == [34 + step] * 2
             ref = m(ref[:, -1:].argmax(-1), plain)
+
+
+@pytest.mark.timeout(600)
+def test_selection_rounds_do_not_grow_with_the_cache_and_save_bytes(parties):
+    rows = parties.run(M._measure, [256, 512], [])[0]
+    assert rows[0]["select"]["rounds"] == rows[1]["select"]["rounds"]  # comparison batches, not sequential argmaxes
+    for row, read in zip(rows, (48, 96)):  # budget L / 5: children 0 and last plus L / 80 - 2 chosen
+        assert row["read"] == read and row["mpcache"]["bytes"] < row["full"]["bytes"]

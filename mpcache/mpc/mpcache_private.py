@@ -28,6 +28,9 @@ Compaction (`compaction_matrix`): the j-th chosen item is where the exclusive pr
 j; unchosen items are lifted out of range by a bit times a public constant, so P[j, i] = [v_i == j] takes one
 comparison batch of 2 k n and no product. Gathering is one Beaver product (bits x reals: no truncation).
 
+The prompt's window attention for static eviction is recomputed in `after_attention` (the private attention does
+not expose its probabilities); its cost is that of the window's rows of the prefill attention.
+
 Gathered slots' true positions are secret; they are only needed for causal visibility, which every cached token
 passes at decode, so gathered slots carry the lowest position they could hold (a public lower bound). Models with
 a sliding window would need the true positions: not supported.
@@ -38,7 +41,27 @@ heads, head_dim 32), batch 1, 2PC over gloo on this machine, CrypTen's communica
 max); "select" = similarity + two-level top-k + gather (budget 20% of L: ratio2 = 0.2); "mpcache" = select +
 attention over the chosen slots:
 
-COST_TABLE
+| L | read | full attention | select + gather | update | attend (read) | mpcache total |
+|---|---|---|---|---|---|---|
+| 256 | 48 | 138 r 5.49 MB | 45 r 1.34 MB | 9 r 0.24 MB | 118 r 1.18 MB | 172 r 2.75 MB |
+| 512 | 96 | 148 r 10.65 MB | 45 r 3.67 MB | 9 r 0.24 MB | 128 r 2.16 MB | 182 r 6.07 MB |
+| 1024 | 192 | 149 r 21.63 MB | 45 r 11.02 MB | 9 r 0.24 MB | 138 r 4.10 MB | 192 r 15.36 MB |
+
+| prompt L | static top-(L/2 - 32) rank + one-hot | gather of keys+values |
+|---|---|---|
+| 256 | 24 r 29.47 MB | 1 r 2.18 MB |
+| 512 | 24 r 142.77 MB | 1 r 5.65 MB |
+| 1024 | 24 r 624.17 MB | 1 r 15.75 MB |
+
+Measured 2026-11-25 on the shared 2-core CPU machine (r = rounds, MB per party; the command also prints wall
+seconds, omitted here as they are noisy there). Reading: per step, selection costs 45 rounds whatever L (8 for each
+of five comparison batches: parent ranks, [rank < k], child ranks, [rank < k], the one-hot; 4 for the
+representatives and the similarity product; 1 for the gather); bytes go down 2.0x / 1.75x / 1.4x at L = 256 / 512 /
+1024 against full attention over the same cache, while rounds go up (172-192 vs 138-149: attention over the read
+slots still pays the softmax's max tree). Against a full cache of the whole prompt (static eviction keeps half), a
+1024-token prompt decodes with 6.07 MB instead of 21.63 MB (3.6x). At L = 1024 the gather's Beaver product re-opens
+the cache every step (about 4 of the 11 MB); a weight-stationary mask as in numerics.FixedOperand would remove that.
+Static eviction is quadratic in the prompt (624 MB per party and layer at 1024, once): the price of 24 rounds.
 """
 
 from __future__ import annotations
@@ -420,3 +443,92 @@ class PrivateMPCache(PrivateKVCache):
 def full_attention(queries: Value, entry: PrivateLayerKV, query_positions: Tensor) -> Value:
     """Decode attention over the whole cache: the baseline MPCache is measured against."""
     return cached_attention(queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid)
+
+
+# ------------------------------------------------------------------------------------------ measurement
+def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0) -> list[dict]:
+    """Per party: rounds/bytes/seconds of one decode step's attention pieces at each cache length (see the
+    module docstring's table), bundled-model shapes."""
+    import time
+
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    comm = crypten.communicator.get()
+    g = torch.Generator().manual_seed(seed)
+    hkv, hq, d = 4, 8, 32
+    rows = []
+
+    def cost(fn, *args):
+        crypten.reset_communication_stats()
+        start = time.perf_counter()
+        out = fn(*args)
+        stats = comm.get_communication_stats()
+        return out, {"rounds": int(stats["rounds"]), "bytes": int(stats["bytes"]), "s": time.perf_counter() - start}
+
+    def shared(*shape: int, src: int = 0, scale: float = 1.0) -> Value:
+        return crypten.cryptensor(torch.randn(*shape, generator=g, dtype=torch.float64) * scale, src=src)
+
+    def choose(entry: PrivateLayerKV, query: Value, summary: ClusterSummary, budget: int) -> PrivateLayerKV:
+        return gather_view(entry, select(query, summary, budget), summary.sub)
+
+    for length in lengths:
+        keys, values, q = (
+            shared(1, hkv, length, d),
+            shared(1, hkv, length, d),
+            shared(1, hq, 1, d, src=1, scale=d**-0.5),
+        )
+        entry = PrivateLayerKV(
+            keys, values, torch.arange(length).expand(1, hkv, length), torch.ones(1, hkv, length) > 0
+        )
+        qpos = torch.tensor([[length]])
+        summary = ClusterSummary.build(keys[:, :, :-1])
+        cost(full_attention, q, entry, qpos)  # warm-up (first-call allocations)
+        _, full = cost(full_attention, q, entry, qpos)
+        _, update = cost(summary.append, keys[:, :, -1:])  # the key joins the last (partial) child and parent
+        query = q.reshape(1, hkv, hq // hkv, d).sum(2)
+        view, sel = cost(choose, entry, query, summary, length // 5)
+        _, attend = cost(full_attention, q, view, qpos)
+        row = {"length": length, "read": view.capacity, "full": full, "select": sel, "attend": attend}
+        row["update"] = update
+        row["mpcache"] = {k: sel[k] + attend[k] + update[k] for k in ("rounds", "bytes", "s")}
+        rows.append(row)
+    for length in static_lengths:
+        scores = crypten.cryptensor(torch.rand(1, length, generator=g, dtype=torch.float64), src=0)
+        kv = shared(1, hkv, length, 2 * d)
+        entry = PrivateLayerKV(kv, kv, torch.arange(length).expand(1, hkv, length), torch.ones(1, hkv, length) > 0)
+        plan, top = cost(static_keep, scores, length // 2, 16, 16)
+        _, gather = cost(compact, entry, plan)
+        rows.append({"length": length, "top": top, "gather": gather})
+    crypten.cfg.communicator.verbose = False
+    return rows
+
+
+def main() -> None:
+    import argparse
+
+    from mpcache.mpc.local import LocalParties
+
+    parser = argparse.ArgumentParser(description="MPC cost of MPCache's decode-step selection vs full attention")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--static-lengths", type=int, nargs="*", default=[256, 512, 1024])
+    args = parser.parse_args()
+    with LocalParties(setup=N.install, timeout=1800) as parties:
+        rows = parties.run(_measure, args.lengths, args.static_lengths)[0]
+
+    def fmt(c: dict) -> str:
+        return f"{c['rounds']} r {c['bytes'] / 1e6:.2f} MB {c['s']:.2f} s"
+
+    print("| L | read | full attention | select + gather | update | attend (read) | mpcache total |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "full" in r:
+            parts = [r["full"], r["select"], r["update"], r["attend"], r["mpcache"]]
+            print(f"| {r['length']} | {r['read']} | " + " | ".join(fmt(c) for c in parts) + " |")
+    print("\n| prompt L | static top-(L/2 - 32) rank + one-hot | gather of keys+values |\n|---|---|---|")
+    for r in rows:
+        if "top" in r:
+            print(f"| {r['length']} | {fmt(r['top'])} | {fmt(r['gather'])} |")
+
+
+if __name__ == "__main__":
+    main()
