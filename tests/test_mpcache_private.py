@@ -124,7 +124,10 @@ def test_simulated_static_keep_matches_plaintext():
     assert torch.equal(kept.values[..., 0].long(), want)
     assert torch.equal(kept.keys, keys.gather(2, want[..., None].expand(-1, -1, -1, d)))
     assert kept.capacity == keep and bool((kept.positions <= 59).all())
-    assert M.static_keep(scores, 70, 4, 6).matrix is None  # nothing to evict
+    full = entry_of(keys, slot_ids(b, hkv, length))
+    assert M.compact(full, M.static_keep(scores, 70, 4, 6)) is full  # nothing to evict
+    ends = M.compact(full, M.static_keep(scores, 10, 4, 6))  # no middle slot left
+    assert ends.values[0, 0, :, 0].tolist() == [0, 1, 2, 3, 54, 55, 56, 57, 58, 59]
 
 
 def test_simulated_policy_generates_like_plaintext_mpcache():

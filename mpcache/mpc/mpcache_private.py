@@ -137,11 +137,13 @@ def _mid_rows(x: Value, start: int, stop: int, dim: int) -> Value:
 # ------------------------------------------------------------------------------------- 1. static eviction
 @dataclass
 class StaticKeep:
-    """A layer's static keep-set: public sink/window counts and the secret compaction of the middle slots."""
+    """A layer's static keep-set: public sink/window counts, how many middle slots stay, and their secret
+    compaction (one-hot rows [B, 1, picks, L - sink - window]; None when all or none of the middle stays)."""
 
     sink: int
     window: int
-    matrix: Value | None  # [B, 1, k, L - sink - window] one-hot rows (None: nothing evicted in the middle)
+    picks: int
+    matrix: Value | None
 
 
 def static_plan(length: int, keep: int, sink: int, window: int) -> tuple[int, int, int]:
@@ -167,34 +169,32 @@ def window_scores(queries: Value, keys: Value, query_positions: Tensor, key_posi
     return N.divide(received.sum(1).sum(1), hq)  # static_scores' head mean, exactly
 
 
-def static_keep(scores: Value, keep: int, sink: int, window: int, source: StaticKeep | None = None) -> StaticKeep:
+def static_keep(scores: Value, keep: int, sink: int, window: int) -> StaticKeep:
     """Keep-set of a fixed public size from per-slot scores [B, L]: sinks and window publicly, the best `keep -
-    sink - window` of the rest secretly (or the source layer's set, reused)."""
-    if source is not None:
-        return source
+    sink - window` of the rest secretly."""
     length = scores.shape[-1]
     sink, window, picks = static_plan(length, keep, sink, window)
-    middle = length - sink - window
-    if picks >= middle:
-        return StaticKeep(sink, window, None)
+    if picks == 0 or picks == length - sink - window:
+        return StaticKeep(sink, window, picks, None)
     chosen = top_k_mask(_mid_rows(scores, sink, length - window, -1), picks)
-    return StaticKeep(sink, window, compaction_matrix(chosen, picks).unsqueeze(1))
+    return StaticKeep(sink, window, picks, compaction_matrix(chosen, picks).unsqueeze(1))
 
 
 def compact(entry: PrivateLayerKV, plan: StaticKeep) -> PrivateLayerKV:
     """Apply a keep-set: [sinks, gathered middle, window], keys and values in one product."""
-    if plan.matrix is None:
-        return entry
     length = entry.capacity
     lo, hi = plan.sink, length - plan.window
+    if plan.picks == hi - lo:
+        return entry
     dk = entry.keys.shape[-1]
     kv = N.cat([entry.keys, entry.values], -1)
-    middle = N.matmul(plan.matrix, _mid_rows(kv, lo, hi, 2))  # [B, H, k, Dk + Dv]
-    kv = N.cat([_mid_rows(kv, 0, lo, 2), middle, _mid_rows(kv, hi, length, 2)], 2)
-    k = middle.shape[2]
-    positions = torch.cat([entry.positions[..., :lo], entry.positions[..., lo : lo + k], entry.positions[..., hi:]], 2)
-    valid = torch.ones_like(positions, dtype=torch.bool)
-    return PrivateLayerKV(kv[..., :dk], kv[..., dk:], positions, valid)
+    parts = [_mid_rows(kv, 0, lo, 2), _mid_rows(kv, hi, length, 2)]
+    if plan.matrix is not None:
+        parts.insert(1, N.matmul(plan.matrix, _mid_rows(kv, lo, hi, 2)))  # [B, H, picks, Dk + Dv]
+    kv = N.cat([p for p in parts if p.shape[2] > 0], 2)
+    positions = entry.positions[..., lo : lo + plan.picks]  # lower bounds of the true positions
+    positions = torch.cat([entry.positions[..., :lo], positions, entry.positions[..., hi:]], 2)
+    return PrivateLayerKV(kv[..., :dk], kv[..., dk:], positions, torch.ones_like(positions, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------ 2. clustering
