@@ -318,3 +318,30 @@ def test_selection_rounds_do_not_grow_with_the_cache_and_save_bytes(parties):
     assert rows[0]["select"]["rounds"] == rows[1]["select"]["rounds"]  # comparison batches, not sequential argmaxes
     for row, read in zip(rows, (48, 96)):  # budget L / 5: children 0 and last plus L / 80 - 2 chosen
         assert row["read"] == read and row["mpcache"]["bytes"] < row["full"]["bytes"]
+
+
+def test_simulated_policy_follows_plaintext_mpcache_on_the_bundled_model():
+    from mpcache.eval.tasks import make_sample
+    from mpcache.model.loading import load_bundled
+
+    try:
+        model, tok = load_bundled(dtype=torch.float64)
+    except FileNotFoundError:
+        pytest.skip("no bundled model")
+    sample = make_sample("passkey", 512, 0, lambda text: len(tok.encode(text)))
+    ids = torch.tensor([tok.encode(sample.prompt)])
+    plain, private = MPCache(4, 128), M.PrivateMPCache(4, 128)
+    pm = L.PrivateTransformer.from_plain(model, lambda t: t)
+    want, got = [], []
+    with torch.no_grad():
+        ref, out = model(ids, plain), pm(L.one_hot(ids, model.config.vocab_size), private, last_only=True)
+        for _ in range(4):
+            want.append(int(ref[0, -1].argmax()))
+            got.append(int(out[0, -1].argmax()))
+            ref = model(torch.tensor([want[-1:]]), plain)
+            out = pm(L.one_hot(torch.tensor([got[-1:]]), model.config.vocab_size), private)
+    assert got == want  # same evictions, same selections, same tokens (the approximations stay below the margins)
+    assert [private.attention_view(i).capacity for i in range(4)] == [
+        int(plain.attended_tokens(i).max()) for i in range(4)
+    ]
+    assert private.attention_view(0).capacity < int(private.tokens_per_head(0).max()) < ids.shape[1]
