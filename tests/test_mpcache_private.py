@@ -154,6 +154,22 @@ def test_simulated_policy_generates_like_plaintext_mpcache():
             ]
 
 
+def test_adopted_cache_selects_like_plaintext_mpcache_without_static_eviction():
+    m = tiny("llama", n_layer=2, max_position=256)
+    ids = torch.randint(0, 40, (1, 100), generator=torch.Generator().manual_seed(12))
+    pm = L.PrivateTransformer.from_plain(m, lambda t: t)
+    plain, filled = MPCache(2, 48, static_ratio=1.0), L.PrivateKVCache(2)  # keeps the whole prompt
+    with torch.no_grad():
+        ref, out = m(ids, plain), pm(L.one_hot(ids, 40), filled)
+        adopted = M.PrivateMPCache.adopt(filled, 48)
+        assert adopted.seen_tokens == 100 and adopted.summary[0].length == 100
+        for step in range(3):
+            token = ref[:, -1:].argmax(-1)
+            ref, out = m(token, plain), pm(L.one_hot(token, 40), adopted)
+            assert (out - ref).abs().max() < 2e-3, step
+            assert adopted.attention_view(1).capacity == int(plain.attended_tokens(1).max()) < 100
+
+
 def test_bad_knobs_and_padding_are_value_errors():
     for kwargs, match in (
         (dict(budget=0), "budget"),

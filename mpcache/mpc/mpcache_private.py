@@ -384,6 +384,21 @@ class PrivateMPCache(PrivateKVCache):
         self.summary: list[ClusterSummary | None] = [None] * n_layer
         self.selection: list[Selection | None] = [None] * n_layer
 
+    @classmethod
+    def adopt(cls, cache: PrivateKVCache, budget: int, **knobs) -> PrivateMPCache:
+        """Take over a filled private cache as if static eviction had already run (e.g. a benchmark's cache of n
+        shared tokens, built without a private prefill): clusters are summarised now, decode steps select."""
+        out = cls(len(cache.layers), budget, **knobs)
+        out.seen_tokens = cache.seen_tokens
+        for layer, entry in enumerate(cache.layers):
+            if entry is None:
+                raise ValueError(f"layer {layer} of the adopted cache is empty")
+            if not bool(entry.valid.all()):
+                raise ValueError("the private MPCache needs unpadded rows (every token valid)")
+            out.layers[layer] = entry
+            out.summary[layer] = ClusterSummary.build(entry.keys, out.cluster_size, out.subcluster_size)
+        return out
+
     def update(self, layer: int, keys: Value, values: Value, positions: Tensor, valid: Tensor) -> PrivateLayerKV:
         if not bool(valid.all()):
             raise ValueError("the private MPCache needs unpadded rows (every token valid)")
