@@ -405,8 +405,9 @@ class PrivateMPCache(PrivateKVCache):
         entry = super().update(layer, keys, values, positions, valid)
         summary = self.summary[layer]
         if summary is not None:
-            for t in range(keys.shape[2]):
-                summary.append(keys[:, :, t : t + 1])
+            with span("selection"):
+                for t in range(keys.shape[2]):
+                    summary.append(keys[:, :, t : t + 1])
         return entry
 
     def after_attention(self, layer: int, queries: Value, query_positions: Tensor) -> None:
@@ -518,17 +519,63 @@ def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0) -> li
     return rows
 
 
+def _measure_model(lengths: list[int], steps: int = 2) -> list[dict]:
+    """Per party: one whole decode step of the bundled model (4 layers) with the full cache vs PrivateMPCache over
+    the same cache of n tokens (shared after a plaintext prefill at party 0, as bench.mpc_decode does; MPCache
+    adopts it as its post-eviction cache, budget n / 5). Mean rounds/bytes/seconds per step, and selection's share."""
+    from mpcache.model.cache import KVCache
+    from mpcache.model.loading import load_bundled
+    from mpcache.mpc import decoder
+    from mpcache.mpc.accounting import Ledger, summarize
+    from mpcache.mpc.layers import greedy_token, one_hot
+
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    comm = crypten.communicator.get()
+    rank = comm.get_rank()
+    model = load_bundled(dtype=torch.float64)[0]
+    config = model.config
+    share = lambda t: crypten.cryptensor(t, src=0)  # noqa: E731  party 0 owns the model (and, here, the cache)
+    pm = decoder.share_model(model, share)
+    rows = []
+    for n in lengths:
+        plain = None
+        if rank == 0:
+            plain = KVCache(config.n_layer)
+            with torch.no_grad():
+                model(torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)), plain)
+        shapes = [(1, config.n_kv_head, n, config.head_dim)] * config.n_layer
+        for method in ("full", "mpcache"):
+            cache = decoder.share_cache(plain, config, shapes, share)
+            if method == "mpcache":
+                cache = PrivateMPCache.adopt(cache, n // 5)
+            token = crypten.cryptensor(one_hot(torch.tensor([[1]]), config.vocab_size), src=1, precision=0)
+            token = greedy_token(pm(token, cache, last_only=True))  # warm-up step, not counted
+            with Ledger(comm.get_communication_stats) as ledger:
+                for _ in range(steps):
+                    ledger.begin_step("decode")
+                    token = greedy_token(pm(token, cache, last_only=True))
+                    ledger.end_step()
+            mean = {k: sum(st[k] for st in ledger.steps) / steps for k in ("rounds", "bytes", "seconds")}
+            ops = {op: {k: v / steps for k, v in row.items()} for op, row in summarize(ledger.steps).items()}
+            rows.append({"length": n, "method": method, **mean, "ops": ops})
+    crypten.cfg.communicator.verbose = False
+    return rows
+
+
 def main() -> None:
     import argparse
 
     from mpcache.mpc.local import LocalParties
 
     parser = argparse.ArgumentParser(description="MPC cost of MPCache's decode-step selection vs full attention")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[256, 512, 1024])
     parser.add_argument("--static-lengths", type=int, nargs="*", default=[256, 512, 1024])
+    parser.add_argument("--model-lengths", type=int, nargs="*", default=[], help="bundled model decode steps")
     args = parser.parse_args()
     with LocalParties(setup=N.install, timeout=1800) as parties:
         rows = parties.run(_measure, args.lengths, args.static_lengths)[0]
+        model_rows = parties.run(_measure_model, args.model_lengths)[0] if args.model_lengths else []
 
     def fmt(c: dict) -> str:
         return f"{c['rounds']} r {c['bytes'] / 1e6:.2f} MB {c['s']:.2f} s"
@@ -543,6 +590,17 @@ def main() -> None:
     for r in rows:
         if "top" in r:
             print(f"| {r['length']} | {fmt(r['top'])} | {fmt(r['gather'])} |")
+
+    if model_rows:
+        print("\n| cached n | method | rounds/step | MB/step | s/step | selection rounds, MB | attention+softmax MB |")
+        print("|---|---|---|---|---|---|---|")
+        for r in model_rows:
+            sel, ops = r["ops"].get("selection", {"rounds": 0, "bytes": 0}), r["ops"]
+            attn = sum(ops.get(k, {"bytes": 0})["bytes"] for k in ("attention", "softmax"))
+            print(
+                f"| {r['length']} | {r['method']} | {r['rounds']:.0f} | {r['bytes'] / 1e6:.2f} | {r['seconds']:.2f} | "
+                f"{sel['rounds']:.0f}, {sel['bytes'] / 1e6:.2f} | {attn / 1e6:.2f} |"
+            )
 
 
 if __name__ == "__main__":
