@@ -320,17 +320,27 @@ def select(
     return Selection(compaction_matrix(top_k_mask(middle, k), k), c2)
 
 
-def gather_view(entry: PrivateLayerKV, selection: Selection, sub: int) -> PrivateLayerKV:
-    """What attention reads: the first child, the chosen middle children (one-hot over clusters times the cache
-    viewed as [C2 - 2, sub x (Dk + Dv)]), and the last child."""
-    b, h, length = entry.valid.shape
+def middle_clusters(entry: PrivateLayerKV, n_child: int, sub: int) -> Value:
+    """Keys and values of the middle children 1 .. n_child - 2 as [B, H, n_child - 2, sub x (Dk + Dv)]: the
+    operand of the gather. It changes only when a child fills up, so a cache can wrap it as a FixedOperand."""
+    b, h = entry.valid.shape[:2]
+    kv = N.cat([entry.keys[:, :, sub : (n_child - 1) * sub], entry.values[:, :, sub : (n_child - 1) * sub]], -1)
+    return kv.reshape(b, h, n_child - 2, -1)
+
+
+def gather_view(
+    entry: PrivateLayerKV, selection: Selection, sub: int, clusters: Value | N.FixedOperand | None = None
+) -> PrivateLayerKV:
+    """What attention reads: the first child, the chosen middle children (one-hot over clusters times
+    `middle_clusters`, given or computed here), and the last child."""
+    b, h = entry.valid.shape[:2]
     last = (selection.n_child - 1) * sub
     dk = entry.keys.shape[-1]
     kv = N.cat([entry.keys, entry.values], -1)
     parts, positions = [kv[:, :, :sub]], [entry.positions[..., :sub]]
     if selection.matrix is not None:
         k = selection.matrix.shape[2]
-        clusters = kv[:, :, sub:last].reshape(b, h, selection.n_child - 2, -1)
+        clusters = middle_clusters(entry, selection.n_child, sub) if clusters is None else clusters
         parts.append(N.matmul(selection.matrix, clusters).reshape(b, h, k * sub, -1))
         positions.append(entry.positions[..., sub : sub + k * sub])  # lower bounds of the true positions
     parts.append(kv[:, :, last:])
@@ -383,6 +393,8 @@ class PrivateMPCache(PrivateKVCache):
         self.static: list[StaticKeep | None] = [None] * n_layer
         self.summary: list[ClusterSummary | None] = [None] * n_layer
         self.selection: list[Selection | None] = [None] * n_layer
+        # the gather's operand, opened once against a fixed dealer mask while the middle children stay the same
+        self.clusters: list[tuple[int, Value | N.FixedOperand] | None] = [None] * n_layer
 
     @classmethod
     def adopt(cls, cache: PrivateKVCache, budget: int, **knobs) -> PrivateMPCache:
@@ -453,7 +465,13 @@ class PrivateMPCache(PrivateKVCache):
         if chosen is None:
             return entry
         with span("selection"):
-            return gather_view(entry, chosen, self.subcluster_size)
+            if chosen.matrix is None:
+                return gather_view(entry, chosen, self.subcluster_size)
+            held = self.clusters[layer]
+            if held is None or held[0] != chosen.n_child:  # a child filled up: the middle block grew
+                held = (chosen.n_child, N.fixed(middle_clusters(entry, chosen.n_child, self.subcluster_size)))
+                self.clusters[layer] = held
+            return gather_view(entry, chosen, self.subcluster_size, held[1])
 
 
 def full_attention(queries: Value, entry: PrivateLayerKV, query_positions: Tensor) -> Value:
