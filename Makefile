@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mpcache-installed
 
-.PHONY: install demo test test-slow lint train clean
+.PHONY: install demo demo-plain test test-slow lint train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The private runtime: dealer + two parties + client over gRPC (mutual TLS) answer a pass-key question.
 demo: install
+	$(PY) -m mpcache.demo --private
+
+# The same task in plaintext, seconds instead of minutes.
+demo-plain: install
 	$(PY) -m mpcache.demo
 
 lint: install
