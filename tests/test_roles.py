@@ -216,3 +216,31 @@ def test_bad_requests_get_clear_errors_and_the_parties_stay_in_step(tmp_path):
         assert [dep.wait(r, 30) for r in ("dealer", "party0", "party1")] == [0, 0, 0]
     finally:
         dep.stop_all()
+
+
+@pytest.mark.timeout(240)
+def test_killing_party1_mid_generation_makes_everyone_exit_naming_it(tmp_path):
+    """The private decoder's job (bundled model) is running when party 1 is killed: party 0, the dealer and the
+    client all exit non-zero within the timeouts, each naming the lost party."""
+    from mpcache.model.loading import BUNDLED_DIR
+
+    dep = Deployment(tmp_path, model=BUNDLED_DIR, timeout=10.0, party_timeout=10.0, heartbeat=0.5)
+    try:
+        for role in ("dealer", "party0", "party1"):
+            dep.start(role)
+        _ready(dep)
+        prompt = "The pass key is 60754. Remember it. What is the pass key? The pass key is "
+        dep.start("client", "--job", "generate", "--prompt", prompt, "--params", '{"max_new_tokens": 40}')
+        _wait_for(lambda: "step=job" in dep.log("party1"), 120, "the generate job to start")
+        time.sleep(1.0)  # inside the private prefill
+        t0 = time.monotonic()
+        dep.signal("party1", signal.SIGKILL)
+        codes = {role: dep.wait(role, 60) for role in ("client", "party0", "dealer")}
+        elapsed = time.monotonic() - t0
+    finally:
+        dep.stop_all()
+    assert codes == {"client": 1, "party0": 1, "dealer": 1}, codes
+    assert elapsed < 10.0 + 10.0 + 15  # peer timeout + close grace + slack for a loaded machine
+    for role in ("client", "party0", "dealer"):
+        line = _error_line(dep, role)
+        assert line.startswith(f"{role}: error:") and ("rank 1" in line or "party 1" in line), line
