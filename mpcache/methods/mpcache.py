@@ -118,6 +118,30 @@ def sharing_pairs(n_layer: int, own_first: int = 2, own_last: int = 2) -> dict[i
     return {layer: layer - 1 for layer in range(own_first + 1, n_layer - own_last, 2)}
 
 
+def check_knobs(
+    static_ratio: float,
+    window_ratio: float,
+    long_window_ratio: float,
+    ratio1: float,
+    alpha: float,
+    cluster_size: int,
+    subcluster_size: int,
+) -> None:
+    """Validate the knobs the plaintext reference and the private version (mpcache.mpc.mpcache_private) share."""
+    for label, value in (
+        ("static_ratio", static_ratio),
+        ("window_ratio", window_ratio),
+        ("long_window_ratio", long_window_ratio),
+        ("ratio1", ratio1),
+    ):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{label} must be in (0, 1], got {value}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if subcluster_size < 1 or cluster_size % subcluster_size:
+        raise ValueError(f"cluster_size ({cluster_size}) must be a multiple of subcluster_size ({subcluster_size})")
+
+
 class MPCache(PolicyCache):
     """budget: tokens each KV head reads per decode step (int, or a ratio of the prompt).
 
@@ -149,18 +173,7 @@ class MPCache(PolicyCache):
         **common,
     ) -> None:
         super().__init__(n_layer, budget, sink=sink, window=window, **common)
-        for label, value in (
-            ("static_ratio", static_ratio),
-            ("window_ratio", window_ratio),
-            ("long_window_ratio", long_window_ratio),
-            ("ratio1", ratio1),
-        ):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{label} must be in (0, 1], got {value}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if subcluster_size < 1 or cluster_size % subcluster_size:
-            raise ValueError(f"cluster_size ({cluster_size}) must be a multiple of subcluster_size ({subcluster_size})")
+        check_knobs(static_ratio, window_ratio, long_window_ratio, ratio1, alpha, cluster_size, subcluster_size)
         if own_first < 0 or own_last < 0:
             raise ValueError("own_first and own_last must be >= 0")
         self.static_ratio, self.alpha, self.ratio1 = static_ratio, alpha, ratio1

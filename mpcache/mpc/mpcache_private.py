@@ -91,7 +91,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mpcache.methods.mpcache import cluster_representatives, observation_window, sharing_pairs, static_scores
+from mpcache.methods.mpcache import (
+    check_knobs,
+    cluster_representatives,
+    observation_window,
+    sharing_pairs,
+    static_scores,
+)
 from mpcache.model.transformer import visibility
 from mpcache.mpc import numerics as N
 from mpcache.mpc.accounting import span
@@ -396,13 +402,7 @@ class PrivateMPCache(PrivateKVCache):
         super().__init__(n_layer)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be a public int token count >= 1, got {budget!r}")
-        for label, value in (("static_ratio", static_ratio), ("window_ratio", window_ratio), ("ratio1", ratio1)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{label} must be in (0, 1], got {value}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if subcluster_size < 1 or cluster_size % subcluster_size:
-            raise ValueError(f"cluster_size ({cluster_size}) must be a multiple of subcluster_size ({subcluster_size})")
+        check_knobs(static_ratio, window_ratio, long_window_ratio, ratio1, alpha, cluster_size, subcluster_size)
         if min(sink, window) < 0:
             raise ValueError("sink and window must be >= 0")
         self.budget, self.static_ratio, self.alpha, self.ratio1 = budget, static_ratio, alpha, ratio1
