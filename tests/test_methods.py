@@ -811,7 +811,9 @@ def test_mpcache_cluster_selection_picks_top_approximate_similarity() -> None:
     valid[1, :, :12] = False  # a padded row
     query = torch.randn(2, 3, 8, generator=g)
     tokens = torch.tensor([24, 40])
-    mask = select_clusters(query, keys, valid, tokens, alpha=0.6, cluster_size=8, subcluster_size=4, ratio1=0.5)
+    mask = select_clusters(
+        query[:, :, None], keys, valid, tokens, alpha=0.6, cluster_size=8, subcluster_size=4, ratio1=0.5
+    )
     for b in range(2):
         for h in range(3):
             _, children, s2 = _reference_selection(

@@ -11,7 +11,15 @@ import torch
 from test_mpc_layers import tiny
 
 from mpcache.methods.base import chunk_min_max, protect, top_mask, topk_slots
-from mpcache.methods.mpcache import MPCache, select_clusters, static_scores
+from mpcache.methods.mpcache import (
+    MPCache,
+    bound_similarity,
+    pool_scores,
+    select_clusters,
+    sign_split,
+    static_scores,
+)
+from mpcache.methods.quest import page_bound
 from mpcache.model.transformer import attention_probs
 from mpcache.model.transformer import cached_attention as plain_attention
 from mpcache.mpc import layers as L
@@ -80,22 +88,44 @@ def test_cluster_summary_matches_chunk_min_max_and_updates_on_append(length):
         M.ClusterSummary.build(keys, 32, 12)
 
 
-def _plain_selection(query, keys, budget):
+def _plain_selection(queries, keys, budget, similarity="bound"):
+    """queries [B, H, G, D]: the query heads of each KV head."""
     valid = torch.ones(keys.shape[:3], dtype=torch.bool)
-    return select_clusters(query, keys, valid, torch.tensor([budget] * keys.shape[0]), alpha=ALPHA)
+    budgets = torch.tensor([budget] * keys.shape[0])
+    return select_clusters(queries, keys, valid, budgets, alpha=ALPHA, similarity=similarity)
 
 
+@pytest.mark.parametrize("similarity", ["linear", "bound"])
 @pytest.mark.parametrize("length,budget", [(100, 32), (203, 48), (203, 64), (256, 17), (130, 100)])
-def test_simulated_selection_matches_select_clusters(length, budget):
-    keys, query = randn(2, 3, length, 8, seed=length), randn(2, 3, 8, seed=budget)
+def test_simulated_selection_matches_select_clusters(length, budget, similarity):
+    keys, queries = randn(2, 3, length, 8, seed=length), randn(2, 3, 2, 8, seed=budget)
     summary = M.ClusterSummary.build(keys)
-    chosen = M.select(query, summary, budget, ALPHA)
+    chosen = M.select(queries, summary, budget, ALPHA, similarity=similarity)
     assert chosen is not None
     view = M.gather_view(entry_of(keys, slot_ids(2, 3, length)), chosen, 16)
-    want = _plain_selection(query, keys, budget)
+    want = _plain_selection(queries, keys, budget, similarity)
     assert torch.equal(read_mask(view.values, length), want)
     assert view.capacity == int(want.sum(-1).max())  # a public size: every head reads the same count
-    assert M.select(query, summary, 16 * summary.child_max.shape[2], ALPHA) is None  # everything fits
+    assert M.select(queries, summary, 16 * summary.child_max.shape[2], ALPHA) is None  # everything fits
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+def test_pool_scores_is_a_centred_window_sum(kernel):
+    scores = randn(2, 11, seed=kernel)
+    r = kernel // 2
+    want = torch.stack([scores[:, max(i - r, 0) : i + r + 1].sum(-1) for i in range(11)], -1)
+    torch.testing.assert_close(pool_scores(scores, kernel), want)
+
+
+def test_bound_similarity_is_the_quest_bound_of_each_query_head_summed():
+    keys, queries = randn(1, 2, 64, 8, seed=5), randn(1, 2, 3, 8, seed=6)
+    kmax, kmin, _ = chunk_min_max(keys, torch.ones(1, 2, 64, dtype=torch.bool), 16)
+    want = page_bound(queries, kmax, kmin).sum(2)  # Quest's bound per query head, summed over the group
+    torch.testing.assert_close(bound_similarity(sign_split(queries), kmax, kmin), want)
+    torch.testing.assert_close(M.cluster_scores(queries, kmax, kmin, ALPHA, "bound"), want)  # the simulator
+    # an upper bound of every key's score in its cluster, for each head's query
+    exact = torch.einsum("bhgd,bhld->bhgl", queries, keys).reshape(1, 2, 3, 4, 16).amax(-1)
+    assert bool((page_bound(queries, kmax, kmin) >= exact - 1e-6).all())
 
 
 def _plain_static(queries, keys, keep, sink, window):
@@ -161,7 +191,10 @@ def test_adopted_cache_selects_like_plaintext_mpcache_without_static_eviction():
     plain, filled = MPCache(2, 48, static_ratio=1.0), L.PrivateKVCache(2)  # keeps the whole prompt
     with torch.no_grad():
         ref, out = m(ids, plain), pm(L.one_hot(ids, 40), filled)
-        adopted = M.PrivateMPCache.adopt(filled, 48)
+        cut = M.PrivateMPCache.adopt(filled, 30)  # static eviction's public keep count: max(30, 0.5 x 100)
+        kept = cut.layers[0].positions[0, 0]
+        assert torch.equal(kept, torch.cat([torch.arange(16), torch.arange(66, 100)])) and cut.summary[0].length == 50
+        adopted = M.PrivateMPCache.adopt(filled, 48, static_ratio=1.0)
         assert adopted.seen_tokens == 100 and adopted.summary[0].length == 100
         for step in range(3):
             token = ref[:, -1:].argmax(-1)
@@ -225,7 +258,7 @@ def _private_steps(keys, values, new_key, query, budget, queries, keep) -> dict:
         summary = M.ClusterSummary.build(k)
         summary.append(new)
         entry = entry_of(N.cat([k, new], 2), share(slot_ids(b, h, length + 1)))
-        chosen = M.select(q, summary, budget, ALPHA)
+        chosen = M.select(q.unsqueeze(2), summary, budget, ALPHA, similarity="bound")
         view = M.gather_view(entry, chosen, 16)
         attn_v = M.gather_view(entry_of(N.cat([k, new], 2), N.cat([v, share(values[:, :, :1])], 2)), chosen, 16)
         qh = q.unsqueeze(2).unsqueeze(2).reshape(b, h, 1, -1)  # one query head per KV head
@@ -252,6 +285,7 @@ def _private_steps(keys, values, new_key, query, budget, queries, keep) -> dict:
             N.decode(x) for x in (summary.child_max, summary.child_min, summary.parent_max, summary.parent_min)
         ],
         "scores": N.decode(scores),
+        "pooled": N.decode(pool_scores(scores, 5)),
         "kept": N.decode(kept.values),
     }
 
@@ -269,7 +303,7 @@ def test_private_selection_and_static_keep_match_plaintext_and_open_nothing(part
         want_max, want_min, _ = chunk_min_max(all_keys, torch.ones(b, h, length + 1) > 0, size)
         assert torch.equal(got["extrema"][2 * i], want_max) and torch.equal(got["extrema"][2 * i + 1], want_min)
     # decode selection: the plaintext reference's slots, and attention over them within fixed-point tolerance
-    want = _plain_selection(query, all_keys, budget)
+    want = _plain_selection(query[:, :, None], all_keys, budget)
     assert torch.equal(read_mask(got["read"], length + 1), want)
     all_values = torch.cat([values, values[:, :, :1]], 2)
     qh = query[:, :, None]
@@ -280,6 +314,7 @@ def test_private_selection_and_static_keep_match_plaintext_and_open_nothing(part
     # scores, and the plaintext set except where two scores sit within the tolerance (ties aside)
     want_scores, want_kept = _plain_static(queries * d**0.5, keys, 40, 4, 6)
     assert (got["scores"] - want_scores).abs().max() < 2e-3
+    torch.testing.assert_close(got["pooled"], pool_scores(got["scores"], 5), atol=1e-9, rtol=0)  # local: exact
     kept = got["kept"][..., 0].round().long()
     assert torch.equal(kept, _stable_static(got["scores"], 40, 4, 6)[:, None].expand(-1, h, -1))
     mismatch = set(kept[0, 0].tolist()) ^ set(want_kept[0, 0].tolist())

@@ -9,6 +9,7 @@ Each method is one small file; the interface they share is `mpcache.methods.base
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 from mpcache.generate import CacheFactory
@@ -92,6 +93,8 @@ def _check_knobs(cls: type[PolicyCache], kwargs: dict) -> None:
         if "__init__" in vars(klass):
             params = inspect.signature(vars(klass)["__init__"]).parameters.values()
             accepted |= {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        if "Knobs" in vars(klass):  # a dataclass of options the constructor takes through **options
+            accepted |= {f.name for f in dataclasses.fields(vars(klass)["Knobs"])}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise TypeError(f"{cls.name} does not take option(s) {unknown}; it takes {sorted(accepted)}")

@@ -34,6 +34,7 @@ Every step is a plain tensor function so the MPC implementation can mirror it on
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -63,6 +64,19 @@ def static_scores(received: Tensor) -> Tensor:
     return received.mean((1, 2))
 
 
+def pool_scores(scores: Tensor, kernel: int) -> Tensor:
+    """Sum of each slot's static score with its neighbours within kernel // 2 on either side (zeros beyond the
+    ends): a needle is kept or evicted as a span, following MPCache's token-locality observation (SnapKV pools its
+    votes the same way). Written with cumsum and a public gather, so it is local on secret shares too."""
+    if kernel <= 1:
+        return scores
+    length, r = scores.shape[-1], kernel // 2
+    index = torch.arange(length)
+    upper, lower = (index + r).clamp(max=length - 1), (index - r).clamp(min=0)
+    csum = scores.cumsum(-1)  # sum over [lower, upper] = csum[upper] - csum[lower] + scores[lower]
+    return csum.index_select(-1, upper) - csum.index_select(-1, lower) + scores.index_select(-1, lower)
+
+
 def cluster_representatives(kmax: Tensor, kmin: Tensor, alpha: float) -> Tensor:
     """alpha r_max + (1 - alpha) r_min per cluster [B, H, C, D]: the one vector a query meets."""
     return alpha * kmax + (1.0 - alpha) * kmin
@@ -71,6 +85,32 @@ def cluster_representatives(kmax: Tensor, kmin: Tensor, alpha: float) -> Tensor:
 def approx_similarity(query: Tensor, kmax: Tensor, kmin: Tensor, alpha: float) -> Tensor:
     """MPCache's linearised cluster score: query [B, H, D] x clusters [B, H, C, D] -> [B, H, C]."""
     return torch.einsum("bhd,bhcd->bhc", query, cluster_representatives(kmax, kmin, alpha))
+
+
+def sign_split(queries: Tensor) -> Tensor:
+    """[sum_g q_g, sum_g q_g [q_g >= 0]] over a group of queries [B, H, G, D] -> [B, H, 2, D]: the two vectors the
+    box bound needs (`bound_similarity`); under MPC one comparison per query channel, not per token."""
+    return torch.stack([queries.sum(2), (queries * (queries >= 0)).sum(2)], 2)
+
+
+def bound_similarity(split: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
+    """Quest's box bound sum_c max(q_c kmax_c, q_c kmin_c), summed over the group's query heads, written linearly:
+    q . kmin + (q [q >= 0]) . (kmax - kmin). split [B, H, 2, D] (`sign_split`), clusters [B, H, C, D] -> [B, H, C].
+    Sign-aware, unlike the alpha blend: a negative query channel meets the cluster's min, a positive one its max."""
+    return torch.einsum("bhd,bhcd->bhc", split[:, :, 0], kmin) + torch.einsum(
+        "bhd,bhcd->bhc", split[:, :, 1], kmax - kmin
+    )
+
+
+SIMILARITIES = ("linear", "bound")
+
+
+def cluster_similarity(queries: Tensor, kmax: Tensor, kmin: Tensor, alpha: float, similarity: str) -> Tensor:
+    """Cluster scores [B, H, C] of a group of queries [B, H, G, D] (the group's sum: both scores are linear in the
+    query, or in its sign split)."""
+    if similarity == "linear":
+        return approx_similarity(queries.sum(2), kmax, kmin, alpha)
+    return bound_similarity(sign_split(queries), kmax, kmin)
 
 
 def force_ends(scores: Tensor, nonempty: Tensor) -> Tensor:
@@ -84,7 +124,7 @@ def force_ends(scores: Tensor, nonempty: Tensor) -> Tensor:
 
 
 def select_clusters(
-    query: Tensor,
+    queries: Tensor,
     keys: Tensor,
     valid: Tensor,
     tokens: Tensor,
@@ -92,22 +132,23 @@ def select_clusters(
     cluster_size: int = 32,
     subcluster_size: int = 16,
     ratio1: float = 0.5,
+    similarity: str = "linear",
 ) -> Tensor:
     """Two-level query-aware selection; returns the slots attention reads [B, H, L] (bool).
 
-    query [B, H, D]; keys [B, H, L, D] with `valid` [B, H, L]; tokens [B]: per-head budget,
-    so budget // subcluster_size (>= 2) sub-clusters are read.
+    queries [B, H, G, D] (the query heads of each KV head); keys [B, H, L, D] with `valid` [B, H, L]; tokens [B]:
+    per-head budget, so budget // subcluster_size (>= 2) sub-clusters are read.
     """
     b, h = keys.shape[:2]
     n_sub = (tokens // subcluster_size).clamp(min=2)[:, None].expand(b, h)
     kmax, kmin, nonempty = chunk_min_max(keys, valid, cluster_size)
-    parent_scores = force_ends(approx_similarity(query, kmax, kmin, alpha), nonempty)
+    parent_scores = force_ends(cluster_similarity(queries, kmax, kmin, alpha, similarity), nonempty)
     at_least = -(-(n_sub + 1) // 2)  # enough parents to hold n_sub children
     n_parent = torch.maximum(at_least, (ratio1 * nonempty.sum(-1)).floor().long())
     parents = top_mask(parent_scores, n_parent)
     kmax, kmin, nonempty = chunk_min_max(keys, valid, subcluster_size)
     eligible = parents.repeat_interleave(cluster_size // subcluster_size, -1)[..., : nonempty.shape[-1]]
-    child_scores = force_ends(approx_similarity(query, kmax, kmin, alpha), nonempty)
+    child_scores = force_ends(cluster_similarity(queries, kmax, kmin, alpha, similarity), nonempty)
     children = top_mask(child_scores.masked_fill(~eligible, float("-inf")), n_sub)
     return chunks_to_slots(children, valid, subcluster_size)
 
@@ -118,28 +159,55 @@ def sharing_pairs(n_layer: int, own_first: int = 2, own_last: int = 2) -> dict[i
     return {layer: layer - 1 for layer in range(own_first + 1, n_layer - own_last, 2)}
 
 
-def check_knobs(
-    static_ratio: float,
-    window_ratio: float,
-    long_window_ratio: float,
-    ratio1: float,
-    alpha: float,
-    cluster_size: int,
-    subcluster_size: int,
-) -> None:
-    """Validate the knobs the plaintext reference and the private version (mpcache.mpc.mpcache_private) share."""
-    for label, value in (
-        ("static_ratio", static_ratio),
-        ("window_ratio", window_ratio),
-        ("long_window_ratio", long_window_ratio),
-        ("ratio1", ratio1),
-    ):
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"{label} must be in (0, 1], got {value}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if subcluster_size < 1 or cluster_size % subcluster_size:
-        raise ValueError(f"cluster_size ({cluster_size}) must be a multiple of subcluster_size ({subcluster_size})")
+@dataclass(frozen=True)
+class MPCacheKnobs:
+    """Every MPCache knob with its default, shared by the plaintext reference (MPCache) and the private version
+    (mpcache.mpc.mpcache_private.PrivateMPCache); validated once, here. Defaults from the paper / authors' code
+    (module docstring) except `similarity`, see there."""
+
+    static_ratio: float = 0.5  # prompt share kept by look-once static eviction (at least the budget)
+    window_ratio: float = 0.2  # share of the prompt's last queries that vote in static eviction
+    static_pool: int = 1  # votes summed over this many neighbouring slots (odd; 1 = per token, as the paper)
+    long_prompt: int = 24_000  # above this prompt length the window share is long_window_ratio
+    long_window_ratio: float = 0.1
+    alpha: float = 0.6  # blend of the linearised similarity: alpha r_max + (1 - alpha) r_min
+    similarity: str = "linear"  # "linear" (the paper's blend) or "bound" (Quest's box bound via the sign split)
+    cluster_size: int = 32  # parent clusters (tokens)
+    subcluster_size: int = 16  # child clusters (tokens): the unit attention reads
+    ratio1: float = 0.5  # share of parents kept at level 1
+    share_layers: bool = True  # cross-layer index sharing
+    own_first: int = 2  # leading layers that always select on their own
+    own_last: int = 2  # trailing layers that always select on their own
+    sink: int = 16  # first tokens always kept by static eviction
+    window: int = 16  # last prompt tokens always kept by static eviction
+
+    def __post_init__(self) -> None:
+        for label in ("static_ratio", "window_ratio", "long_window_ratio", "ratio1"):
+            value = getattr(self, label)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{label} must be in (0, 1], got {value}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.subcluster_size < 1 or self.cluster_size % self.subcluster_size:
+            raise ValueError(
+                f"cluster_size ({self.cluster_size}) must be a multiple of subcluster_size ({self.subcluster_size})"
+            )
+        if min(self.own_first, self.own_last, self.sink, self.window) < 0:
+            raise ValueError("own_first, own_last, sink and window must be >= 0")
+        if self.static_pool < 1 or self.static_pool % 2 == 0:
+            raise ValueError(f"static_pool must be an odd int >= 1, got {self.static_pool}")
+        if self.long_prompt < 1:
+            raise ValueError(f"long_prompt must be >= 1, got {self.long_prompt}")
+
+    @classmethod
+    def split(cls, options: dict) -> tuple[MPCacheKnobs, dict]:
+        """(knobs, the remaining options) from keyword options."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names}), {
+            k: v for k, v in options.items() if k not in names
+        }
 
 
 class MPCache(PolicyCache):
@@ -152,48 +220,28 @@ class MPCache(PolicyCache):
 
     name: ClassVar[str] = "mpcache"
 
-    def __init__(
-        self,
-        n_layer: int,
-        budget: Budget,
-        *,
-        static_ratio: float = 0.5,
-        window_ratio: float = 0.2,
-        long_prompt: int = 24_000,
-        long_window_ratio: float = 0.1,
-        alpha: float = 0.6,
-        cluster_size: int = 32,
-        subcluster_size: int = 16,
-        ratio1: float = 0.5,
-        share_layers: bool = True,
-        own_first: int = 2,
-        own_last: int = 2,
-        sink: int = 16,
-        window: int = 16,
-        **common,
-    ) -> None:
-        super().__init__(n_layer, budget, sink=sink, window=window, **common)
-        check_knobs(static_ratio, window_ratio, long_window_ratio, ratio1, alpha, cluster_size, subcluster_size)
-        if own_first < 0 or own_last < 0:
-            raise ValueError("own_first and own_last must be >= 0")
-        self.static_ratio, self.alpha, self.ratio1 = static_ratio, alpha, ratio1
-        self.window_ratio, self.long_prompt, self.long_window_ratio = window_ratio, long_prompt, long_window_ratio
-        self.cluster_size, self.subcluster_size = cluster_size, subcluster_size
-        self.shared_from = sharing_pairs(n_layer, own_first, own_last) if share_layers else {}
+    Knobs: ClassVar[type] = MPCacheKnobs  # the registry accepts these fields as options
+
+    def __init__(self, n_layer: int, budget: Budget, **options) -> None:
+        knobs, common = MPCacheKnobs.split(options)
+        super().__init__(n_layer, budget, sink=knobs.sink, window=knobs.window, **common)
+        self.knobs = knobs
+        self.shared_from = sharing_pairs(n_layer, knobs.own_first, knobs.own_last) if knobs.share_layers else {}
         self.static_kept: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
         self.selected: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
 
     # ------------------------------------------------------ 1. static eviction
     def layer_budget(self, layer: int) -> Tensor:
         assert self.budget_tokens is not None and self.prompt_lengths is not None
-        by_ratio = (self.prompt_lengths.double() * self.static_ratio).floor().long()
+        by_ratio = (self.prompt_lengths.double() * self.knobs.static_ratio).floor().long()
         return torch.maximum(self.budget_tokens, by_ratio)
 
     def score(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
         assert self.prompt_lengths is not None
+        k = self.knobs
         windows = torch.tensor(
             [
-                observation_window(int(n), self.window_ratio, self.long_prompt, self.long_window_ratio)
+                observation_window(int(n), k.window_ratio, k.long_prompt, k.long_window_ratio)
                 for n in self.prompt_lengths.tolist()
             ],
             device=queries.device,
@@ -201,7 +249,8 @@ class MPCache(PolicyCache):
         w = min(int(windows.max()), queries.shape[2])
         own = torch.arange(w, device=queries.device) >= w - windows[:, None]  # [B, W]: each row's own window
         received = self.attention_received(layer, queries, query_positions, last=w, weights=own.float())
-        return static_scores(received)[:, None, :].expand(-1, received.shape[1], -1)
+        pooled = pool_scores(static_scores(received), k.static_pool)
+        return pooled[:, None, :].expand(-1, received.shape[1], -1)
 
     def compress(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
         source = self.shared_from.get(layer)
@@ -232,17 +281,18 @@ class MPCache(PolicyCache):
         fits = entry.valid.sum(-1) <= self.budget_tokens[:, None]  # such heads read everything
         if bool(fits.all()):
             return
+        k = self.knobs
         with torch.no_grad():
-            query = group_queries(queries, entry.keys.shape[1])[:, :, :, 0].sum(2)
             mask = select_clusters(
-                query,
+                group_queries(queries, entry.keys.shape[1])[:, :, :, 0],
                 entry.keys,
                 entry.valid,
                 self.budget_tokens,
-                self.alpha,
-                self.cluster_size,
-                self.subcluster_size,
-                self.ratio1,
+                k.alpha,
+                k.cluster_size,
+                k.subcluster_size,
+                k.ratio1,
+                k.similarity,
             )
         self.selected[layer] = mask_to_index(mask | (entry.valid & fits[..., None]))
 

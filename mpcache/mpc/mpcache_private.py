@@ -92,9 +92,10 @@ import torch
 from torch import Tensor
 
 from mpcache.methods.mpcache import (
-    check_knobs,
+    MPCacheKnobs,
     cluster_representatives,
     observation_window,
+    pool_scores,
     sharing_pairs,
     static_scores,
 )
@@ -310,21 +311,47 @@ class Selection:
     n_child: int
 
 
+def sign_split(queries: Value) -> Value:
+    """Private twin of mpcache.methods.mpcache.sign_split: [sum_g q_g, sum_g q_g [q_g >= 0]] -> [B, H, 2, D]; one
+    comparison batch over the query channels (Hq x D per layer, not per token) and a bit x real product (exact)."""
+    positive = 1 - N.less_than(queries, [0.0])[0]
+    return N.stack([queries.sum(2), N.mul(positive, queries).sum(2)], 2)
+
+
+def cluster_scores(queries: Value, kmax: Value, kmin: Value, alpha: float, similarity: str) -> Value:
+    """Scores [B, H, C] of clusters [B, H, C, D] for a group of queries [B, H, G, D] (plaintext:
+    cluster_similarity): one product with the blended representatives ("linear") or with [kmin, kmax - kmin]
+    against the sign split ("bound", Quest's box bound)."""
+    b, h, _, d = queries.shape
+    if similarity == "linear":
+        reps, query = cluster_representatives(kmax, kmin, float(N.on_grid(alpha))), queries.sum(2).unsqueeze(-1)
+    else:
+        reps, query = N.cat([kmin, kmax - kmin], -1), sign_split(queries).reshape(b, h, 2 * d, 1)
+    return N.matmul(reps, query).squeeze(-1)
+
+
 def select(
-    query: Value, summary: ClusterSummary, tokens: int, alpha: float = 0.6, ratio1: float = 0.5
+    queries: Value,
+    summary: ClusterSummary,
+    tokens: int,
+    alpha: float = 0.6,
+    ratio1: float = 0.5,
+    similarity: str = "linear",
 ) -> Selection | None:
-    """Two-level query-aware choice (plaintext: select_clusters) for group-summed queries [B, H, D] and a per-head
-    budget of `tokens` (public): budget // sub children are read. None when every child fits the budget."""
+    """Two-level query-aware choice (plaintext: select_clusters) for the query heads [B, H, G, D] of each KV head
+    and a per-head budget of `tokens` (public): budget // sub children are read. None when every child fits."""
     c1, c2, sub = summary.parent_max.shape[2], summary.child_max.shape[2], summary.sub
     n_sub = max(tokens // sub, 2)
     if n_sub >= c2:
         return None
     n_parent = max(-(-(n_sub + 1) // 2), math.floor(ratio1 * c1))
-    a = float(N.on_grid(alpha))
-    reps = cluster_representatives(
-        N.cat([summary.parent_max, summary.child_max], 2), N.cat([summary.parent_min, summary.child_min], 2), a
+    scores = cluster_scores(  # [B, H, C1 + C2]: one product for both levels
+        queries,
+        N.cat([summary.parent_max, summary.child_max], 2),
+        N.cat([summary.parent_min, summary.child_min], 2),
+        alpha,
+        similarity,
     )
-    scores = N.matmul(reps, query.unsqueeze(-1)).squeeze(-1)  # [B, H, C1 + C2]: one product for both levels
     parent_scores, child_scores = scores[..., :c1], scores[..., c1:]
     r = summary.size // sub
     parent_of = torch.arange(1, c2 - 1) // r  # parents of the middle children
@@ -380,35 +407,13 @@ class PrivateMPCache(PrivateKVCache):
     """MPCache on a private KV cache (knobs as mpcache.methods.mpcache.MPCache; `budget`: public int tokens per
     KV head read per decode step). Needs unpadded rows (every slot valid) and no sliding window."""
 
-    def __init__(
-        self,
-        n_layer: int,
-        budget: int,
-        *,
-        static_ratio: float = 0.5,
-        window_ratio: float = 0.2,
-        long_prompt: int = 24_000,
-        long_window_ratio: float = 0.1,
-        alpha: float = 0.6,
-        cluster_size: int = 32,
-        subcluster_size: int = 16,
-        ratio1: float = 0.5,
-        share_layers: bool = True,
-        own_first: int = 2,
-        own_last: int = 2,
-        sink: int = 16,
-        window: int = 16,
-    ) -> None:
+    def __init__(self, n_layer: int, budget: int, **knobs) -> None:
         super().__init__(n_layer)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be a public int token count >= 1, got {budget!r}")
-        check_knobs(static_ratio, window_ratio, long_window_ratio, ratio1, alpha, cluster_size, subcluster_size)
-        if min(sink, window) < 0:
-            raise ValueError("sink and window must be >= 0")
-        self.budget, self.static_ratio, self.alpha, self.ratio1 = budget, static_ratio, alpha, ratio1
-        self.window_ratio, self.long_prompt, self.long_window_ratio = window_ratio, long_prompt, long_window_ratio
-        self.cluster_size, self.subcluster_size, self.sink, self.window = cluster_size, subcluster_size, sink, window
-        self.shared_from = sharing_pairs(n_layer, own_first, own_last) if share_layers else {}
+        self.budget, self.knobs = budget, MPCacheKnobs(**knobs)
+        k = self.knobs
+        self.shared_from = sharing_pairs(n_layer, k.own_first, k.own_last) if k.share_layers else {}
         self.static: list[StaticKeep | None] = [None] * n_layer
         self.summary: list[ClusterSummary | None] = [None] * n_layer
         self.selection: list[Selection | None] = [None] * n_layer
@@ -416,9 +421,12 @@ class PrivateMPCache(PrivateKVCache):
         self.clusters: list[tuple[int, Value | N.FixedOperand] | None] = [None] * n_layer
 
     @classmethod
-    def adopt(cls, cache: PrivateKVCache, budget: int, **knobs) -> PrivateMPCache:
-        """Take over a filled private cache as if static eviction had already run (e.g. a benchmark's cache of n
-        shared tokens, built without a private prefill): clusters are summarised now, decode steps select."""
+    def adopt(cls, cache: PrivateKVCache, budget: int, static: bool = True, **knobs) -> PrivateMPCache:
+        """Take over a filled private cache of n shared tokens (a benchmark's cache, built without a private
+        prefill) as the cache static eviction leaves: with `static`, cut publicly to its fixed keep count
+        max(budget, static_ratio x n) (the first `sink` and the last tokens; which tokens stay does not change any
+        later cost, and the one-time secret top-k of `static_keep` is measured on its own); clusters are
+        summarised now, decode steps select."""
         out = cls(len(cache.layers), budget, **knobs)
         out.seen_tokens = cache.seen_tokens
         for layer, entry in enumerate(cache.layers):
@@ -426,8 +434,17 @@ class PrivateMPCache(PrivateKVCache):
                 raise ValueError(f"layer {layer} of the adopted cache is empty")
             if not bool(entry.valid.all()):
                 raise ValueError("the private MPCache needs unpadded rows (every token valid)")
+            n = entry.capacity
+            keep = max(budget, math.floor(n * out.knobs.static_ratio))
+            if static and keep < n:
+                sink = min(out.knobs.sink, keep)
+                index = torch.cat([torch.arange(sink), torch.arange(n - keep + sink, n)])
+                entry = PrivateLayerKV(
+                    entry.keys[:, :, index], entry.values[:, :, index], entry.positions[:, :, index],
+                    entry.valid[:, :, index],
+                )  # fmt: skip
             out.layers[layer] = entry
-            out.summary[layer] = ClusterSummary.build(entry.keys, out.cluster_size, out.subcluster_size)
+            out.summary[layer] = ClusterSummary.build(entry.keys, out.knobs.cluster_size, out.knobs.subcluster_size)
         return out
 
     def update(self, layer: int, keys: Value, values: Value, positions: Tensor, valid: Tensor) -> PrivateLayerKV:
@@ -448,18 +465,20 @@ class PrivateMPCache(PrivateKVCache):
         entry = self.layers[layer]
         assert entry is not None
         length = entry.capacity
-        keep = max(self.budget, math.floor(length * self.static_ratio))
+        keep = max(self.budget, math.floor(length * self.knobs.static_ratio))
         with span("selection"):
             if length > keep:
                 source = self.shared_from.get(layer)
                 plan = self.static[source] if source is not None else None
                 if plan is None:
-                    w = observation_window(length, self.window_ratio, self.long_prompt, self.long_window_ratio)
+                    k = self.knobs
+                    w = observation_window(length, k.window_ratio, k.long_prompt, k.long_window_ratio)
                     scores = window_scores(queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions)
-                    plan = static_keep(scores, keep, self.sink, self.window)
+                    scores = pool_scores(scores, k.static_pool)
+                    plan = static_keep(scores, keep, self.knobs.sink, self.knobs.window)
                 self.static[layer] = plan
                 self.layers[layer] = entry = compact(entry, plan)
-            self.summary[layer] = ClusterSummary.build(entry.keys, self.cluster_size, self.subcluster_size)
+            self.summary[layer] = ClusterSummary.build(entry.keys, self.knobs.cluster_size, self.knobs.subcluster_size)
 
     def observe(self, layer: int, queries: Value, query_positions: Tensor) -> None:
         """At a decode step: choose the clusters attention reads (or reuse the source layer's choice)."""
@@ -474,8 +493,9 @@ class PrivateMPCache(PrivateKVCache):
                 return
             b, hq, _, d = queries.shape
             hkv = entry.keys.shape[1]
-            query = queries.reshape(b, hkv, hq // hkv, d).sum(2)  # the score is linear in q: sum the group
-            self.selection[layer] = select(query, summary, self.budget, self.alpha, self.ratio1)
+            group = queries.reshape(b, hkv, hq // hkv, d)
+            k = self.knobs
+            self.selection[layer] = select(group, summary, self.budget, k.alpha, k.ratio1, k.similarity)
 
     def attention_view(self, layer: int) -> PrivateLayerKV:
         entry = self.layers[layer]
@@ -485,12 +505,12 @@ class PrivateMPCache(PrivateKVCache):
             return entry
         with span("selection"):
             if chosen.matrix is None:
-                return gather_view(entry, chosen, self.subcluster_size)
+                return gather_view(entry, chosen, self.knobs.subcluster_size)
             held = self.clusters[layer]
             if held is None or held[0] != chosen.n_child:  # a child filled up: the middle block grew
-                held = (chosen.n_child, N.fixed(middle_clusters(entry, chosen.n_child, self.subcluster_size)))
+                held = (chosen.n_child, N.fixed(middle_clusters(entry, chosen.n_child, self.knobs.subcluster_size)))
                 self.clusters[layer] = held
-            return gather_view(entry, chosen, self.subcluster_size, held[1])
+            return gather_view(entry, chosen, self.knobs.subcluster_size, held[1])
 
 
 def full_attention(queries: Value, entry: PrivateLayerKV, query_positions: Tensor) -> Value:
@@ -522,7 +542,9 @@ def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0) -> li
         return crypten.cryptensor(torch.randn(*shape, generator=g, dtype=torch.float64) * scale, src=src)
 
     def choose(entry: PrivateLayerKV, query: Value, summary: ClusterSummary, budget: int) -> PrivateLayerKV:
-        return gather_view(entry, select(query, summary, budget), summary.sub)
+        knobs = MPCacheKnobs()
+        chosen = select(query, summary, budget, knobs.alpha, knobs.ratio1, knobs.similarity)
+        return gather_view(entry, chosen, summary.sub)
 
     for length in lengths:
         keys, values, q = (
@@ -538,7 +560,7 @@ def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0) -> li
         cost(full_attention, q, entry, qpos)  # warm-up (first-call allocations)
         _, full = cost(full_attention, q, entry, qpos)
         _, update = cost(summary.append, keys[:, :, -1:])  # the key joins the last (partial) child and parent
-        query = q.reshape(1, hkv, hq // hkv, d).sum(2)
+        query = q.reshape(1, hkv, hq // hkv, d)
         view, sel = cost(choose, entry, query, summary, length // 5)
         _, attend = cost(full_attention, q, view, qpos)
         row = {"length": length, "read": view.capacity, "full": full, "select": sel, "attend": attend}
