@@ -15,8 +15,21 @@ the parties' traffic is symmetric); latency is party 0's mean wall time per deco
 and "paper", the MPCache paper's efficiency setting (1 layer, hidden 1024, 32 heads, SiLU, GPT-2 layout; random
 weights; byte vocabulary of 264 so the LM head stays small).
 
-Methods plug in through METHODS: a name -> (budget -> factory of the private cache for one decode run); "full" is
-the whole cache. Eviction methods (mpcache, streamingllm, h2o) add an entry returning their private cache class.
+Methods plug in through METHODS: a name -> ((budget, **knobs) -> factory of the private cache for one decode run);
+"full" is the whole cache; "mpcache", "streamingllm" and "h2o" adopt the shared n-token cache through their private
+class's `adopt(cache, budget, **knobs)` (mpcache/mpc/mpcache_private.py, mpcache/mpc/baselines_private.py: each cuts
+it publicly to the cache its one-time prompt eviction leaves; the decode steps measured are the method's own).
+A method may carry knobs for ablations, `--method mpcache,mpcache:static_ratio=1.0,sink=8,h2o` (a comma-separated
+item with "=" and no ":" continues the previous method's knobs; values parse as int, float, true/false or text);
+the row's `method` is the whole label. Budgets: `--budget N` tokens per KV head, or `--budget-ratio r` (default 0.1
+when a method other than full runs): budget = max(32, int(r x seq_len)), stored in each row with the ratio.
+
+When "full" runs in the same invocation, a second table gives full / method for latency, rounds and bytes per
+(model, link, seq_len) (rows: `vs_full`). `--accuracy PATH` (rows of `python -m bench.accuracy --json`) prints the
+accuracy beside a row when the file holds rows with the same method label, context_len == seq_len and the same
+budget: budget null for full; otherwise a float budget equal to the row's ratio or an int equal to its tokens. The
+accuracy shown is the sample-weighted mean over the matching rows' tasks (`accuracy`, `accuracy_tasks` in the row);
+blank when nothing matches (a knob variant never matches: accuracy rows carry no knobs).
 """
 
 from __future__ import annotations
@@ -40,8 +53,10 @@ PAPER = dict(
 CACHE_NOTE = "plaintext prefill, then shared"
 
 
-def _full(budget: int | None) -> Callable:
+def _full(budget: int | None, **knobs) -> Callable:
     """The whole cache: the private cache is the shared prefill itself, no eviction."""
+    if knobs:
+        raise TypeError(f"full takes no knobs, got {sorted(knobs)}")
 
     def factory(private_cache):
         return private_cache
@@ -49,7 +64,123 @@ def _full(budget: int | None) -> Callable:
     return factory
 
 
-METHODS: dict[str, Callable[[int | None], Callable]] = {"full": _full}
+def _adopting(module: str, name: str) -> Callable[..., Callable]:
+    """A method whose private cache class `module.name` (imported when first used) takes over the shared cache:
+    cls.adopt(cache, budget, **knobs)."""
+
+    def method(budget: int | None, **knobs) -> Callable:
+        import importlib
+
+        cls = getattr(importlib.import_module(module), name)
+
+        def factory(private_cache):
+            return cls.adopt(private_cache, budget, **knobs)
+
+        return factory
+
+    return method
+
+
+METHODS: dict[str, Callable[..., Callable]] = {
+    "full": _full,
+    "mpcache": _adopting("mpcache.mpc.mpcache_private", "PrivateMPCache"),
+    "streamingllm": _adopting("mpcache.mpc.baselines_private", "PrivateStreamingLLM"),
+    "h2o": _adopting("mpcache.mpc.baselines_private", "PrivateH2O"),
+}
+DEFAULT_RATIO = 0.1
+MIN_BUDGET = 32
+
+
+def _knob_value(text: str) -> int | float | bool | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_methods(text: str) -> list[tuple[str, str, dict]]:
+    """'mpcache,mpcache:static_ratio=1.0,sink=8,h2o' -> [(label, name, knobs)]: an item with "=" and no ":"
+    continues the previous method's knobs. Raises ValueError on an unknown name or a malformed knob."""
+    specs: list[tuple[list[str], str, dict]] = []  # (label parts, name, knobs)
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item:
+            if not specs:
+                raise ValueError(f"knob {item!r} comes before any method")
+            specs[-1][0].append(item)
+            pair = item
+        else:
+            name, _, pair = item.partition(":")
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r}; methods {sorted(METHODS)}")
+            specs.append(([item], name, {}))
+        if pair:
+            key, eq, value = pair.partition("=")
+            if not eq or not key.isidentifier() or not value:
+                raise ValueError(f"knob {pair!r} is not name=value")
+            specs[-1][2][key] = _knob_value(value)
+    return [(",".join(parts), name, knobs) for parts, name, knobs in specs]
+
+
+def budget_for(seq_len: int, budget: int | None, ratio: float | None) -> int | None:
+    """Tokens per KV head at this cached length: the given count, else max(32, int(ratio x seq_len))."""
+    if budget is not None:
+        return budget
+    return None if ratio is None else max(MIN_BUDGET, int(ratio * seq_len))
+
+
+def check_method(name: str, knobs: dict) -> None:
+    """Fail before any party starts: adopt a small float (simulator) cache with these knobs."""
+    import torch
+
+    from mpcache.mpc.layers import PrivateKVCache, PrivateLayerKV
+
+    cache = PrivateKVCache(1)
+    zeros = torch.zeros(1, 1, 96, 4, dtype=torch.float64)
+    cache.layers[0] = PrivateLayerKV(zeros, zeros, torch.arange(96).expand(1, 1, 96), torch.ones(1, 1, 96) > 0)
+    METHODS[name](MIN_BUDGET, **knobs)(cache)
+
+
+def add_vs_full(rows: list[dict]) -> None:
+    """rows[i]["vs_full"] = full / method for latency, rounds and bytes at the same (model, link, seq_len), when
+    "full" ran too."""
+    full = {(r["model"], r["link"], r["seq_len"]): r for r in rows if r["method"] == "full"}
+    for r in rows:
+        base = full.get((r["model"], r["link"], r["seq_len"]))
+        if base is None or r["method"] == "full":
+            continue
+        r["vs_full"] = {
+            "latency": base["latency_s"] / r["latency_s"],
+            "rounds": base["rounds"] / r["rounds"],
+            "bytes": base["bytes_per_party"] / r["bytes_per_party"],
+        }
+
+
+def add_accuracy(rows: list[dict], accuracy_rows: list[dict]) -> None:
+    """Attach the sample-weighted mean accuracy of the matching bench.accuracy rows (module docstring's rule)."""
+
+    def same_budget(acc: dict, row: dict) -> bool:
+        b = acc.get("budget")
+        if row["method"] == "full":
+            return b is None
+        if isinstance(b, float):
+            return row.get("budget_ratio") is not None and math.isclose(b, row["budget_ratio"])
+        return isinstance(b, int) and b == row["budget"]
+
+    for row in rows:
+        hits = [
+            a for a in accuracy_rows
+            if a.get("method") == row["method"] and a.get("context_len") == row["seq_len"] and same_budget(a, row)
+        ]  # fmt: skip
+        if hits:
+            samples = sum(a.get("samples", 1) for a in hits)
+            row["accuracy"] = sum(a["accuracy"] * a.get("samples", 1) for a in hits) / samples
+            row["accuracy_tasks"] = sorted({a.get("task") for a in hits})
 
 
 def build_model(name: str, seed: int = 0):
@@ -102,7 +233,9 @@ def party(rank: int, args: dict) -> None:
                     with torch.no_grad():
                         model(ids, plain)
                 shapes = [(1, config.n_kv_head, n, config.head_dim)] * config.n_layer
-                cache = METHODS[args["method"]](args["budget"])(decoder.share_cache(plain, config, shapes, share))
+                budget = budget_for(n, args["budget"], args["budget_ratio"])
+                method = METHODS[args["method"]](budget, **args["knobs"])
+                cache = method(decoder.share_cache(plain, config, shapes, share))
                 token = crypten.cryptensor(L.one_hot(torch.tensor([[1]]), config.vocab_size), src=1, precision=0)
                 if n == args["seq_lens"][0]:  # warm-up (first use of this model's code paths), not timed
                     token = L.greedy_token(pm(token, cache, last_only=True))
@@ -114,9 +247,10 @@ def party(rank: int, args: dict) -> None:
                         ledger.end_step()
                 last = ledger.steps[-1]
                 rows.append({
-                    "method": args["method"], "seq_len": n, "link": link, "model": model_name,
+                    "method": args["label"], "seq_len": n, "link": link, "model": model_name,
                     "latency_s": statistics.mean(s["seconds"] for s in ledger.steps),
-                    "rounds": last["rounds"], "bytes_per_party": last["bytes"], "budget": args["budget"],
+                    "rounds": last["rounds"], "bytes_per_party": last["bytes"], "budget": budget,
+                    "budget_ratio": args["budget_ratio"],
                     "cache": CACHE_NOTE, "steps": args["steps"], "by_op": summarize([last]),
                 })  # fmt: skip
                 print(f"party {rank}: {link} {model_name} n={n}: {rows[-1]['latency_s']:.2f} s", flush=True)
@@ -147,10 +281,47 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def print_tables(rows: list[dict]) -> None:
+    """The rows, then (when full ran) full / method ratios per (model, link, seq_len)."""
+    w = max([8, *(len(r["method"]) for r in rows)])
+    order = sorted(rows, key=lambda r: (r["method"], r["model"], r["seq_len"], list(LINKS).index(r["link"])))
+    print(f"cache of length n: {CACHE_NOTE}; per decode step, party 0's counters; links {LINKS}")
+    header = (
+        f"{'method':<{w}} {'model':<8} {'link':<9} {'seq_len':>7} {'budget':>6} {'latency s':>10} {'rounds':>7} "
+        f"{'MiB/party':>10} {'accuracy':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in order:
+        budget = "-" if r.get("budget") is None else str(r["budget"])
+        acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
+        print(
+            f"{r['method']:<{w}} {r['model']:<8} {r['link']:<9} {r['seq_len']:>7} {budget:>6} {r['latency_s']:>10.3f} "
+            f"{r['rounds']:>7} {r['bytes_per_party'] / 2**20:>10.2f} {acc:>8}"
+        )
+    ratios = [r for r in order if "vs_full" in r]
+    if ratios:
+        print("\nfull / method (higher: the method is cheaper)")
+        header = f"{'method':<{w}} {'model':<8} {'link':<9} {'seq_len':>7} {'latency':>8} {'rounds':>7} {'bytes':>7}"
+        print(header)
+        print("-" * len(header))
+        for r in ratios:
+            v = r["vs_full"]
+            print(
+                f"{r['method']:<{w}} {r['model']:<8} {r['link']:<9} {r['seq_len']:>7} {v['latency']:>8.2f} "
+                f"{v['rounds']:>7.2f} {v['bytes']:>7.2f}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mpc_decode", description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="full", help=f"comma-separated, from {sorted(METHODS)}")
     parser.add_argument("--budget", type=int, default=None, help="cache budget in tokens (eviction methods)")
+    parser.add_argument(
+        "--budget-ratio", type=float, default=None,
+        help=f"budget = max({MIN_BUDGET}, int(ratio x seq_len)); default {DEFAULT_RATIO} without --budget",
+    )  # fmt: skip
+    parser.add_argument("--accuracy", type=Path, default=None, help="bench.accuracy JSON: accuracy beside rows")
     parser.add_argument("--seq-lens", default="512,1024", help="cached lengths, comma-separated")
     parser.add_argument("--link", default="lan,wan", help=f"comma-separated, from {sorted(LINKS)}; loopback always")
     parser.add_argument("--models", default="bundled,paper", help="bundled and/or paper")
@@ -168,25 +339,50 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--seq-lens must be comma-separated integers, got {opts.seq_lens!r}")
     links = ["loopback"] + [v for v in opts.link.split(",") if v and v != "loopback"]
-    methods, models = opts.method.split(","), opts.models.split(",")
-    bad = [v for v in links if v not in LINKS] + [m for m in methods if m not in METHODS]
-    bad += [m for m in models if m not in ("bundled", "paper")]
-    if bad:
-        parser.error(f"unknown link/method/model {bad}; links {sorted(LINKS)}, methods {sorted(METHODS)}")
+    models = opts.models.split(",")
+    try:
+        methods = parse_methods(opts.method)
+    except ValueError as error:
+        parser.error(str(error))
+    bad = [v for v in links if v not in LINKS] + [m for m in models if m not in ("bundled", "paper")]
+    if bad or not methods:
+        parser.error(f"unknown link/model {bad} or no method; links {sorted(LINKS)}, methods {sorted(METHODS)}")
     if any(n < 1 for n in seq_lens) or opts.steps < 1:
         parser.error("--seq-lens and --steps must be positive")
+    if opts.budget is not None and opts.budget_ratio is not None:
+        parser.error("give --budget or --budget-ratio, not both")
+    if opts.budget is not None and opts.budget < 1:
+        parser.error("--budget must be >= 1")
+    if opts.budget_ratio is not None and not 0 < opts.budget_ratio <= 1:
+        parser.error("--budget-ratio must be in (0, 1]")
+    ratio = opts.budget_ratio
+    if ratio is None and opts.budget is None and any(name != "full" for _, name, _ in methods):
+        ratio = DEFAULT_RATIO
+    for label, name, knobs in methods:
+        try:
+            check_method(name, knobs)
+        except (TypeError, ValueError) as error:
+            parser.error(f"method {label!r}: {error}")
+    accuracy_rows = None
+    if opts.accuracy is not None:
+        try:
+            accuracy_rows = json.loads(opts.accuracy.read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--accuracy {opts.accuracy}: {error}")
     if max(seq_lens) + opts.steps > PAPER["max_position"]:
         parser.error(f"--seq-lens must stay below {PAPER['max_position'] - opts.steps}")
 
     from mpcache.mpc.launcher import free_ports
 
     rows = []
-    for method in methods:
+    for label, method, knobs in methods:
         with tempfile.TemporaryDirectory() as tmp:
             ports = free_ports(2 * len(links))
             peers = [[f"127.0.0.1:{ports[2 * i]}", f"127.0.0.1:{ports[2 * i + 1]}"] for i in range(len(links))]
+            budget, budget_ratio = (None, None) if method == "full" else (opts.budget, ratio)
             args = dict(links=links, peers=peers, models=models, seq_lens=seq_lens, steps=opts.steps, method=method,
-                        budget=opts.budget, out=f"{tmp}/rank{{rank}}.json")  # fmt: skip
+                        knobs=knobs, label=label, budget=budget, budget_ratio=budget_ratio,
+                        out=f"{tmp}/rank{{rank}}.json")  # fmt: skip
             Path(tmp, "args.json").write_text(json.dumps(args))
             cmd = [sys.executable, "-m", "bench.mpc_decode", "--args", f"{tmp}/args.json", "--party"]
             t0 = time.perf_counter()
@@ -195,17 +391,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("a party failed; see its output above", file=sys.stderr)
                 return 1
             rows += json.loads(Path(tmp, "rank0.json").read_text())
-            print(f"{method}: measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            print(f"{label}: measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    print(f"cache of length n: {CACHE_NOTE}; per decode step, party 0's counters; links {LINKS}")
-    header = f"{'method':<8} {'model':<8} {'link':<9} {'seq_len':>7} {'latency s':>10} {'rounds':>7} {'MiB/party':>10}"
-    print(header)
-    print("-" * len(header))
-    for r in sorted(rows, key=lambda r: (r["method"], r["model"], r["seq_len"], list(LINKS).index(r["link"]))):
-        print(
-            f"{r['method']:<8} {r['model']:<8} {r['link']:<9} {r['seq_len']:>7} {r['latency_s']:>10.3f} "
-            f"{r['rounds']:>7} {r['bytes_per_party'] / 2**20:>10.2f}"
-        )
+    add_vs_full(rows)
+    if accuracy_rows is not None:
+        add_accuracy(rows, accuracy_rows)
+    print_tables(rows)
     if opts.json:
         opts.json.write_text(json.dumps(rows, indent=1))
     plot_path = opts.plot or (opts.json.with_suffix(".png") if opts.json else None)
