@@ -763,7 +763,8 @@ def test_mikv_balancer_tames_key_outlier_channels() -> None:
 def test_mpcache_static_eviction_keeps_top_window_attention(model: Transformer) -> None:
     ids, mask = batch()
     budget, sink, window = 10, 4, 4
-    cache = spy(MPCache, model, budget, **{**SMALL["mpcache"], "own_first": 3})  # every layer on its own
+    pool = 5  # each slot's vote is summed with its 2 neighbours on either side
+    cache = spy(MPCache, model, budget, **{**SMALL["mpcache"], "own_first": 3, "static_pool": pool})
     run(model, cache, ids, mask, steps=0)
     lengths = mask.sum(-1).tolist()
     for layer, seen in enumerate(cache.seen):
@@ -774,7 +775,9 @@ def test_mpcache_static_eviction_keeps_top_window_attention(model: Transformer) 
             probs = manual_probs(
                 snap["q"][:, :, -w:], snap["keys"], positions_of(mask)[:, -w:], snap["pos"], snap["valid"]
             )
-            score = probs.mean((1, 2)).sum(1)  # [B, L]: head-averaged, summed over the window
+            votes = probs.mean((1, 2)).sum(1)  # [B, L]: head-averaged, summed over the window
+            r = pool // 2
+            score = torch.stack([votes[:, max(i - r, 0) : i + r + 1].sum(-1) for i in range(votes.shape[-1])], -1)
             valid = snap["valid"][row, 0]
             pos = snap["pos"][row, 0][valid].tolist()
             scores = dict(zip(pos, score[row][valid].tolist(), strict=True))
@@ -783,25 +786,40 @@ def test_mpcache_static_eviction_keeps_top_window_attention(model: Transformer) 
             assert_top_set(kept[row][0], scores, protected, max(budget, lengths[row] // 2))
 
 
-def _reference_selection(q, keys, valid, n_sub, alpha, size1, size2, ratio1):
-    """Loop-by-loop MPCache selection for one head: (parents, children) as sets of cluster indices."""
+def _reference_selection(q, keys, valid, n_sub, alpha, size1, size2, ratio1, similarity="linear", topk="rank"):
+    """Loop-by-loop MPCache selection for one head: (parents, children) as sets of cluster indices. q: the group's
+    query heads [G, D] (or one query [D])."""
     k = keys[valid]
+    q = q.reshape(-1, q.shape[-1])
 
     def summaries(size):
         out = []
         for start in range(0, len(k), size):
-            box = k[start : start + size]
-            out.append(float(q @ (alpha * box.amax(0) + (1 - alpha) * box.amin(0))))
+            hi, lo = k[start : start + size].amax(0), k[start : start + size].amin(0)
+            if similarity == "linear":
+                out.append(float(q.sum(0) @ (alpha * hi + (1 - alpha) * lo)))
+            else:  # Quest's bound of every query head, summed
+                out.append(float(sum(torch.maximum(qh * hi, qh * lo).sum() for qh in q)))
         return out
+
+    def best(scores, candidates, count):
+        if topk == "rank":
+            return set(sorted(candidates, key=lambda c: -scores[c])[:count])
+        # bucket: the best (first on ties) of each strided bucket of the candidates
+        return {max(candidates[b::count], key=lambda c: (scores[c], -c)) for b in range(count)} if count > 0 else set()
 
     s1, s2 = summaries(size1), summaries(size2)
     n_parent = min(len(s1), max(-(-(n_sub + 1) // 2), int(ratio1 * len(s1))))
     forced1 = {0, len(s1) - 1}
-    parents = forced1 | set(sorted(set(range(len(s1))) - forced1, key=lambda c: -s1[c])[: n_parent - len(forced1)])
+    parents = forced1 | best(s1, list(range(1, len(s1) - 1)), n_parent - len(forced1))
     eligible = [c for c in range(len(s2)) if c // (size1 // size2) in parents]
     forced2 = {0, len(s2) - 1}
-    rest = sorted(set(eligible) - forced2, key=lambda c: -s2[c])
-    return parents, forced2 | set(rest[: max(n_sub - len(forced2), 0)]), s2
+    if topk == "rank":
+        rest = best(s2, sorted(set(eligible) - forced2), max(n_sub - len(forced2), 0))
+    else:  # children of unchosen parents compete 1e4 lower
+        lowered = [v - (0.0 if c in eligible else 1e4) for c, v in enumerate(s2)]
+        rest = best(lowered, list(range(1, len(s2) - 1)), max(min(n_sub, len(s2)) - len(forced2), 0))
+    return parents, forced2 | rest, s2
 
 
 def test_mpcache_cluster_selection_picks_top_approximate_similarity() -> None:
@@ -832,10 +850,12 @@ def test_mpcache_cluster_selection_picks_top_approximate_similarity() -> None:
     )
 
 
-def test_mpcache_decode_reads_the_selected_clusters(model: Transformer) -> None:
+@pytest.mark.parametrize("similarity,topk", [("linear", "rank"), ("bound", "bucket"), ("bound", "rank")])
+def test_mpcache_decode_reads_the_selected_clusters(model: Transformer, similarity: str, topk: str) -> None:
     ids, mask = batch()
-    budget = 12
-    cache = spy(MPCache, model, budget, **{**SMALL["mpcache"], "own_first": 3})  # no sharing in 3 layers
+    budget = 20
+    knobs = {**SMALL["mpcache"], "own_first": 3, "similarity": similarity, "topk": topk}  # no sharing in 3 layers
+    cache = spy(MPCache, model, budget, **knobs)
 
     def check(step: int) -> None:
         if step == 0:
@@ -843,14 +863,15 @@ def test_mpcache_decode_reads_the_selected_clusters(model: Transformer) -> None:
         for layer, seen in enumerate(cache.seen):
             snap, read = seen[-1], cache.read(layer)
             hkv = snap["keys"].shape[1]
-            query = snap["q"][:, :, 0].view(2, hkv, -1, snap["q"].shape[-1]).sum(2)
+            query = snap["q"][:, :, 0].view(2, hkv, -1, snap["q"].shape[-1])
             for row in range(2):
                 for head in range(hkv):
                     valid = snap["valid"][row, head]
                     _, children, _ = _reference_selection(
-                        query[row, head], snap["keys"][row, head], valid, budget // 4, 0.6, 8, 4, 0.5
+                        query[row, head], snap["keys"][row, head], valid, budget // 4, 0.6, 8, 4, 0.5, similarity, topk
                     )
                     pos = snap["pos"][row, head][valid].tolist()
+                    assert len(children) == budget // 4 < -(-len(pos) // 4)  # a real choice among the children
                     expected = {pos[i] for i in range(len(pos)) if i // 4 in children}
                     assert set(read.positions[row, head][read.valid[row, head]].tolist()) == expected
 

@@ -30,6 +30,22 @@ Tokens fall into three groups: useful to every query (kept), useless to every qu
    keep-set and the dynamic selection of the even layer before it (`sharing_pairs`).
 
 Every step is a plain tensor function so the MPC implementation can mirror it one to one.
+
+Where our defaults differ from the paper (MPCacheKnobs.paper() restores its choices), measured on the bundled
+model, passkey + NIAH at 1024 and 2048 tokens, budget 10%, 8 samples each (`python -m bench.accuracy --methods
+mpcache --tasks passkey,niah --lengths 1024,2048 --budgets 0.1 --samples 8 --method-kwargs ...`):
+* similarity "bound": Quest's box bound sum_c max(q_c r_max, q_c r_min), written linearly as
+  q . r_min + (q [q >= 0]) . (r_max - r_min) (`bound_similarity`); under MPC one comparison per query channel
+  (not per token or cluster) and one product, as cheap as the blend. The blend is sign-blind: a negative query
+  channel meets 0.6 r_max where the bound uses r_min. Paper choices: 0.25 / 0.00 (passkey / NIAH, 2048, 4
+  samples); "bound" alone 0.62 / 0.50 (8 samples, 1024 and 2048).
+* static_pool 15: a token's static vote is summed with its 7 neighbours on each side (`window_sum`, local on
+  shares). Per-token votes evict needle digits that the question does not attend to yet (the needle's worst
+  digit ranked in the bottom half of some layer in 8 of 8 prompts); pooled, the needle is kept as a span.
+  "bound" + pool 15: 1.00 / 1.00.
+* topk "bucket": each level picks the best cluster of each of k strided buckets {i : i mod k = b} instead of the
+  exact top k (`bucket_top`): m comparisons instead of m^2 / 2 under MPC, and the one-hots are the gather matrix.
+  "bound" + pool 15 + bucket: 1.00 / 1.00.
 """
 
 from __future__ import annotations
@@ -64,7 +80,7 @@ def static_scores(received: Tensor) -> Tensor:
     return received.mean((1, 2))
 
 
-def pool_scores(scores: Tensor, kernel: int) -> Tensor:
+def window_sum(scores: Tensor, kernel: int) -> Tensor:
     """Sum of each slot's static score with its neighbours within kernel // 2 on either side (zeros beyond the
     ends): a needle is kept or evicted as a span, following MPCache's token-locality observation (SnapKV pools its
     votes the same way). Written with cumsum and a public gather, so it is local on secret shares too."""
@@ -123,6 +139,57 @@ def force_ends(scores: Tensor, nonempty: Tensor) -> Tensor:
     return scores.masked_fill(ends, float("inf"))
 
 
+LIFT = 1.0e4  # pushes an ineligible child below every eligible one (|q . r| stays far below it), as under MPC
+
+
+def bucket_top(scores: Tensor, k: int) -> Tensor:
+    """Bool mask [..., m] of the best entry of each of k strided buckets {i : i mod k = b} (first index on ties):
+    an approximate top-k that costs m comparisons under MPC (one argmax tournament per bucket, and the one-hots
+    are the gather matrix) instead of the m^2 / 2 of a secret rank. Strided, so neighbouring clusters (which tend
+    to matter together) compete in different buckets."""
+    m = scores.shape[-1]
+    if k >= m:
+        return torch.ones_like(scores, dtype=torch.bool)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    s = -(-m // k)
+    padded = torch.nn.functional.pad(scores, (0, s * k - m), value=float("-inf")).unflatten(-1, (s, k))
+    index = padded.argmax(-2) * k + torch.arange(k, device=scores.device)  # bucket b's first entry b < m wins ties
+    return mask.scatter(-1, index, True)
+
+
+def _bucket_levels(
+    parent_scores: Tensor,
+    child_scores: Tensor,
+    nonempty1: Tensor,
+    nonempty2: Tensor,
+    n_parent: Tensor,
+    n_sub: Tensor,
+    r: int,
+) -> Tensor:
+    """select_clusters' two levels with bucket_top (per row and head: the public counts may differ per row). The
+    first and last cluster are always chosen at both levels; children of unchosen parents are lowered by LIFT. r:
+    children per parent."""
+    b, h, _ = child_scores.shape
+    children = torch.zeros_like(child_scores, dtype=torch.bool)
+    for i in range(b):
+        for j in range(h):
+            n1, n2 = int(nonempty1[i, j].sum()), int(nonempty2[i, j].sum())
+            parents = torch.ones(n1, dtype=torch.bool)
+            if n1 > 2:
+                parents[1:-1] = bucket_top(parent_scores[i, j, 1 : n1 - 1], int(n_parent[i, j]) - 2)
+            eligible = parents.repeat_interleave(r)[:n2]
+            lowered = child_scores[i, j, :n2] - LIFT * (~eligible).to(child_scores.dtype)
+            children[i, j, :n2] = True
+            if n2 > 2:
+                children[i, j, 1 : n2 - 1] = bucket_top(lowered[1:-1], int(n_sub[i, j]) - 2)
+    return children
+
+
+TOPKS = ("rank", "bucket")
+
+
 def select_clusters(
     queries: Tensor,
     keys: Tensor,
@@ -133,11 +200,13 @@ def select_clusters(
     subcluster_size: int = 16,
     ratio1: float = 0.5,
     similarity: str = "linear",
+    topk: str = "rank",
 ) -> Tensor:
     """Two-level query-aware selection; returns the slots attention reads [B, H, L] (bool).
 
     queries [B, H, G, D] (the query heads of each KV head); keys [B, H, L, D] with `valid` [B, H, L]; tokens [B]:
-    per-head budget, so budget // subcluster_size (>= 2) sub-clusters are read.
+    per-head budget, so budget // subcluster_size (>= 2) sub-clusters are read. topk "rank": the exact top
+    entries at both levels; "bucket": `bucket_top` at both levels.
     """
     b, h = keys.shape[:2]
     n_sub = (tokens // subcluster_size).clamp(min=2)[:, None].expand(b, h)
@@ -145,6 +214,13 @@ def select_clusters(
     parent_scores = force_ends(cluster_similarity(queries, kmax, kmin, alpha, similarity), nonempty)
     at_least = -(-(n_sub + 1) // 2)  # enough parents to hold n_sub children
     n_parent = torch.maximum(at_least, (ratio1 * nonempty.sum(-1)).floor().long())
+    if topk == "bucket":
+        kmax2, kmin2, nonempty2 = chunk_min_max(keys, valid, subcluster_size)
+        child_scores = cluster_similarity(queries, kmax2, kmin2, alpha, similarity)
+        n_sub = torch.minimum(n_sub, nonempty2.sum(-1))
+        r = cluster_size // subcluster_size
+        children = _bucket_levels(parent_scores, child_scores, nonempty, nonempty2, n_parent, n_sub, r)
+        return chunks_to_slots(children, valid, subcluster_size)
     parents = top_mask(parent_scores, n_parent)
     kmax, kmin, nonempty = chunk_min_max(keys, valid, subcluster_size)
     eligible = parents.repeat_interleave(cluster_size // subcluster_size, -1)[..., : nonempty.shape[-1]]
@@ -167,11 +243,12 @@ class MPCacheKnobs:
 
     static_ratio: float = 0.5  # prompt share kept by look-once static eviction (at least the budget)
     window_ratio: float = 0.2  # share of the prompt's last queries that vote in static eviction
-    static_pool: int = 1  # votes summed over this many neighbouring slots (odd; 1 = per token, as the paper)
+    static_pool: int = 15  # votes summed over this many neighbouring slots (odd; the paper: 1, per token)
     long_prompt: int = 24_000  # above this prompt length the window share is long_window_ratio
     long_window_ratio: float = 0.1
     alpha: float = 0.6  # blend of the linearised similarity: alpha r_max + (1 - alpha) r_min
-    similarity: str = "linear"  # "linear" (the paper's blend) or "bound" (Quest's box bound via the sign split)
+    similarity: str = "bound"  # "bound" (Quest's box bound via the sign split) or "linear" (the paper's blend)
+    topk: str = "bucket"  # "bucket" (best of k strided buckets: linear cost) or "rank" (exact top-k, the paper)
     cluster_size: int = 32  # parent clusters (tokens)
     subcluster_size: int = 16  # child clusters (tokens): the unit attention reads
     ratio1: float = 0.5  # share of parents kept at level 1
@@ -190,6 +267,8 @@ class MPCacheKnobs:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.topk not in TOPKS:
+            raise ValueError(f"topk must be one of {TOPKS}, got {self.topk!r}")
         if self.subcluster_size < 1 or self.cluster_size % self.subcluster_size:
             raise ValueError(
                 f"cluster_size ({self.cluster_size}) must be a multiple of subcluster_size ({self.subcluster_size})"
@@ -200,6 +279,11 @@ class MPCacheKnobs:
             raise ValueError(f"static_pool must be an odd int >= 1, got {self.static_pool}")
         if self.long_prompt < 1:
             raise ValueError(f"long_prompt must be >= 1, got {self.long_prompt}")
+
+    @classmethod
+    def paper(cls, **overrides) -> MPCacheKnobs:
+        """The paper's choices where ours differ: linearised similarity, per-token static votes, exact top-k."""
+        return cls(**{"similarity": "linear", "static_pool": 1, "topk": "rank", **overrides})
 
     @classmethod
     def split(cls, options: dict) -> tuple[MPCacheKnobs, dict]:
@@ -249,7 +333,7 @@ class MPCache(PolicyCache):
         w = min(int(windows.max()), queries.shape[2])
         own = torch.arange(w, device=queries.device) >= w - windows[:, None]  # [B, W]: each row's own window
         received = self.attention_received(layer, queries, query_positions, last=w, weights=own.float())
-        pooled = pool_scores(static_scores(received), k.static_pool)
+        pooled = window_sum(static_scores(received), k.static_pool)
         return pooled[:, None, :].expand(-1, received.shape[1], -1)
 
     def compress(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
@@ -293,6 +377,7 @@ class MPCache(PolicyCache):
                 k.subcluster_size,
                 k.ratio1,
                 k.similarity,
+                k.topk,
             )
         self.selected[layer] = mask_to_index(mask | (entry.valid & fits[..., None]))
 

@@ -95,9 +95,9 @@ from mpcache.methods.mpcache import (
     MPCacheKnobs,
     cluster_representatives,
     observation_window,
-    pool_scores,
     sharing_pairs,
     static_scores,
+    window_sum,
 )
 from mpcache.model.transformer import visibility
 from mpcache.mpc import numerics as N
@@ -330,6 +330,26 @@ def cluster_scores(queries: Value, kmax: Value, kmin: Value, alpha: float, simil
     return N.matmul(reps, query).squeeze(-1)
 
 
+def bucket_one_hot(scores: Value, k: int) -> Value:
+    """Secret one-hot rows [..., k, m]: row b marks the best entry of the strided bucket {i : i mod k = b} of
+    `scores` [..., m] (plaintext: bucket_top; 0 < k < m). One argmax tournament per bucket, all buckets in one
+    batch: ceil(log2(m / k)) comparison levels and m comparisons in all (a secret rank needs m^2 / 2), and the
+    one-hots are the gather matrix directly (no compaction step). Padding sits below every real score."""
+    m = scores.shape[-1]
+    if not 0 < k < m:
+        raise ValueError(f"bucket top-k needs 0 < k < m, got k={k}, m={m}")
+    s = -(-m // k)
+    if s * k > m:
+        low = N.mask_multiply(scores[..., :1], torch.zeros(1)) - 3 * LIFT
+        scores = N.cat([scores, *([low] * (s * k - m))], -1)
+    hot = N.argmax(scores.reshape(*scores.shape[:-1], s, k).transpose(-1, -2))  # [..., k, s]: bucket b, entry j
+    bucket, j = torch.meshgrid(torch.arange(k), torch.arange(s), indexing="ij")
+    index = bucket * m + (j * k + bucket)  # flat position of entry j*k + b in row b of [k, m]
+    index = torch.where(j * k + bucket < m, index, k * m)  # padding goes to a spare slot, dropped
+    flat = _index_add(hot.reshape(*hot.shape[:-2], k * s), index.reshape(-1), k * m + 1)
+    return flat[..., : k * m].reshape(*hot.shape[:-2], k, m)
+
+
 def select(
     queries: Value,
     summary: ClusterSummary,
@@ -337,9 +357,11 @@ def select(
     alpha: float = 0.6,
     ratio1: float = 0.5,
     similarity: str = "linear",
+    topk: str = "rank",
 ) -> Selection | None:
     """Two-level query-aware choice (plaintext: select_clusters) for the query heads [B, H, G, D] of each KV head
-    and a per-head budget of `tokens` (public): budget // sub children are read. None when every child fits."""
+    and a per-head budget of `tokens` (public): budget // sub children are read. None when every child fits.
+    topk "rank": exact secret top-k (pairwise ranks, 16 rounds, m^2 / 2 comparisons); "bucket": bucket_one_hot."""
     c1, c2, sub = summary.parent_max.shape[2], summary.child_max.shape[2], summary.sub
     n_sub = max(tokens // sub, 2)
     if n_sub >= c2:
@@ -361,7 +383,10 @@ def select(
         penalty = torch.full((c1,), LIFT, dtype=torch.float64)
         penalty[[0, c1 - 1]] = 0.0
     else:
-        chosen = top_k_mask(parent_scores[..., 1 : c1 - 1], n_parent - 2)  # the ends are always chosen
+        if topk == "bucket":
+            chosen = bucket_one_hot(parent_scores[..., 1 : c1 - 1], n_parent - 2).sum(-2)
+        else:
+            chosen = top_k_mask(parent_scores[..., 1 : c1 - 1], n_parent - 2)  # the ends are always chosen
         lifted = N.mul(1 - chosen, LIFT)
         zero = N.mask_multiply(lifted[..., :1], torch.zeros(1))
         penalty = N.cat([zero, lifted, zero], -1)
@@ -369,6 +394,8 @@ def select(
     k = n_sub - 2
     if k == 0:
         return Selection(None, c2)
+    if topk == "bucket":
+        return Selection(bucket_one_hot(middle, k), c2)
     return Selection(compaction_matrix(top_k_mask(middle, k), k), c2)
 
 
@@ -474,7 +501,7 @@ class PrivateMPCache(PrivateKVCache):
                     k = self.knobs
                     w = observation_window(length, k.window_ratio, k.long_prompt, k.long_window_ratio)
                     scores = window_scores(queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions)
-                    scores = pool_scores(scores, k.static_pool)
+                    scores = window_sum(scores, k.static_pool)
                     plan = static_keep(scores, keep, self.knobs.sink, self.knobs.window)
                 self.static[layer] = plan
                 self.layers[layer] = entry = compact(entry, plan)
@@ -495,7 +522,7 @@ class PrivateMPCache(PrivateKVCache):
             hkv = entry.keys.shape[1]
             group = queries.reshape(b, hkv, hq // hkv, d)
             k = self.knobs
-            self.selection[layer] = select(group, summary, self.budget, k.alpha, k.ratio1, k.similarity)
+            self.selection[layer] = select(group, summary, self.budget, k.alpha, k.ratio1, k.similarity, k.topk)
 
     def attention_view(self, layer: int) -> PrivateLayerKV:
         entry = self.layers[layer]
@@ -519,9 +546,9 @@ def full_attention(queries: Value, entry: PrivateLayerKV, query_positions: Tenso
 
 
 # ------------------------------------------------------------------------------------------ measurement
-def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0) -> list[dict]:
+def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0, knobs: dict | None = None) -> list[dict]:
     """Per party: rounds/bytes/seconds of one decode step's attention pieces at each cache length (see the
-    module docstring's table), bundled-model shapes."""
+    module docstring's table), bundled-model shapes; `knobs`: MPCacheKnobs fields (selection's similarity, topk)."""
     import time
 
     crypten = N.crypten
@@ -542,8 +569,8 @@ def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0) -> li
         return crypten.cryptensor(torch.randn(*shape, generator=g, dtype=torch.float64) * scale, src=src)
 
     def choose(entry: PrivateLayerKV, query: Value, summary: ClusterSummary, budget: int) -> PrivateLayerKV:
-        knobs = MPCacheKnobs()
-        chosen = select(query, summary, budget, knobs.alpha, knobs.ratio1, knobs.similarity)
+        k = MPCacheKnobs(**(knobs or {}))
+        chosen = select(query, summary, budget, k.alpha, k.ratio1, k.similarity, k.topk)
         return gather_view(entry, chosen, summary.sub)
 
     for length in lengths:
