@@ -36,11 +36,16 @@ SPECS = [
 
 def _local_sessions(seeds=(11, 22), name="s"):
     keys = [dealer.party_key(seed, name, r) for r, seed in enumerate(seeds)]
-    calls = []
+    calls, masks = [], {}
 
     def fetch(request_id, specs):
         calls.append((request_id, len(specs)))
-        return [dealer.correction(keys, request_id + i, s) for i, s in enumerate(specs)]
+        out = []
+        for i, s in enumerate(specs):
+            if s.kind == pb.FIXED_MASK:
+                masks[request_id + i] = s.shape_a
+            out.append(dealer.correction(keys, request_id + i, s, mask_shape=masks.get(s.mask_tuple)))
+        return out
 
     return DealerSession(name, 0, seeds[0], fetch), DealerSession(name, 1, seeds[1]), calls
 
@@ -106,6 +111,33 @@ def test_weight_stationary_tuples_use_the_mask_they_name():
         (a0,), c0 = p0.next(spec)
         (a1,), c1 = p1.next(spec)
         assert torch.equal(c0 + c1, getattr(torch, dealer.FIXED_OPS[spec.kind])(a0 + a1, b0 + b1))
+    # a leading block of the mask (an operand that grows into its mask): B[:3, :2] and B[:2, :3]
+    for spec, block in ((dealer.Spec.fixed("matmul", (2, 3), (3, 2), 0), (3, 2)),
+                        (dealer.Spec.fixed("mul", (5, 2, 3), (2, 3), 0), (2, 3))):  # fmt: skip
+        (a0,), c0 = p0.next(spec)
+        (a1,), c1 = p1.next(spec)
+        b = (b0 + b1)[: block[0], : block[1]]
+        assert torch.equal(c0 + c1, getattr(torch, dealer.FIXED_OPS[spec.kind])(a0 + a1, b))
+
+
+def test_mask_blocks_must_be_leading_blocks_of_the_mask():
+    dealer.check_mask_block((4, 3), (4, 3))
+    dealer.check_mask_block((4, 3), (0, 1))
+    for block in ((5, 3), (4, 4), (3,), (1, 4, 3)):
+        with pytest.raises(ValueError, match="not a leading block"):
+            dealer.check_mask_block((4, 3), block)
+    # the provider refuses before drawing anything, so both parties stay in step
+    from mpcache.mpc.provider import DealerProvider
+
+    p0, _, calls = _local_sessions()
+    provider = DealerProvider()
+    provider.session = p0
+    key, _ = provider.fixed_mask((4, 3))
+    with pytest.raises(ValueError, match="not a leading block"):
+        provider.fixed_triple(key, (2, 5), "matmul", block=(5, 3))
+    assert p0.consumed == 1
+    a, c = provider.fixed_triple(key, (2, 4), "matmul", block=(4, 2))
+    assert tuple(a.share.shape) == (2, 4) and tuple(c.share.shape) == (2, 2) and p0.consumed == 2
 
 
 def test_mask_cache_keeps_recent_masks_within_its_budget():
@@ -194,9 +226,18 @@ def test_service_serves_party0_corrections_and_nothing_to_party1():
             c0.get_tuples(len(SPECS), [dealer.Spec.beaver("mul", (1 << 23,), (1,))] * 3)
         with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*not a FIXED_MASK"):
             c0.get_tuples(len(SPECS), [dealer.Spec.fixed("matmul", (2, 3), (3, 3), 1)])  # tuple 1 is a triple
+        # a FIXED_MASK of shape (4, 3), a tuple on its leading block (3, 2), then blocks that are not leading blocks
+        mask_spec, m = dealer.Spec(pb.FIXED_MASK, (4, 3)), len(SPECS)
+        ((b0,), _), ((b1,), _) = p0.next(mask_spec), p1.next(mask_spec)
+        block_spec = dealer.Spec.fixed("matmul", (2, 3), (3, 2), m)
+        ((a0,), d0), ((a1,), d1) = p0.next(block_spec), p1.next(block_spec)
+        assert torch.equal(d0 + d1, (a0 + a1) @ (b0 + b1)[:3, :2])
+        for bad in (dealer.Spec.fixed("matmul", (2, 5), (5, 3), m), dealer.Spec.fixed("mul", (3,), (3,), m)):
+            with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*not a leading block"):
+                c0.get_tuples(m + 2, [bad])
         assert c1.heartbeat() == ""
         r1, r0 = c1.close(), c0.close()
-        assert r0.tuples_served == len(SPECS) and r1.tuples_served == 0
+        assert r0.tuples_served == len(SPECS) + 2 and r1.tuples_served == 0
         # Party 1 got its Register reply (a seed) and no tuple payload at all.
         assert r1.bytes_served == c1.bytes_received == pb.RegisterResponse(seed=s1, dealer_id="dealer").ByteSize()
         payload = sum(8 * torch.Size(s.derived_shape()).numel() for s in SPECS)
@@ -308,6 +349,14 @@ PARTY = textwrap.dedent(
         (numerics.decode(numerics.matmul(v, fw)) - p.double() @ w.double()).abs().max().item()
         for v, p in ((ex, x), (ey, y))
     )
+    # An append-only operand (numerics.GrowingOperand): FIXED_MATMUL tuples on leading blocks of a larger mask.
+    grow = numerics.GrowingOperand(ew[:4], -2, 6)
+    out["growing_err"] = (numerics.decode(numerics.matmul(ex[:, :4], grow)) - x[:, :4].double() @ w[:4].double())
+    grow.append(ew[4:])
+    out["growing_err"] = max(
+        out["growing_err"].abs().max().item(),
+        (numerics.decode(numerics.matmul(ex, grow)) - x.double() @ w.double()).abs().max().item(),
+    )
     out["consumed"] = session.consumed
     out["fetch_calls"] = len(fetches)
     out["closed"] = [client.close().bytes_served]
@@ -351,6 +400,7 @@ def test_crypten_products_with_dealer_tuples_are_correct():
     assert r0["relu"] < 1e-3 and r0["gt"] == 0.0  # comparisons use binary triples and B2A bits
     assert r0["exact_err"] < 0.1 and r0["exact_tuples"] == 2  # a Beaver triple and an exact-truncation tuple
     assert r0["fixed_err"] < 1e-3 and r1["fixed_err"] < 1e-3
+    assert r0["growing_err"] < 1e-3 and r1["growing_err"] < 1e-3
     assert r0["consumed"] == r1["consumed"] > 10
     assert r0["batched_fetches"] == [2]  # the two traced triples came in one GetTuples call
     assert r1["fetch_calls"] == 0

@@ -350,3 +350,175 @@ def test_private_bundled_model_decodes_like_plaintext(parties):
             logits = model(torch.tensor([[want[-1]]]), cache)
     got, _ = parties.run(_private_bundled_greedy, prompt, 6)[0]
     assert got == want
+
+
+# ------------------------------------------------------------------ cached keys/values opened once per row (2PC)
+
+
+def _growing_operand() -> dict:
+    """A GrowingOperand against plain products: values, the cost of a product after an append, the limits."""
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    comm = crypten.communicator.get()
+    g = torch.Generator().manual_seed(8)
+    v = torch.randn(1, 2, 7, 4, generator=g, dtype=torch.float64)
+    xs = [torch.randn(1, 2, 3, n, generator=g, dtype=torch.float64) for n in (5, 7)]
+    out = {"v": v, "xs": xs}
+    op = N.GrowingOperand(crypten.cryptensor(v[:, :, :5], src=0), -2, 8)
+    out["first"] = N.decode(N.matmul(crypten.cryptensor(xs[0], src=1), op))
+    ex = crypten.cryptensor(xs[1], src=1)
+    crypten.reset_communication_stats()
+    op.append(crypten.cryptensor(v[:, :, 5:], src=0))  # staged: no traffic until the next product
+    out["append_bytes"] = comm.get_communication_stats()["bytes"]
+    y = N.matmul(ex, op)
+    stats = comm.get_communication_stats()
+    out["second"], out["rounds"], out["bytes"] = N.decode(y), stats["rounds"], stats["bytes"]
+    out["public_x"] = N.decode(N.matmul(xs[1], op))  # a public left operand: the rows' shares, no tuple
+    for name, fn in {
+        "over_capacity": lambda: op.append(crypten.cryptensor(v[:, :, :2], src=0)),  # 7 + 2 > 8
+        "bad_block": lambda: crypten.mpc.get_default_provider().fixed_triple(op.key, (1, 2, 3, 9), "matmul",
+                                                                             block=(1, 2, 9, 4)),
+    }.items():  # fmt: skip
+        try:
+            fn()
+            out[name] = ""
+        except ValueError as e:
+            out[name] = str(e)
+    crypten.cfg.communicator.verbose = False
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_growing_operand_matches_products_and_opens_only_new_rows(parties):
+    got = parties.run(_growing_operand)[0]
+    v, (x5, x7) = got["v"], got["xs"]
+    assert (got["first"] - x5 @ v[:, :, :5]).abs().max() < 1e-3
+    assert (got["second"] - x7 @ v).abs().max() < 1e-3
+    assert (got["public_x"] - x7 @ v).abs().max() < 1e-3
+    # one round opens x - A and the two new rows (16 bytes per element: sent and received), one truncates
+    assert got["append_bytes"] == 0 and got["rounds"] == 2
+    assert got["bytes"] == 16 * (x7.numel() + v[:, :, 5:].numel() + (x7 @ v).numel())
+    assert "capacity" in got["over_capacity"] and "not a leading block" in got["bad_block"]
+    # the simulator: a growing float tensor, the same products in value
+    sim = N.GrowingOperand(v[:, :, :5], -2, 8)
+    assert torch.equal(N.matmul(x5, sim), x5 @ v[:, :, :5])
+    sim.append(v[:, :, 5:])
+    assert torch.equal(N.matmul(x7, sim), x7 @ v) and sim.shape == v.shape
+
+
+class _BeaverCache(L.PrivateKVCache):
+    """The cache without held operands: both attention products are plain Beaver over the whole cache."""
+
+    def kv_operands(self, layer, entry):
+        return None
+
+
+def _held_decode(ids: torch.Tensor, steps: list[int], keep: torch.Tensor, held: bool) -> dict:
+    """Prefill, then decode steps fed the given tokens, of a 2-layer model with a tiny operand capacity (n + 2, so
+    it runs out every few steps) and layer 0 compacted after the first decode step; per decode step and layer:
+    cache length, whether the operands were fresh (new masks), the attention products' bytes."""
+    from mpcache.mpc.accounting import Ledger
+
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    comm = crypten.communicator.get()
+    m = tiny("llama", n_layer=2)
+    pm = L.PrivateTransformer.from_plain(m, lambda t: crypten.cryptensor(t, src=0))
+    cache = (L.PrivateKVCache if held else _BeaverCache)(2)
+    out = {"logits": [], "rounds": [], "steps": []}
+    capacity, N.growing_capacity = N.growing_capacity, lambda n: n + 2
+    masks = [None, None]
+    try:
+        with Ledger(comm.get_communication_stats) as ledger:
+            for step, token_ids in enumerate([ids] + [torch.tensor([[t]]) for t in steps]):
+                tokens = crypten.cryptensor(L.one_hot(token_ids, 40), src=1, precision=0)
+                ledger.begin_step("decode")
+                logits = pm(tokens, cache, last_only=True)
+                record = ledger.end_step()
+                out["logits"].append(N.decode(logits))
+                out["rounds"].append(record["rounds"])
+                row = []
+                for i, entry in enumerate(cache.layers):
+                    key = entry.operands.keys.key if entry.operands is not None else None
+                    cells = [c for c in record["cells"] if c["layer"] == str(i) and c["op"] == "attention"]
+                    row.append(
+                        {"length": entry.capacity, "fresh": key != masks[i], "bytes": sum(c["bytes"] for c in cells)}
+                    )
+                    masks[i] = key
+                out["steps"].append(row)
+                if step == 1:
+                    cache.keep(0, keep)
+    finally:
+        N.growing_capacity = capacity
+        crypten.cfg.communicator.verbose = False
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_decode_with_held_cache_operands_matches_beaver_and_opens_only_new_rows(parties):
+    m = tiny("llama", n_layer=2)
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(9))
+    keep = torch.tensor([0, 2, 3, 5, 6]).expand(1, m.config.n_kv_head, 5)
+    # plaintext and simulator, greedy, with the same compaction; the private runs are fed the same tokens
+    cache, sim_cache = KVCache(2), L.PrivateKVCache(2)
+    pm = L.PrivateTransformer.from_plain(m, SIM)
+    refs, sims, tokens = [], [], []
+    with torch.no_grad():
+        ref, sim = m(ids, cache), pm(L.one_hot(ids, 40), sim_cache)
+        for step in range(6):
+            refs.append(ref[:, -1:])
+            sims.append(sim[:, -1:])
+            tokens.append(int(sim[0, -1].argmax()))
+            assert tokens[-1] == int(ref[0, -1].argmax())
+            if step == 1:
+                cache.keep(0, keep)
+                sim_cache.keep(0, keep)
+            nxt = torch.tensor([[tokens[-1]]])
+            ref, sim = m(nxt, cache), pm(L.one_hot(nxt, 40), sim_cache)
+    held = parties.run(_held_decode, ids, tokens[:5], keep, True)[0]
+    beaver = parties.run(_held_decode, ids, tokens[:5], keep, False)[0]
+    for step in range(6):
+        got = held["logits"][step]
+        assert (got - beaver["logits"][step]).abs().max() < 1e-3, step
+        assert (got - sims[step]).abs().max() < 2e-3, step
+        assert (got - refs[step]).abs().max() < 3e-3, step
+    assert held["rounds"] == beaver["rounds"]  # the new rows travel with the query's opening: no extra round
+    # fresh masks exactly when needed: layer 0 after its compaction (step 2) and when 5 + 2 rows are used up
+    # (step 5); layer 1 when 6 + 2 rows are used up (step 3)
+    fresh = [[s for s in range(1, 6) if held["steps"][s][i]["fresh"]] for i in range(2)]
+    assert fresh == [[2, 5], [3]]
+    hq, hkv, d = m.config.n_head, m.config.n_kv_head, m.config.head_dim
+    for step in range(1, 6):
+        for i in range(2):
+            n = held["steps"][step][i]["length"]
+            # q - A, the new key row and the scores' truncation; probs - A, the new value row and out's truncation
+            new_rows = 16 * (hq * d + hkv * d + hq * n) + 16 * (hq * n + hkv * d + hq * d)
+            reopen = 16 * 2 * hkv * (n - 1) * d  # the other n - 1 rows of keys and values
+            assert beaver["steps"][step][i]["bytes"] == new_rows + reopen, (step, i)
+            assert held["steps"][step][i]["bytes"] == new_rows + reopen * held["steps"][step][i]["fresh"], (step, i)
+
+
+def test_kv_operands_belong_to_the_stored_entry_only():
+    m = tiny("llama")
+    pm = L.PrivateTransformer.from_plain(m, SIM)
+    cache = L.PrivateKVCache(1)
+    pm(L.one_hot(torch.tensor([[1, 2, 3]]), 40), cache)
+    entry = cache.layers[0]
+    ops = cache.kv_operands(0, entry)
+    assert ops is entry.operands and ops.length == 3 and torch.equal(ops.values.value, entry.values)
+    assert torch.equal(ops.keys.value, entry.keys.transpose(-1, -2))
+    view = L.PrivateLayerKV(
+        entry.keys[:, :, 1:], entry.values[:, :, 1:], entry.positions[..., 1:], entry.valid[..., 1:]
+    )
+    assert cache.kv_operands(0, view) is None  # a gathered subset (an eviction policy's view): plain products
+    pm(L.one_hot(torch.tensor([[4]]), 40), cache)
+    assert cache.layers[0].operands is ops and ops.length == 4  # an append hands the operands on
+    cache.keep(0, torch.tensor([[[0, 2, 3]] * 2]))
+    assert cache.layers[0].operands is None  # compaction: a new entry, new operands made at the next step
+    pm(L.one_hot(torch.tensor([[5]]), 40), cache)
+    assert cache.layers[0].operands is not ops and cache.layers[0].operands.length == 4
+    with pytest.raises(ValueError, match="operands hold"):
+        L.cached_attention(
+            torch.zeros(1, 4, 1, 8), entry.keys, entry.values, torch.tensor([[9]]), entry.positions, entry.valid,
+            operands=cache.layers[0].operands,
+        )  # fmt: skip

@@ -80,7 +80,7 @@ class Spec:
     conv: tuple[tuple[str, int | tuple[int, ...]], ...] = ()
     bitlength: int = 64
     divisor: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-    mask_tuple: int | None = None  # FIXED_MUL / FIXED_MATMUL: tuple number of the FIXED_MASK B (shape_b)
+    mask_tuple: int | None = None  # FIXED_MUL / FIXED_MATMUL: tuple number of the FIXED_MASK B (a leading block)
 
     def __post_init__(self) -> None:
         if self.kind not in pb.TupleKind.values() or self.kind == pb.TUPLE_KIND_UNSPECIFIED:
@@ -124,7 +124,8 @@ class Spec:
 
     @classmethod
     def fixed(cls, op: str, shape_a: Sequence[int], mask_shape: Sequence[int], mask_tuple: int) -> Spec:
-        """(A, op(A, B)) for the weight-stationary mask B drawn as tuple number `mask_tuple`."""
+        """(A, op(A, B)) for the weight-stationary mask B drawn as tuple number `mask_tuple`; `mask_shape` may be a
+        leading block of B's shape (`check_mask_block`), for an operand that grows into its mask."""
         kinds = {v: k for k, v in FIXED_OPS.items()}
         if op not in kinds:
             raise ValueError(f"unsupported weight-stationary op {op!r}; expected one of {sorted(kinds)}")
@@ -258,6 +259,23 @@ def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
 _CONV_FIELDS = ("stride", "padding", "dilation", "groups", "output_padding")
 
 
+def check_mask_block(mask_shape: Sequence[int], block: Sequence[int]) -> None:
+    """ValueError unless `block` is a leading block of a FIXED_MASK of `mask_shape`: same rank, every dim <= the
+    mask's. A FIXED_MUL / FIXED_MATMUL tuple then uses B[:block[0], :block[1], ...] (an append-only operand such
+    as a KV cache holds a mask for its capacity and multiplies by the rows it has so far)."""
+    mask_shape, block = tuple(mask_shape), tuple(block)
+    if len(block) != len(mask_shape) or any(b > m for b, m in zip(block, mask_shape)):
+        raise ValueError(f"block {block} is not a leading block of the mask of shape {mask_shape}")
+
+
+def mask_block(mask: torch.Tensor, block: Sequence[int]) -> torch.Tensor:
+    """The leading block B[:block[0], :block[1], ...] of a mask (B itself when the shapes agree)."""
+    if tuple(mask.shape) == tuple(block):
+        return mask
+    check_mask_block(mask.shape, block)
+    return mask[tuple(slice(0, n) for n in block)]
+
+
 def party_key(seed: int, session: str, rank: int) -> bytes:
     """AES-256 key of party `rank`'s stream; the 64-bit seed is its only secret input."""
     return hashlib.sha256(b"mpcache-dealer-v1\0" + session.encode() + b"\0" + struct.pack(">iQ", rank, seed)).digest()
@@ -292,7 +310,7 @@ def derived_share(key: bytes, index: int, spec: Spec) -> torch.Tensor:
 
 def derived_value(spec: Spec, shares: list[list[torch.Tensor]], mask: torch.Tensor | None = None) -> torch.Tensor:
     """The plaintext derived value from every party's random shares (`shares[rank][part]`) and, for FIXED_*
-    tuples, the plaintext mask B. Dealer only."""
+    tuples, the plaintext mask B (whole: its leading block of shape_b is taken here). Dealer only."""
     parts = []
     for p, (_, _, xor) in enumerate(spec.random_parts()):
         total = shares[0][p].clone()
@@ -310,7 +328,7 @@ def derived_value(spec: Spec, shares: list[list[torch.Tensor]], mask: torch.Tens
     if spec.kind == pb.FIXED_MASK:
         return torch.empty(0, dtype=torch.int64)
     if spec.kind in FIXED_OPS:
-        return getattr(torch, FIXED_OPS[spec.kind])(parts[0], mask)
+        return getattr(torch, FIXED_OPS[spec.kind])(parts[0], mask_block(mask, spec.shape_b))
     if spec.kind == pb.EXACT_TRUNCATION:
         from mpcache.mpc.numerics import truncation_derived  # the tuple's definition lives with its protocol
 
@@ -333,11 +351,18 @@ def fixed_mask_value(keys: Sequence[bytes], mask_tuple: int, shape: Sequence[int
     return mask
 
 
-def correction(keys: Sequence[bytes], index: int, spec: Spec, mask: torch.Tensor | None = None) -> torch.Tensor:
+def correction(
+    keys: Sequence[bytes],
+    index: int,
+    spec: Spec,
+    mask: torch.Tensor | None = None,
+    mask_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Party 0's share of the derived value: the dealer's whole per-tuple output. FIXED_* tuples take their mask
-    B (`fixed_mask_value`) from the caller's cache, or regenerate it."""
+    B (`fixed_mask_value`) from the caller's cache, or regenerate it from B's whole shape `mask_shape` (default:
+    the spec's shape_b; a block's values depend on the whole shape, as B is drawn as one stream)."""
     if spec.kind in FIXED_OPS and mask is None:
-        mask = fixed_mask_value(keys, spec.mask_tuple, spec.shape_b)
+        mask = fixed_mask_value(keys, spec.mask_tuple, spec.shape_b if mask_shape is None else mask_shape)
     value = derived_value(spec, [random_shares(k, index, spec) for k in keys], mask)
     for key in keys[1:]:
         other = derived_share(key, index, spec)
@@ -548,17 +573,20 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             masks = dict(s.masks)
             for spec, count in specs:
                 for _ in range(count):
+                    mask = None
                     if spec.kind == pb.FIXED_MASK:
                         masks[index] = spec.shape_a
-                    elif spec.kind in FIXED_OPS and masks.get(spec.mask_tuple) != spec.shape_b:
-                        context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{spec.name} refers to tuple {spec.mask_tuple}, which is not a FIXED_MASK of shape "
-                            f"{spec.shape_b}",
-                        )
-                    mask = (
-                        s.mask(spec.mask_tuple, spec.shape_b, self.mask_cache_bytes) if spec.kind in FIXED_OPS else None
-                    )
+                    elif spec.kind in FIXED_OPS:
+                        if spec.mask_tuple not in masks:
+                            context.abort(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{spec.name} refers to tuple {spec.mask_tuple}, which is not a FIXED_MASK",
+                            )
+                        try:
+                            check_mask_block(masks[spec.mask_tuple], spec.shape_b)
+                        except ValueError as e:
+                            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{spec.name}: {e}")
+                        mask = s.mask(spec.mask_tuple, masks[spec.mask_tuple], self.mask_cache_bytes)
                     out.append(int64_to_pb(correction(s.keys, index, spec, mask)))
                     index += 1
             s.served, s.masks = index, masks

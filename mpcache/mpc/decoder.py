@@ -55,6 +55,7 @@ def share_cache(plain: KVCache | None, config: ModelConfig, shapes: list[tuple[i
             positions, valid = torch.arange(n).expand(b, h, n), torch.ones(b, h, n, dtype=torch.bool)
         cache.layers[i] = L.PrivateLayerKV(share(keys), share(values), positions.clone(), valid.clone())
     cache.seen_tokens = shapes[0][2] if plain is None else plain.seen_tokens
+    cache.open_operands()  # keys/values opened once against dealer masks, as a private prefill's attention does
     return cache
 
 

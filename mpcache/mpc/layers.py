@@ -13,14 +13,16 @@ Differences from the plaintext math (all deliberate, all tested):
 * GeLU of every flavour uses the erf form (within 5e-4 of the tanh forms).
 * Attention's softmax subtracts the row max unless a public `score_bound` is given (numerics.softmax).
 * The private KV cache appends new tokens after every head's slots; per-head lengths live in the public
-  `valid` mask, exactly as the plaintext cache's padding does.
+  `valid` mask, exactly as the plaintext cache's padding does. Its keys and values are opened once per row
+  against dealer masks (`KVOperands`, numerics.GrowingOperand), so a decode step's attention products open the
+  query, the probabilities and the new row, not the whole cache.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -175,23 +177,66 @@ def cached_attention(
     key_valid: Tensor,
     sliding_window: int | None = None,
     score_bound: float | None = None,
-    return_probs: bool = False,
-) -> Value | tuple[Value, Value]:
+    operands: KVOperands | None = None,
+) -> Value:
     """Attention of pre-scaled queries [B, Hq, T, D] over private caches [B, Hkv, L, D] (public positions).
-    Rows that see nothing output zeros. With `return_probs`, also the softmax probabilities [B, Hkv, G, T, L]
-    (what H2O-style scores accumulate)."""
+    Rows that see nothing output zeros. `operands`, when given, must hold exactly these keys and values
+    (`PrivateKVCache.kv_operands`): the products then open only the queries, the probabilities and the rows not
+    opened before; otherwise both products are plain Beaver (the whole cache is opened)."""
     b, hq, t, d = queries.shape
-    hkv = keys.shape[1]
-    q = queries.reshape(b, hkv, hq // hkv, t, d)
+    hkv, length = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    q = queries.reshape(b, hkv, g, t, d)
+    if operands is not None and operands.length != length:
+        raise ValueError(f"operands hold {operands.length} rows, the cache {length}")
     with span("attention"):
-        scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, L]
+        if operands is None:
+            scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, T, L]
+        else:
+            scores = N.matmul(q.reshape(b, hkv, g * t, d), operands.keys).reshape(b, hkv, g, t, length)
     visible = visibility(query_positions, key_positions, key_valid, sliding_window)
     with span("softmax"):
         probs = N.softmax(scores, visible, score_bound)
     with span("attention"):
-        out = N.matmul(probs, values.unsqueeze(2))
-    out = out.reshape(b, hq, t, values.shape[-1])
-    return (out, probs) if return_probs else out
+        if operands is None:
+            out = N.matmul(probs, values.unsqueeze(2))
+        else:
+            out = N.matmul(probs.reshape(b, hkv, g * t, length), operands.values)
+    return out.reshape(b, hq, t, values.shape[-1])
+
+
+class KVOperands:
+    """One cache entry's keys (as K^T [B, H, Dk, L], growing along the last dim) and values ([B, H, L, Dv],
+    growing along dim -2) as numerics.GrowingOperands: each row is opened once against its own dealer mask row.
+    Capacity `numerics.growing_capacity` (n + max(64, n // 2) rows for n cached ones); past it, or for any entry
+    that is not an append of this one, the cache makes a fresh KVOperands (fresh masks, the whole cache opened
+    once), so a mask row never pads two values."""
+
+    def __init__(self, entry: PrivateLayerKV) -> None:
+        capacity = N.growing_capacity(entry.capacity)
+        self.keys = N.GrowingOperand(entry.keys.transpose(-1, -2), -1, capacity)
+        self.values = N.GrowingOperand(entry.values, -2, capacity)
+
+    @property
+    def length(self) -> int:
+        return self.values.length
+
+    def extend(self, entry: PrivateLayerKV) -> bool:
+        """Stage the entry's rows past `length` (the entry's first `length` rows must be this operand's rows);
+        False when they do not fit the capacity."""
+        n = entry.capacity
+        if n < self.length:
+            raise ValueError(f"an entry of {n} rows cannot extend operands of {self.length} rows")
+        if n > self.values.capacity:
+            return False
+        if n > self.length:
+            self.keys.append(entry.keys[:, :, self.length :].transpose(-1, -2))
+            self.values.append(entry.values[:, :, self.length :])
+        return True
+
+    def flush(self) -> None:
+        """Open the staged rows of keys and values now, in one round."""
+        N.GrowingOperand.flush_all([self.keys, self.values])
 
 
 @dataclass
@@ -202,6 +247,9 @@ class PrivateLayerKV:
     values: Value  # [B, H, L, Dv]
     positions: Tensor  # [B, H, L] int64, public
     valid: Tensor  # [B, H, L] bool, public
+    # keys/values opened once per row (PrivateKVCache.kv_operands); handed on by `update` only: any other new
+    # entry (compaction, a gathered view) starts without, so a stale operand is never used
+    operands: KVOperands | None = field(default=None, repr=False, compare=False)
 
     @property
     def capacity(self) -> int:
@@ -211,8 +259,6 @@ class PrivateLayerKV:
 class PrivateKVCache:
     """Secret-shared keys/values with public positions and validity, the private twin of model.cache.KVCache
     (same hooks; eviction policies subclass it)."""
-
-    wants_probs = False  # True: Attention passes each step's attention probabilities to observe_probs
 
     def __init__(self, n_layer: int) -> None:
         self.layers: list[PrivateLayerKV | None] = [None] * n_layer
@@ -232,9 +278,26 @@ class PrivateKVCache:
                 N.cat([entry.values, values], dim=2),
                 torch.cat([entry.positions, pos], dim=2),
                 torch.cat([entry.valid, ok], dim=2),
+                entry.operands,  # the old rows stay a prefix: the operands stage the new ones when next used
             )
         self.layers[layer] = entry
         return entry
+
+    def kv_operands(self, layer: int, entry: PrivateLayerKV) -> KVOperands | None:
+        """The masked-once keys/values of `entry` (made lazily, and afresh once their capacity is used up) when
+        `entry` is this layer's stored cache; None for any other view (a gathered subset) and for a tuple
+        provider without weight-stationary tuples."""
+        if entry is not self.layers[layer] or not N.GrowingOperand.supported(entry.keys):
+            return None
+        if entry.operands is None or not entry.operands.extend(entry):
+            entry.operands = KVOperands(entry)
+        return entry.operands
+
+    def open_operands(self) -> None:
+        """Open every stored layer's keys and values against fresh masks now, in one round (a private prefill's
+        attention does this on the way), so the next decode step opens only its new rows."""
+        held = [self.kv_operands(i, e) for i, e in enumerate(self.layers) if e is not None]
+        N.GrowingOperand.flush_all([op for ops in held if ops is not None for op in (ops.keys, ops.values)])
 
     def keep(self, layer: int, index: Tensor, count: Tensor | None = None) -> None:
         """Keep slots `index` [B, H, K] (public) of every head, the first `count[b, h]` of each row when given:
@@ -274,10 +337,6 @@ class PrivateKVCache:
         assert entry is not None
         return entry
 
-    def observe_probs(self, layer: int, probs: Value) -> None:
-        """This step's private attention probabilities [B, Hkv, G, T, L] over attention_view's slots, called
-        before after_attention when `wants_probs`."""
-
     def after_attention(self, layer: int, queries: Value, query_positions: Tensor) -> None:
         """Called after attention read the cache for this step."""
 
@@ -313,11 +372,8 @@ class Attention:
         entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
         out = cached_attention(
             q, entry.keys, entry.values, positions, entry.positions, entry.valid,
-            self.config.sliding_window, self.options.score_bound, return_probs=cache.wants_probs,
+            self.config.sliding_window, self.options.score_bound, cache.kv_operands(self.layer, entry),
         )  # fmt: skip
-        if cache.wants_probs:
-            out, probs = out
-            cache.observe_probs(self.layer, probs)
         cache.after_attention(self.layer, q, positions)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

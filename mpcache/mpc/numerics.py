@@ -160,8 +160,12 @@ class LocalDealer(TrustedFirstParty):
         self._masks.append(b)  # every party makes the same requests, so keys agree
         return len(self._masks) - 1, ArithmeticSharedTensor(b if first else None, size=size, precision=0, src=0)
 
-    def fixed_triple(self, key: int, size, op: str, device=None) -> tuple[ArithmeticSharedTensor, ...]:
+    def fixed_triple(self, key: int, size, op: str, device=None, block=None) -> tuple[ArithmeticSharedTensor, ...]:
+        """(A, op(A, B)) for the mask of `key`, or for its leading `block` (as the dealer: GrowingOperand)."""
+        from mpcache.mpc.dealer import mask_block  # one definition of a block, shared with the dealer
+
         size, b = tuple(size), self._masks[key]
+        b = b if block is None else mask_block(b, block)
         if comm.get().get_rank() == 0:
             a = generate_random_ring_element(size, device=device)
             return ArithmeticSharedTensor(a, precision=0, src=0), ArithmeticSharedTensor(
@@ -297,8 +301,123 @@ def fixed(w: Value) -> Value | FixedOperand:
     return w
 
 
-def _product(op: str, x: Value, y: Value | FixedOperand, shift: int) -> Value:
+def growing_capacity(n: int) -> int:
+    """Rows a GrowingOperand of n rows gets masks for: n + max(64, n // 2) (see GrowingOperand)."""
+    return n + max(64, n // 2)
+
+
+class GrowingOperand:
+    """An append-only private right operand, such as a KV cache's keys (as K^T) or values: FixedOperand's
+    weight-stationary trick for an operand that gains rows.
+
+    The dealer mask B has a public capacity along `dim` (`growing_capacity`); row i of the operand is opened once,
+    as V_i - B_i, when it is appended, and every product op(x, V) with the n rows so far takes a tuple
+    (A, op(A, B[:n])) for a fresh A (the dealer uses the leading block of its mask), opening only x - A:
+        op(x, V) = op(A, B') + op(x - A, B') + op(A, V - B') + op(x - A, V - B'),  B' = B[:n].
+    A decode step over a cache of n rows thus opens the query and the new row instead of all n rows. `append`
+    only stages the new rows' V_i - B_i: they are opened in the same round as the next product's x - A (or by
+    `flush_all`), so appending adds no round.
+
+    Security: mask row i pads exactly one value, row i, for the operand's life; nothing is ever rewritten. When
+    the capacity is used up, or the rows change otherwise (a cache compacted or gathered by an eviction policy),
+    the owner starts a fresh GrowingOperand (a fresh mask) and the whole current content is opened once more.
+    Amortisation: a fresh operand of n rows opens n rows and lasts max(64, n // 2) appends, so rows opened per
+    append average at most (n + max(64, n // 2)) / max(64, n // 2) <= 3 for any n, against n per step with plain
+    Beaver; the mask holds 1.5x the rows (party-local memory and AES draws; the dealer's mask cache too).
+    The dealer's per-product output C = op(A, B[:n]) is output-sized, as with plain Beaver.
+
+    On float tensors (the simulator) it is a plain growing tensor with the same products in value.
+    """
+
+    def __init__(self, value: Value, dim: int, capacity: int) -> None:
+        self.dim = dim if dim < 0 else dim - value.dim()
+        self.capacity, self.length, self.private = capacity, 0, is_private(value)
+        if capacity < value.shape[self.dim]:
+            raise ValueError(f"capacity {capacity} is below the operand's {value.shape[self.dim]} rows")
+        full = list(value.shape)
+        full[self.dim] = capacity
+        self._pending: list[tuple[int, int, Tensor]] = []  # (first row, rows, V - B of those rows), not yet opened
+        if self.private:
+            self.key, mask = crypten.mpc.get_default_provider().fixed_mask(full)
+            self._mask = mask.share
+            self._shares = torch.zeros(full, dtype=torch.long)  # V's share (for products with a public x)
+            self._opened = torch.zeros(full, dtype=torch.long)  # V - B, row by row
+            self._precision = int(math.log2(_scale(value)))
+        else:
+            self._values = value.new_zeros(full)
+        self.append(value)
+
+    @staticmethod
+    def supported(value: Value) -> bool:
+        """Float tensors, or private ones when the tuple provider serves weight-stationary tuples."""
+        return not is_private(value) or hasattr(crypten.mpc.get_default_provider(), "fixed_mask")
+
+    @property
+    def shape(self) -> torch.Size:
+        buffer = self._shares if self.private else self._values
+        return buffer.narrow(self.dim, 0, self.length).shape
+
+    @property
+    def value(self) -> Value:
+        """The rows so far (a copy on shares: an MPCTensor at the operand's precision)."""
+        if not self.private:
+            return self._values.narrow(self.dim, 0, self.length)
+        return MPCTensor.from_shares(self._shares.narrow(self.dim, 0, self.length).clone(), precision=self._precision)
+
+    def append(self, rows: Value) -> None:
+        """Add rows along `dim` (same other dims); their masked value is opened with the next product."""
+        n = rows.shape[self.dim]
+        if self.length + n > self.capacity:
+            raise ValueError(
+                f"{self.length} + {n} rows exceed the capacity {self.capacity}: start a fresh operand (fresh mask)"
+            )
+        expected = list(self.shape)
+        expected[self.dim] = n
+        if list(rows.shape) != expected or is_private(rows) != self.private:
+            raise ValueError(f"rows of shape {tuple(rows.shape)} do not extend an operand of shape {tuple(self.shape)}")
+        if self.private:
+            if _scale(rows) != 1 << self._precision:
+                raise ValueError("appended rows must have the operand's fixed-point precision")
+            self._shares.narrow(self.dim, self.length, n).copy_(rows.share)
+            masked = rows.share - self._mask.narrow(self.dim, self.length, n)
+            self._pending.append((self.length, n, masked.contiguous()))
+        else:
+            self._values.narrow(self.dim, self.length, n).copy_(rows)
+        self.length += n
+
+    @staticmethod
+    def flush_all(operands: Sequence[GrowingOperand], extra: Sequence[Tensor] = ()) -> list[Tensor]:
+        """Open the staged rows of `operands` and the masked `extra` tensors in one round; returns the opened
+        extras (no traffic when there is nothing to open)."""
+        staged = [(op, start, n) for op in operands for start, n, _ in op._pending]
+        tensors = [masked for op in operands for _, _, masked in op._pending] + list(extra)
+        if not tensors:
+            return []
+        opened = comm.get().all_reduce(tensors, batched=True)
+        for (op, start, n), rows in zip(staged, opened):
+            op._opened.narrow(op.dim, start, n).copy_(rows)
+        for op in operands:
+            op._pending = []
+        return opened[len(staged) :]
+
+    def product(self, op: str, x: Value, shift: int) -> Value:
+        if not (self.private and is_private(x)):
+            return _product(op, x, self.value, shift)
+        mask = self._mask.narrow(self.dim, 0, self.length)
+        a, c = crypten.mpc.get_default_provider().fixed_triple(self.key, x.size(), op, block=tuple(mask.shape))
+        (eps,) = GrowingOperand.flush_all([self], [x.share - a.share])
+        opened = self._opened.narrow(self.dim, 0, self.length)
+        f = getattr(torch, op)
+        raw = c.share + f(eps, mask) + f(a.share, opened)
+        if comm.get().get_rank() == 0:
+            raw = raw + f(eps, opened)
+        return _from_raw(raw, _scale(x) * (1 << self._precision), shift)
+
+
+def _product(op: str, x: Value, y: Value | FixedOperand | GrowingOperand, shift: int) -> Value:
     """op(x, y) / 2^shift for op in {mul, matmul}: one Beaver round when both are private, one truncation."""
+    if isinstance(y, GrowingOperand):
+        return y.product(op, x, shift)
     if isinstance(y, FixedOperand):
         return y.product(op, x, shift) if is_private(x) else _product(op, x, y.value, shift)
     if not is_private(x) and not is_private(y):
@@ -323,7 +442,7 @@ def mul(x: Value, y: Value | Tensor | float, shift: int = 0) -> Value:
     return _product("mul", x, y if is_private(y) or torch.is_tensor(y) else torch.tensor(float(y)), shift)
 
 
-def matmul(x: Value, y: Value | FixedOperand, shift: int = 0) -> Value:
+def matmul(x: Value, y: Value | FixedOperand | GrowingOperand, shift: int = 0) -> Value:
     """x @ y / 2^shift with one truncation for the whole product."""
     return _product("matmul", x, y, shift)
 

@@ -152,12 +152,15 @@ class DealerProvider(TupleProvider):
         (b,), _ = self._next(dealer.Spec(pb.FIXED_MASK, tuple(size)), device)
         return key, ArithmeticSharedTensor.from_shares(b, precision=0)
 
-    def fixed_triple(self, key: int, size, op: str, device=None):
-        """(A, op(A, B)) with a fresh A for the mask B of `fixed_mask`'s `key`."""
+    def fixed_triple(self, key: int, size, op: str, device=None, block=None):
+        """(A, op(A, B)) with a fresh A for the mask B of `fixed_mask`'s `key`, or for its leading `block`
+        (B[:block[0], :block[1], ...]; numerics.GrowingOperand)."""
         masks = self._session().masks
         if key not in masks:
             raise ValueError(f"no weight-stationary mask with key {key} in this session")
-        (a,), c = self._next(dealer.Spec.fixed(op, tuple(size), masks[key], key), device)
+        shape_b = masks[key] if block is None else tuple(block)
+        dealer.check_mask_block(masks[key], shape_b)  # refused here, before any traffic, as the dealer would
+        (a,), c = self._next(dealer.Spec.fixed(op, tuple(size), shape_b, key), device)
         return ArithmeticSharedTensor.from_shares(a, precision=0), ArithmeticSharedTensor.from_shares(c, precision=0)
 
     def fill_cache(self) -> None:
