@@ -178,11 +178,13 @@ def cached_attention(
     sliding_window: int | None = None,
     score_bound: float | None = None,
     operands: KVOperands | None = None,
-) -> Value:
+    return_probs: bool = False,
+) -> Value | tuple[Value, Value]:
     """Attention of pre-scaled queries [B, Hq, T, D] over private caches [B, Hkv, L, D] (public positions).
     Rows that see nothing output zeros. `operands`, when given, must hold exactly these keys and values
     (`PrivateKVCache.kv_operands`): the products then open only the queries, the probabilities and the rows not
-    opened before; otherwise both products are plain Beaver (the whole cache is opened)."""
+    opened before; otherwise both products are plain Beaver (the whole cache is opened). With `return_probs`, also
+    the softmax probabilities [B, Hkv, G, T, L] (what H2O-style scores accumulate)."""
     b, hq, t, d = queries.shape
     hkv, length = keys.shape[1], keys.shape[2]
     g = hq // hkv
@@ -202,7 +204,8 @@ def cached_attention(
             out = N.matmul(probs, values.unsqueeze(2))
         else:
             out = N.matmul(probs.reshape(b, hkv, g * t, length), operands.values)
-    return out.reshape(b, hq, t, values.shape[-1])
+    out = out.reshape(b, hq, t, values.shape[-1])
+    return (out, probs) if return_probs else out
 
 
 class KVOperands:
@@ -259,6 +262,8 @@ class PrivateLayerKV:
 class PrivateKVCache:
     """Secret-shared keys/values with public positions and validity, the private twin of model.cache.KVCache
     (same hooks; eviction policies subclass it)."""
+
+    wants_probs = False  # True: Attention passes each step's attention probabilities to observe_probs
 
     def __init__(self, n_layer: int) -> None:
         self.layers: list[PrivateLayerKV | None] = [None] * n_layer
@@ -337,6 +342,10 @@ class PrivateKVCache:
         assert entry is not None
         return entry
 
+    def observe_probs(self, layer: int, probs: Value) -> None:
+        """This step's private attention probabilities [B, Hkv, G, T, L] over attention_view's slots, called
+        before after_attention when `wants_probs`."""
+
     def after_attention(self, layer: int, queries: Value, query_positions: Tensor) -> None:
         """Called after attention read the cache for this step."""
 
@@ -373,7 +382,11 @@ class Attention:
         out = cached_attention(
             q, entry.keys, entry.values, positions, entry.positions, entry.valid,
             self.config.sliding_window, self.options.score_bound, cache.kv_operands(self.layer, entry),
+            return_probs=cache.wants_probs,
         )  # fmt: skip
+        if cache.wants_probs:
+            out, probs = out
+            cache.observe_probs(self.layer, probs)
         cache.after_attention(self.layer, q, positions)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
