@@ -193,6 +193,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--margin", type=int, default=ANSWER_MARGIN, help="decode steps beyond the answer length")
     parser.add_argument("--method-kwargs", type=json.loads, default=None, help="JSON options, e.g. '{\"window\": 32}'")
+    parser.add_argument(
+        "--label",
+        default=None,
+        help="name the rows this instead of the method (one method only), e.g. the knob variant "
+        "'mpcache:similarity=linear' that bench.mpc_decode --accuracy matches",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--markdown", type=Path, default=None, help="write a markdown table here")
     parser.add_argument("--plot", type=Path, default=None, help="write an accuracy-vs-budget PNG here")
@@ -205,6 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--samples must be >= 1")
     if args.method_kwargs is not None and not isinstance(args.method_kwargs, dict):
         parser.error("--method-kwargs must be a JSON object")
+    if args.label is not None and (len(args.methods) != 1 or args.methods[0] == "full"):
+        parser.error("--label names the rows of one method other than full")
     return args
 
 
@@ -213,6 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     start = time.perf_counter()
     try:
         rows = run(args)
+        for row in rows:
+            row["method"] = args.label or row["method"]
     except (FileNotFoundError, NotImplementedError, TypeError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(format_table(rows))

@@ -798,6 +798,8 @@ def _reference_selection(q, keys, valid, n_sub, alpha, size1, size2, ratio1, sim
             hi, lo = k[start : start + size].amax(0), k[start : start + size].amin(0)
             if similarity == "linear":
                 out.append(float(q.sum(0) @ (alpha * hi + (1 - alpha) * lo)))
+            elif similarity == "exact":  # each query head's best key in the chunk, summed over the heads
+                out.append(float(sum((k[start : start + size] @ qh).max() for qh in q)))
             else:  # Quest's bound of every query head, summed
                 out.append(float(sum(torch.maximum(qh * hi, qh * lo).sum() for qh in q)))
         return out
@@ -850,7 +852,9 @@ def test_mpcache_cluster_selection_picks_top_approximate_similarity() -> None:
     )
 
 
-@pytest.mark.parametrize("similarity,topk", [("linear", "rank"), ("bound", "bucket"), ("bound", "rank")])
+@pytest.mark.parametrize(
+    "similarity,topk", [("linear", "rank"), ("bound", "bucket"), ("bound", "rank"), ("exact", "bucket")]
+)
 def test_mpcache_decode_reads_the_selected_clusters(model: Transformer, similarity: str, topk: str) -> None:
     ids, mask = batch()
     budget = 20

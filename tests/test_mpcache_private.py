@@ -15,6 +15,7 @@ from mpcache.methods.mpcache import (
     MPCache,
     bound_similarity,
     bucket_top,
+    exact_similarity,
     select_clusters,
     sign_split,
     static_scores,
@@ -96,12 +97,14 @@ def _plain_selection(queries, keys, budget, similarity="bound", topk="rank"):
     return select_clusters(queries, keys, valid, budgets, alpha=ALPHA, similarity=similarity, topk=topk)
 
 
-@pytest.mark.parametrize("similarity,topk", [("linear", "rank"), ("bound", "rank"), ("bound", "bucket")])
+@pytest.mark.parametrize(
+    "similarity,topk", [("linear", "rank"), ("bound", "rank"), ("bound", "bucket"), ("exact", "bucket")]
+)
 @pytest.mark.parametrize("length,budget", [(100, 32), (203, 48), (203, 64), (256, 17), (130, 100), (400, 120)])
 def test_simulated_selection_matches_select_clusters(length, budget, similarity, topk):
     keys, queries = randn(2, 3, length, 8, seed=length), randn(2, 3, 2, 8, seed=budget)
     summary = M.ClusterSummary.build(keys)
-    chosen = M.select(queries, summary, budget, ALPHA, similarity=similarity, topk=topk)
+    chosen = M.select(queries, summary, budget, ALPHA, similarity=similarity, topk=topk, keys=keys)
     assert chosen is not None
     view = M.gather_view(entry_of(keys, slot_ids(2, 3, length)), chosen, 16)
     want = _plain_selection(queries, keys, budget, similarity, topk)
@@ -134,6 +137,20 @@ def test_private_bucket_one_hot_is_the_gather_matrix_of_bucket_top(parties):
     hot = parties.run(_bucket_private, scores, 3)[0]  # [1, 2, 3, 11]
     assert torch.equal(hot.sum(-2) > 0.5, bucket_top(scores, 3)) and torch.equal(hot.sum(-1), torch.ones(1, 2, 3))
     assert torch.equal(hot, M.bucket_one_hot(scores, 3))  # the simulator builds the same matrix
+
+
+def _exact_private(queries: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
+    share = N.crypten.cryptensor
+    return [N.decode(x) for x in M.exact_scores(share(queries, src=1), share(keys, src=0), 32, 16)]
+
+
+@pytest.mark.timeout(600)
+def test_private_exact_scores_match_the_plaintext_ablation(parties):
+    queries, keys = randn(1, 2, 2, 8, seed=7), randn(1, 2, 70, 8, seed=8)  # 70: partial last child and parent
+    parent, child = parties.run(_exact_private, queries, keys)[0]
+    valid = torch.ones(1, 2, 70, dtype=torch.bool)
+    assert (parent - exact_similarity(queries, keys, valid, 32)).abs().max() < 1e-3
+    assert (child - exact_similarity(queries, keys, valid, 16)).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 7])

@@ -118,12 +118,20 @@ def bound_similarity(split: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
     )
 
 
-SIMILARITIES = ("linear", "bound")
+SIMILARITIES = ("linear", "bound", "exact")
+
+
+def exact_similarity(queries: Tensor, keys: Tensor, valid: Tensor, size: int) -> Tensor:
+    """The ablation without approximation: max over each chunk's keys of q . k, summed over the group's query heads:
+    queries [B, H, G, D], keys [B, H, L, D] -> [B, H, C]. Under MPC: the product over every cached key (as full
+    attention's scores) plus a comparison tree per chunk."""
+    scores = torch.einsum("bhgd,bhld->bhlg", queries, keys)
+    return chunk_min_max(scores, valid, size)[0].sum(-1)
 
 
 def cluster_similarity(queries: Tensor, kmax: Tensor, kmin: Tensor, alpha: float, similarity: str) -> Tensor:
     """Cluster scores [B, H, C] of a group of queries [B, H, G, D] (the group's sum: both scores are linear in the
-    query, or in its sign split)."""
+    query, or in its sign split). "exact" needs the keys: see exact_similarity."""
     if similarity == "linear":
         return approx_similarity(queries.sum(2), kmax, kmin, alpha)
     return bound_similarity(sign_split(queries), kmax, kmin)
@@ -211,12 +219,17 @@ def select_clusters(
     b, h = keys.shape[:2]
     n_sub = (tokens // subcluster_size).clamp(min=2)[:, None].expand(b, h)
     kmax, kmin, nonempty = chunk_min_max(keys, valid, cluster_size)
-    parent_scores = force_ends(cluster_similarity(queries, kmax, kmin, alpha, similarity), nonempty)
+    def score(kmax: Tensor, kmin: Tensor, size: int) -> Tensor:
+        if similarity == "exact":
+            return exact_similarity(queries, keys, valid, size)
+        return cluster_similarity(queries, kmax, kmin, alpha, similarity)
+
+    parent_scores = force_ends(score(kmax, kmin, cluster_size), nonempty)
     at_least = -(-(n_sub + 1) // 2)  # enough parents to hold n_sub children
     n_parent = torch.maximum(at_least, (ratio1 * nonempty.sum(-1)).floor().long())
     if topk == "bucket":
         kmax2, kmin2, nonempty2 = chunk_min_max(keys, valid, subcluster_size)
-        child_scores = cluster_similarity(queries, kmax2, kmin2, alpha, similarity)
+        child_scores = score(kmax2, kmin2, subcluster_size)
         n_sub = torch.minimum(n_sub, nonempty2.sum(-1))
         r = cluster_size // subcluster_size
         children = _bucket_levels(parent_scores, child_scores, nonempty, nonempty2, n_parent, n_sub, r)
@@ -224,7 +237,7 @@ def select_clusters(
     parents = top_mask(parent_scores, n_parent)
     kmax, kmin, nonempty = chunk_min_max(keys, valid, subcluster_size)
     eligible = parents.repeat_interleave(cluster_size // subcluster_size, -1)[..., : nonempty.shape[-1]]
-    child_scores = force_ends(cluster_similarity(queries, kmax, kmin, alpha, similarity), nonempty)
+    child_scores = force_ends(score(kmax, kmin, subcluster_size), nonempty)
     children = top_mask(child_scores.masked_fill(~eligible, float("-inf")), n_sub)
     return chunks_to_slots(children, valid, subcluster_size)
 

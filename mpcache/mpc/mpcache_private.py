@@ -350,6 +350,18 @@ def bucket_one_hot(scores: Value, k: int) -> Value:
     return flat[..., : k * m].reshape(*hot.shape[:-2], k, m)
 
 
+def exact_scores(queries: Value, keys: Value, size: int, sub: int) -> tuple[Value, Value]:
+    """Parent and child scores [B, H, C] without approximation (plaintext: exact_similarity): q . k for every
+    cached key and query head (one product over the whole cache), the max over each child by a comparison tree
+    (log2(sub) levels), over each parent from its children, summed over the group's heads."""
+    scores = N.matmul(queries, keys.transpose(-1, -2)).transpose(-1, -2)  # [B, H, L, G]
+    b, h, _, g = scores.shape
+    child, _ = _extrema_tree(*(2 * [_pad_to(scores, sub).reshape(b, h, -1, sub, g)]), True)
+    r = size // sub
+    parent, _ = _extrema_tree(*(2 * [_pad_to(child, r).reshape(b, h, -1, r, g)]), True)
+    return parent.sum(-1), child.sum(-1)
+
+
 def select(
     queries: Value,
     summary: ClusterSummary,
@@ -358,23 +370,30 @@ def select(
     ratio1: float = 0.5,
     similarity: str = "linear",
     topk: str = "rank",
+    keys: Value | None = None,
 ) -> Selection | None:
     """Two-level query-aware choice (plaintext: select_clusters) for the query heads [B, H, G, D] of each KV head
     and a per-head budget of `tokens` (public): budget // sub children are read. None when every child fits.
-    topk "rank": exact secret top-k (pairwise ranks, 16 rounds, m^2 / 2 comparisons); "bucket": bucket_one_hot."""
+    topk "rank": exact secret top-k (pairwise ranks, 16 rounds, m^2 / 2 comparisons); "bucket": bucket_one_hot.
+    similarity "exact" (the ablation) needs the cached `keys` [B, H, L, D]: see exact_scores."""
     c1, c2, sub = summary.parent_max.shape[2], summary.child_max.shape[2], summary.sub
     n_sub = max(tokens // sub, 2)
     if n_sub >= c2:
         return None
     n_parent = max(-(-(n_sub + 1) // 2), math.floor(ratio1 * c1))
-    scores = cluster_scores(  # [B, H, C1 + C2]: one product for both levels
-        queries,
-        N.cat([summary.parent_max, summary.child_max], 2),
-        N.cat([summary.parent_min, summary.child_min], 2),
-        alpha,
-        similarity,
-    )
-    parent_scores, child_scores = scores[..., :c1], scores[..., c1:]
+    if similarity == "exact":
+        if keys is None:
+            raise ValueError("exact similarity needs the cached keys")
+        parent_scores, child_scores = exact_scores(queries, keys, summary.size, sub)
+    else:
+        scores = cluster_scores(  # [B, H, C1 + C2]: one product for both levels
+            queries,
+            N.cat([summary.parent_max, summary.child_max], 2),
+            N.cat([summary.parent_min, summary.child_min], 2),
+            alpha,
+            similarity,
+        )
+        parent_scores, child_scores = scores[..., :c1], scores[..., c1:]
     r = summary.size // sub
     parent_of = torch.arange(1, c2 - 1) // r  # parents of the middle children
     if n_parent >= c1:
@@ -522,7 +541,9 @@ class PrivateMPCache(PrivateKVCache):
             hkv = entry.keys.shape[1]
             group = queries.reshape(b, hkv, hq // hkv, d)
             k = self.knobs
-            self.selection[layer] = select(group, summary, self.budget, k.alpha, k.ratio1, k.similarity, k.topk)
+            self.selection[layer] = select(
+                group, summary, self.budget, k.alpha, k.ratio1, k.similarity, k.topk, entry.keys
+            )
 
     def attention_view(self, layer: int) -> PrivateLayerKV:
         entry = self.layers[layer]
