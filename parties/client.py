@@ -179,13 +179,22 @@ class Client:
         return outs, results
 
     def generate(
-        self, ids: list[int], vocab_size: int, max_new_tokens: int, timeout: float, return_logits: bool = False
+        self,
+        ids: list[int],
+        vocab_size: int,
+        max_new_tokens: int,
+        timeout: float,
+        return_logits: bool = False,
+        kv_cache: dict | None = None,
     ) -> tuple[list[int], torch.Tensor | None, list[pb.JobResult]]:
-        """The private decoder: greedy tokens after prompt `ids` (and the first step's logits if asked)."""
+        """The private decoder: greedy tokens after prompt `ids` (and the first step's logits if asked); kv_cache:
+        the parties' KV-cache policy, e.g. {"method": "mpcache", "budget": 64} (public)."""
         from mpcache.mpc.layers import one_hot
 
         x = one_hot(torch.tensor([ids]), vocab_size)
         params = {"max_new_tokens": max_new_tokens, "return_logits": return_logits}
+        if kv_cache is not None:
+            params["kv_cache"] = kv_cache
         outs, results = self.run_all("generate", x, params, timeout, bits=0)
         tokens = outs[0][0].argmax(-1).tolist()
         return tokens, (outs[1] if return_logits else None), results
@@ -242,7 +251,8 @@ def _generate(client: Client, args) -> int:
     params = json.loads(args.params)
     ids = tokenizer.encode(args.prompt)
     t0 = time.perf_counter()
-    tokens, _, results = client.generate(ids, config.vocab_size, params.get("max_new_tokens", 16), args.timeout)
+    steps = params.get("max_new_tokens", 16)
+    tokens, _, results = client.generate(ids, config.vocab_size, steps, args.timeout, kv_cache=params.get("kv_cache"))
     latency = time.perf_counter() - t0
     if args.shutdown:
         client.shutdown("client done", args.timeout)

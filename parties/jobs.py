@@ -74,7 +74,7 @@ def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext
     config = ctx.decoder.config
     if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][0] != 1 or shapes[0][2] != config.vocab_size:
         raise ValueError(f"generate takes one one-hot prompt of shape [1, T, {config.vocab_size}], got {shapes}")
-    unknown = set(params) - {"max_new_tokens", "return_logits"}
+    unknown = set(params) - {"max_new_tokens", "return_logits", "kv_cache"}
     if unknown:
         raise ValueError(f"unknown generate parameters {sorted(unknown)}")
     steps = params.get("max_new_tokens", 16)
@@ -84,21 +84,27 @@ def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext
         raise ValueError("return_logits must be true or false")
     if not 1 <= shapes[0][1] or shapes[0][1] + steps > config.max_position:
         raise ValueError(f"prompt of {shapes[0][1]} tokens + {steps} new ones exceeds {config.max_position} positions")
+    from mpcache.mpc.decoder import private_cache
+
+    private_cache(config.n_layer, params.get("kv_cache"))  # a malformed spec fails here, before any MPC
 
 
 @job("generate", _check_generate, input_bits=0)
 def generate(ctx: JobContext, inputs: list, params: dict) -> list:
     """Greedy decoding of the client's secret one-hot prompt: returns the secret one-hots of the new tokens
     [1, steps, V] (and, with return_logits, the first step's logits [1, 1, V] for equivalence tests); the cost of
-    every step per layer and operation class goes to ctx.report."""
+    every step per layer and operation class goes to ctx.report. kv_cache (optional, public): the private KV cache
+    policy, e.g. {"method": "mpcache", "budget": 64} (decoder.private_cache)."""
     from mpcache.mpc import decoder
     from mpcache.mpc.accounting import Ledger
     from mpcache.mpc.crypten_compat import import_crypten
 
     crypten = import_crypten()
     comm = crypten.communicator.get()
+    cache = decoder.private_cache(ctx.decoder.config.n_layer, params.get("kv_cache"))
     with Ledger(comm.get_communication_stats) as ledger:
-        tokens, logits = decoder.generate(ctx.decoder, inputs[0], params.get("max_new_tokens", 16), ledger=ledger)
+        steps = params.get("max_new_tokens", 16)
+        tokens, logits = decoder.generate(ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger)
     ctx.report = {"steps": ledger.steps}
     out = [crypten.cat(tokens, dim=1)]
     return out + [logits] if params.get("return_logits", False) else out

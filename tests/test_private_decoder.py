@@ -32,11 +32,11 @@ SIM_TOL, BUNDLED_SIM_TOL, EXACT_TOL = 2e-3, 1e-2, 2e-2
 FAST = dict(timeout=60.0, party_timeout=60.0, heartbeat=1.0)
 
 
-def tiny_checkpoint(folder: Path, family: str) -> Transformer:
+def tiny_checkpoint(folder: Path, family: str, max_position: int = 64) -> Transformer:
     torch.manual_seed(1)
     config = ModelConfig(
         family=family, vocab_size=40, n_layer=2, n_head=4, n_kv_head=2 if family == "llama" else 4, d_model=32,
-        d_ff=64, max_position=64, activation="silu" if family == "llama" else "gelu_new",
+        d_ff=64, max_position=max_position, activation="silu" if family == "llama" else "gelu_new",
     )  # fmt: skip
     model = Transformer(config).double().eval()
     folder.mkdir(parents=True)
@@ -50,11 +50,11 @@ def client_for(dep: Deployment) -> Client:
     return Client([dep.address("api0"), dep.address("api1")], creds, connect_timeout=180)
 
 
-def run_private(dep: Deployment, ids: list[int], vocab: int, steps: int):
+def run_private(dep: Deployment, ids: list[int], vocab: int, steps: int, kv_cache: dict | None = None):
     for role in ("dealer", "party0", "party1"):
         dep.start(role)
     client = client_for(dep)
-    tokens, logits, results = client.generate(ids, vocab, steps, timeout=1500, return_logits=True)
+    tokens, logits, results = client.generate(ids, vocab, steps, timeout=1500, return_logits=True, kv_cache=kv_cache)
     client.shutdown("test done", 60)
     return client, tokens, logits, results
 
@@ -111,6 +111,15 @@ def test_generate_rejects_bad_requests_without_hanging(tmp_path):
             client.generate([1, 2, 3], 40, 0, timeout=60)
         with pytest.raises(Fatal, match=r"one-hot prompt of shape \[1, T, 40\]"):
             client.generate([1, 2, 3], 41, 2, timeout=60)
+        for spec, message in (
+            ({"method": "nope"}, "unknown private KV cache 'nope'"),
+            ({"method": "mpcache", "budget": 0}, "budget must be a public int"),
+            ({"method": "mpcache", "budget": 8, "knobs": {"alpha": 2.0}}, r"alpha must be in \[0, 1\]"),
+            ({"method": "mpcache", "budget": 8, "knobs": {"colour": 1}}, "colour"),
+            ({"method": "full", "budget": 8}, "takes no budget"),
+        ):
+            with pytest.raises(Fatal, match=message):
+                client.generate([1, 2, 3], 40, 2, timeout=60, kv_cache=spec)
         with pytest.raises(Fatal, match="generate inputs must be fixed point with 0 fractional bits"):
             client.run_all("generate", torch.zeros(1, 2, 40), {}, timeout=60)
         tokens, _, _ = client.generate([1, 2, 3], 40, 1, timeout=300)  # the parties are still in step
@@ -188,3 +197,38 @@ def test_private_bundled_model_answers_a_passkey_prompt_like_plaintext(tmp_path)
     assert summary["logits_vs_simulator"] < BUNDLED_SIM_TOL and summary["logits_vs_exact"] < EXACT_TOL
     assert agree >= 32, summary
     assert exact_match(tok.decode(tokens).split("\n")[0], sample.answer), summary
+
+
+@pytest.mark.timeout(900)
+def test_private_mpcache_over_grpc_decodes_like_plaintext_mpcache(tmp_path):
+    """Deliverable 5 of the MPCache issue: dealer and parties as processes, the parties' cache is PrivateMPCache
+    (static eviction after the private prefill, per-step bound similarity + bucketed top-k + one-hot gather,
+    layer 1 reusing layer 0's choice), 33 greedy tokens against the plaintext reference and the simulator."""
+    from mpcache.generate import generate as plain_generate
+    from mpcache.methods import make_policy
+    from mpcache.mpc import decoder
+    from mpcache.mpc.layers import one_hot
+    from mpcache.mpc.mpcache_private import PrivateMPCache
+
+    model = tiny_checkpoint(tmp_path / "model", "llama", max_position=256)
+    ids = torch.randint(0, 40, (1, 160), generator=torch.Generator().manual_seed(5))
+    budget, knobs, steps = 64, {"own_first": 0, "own_last": 0}, 33
+    dep = Deployment(tmp_path / "run", insecure=True, model=tmp_path / "model", **FAST)
+    try:
+        spec = {"method": "mpcache", "budget": budget, "knobs": knobs}
+        client, tokens, logits, results = run_private(dep, ids[0].tolist(), 40, steps, spec)
+    finally:
+        dep.stop_all()
+    with torch.no_grad():
+        want = plain_generate(model, ids, steps, policy=make_policy("mpcache", budget, **knobs))[0].tolist()
+        sim_cache = PrivateMPCache(2, budget, **knobs)
+        pm = decoder.share_model(model, lambda t: t)
+        sim, sim_logits = decoder.generate(pm, one_hot(ids, 40), steps, cache=sim_cache)
+    assert sim_cache.shared_from == {1: 0} and sim_cache.layers[0].capacity < 160  # evicted, sharing
+    assert [int(t[0, -1].argmax()) for t in sim] == want
+    assert (logits - sim_logits).abs().max() < SIM_TOL
+    agree = sum(a == b for a, b in zip(tokens, want))
+    assert agree == steps == len(tokens), (agree, tokens, want)
+    report = check_report(results, 2, steps, {"selection", "attention", "softmax"})
+    selection = [sum(c["bytes"] for c in s["cells"] if c["op"] == "selection") for s in report[1:]]
+    assert min(selection) > 0  # every decode step selected under MPC
