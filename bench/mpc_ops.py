@@ -49,6 +49,7 @@ def _ops() -> list[dict]:
     var = enc(torch.rand(64, generator=g) * 1000 + 0.1)
     a, w = enc(torch.randn(64, 256, generator=g)), enc(torch.randn(256, 256, generator=g) / 16)
     scores = enc(torch.randn(8, 1, 128, generator=g) * 3)
+    long_scores = enc(torch.randn(8, 1, 1024, generator=g) * 3)
     logits = enc(torch.randn(1, 264, generator=g) * 5)
     bound = 12.0
     rows = []
@@ -62,6 +63,7 @@ def _ops() -> list[dict]:
         _measure("truncation (x / 2^16)", lambda: N.rescale(x, 16), 4096, True),
         _measure("less_than, 1 threshold", lambda: N.less_than(x, [0.0]), 4096, True),
         _measure("exp_neg", lambda: N.exp_neg(neg), 4096, True),
+        _measure("exp_range (no comparison)", lambda: N.exp_range(neg), 4096, True),
         _measure("CrypTen exp", lambda: neg.exp(), 4096, True),
         _measure("gelu", lambda: N.gelu(x), 4096, True),
         _measure("silu", lambda: N.silu(x), 4096, True),
@@ -69,8 +71,13 @@ def _ops() -> list[dict]:
         _measure("CrypTen reciprocal", lambda: pos.reciprocal(), 64, True),
         _measure("inv_sqrt [2^-6, 2^14]", lambda: N.inv_sqrt(var, 2**-6, 2**14, scale_bits=6), 64, True),
         _measure("CrypTen inv_sqrt", lambda: var.inv_sqrt(), 64, True),
+        _measure("row_max 8x128 (tournament)", lambda: N.row_max(scores), 1024, True),
+        _measure("CrypTen max(dim) 8x128", lambda: scores.max(dim=-1, keepdim=True)[0], 1024, True),
         _measure("softmax 8x128 (max)", lambda: N.softmax(scores), 1024, True),
+        _measure("softmax 8x128 (max, exp_range)", lambda: N.softmax(scores, score_range=64.0), 1024, True),
         _measure("softmax 8x128 (bound)", lambda: N.softmax(scores, bound=bound), 1024, True),
+        _measure("softmax 8x128 (bound, exp_range)", lambda: N.softmax(scores, None, bound, 64.0), 1024, True),
+        _measure("softmax 8x1024 (max, exp_range)", lambda: N.softmax(long_scores, score_range=64.0), 8192, True),
         _measure("CrypTen softmax 8x128", lambda: scores.softmax(-1), 1024, True),
         _measure("argmax over 264 (one-hot)", lambda: N.argmax(logits), 264, True),
         _measure("CrypTen argmax over 264", lambda: logits.argmax(-1), 264, True),

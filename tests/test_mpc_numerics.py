@@ -194,6 +194,10 @@ def test_bad_divisor_is_a_value_error():
 
 def test_tables_are_the_documented_fits():
     assert N.EXP.coeffs == pytest.approx(N._exp_coeffs(N.EXP.clip, N.EXP.halvings, 6), abs=1e-9)
+    r = N.RANGE_EXP
+    lo = -r.range / 2**r.halvings
+    assert r.coeffs == pytest.approx(N.fit_piece(torch.exp, lo, 0.0, len(r.coeffs) - 1).tolist(), abs=1e-9)
+    assert r.range == 2 ** round(math.log2(r.range)) <= 2 ** (N.RANGE_EXP_BITS + 1)  # t is an exact multiple of x
     for table, f in ((N.GELU, N._gelu_tail), (N.SILU, N._silu_tail)):
         for (lo, hi), coeffs in zip(zip(table.cuts, table.cuts[1:]), table.coeffs):
             assert coeffs == pytest.approx(N.fit_piece(f, lo, hi, 6).tolist(), abs=1e-9)
@@ -206,6 +210,8 @@ def _log_space(lo: float, hi: float, n: int) -> torch.Tensor:
 # name, inputs, kwargs, reference, simulator bound as (relative, absolute): |out - ref| <= rel |ref| + abs
 SIM_CASES = [
     ("exp_neg", torch.linspace(-40, 0, 40001, dtype=torch.float64), {}, torch.exp, (0, 1e-5)),
+    ("exp_range", torch.linspace(-N.RANGE_EXP_SAFE, 0, 150001, dtype=torch.float64), {}, torch.exp, (0, 2e-6)),
+    ("exp_range", torch.linspace(-14, 0, 14001, dtype=torch.float64), {}, torch.exp, (3.3e-6, 0)),
     ("gelu", torch.linspace(-30, 30, 60001, dtype=torch.float64), {}, F.gelu, (0, 7e-5)),
     ("silu", torch.linspace(-30, 30, 60001, dtype=torch.float64), {}, F.silu, (0, 2.2e-4)),
     ("reciprocal", _log_space(0.5, 5000, 20001), dict(lo=0.5, hi=5000), torch.reciprocal, (1e-7, 0)),
@@ -247,6 +253,10 @@ WIDE = torch.cat([torch.linspace(-30, 30, 4001, dtype=torch.float64), torch.tens
 MPC_CASES = [
     ("exp_neg", torch.cat([torch.linspace(-40, 0, 4001, dtype=torch.float64), torch.tensor([-3e4, -600.0])]), {},
      torch.exp, (0, 3e-4), (0, 3e-4), 24),
+    # no comparison: the last squaring's rounding (2^-16) plus the fit (2e-6), down to RANGE_EXP_SAFE below 0
+    # (inputs on the grid, so the shared values are these: input rounding would add up to 2^-16 near 0)
+    ("exp_range", N.on_grid(torch.linspace(-N.RANGE_EXP_SAFE, 0, 4001, dtype=torch.float64)), {}, torch.exp,
+     (0, LSB + 2e-6), (0, LSB + 1e-6), 17),
     ("gelu", WIDE, {}, F.gelu, (0, 1e-4), (0, 1e-4), 20),
     ("silu", WIDE, {}, F.silu, (0, 2.5e-4), (0, 1e-4), 20),
     # 2^13 / x keeps 16 significant bits up to x = 8192
@@ -302,3 +312,84 @@ def test_mpc_softmax_with_mask_max_and_bound(parties):
 def test_softmax_rejects_a_mask_of_the_wrong_shape():
     with pytest.raises(ValueError, match="mask"):
         N.softmax(torch.zeros(2, 5), torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="score_range"):
+        N.softmax(torch.zeros(2, 5), score_range=N.RANGE_EXP_SAFE + 1)
+
+
+def _shared_then(name: str, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(the input as shared, numerics.<name> of it, rounds, bytes)."""
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    ex = crypten.cryptensor(x, src=0)
+    crypten.reset_communication_stats()
+    out = getattr(N, name)(ex, **kwargs)
+    stats = crypten.communicator.get().get_communication_stats()
+    crypten.cfg.communicator.verbose = False
+    return N.decode(ex), N.decode(out), stats["rounds"], stats["bytes"]
+
+
+@pytest.mark.timeout(300)
+def test_mpc_exp_range_extrapolates_above_zero(parties):
+    # a bound exceeded by a few units: e^x, not a saturated or wrapped value (overflow starts past 9.7)
+    x = torch.linspace(0, 9.5, 39, dtype=torch.float64)
+    xs, out, _, _ = parties.run(_shared_then, "exp_range", x, {})[0]
+    rel = ((out - xs.exp()) / xs.exp()).abs()
+    assert rel[xs <= 5].max() < 1e-4 and rel.max() < 5e-4
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n", [1, 2, 5, 96, 1023])
+def test_mpc_row_max_is_exact_and_a_tournament(parties, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, 2, n, generator=g, dtype=torch.float64) * 20
+    x[0, 0, n // 2] = x[0, 0, -1] = 500.0  # a tie
+    xs, out, rounds, nbytes = parties.run(_shared_then, "row_max", x, {})[0]
+    assert torch.equal(out, xs.amax(-1, keepdim=True))
+    levels = math.ceil(math.log2(n))
+    assert rounds <= 9 * levels and nbytes <= 470 * x.numel()  # CrypTen's x.max(dim): ~1.25 kB per element
+
+
+def _scores_with_outliers(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [6, 3, 96] spread by ~4 around 0, one entry per row 140 below the row's max (inside exp_range's
+    safe depth), and masked entries holding values no exp could take (+-3e4)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(6, 3, 96, generator=g, dtype=torch.float64) * 4
+    mask = torch.rand(6, 1, 96, generator=g) > 0.3
+    mask[0] = False  # a row with nothing to attend to gives zeros
+    mask[1, :, 0], mask[1, :, 1:] = True, False  # a single valid key gets probability 1
+    mask[2:, :, 7] = True
+    scores[2:, :, 7] = scores[2:].amax(-1) - 140.0
+    scores[:, :, 3] = torch.where(mask[:, :, 3], scores[:, :, 3], torch.tensor(3e4, dtype=torch.float64))
+    scores[:, :, 4] = torch.where(mask[:, :, 4], scores[:, :, 4], torch.tensor(-3e4, dtype=torch.float64))
+    return scores, mask
+
+
+def _softmax_modes(scores, mask, bound, score_range):
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    x = crypten.cryptensor(scores, src=0)
+    crypten.reset_communication_stats()
+    out = N.softmax(x, mask, bound, score_range)
+    stats = crypten.communicator.get().get_communication_stats()
+    crypten.cfg.communicator.verbose = False
+    return N.decode(out), stats["rounds"], stats["bytes"]
+
+
+@pytest.mark.timeout(300)
+def test_mpc_softmax_with_comparison_free_exp(parties):
+    scores, mask = _scores_with_outliers(5)
+    ref = torch.softmax(scores.masked_fill(~mask, -float("inf")), -1).nan_to_num(0.0)
+    tol = 2**-15 + 96 * 2**-17
+    clipped, rounds_clip, bytes_clip = parties.run(_softmax_modes, scores, mask, None, None)[0]
+    out, rounds, nbytes = parties.run(_softmax_modes, scores, mask, None, 64.0)[0]
+    assert (out - ref).abs().max() < tol
+    assert (out - N.softmax(scores, mask, score_range=64.0)).abs().max() < 2e-4
+    assert out[0].abs().max() == 0 and (out[1, :, 0] - 1).abs().max() < 1e-3
+    assert rounds == rounds_clip - 6 and nbytes < bytes_clip - 380 * scores.numel()  # no clip, fewer products
+    # a public bound 1 above each row's max: no max, no comparison in exp
+    bound = scores.masked_fill(~mask, -1e9).amax(-1, keepdim=True).clamp(min=0) + 1.0
+    out_b, rounds_b, bytes_b = parties.run(_softmax_modes, scores, mask, bound, 64.0)[0]
+    assert (out_b - ref).abs().max() < tol * math.e
+    assert (out_b - N.softmax(scores, mask, bound, 64.0)).abs().max() < 2e-4 * math.e
+    # the max's 7 levels are gone (~460 bytes per score; the reciprocal's wider range, from 2^-10, takes back 160)
+    assert rounds_b == rounds - 9 * 7 and bytes_b < nbytes - 250 * scores.numel()

@@ -11,7 +11,8 @@ Differences from the plaintext math (all deliberate, all tested):
 * Normalisation uses numerics.inv_sqrt on a public range `norm_range` of mean(x^2) + eps (RMSNorm) or
   var + eps (LayerNorm), applied to the sum of squares (sqrt(d) is folded into the norm weight).
 * GeLU of every flavour uses the erf form (within 5e-4 of the tanh forms).
-* Attention's softmax subtracts the row max unless a public `score_bound` is given (numerics.softmax).
+* Attention's softmax subtracts the row max unless a public `score_bound` is given, and its exp has no
+  comparison (numerics.exp_range) for visible scores within `score_range` (64; safe to 150) of the max.
 * The private KV cache appends new tokens after every head's slots; per-head lengths live in the public
   `valid` mask, exactly as the plaintext cache's padding does. Its keys and values are opened once per row
   against dealer masks (`KVOperands`, numerics.GrowingOperand), so a decode step's attention products open the
@@ -34,6 +35,7 @@ from mpcache.mpc.accounting import layer, span
 from mpcache.mpc.numerics import Value
 
 Share = Callable[[Tensor], Value]  # server-side plaintext tensor -> private value (identity: simulator)
+SCORE_RANGE = 64.0  # default spread of visible attention scores below the row max (numerics.softmax score_range)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,21 @@ class PrivateOptions:
     """Public numeric choices of the private model."""
 
     norm_range: tuple[float, float] = (2.0**-6, 2.0**14)  # domain of mean(x^2) + eps / var + eps
-    score_bound: float | None = None  # public bound on attention scores: skip the max (numerics.softmax)
+    # Attention softmax (numerics.softmax). score_bound: a public bound on the attention scores, one number or one
+    # per layer (`mpcache.mpc.score_bounds` calibrates them), to skip the row max; None subtracts the max (the
+    # accurate default: a bound loose by b costs a factor e^b in precision, see bench.softmax_modes).
+    # score_range: how far below the max (or bound) visible scores may lie; a number (at most 150) selects the
+    # comparison-free exp (numerics.exp_range), None the exp clipped by a comparison (numerics.exp_neg).
+    score_bound: float | tuple[float, ...] | None = None
+    score_range: float | None = SCORE_RANGE
+
+    def layer_bound(self, layer: int) -> float | None:
+        """The score bound of block `layer` (None: subtract the row max)."""
+        if self.score_bound is None or isinstance(self.score_bound, (int, float)):
+            return self.score_bound
+        if not 0 <= layer < len(self.score_bound):
+            raise ValueError(f"score_bound holds {len(self.score_bound)} per-layer bounds, no bound for layer {layer}")
+        return float(self.score_bound[layer])
 
 
 def one_hot(ids: Tensor, vocab_size: int) -> Tensor:
@@ -179,6 +195,7 @@ def cached_attention(
     score_bound: float | None = None,
     operands: KVOperands | None = None,
     return_probs: bool = False,
+    score_range: float | None = SCORE_RANGE,
 ) -> Value | tuple[Value, Value]:
     """Attention of pre-scaled queries [B, Hq, T, D] over private caches [B, Hkv, L, D] (public positions).
     Rows that see nothing output zeros. `operands`, when given, must hold exactly these keys and values
@@ -198,7 +215,7 @@ def cached_attention(
             scores = N.matmul(q.reshape(b, hkv, g * t, d), operands.keys).reshape(b, hkv, g, t, length)
     visible = visibility(query_positions, key_positions, key_valid, sliding_window)
     with span("softmax"):
-        probs = N.softmax(scores, visible, score_bound)
+        probs = N.softmax(scores, visible, score_bound, score_range)
     with span("attention"):
         if operands is None:
             out = N.matmul(probs, values.unsqueeze(2))
@@ -381,8 +398,8 @@ class Attention:
         entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
         out = cached_attention(
             q, entry.keys, entry.values, positions, entry.positions, entry.valid,
-            self.config.sliding_window, self.options.score_bound, cache.kv_operands(self.layer, entry),
-            return_probs=cache.wants_probs,
+            self.config.sliding_window, self.options.layer_bound(self.layer), cache.kv_operands(self.layer, entry),
+            return_probs=cache.wants_probs, score_range=self.options.score_range,
         )  # fmt: skip
         if cache.wants_probs:
             out, probs = out

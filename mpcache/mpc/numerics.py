@@ -447,13 +447,13 @@ def matmul(x: Value, y: Value | FixedOperand | GrowingOperand, shift: int = 0) -
     return _product("matmul", x, y, shift)
 
 
-def square(x: Value) -> Value:
-    """x * x; in MPC one opening of x (CrypTen's square pair) instead of two."""
+def square(x: Value, shift: int = 0) -> Value:
+    """x * x / 2^shift; in MPC one opening of x (CrypTen's square pair) instead of two."""
     if not is_private(x):
-        return x * x
+        return x * x / 2.0**shift
     from crypten.mpc.primitives import beaver
 
-    return _from_raw(beaver.square(x._tensor).share, _scale(x) ** 2)
+    return _from_raw(beaver.square(x._tensor).share, _scale(x) ** 2, shift)
 
 
 def rescale(x: Value, shift: int) -> Value:
@@ -491,28 +491,29 @@ def mask_multiply(x: Value, mask: Tensor) -> Value:
     return out
 
 
-def combine(stacked: Value, weights: Tensor, bias: Tensor | float = 0.0) -> Value:
-    """sum_k weights[k] * stacked[k] + bias, public weights (each broadcast against stacked[k]) and bias on the
-    2^-16 grid. One truncation for all terms, none when `stacked` holds 0/1 bits."""
+def combine(stacked: Value, weights: Tensor, bias: Tensor | float = 0.0, shift: int = 0) -> Value:
+    """sum_k weights[k] * stacked[k] / 2^shift + bias, public weights (each broadcast against stacked[k]) and bias
+    on the 2^-16 grid. One truncation for all terms, none when `stacked` holds 0/1 bits and shift is 0."""
     w = on_grid(weights)
     w = w.view(*w.shape, *([1] * (stacked.dim() - w.dim())))
     if not is_private(stacked):
-        out = (w.to(stacked.dtype) * stacked).sum(0)
+        out = (w.to(stacked.dtype) * stacked).sum(0) / 2.0**shift
     else:
-        out = _from_raw((_encode(w) * stacked.share).sum(0), _scale(stacked) * SCALE)
+        out = _from_raw((_encode(w) * stacked.share).sum(0), _scale(stacked) * SCALE, shift)
     bias = on_grid(bias)
     if bias.dim() == 0:
         return out + float(bias) if float(bias) != 0.0 else out
     return out + (bias.to(out.dtype) if not is_private(out) else bias)
 
 
-def powers(x: Value, degree: int) -> Value:
-    """Stack of x^1 .. x^degree in ceil(log2(degree)) product rounds (each doubles the known powers)."""
+def powers(x: Value, degree: int, shift: int = 0) -> Value:
+    """Stack of x^1 .. x^degree in ceil(log2(degree)) product rounds (each doubles the known powers). With a
+    shift, x holds a value scaled by 2^shift and so does every power: (x 2^s)^k / 2^((k-1) s)."""
     known = x.unsqueeze(0)
     while known.shape[0] < degree:
         have = known.shape[0]
         m = min(have, degree - have)
-        known = cat([known, mul(known[:m], known[have - 1])])
+        known = cat([known, mul(known[:m], known[have - 1], shift=shift)])
     return known
 
 
@@ -590,6 +591,32 @@ EXP = ExpTable(
     ),
 )  # fmt: skip
 
+
+@dataclass(frozen=True)
+class RangeExpTable:
+    """exp(x) for x in [-range, 0] with no comparison: p(t)^(2^halvings), t = 1 + 2x / range in [-1, 1]; p is the
+    fit of e^u on u = x / 2^halvings in [-range / 2^halvings, 0] in the normalised variable t (`fit_piece`)."""
+
+    range: float  # a power of two up to 2^(RANGE_EXP_BITS + 1), so t 2^RANGE_EXP_BITS is an integer multiple of x
+    halvings: int
+    coeffs: tuple[float, ...]  # p in monomials of t
+
+
+# exp without clipping on [-64, 0]: p of degree 7 on u in [-2, 0] (fit error 7.4e-8), squared 5 times (1.9e-6 on
+# the domain). Below the domain p(t) keeps falling (t < -1 is a mild extrapolation), so the result stays below
+# 2^-16 down to x = -170 in floats; in 2PC the products of powers stay inside the ring down to t = -4 (x = -160).
+RANGE_EXP = RangeExpTable(
+    range=64.0,
+    halvings=5,
+    coeffs=(
+        0.3678793681076744, 0.3678793762392137, 0.18394205529211147, 0.06131395331760787,
+        0.015316665861997045, 0.0030634634715654622, 0.0005294788603735375, 7.556535271452587e-05,
+    ),
+)  # fmt: skip
+RANGE_EXP_BITS = 8  # extra fractional bits of t, p and the squarings (2^-24 resolution; products stay < 2^62)
+RANGE_EXP_SAFE = 150.0  # documented safe depth below 0 (tested in 2PC): |exp_range(x) - e^x| <= 2^-16 down to it
+
+
 # GeLU: k(a) = a * Phi(-a) is below 1.5e-6 beyond a = 5. SiLU: a * sigmoid(-a) is below 7.4e-5 beyond a = 12.
 GELU = TailTable(
     cuts=(0.0, 2.0, 5.0),
@@ -631,6 +658,27 @@ def exp_neg(x: Value, clip_top: bool = False) -> Value:
     y = polynomial(rescale(x, EXP.halvings), on_grid(EXP.coeffs))
     for _ in range(EXP.halvings):
         y = square(y)
+    return y
+
+
+def exp_range(x: Value) -> Value:
+    """exp(x) for x in [-150, 0] without any comparison: p(t)^32 with t = 1 + x / 32 and p of degree 7 (RANGE_EXP).
+
+    t, the powers of t, p(t) and the squarings carry 8 extra fractional bits (scale 2^24): t is an exact integer
+    multiple of x (free), the coefficients sit on a 2^-24 grid, and the last squaring returns to 2^-16. Domain: the
+    fit holds on [-64, 0]; on [-150, -64] the result stays within 2^-16 of e^x (it is below 2^-16 there).
+    Outside: below -160 the powers leave the ring (garbage in that element only); above 0 the result extrapolates
+    e^x (relative error < 1e-4 up to x = 5) and overflows past x = 9.7 (the last square's product reaches 2^62).
+    Max abs error on [-150, 0]: 2e-6 in the simulator, 2^-16 in MPC (the last squaring's rounding); relative
+    error on [-14, 0]: 3.3e-6 in the simulator.
+    Cost: 17 rounds, 416 bytes per element per party (exp_neg with its clip: 23 rounds, 800 bytes).
+    """
+    table, bits = RANGE_EXP, RANGE_EXP_BITS
+    t = x * ((2 << bits) // int(table.range)) + float(1 << bits)  # 2^bits t: exact, no truncation
+    coeffs = on_grid(torch.tensor(table.coeffs, dtype=torch.float64) * (1 << bits))  # p 2^bits on the 2^-24 grid
+    y = combine(powers(t, len(coeffs) - 1, shift=bits), coeffs[1:], coeffs[0], shift=bits)  # 2^bits p(t)
+    for i in range(table.halvings):
+        y = square(y, shift=bits if i + 1 < table.halvings else 2 * bits)
     return y
 
 
@@ -740,28 +788,45 @@ MASK_FILL = 1.0e4  # masked scores before the max; any finite value below every 
 
 
 def row_max(x: Value) -> Value:
-    """Max over the last dim (keepdim). MPC: CrypTen's log-reduction tree, ~79 rounds and ~1.3 kB per element
-    for rows of 128: the dominant cost of a max-based softmax."""
+    """Max over the last dim (keepdim), exact. MPC: a tournament of ceil(log2 n) levels, each one comparison
+    batch and one bit-times-difference product (no truncation): n - 1 comparisons, 9 rounds per level; rows of
+    128: 63 rounds, 460 bytes per element. CrypTen's x.max(dim) also builds the argmax one-hot (an equality test
+    of every element against the max, a random tie break): 79 rounds, 1.34 kB per element."""
     if not is_private(x):
         return x.amax(-1, keepdim=True)
-    return x.max(dim=-1, keepdim=True)[0]
+    cur = x
+    while cur.shape[-1] > 1:
+        k = cur.shape[-1] // 2
+        left, right, rest = cur[..., :k], cur[..., k : 2 * k], cur[..., 2 * k :]
+        diff = left - right
+        left_wins = 1 - less_than(diff, [0.0])[0]  # [left >= right]
+        cur = cat([right + mul(left_wins, diff), rest], dim=-1)
+    return cur
 
 
-def softmax(x: Value, mask: Tensor | None = None, bound: float | Tensor | None = None) -> Value:
+def softmax(
+    x: Value, mask: Tensor | None = None, bound: float | Tensor | None = None, score_range: float | None = None
+) -> Value:
     """Softmax over the last dim with a public 0/1 `mask` (False = excluded; rows with nothing valid give 0).
 
-    Without `bound`, subtracts the row max (CrypTen's comparison tree). With a public `bound` >= every score (a
-    number, or a tensor broadcasting against x[..., :1]) it subtracts the bound and skips the max entirely; exp's
-    inputs are clipped to [-14, 0], so scores above the bound saturate rather than overflow. Masked entries are
-    zeroed after exp by an exact public product, so no large negative constant reaches exp (before the max they
+    Without `bound`, subtracts the row max (`row_max`). With a public `bound` >= every score (a number, or a
+    tensor broadcasting against x[..., :1]) it subtracts the bound and skips the max entirely. The exp:
+    * score_range None: `exp_neg`, whose inputs are clipped to [-14, 0] by comparisons (with a bound, scores
+      above it saturate rather than overflow);
+    * score_range R (public, at most RANGE_EXP_SAFE = 150): `exp_range`, no comparison at all. The caller
+      states that every visible score lies within R below the max (or the bound). Entries down to 150 below are
+      still right (e^x < 2^-16 there); deeper ones are garbage in their own entry, and with a bound, scores
+      above it by more than ~9 overflow (exp_range's domain): calibrate the bound with a margin.
+    Masked entries go to 0 before exp and are zeroed after it by exact public products (before the max they
     are set to -1e4, far inside the fixed-point range). The normaliser 2^a / sum (a = ceil(log2 n)) keeps 16
     significant bits for long rows.
 
-    Error (max over entries, checked in tests): with the max, |p - p_ref| <= 3e-4 + n 2^-17 (the last term is
-    the sum of n rounded exps); with a bound, that times e^(bound - max), as every e^(x - bound) shrinks by that
-    factor while the rounding does not: use a bound within ~3 of the true max.
-    Cost, 8 rows of 128 (per party): with the max 124 rounds, 2.3 kB per score; with a bound 46 rounds, 1.5 kB
-    (CrypTen's softmax, with exact truncation: 155 rounds, 1.7 kB).
+    Error (max over entries, checked in tests): with the max, |p - p_ref| <= 3e-4 + n 2^-17 with exp_neg,
+    2^-15 + n 2^-17 with exp_range (the n 2^-17 term is the sum of n rounded exps); with a bound, that times
+    e^(bound - max), as every e^(x - bound) shrinks by that factor while the rounding does not.
+    Cost per party (`python -m bench.mpc_ops`), 8 rows of 128: max + exp_neg 108 rounds, 1.41 kB per score;
+    max + exp_range 102, 1.02 kB; bound + exp_neg 46, 1.53 kB; bound + exp_range 39, 0.68 kB (CrypTen's softmax,
+    with exact truncation: 155 rounds, 1.65 kB). 8 rows of 1024, max + exp_range: 129 rounds, 0.93 kB.
     """
     n = x.shape[-1]
     if mask is not None:
@@ -772,14 +837,20 @@ def softmax(x: Value, mask: Tensor | None = None, bound: float | Tensor | None =
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(x.shape)}"
             ) from None
+    if score_range is not None and not 0 < score_range <= RANGE_EXP_SAFE:
+        raise ValueError(f"score_range must lie in (0, {RANGE_EXP_SAFE}] (exp_range's domain), got {score_range}")
     if bound is None:
         if mask is not None:
             x = mask_multiply(x, mask) - MASK_FILL * (~mask).double()
-        e = exp_neg(x - row_max(x))
+        d = x - row_max(x)
         lo = 0.5  # the max's own term is e^0 = 1
     else:
-        e = exp_neg(x - on_grid(bound).to(x.dtype if not is_private(x) else torch.float64), clip_top=True)
+        d = x - on_grid(bound).to(x.dtype if not is_private(x) else torch.float64)
         lo = 2.0**-10
+    if score_range is None:
+        e = exp_neg(d, clip_top=bound is not None)
+    else:
+        e = exp_range(d if mask is None else mask_multiply(d, mask))  # masked: exp(0), zeroed below
     if mask is not None:
         e = mask_multiply(e, mask)
     total = e.sum(-1, keepdim=True)
