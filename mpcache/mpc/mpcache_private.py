@@ -102,7 +102,7 @@ from mpcache.methods.mpcache import (
 from mpcache.model.transformer import visibility
 from mpcache.mpc import numerics as N
 from mpcache.mpc.accounting import span
-from mpcache.mpc.layers import PrivateKVCache, PrivateLayerKV, cached_attention
+from mpcache.mpc.layers import SCORE_RANGE, PrivateKVCache, PrivateLayerKV, cached_attention
 from mpcache.mpc.numerics import Value
 
 LIFT = 1.0e4  # pushes an ineligible cluster's score below every real score (|q . r| stays far below it)
@@ -188,7 +188,7 @@ def window_scores(queries: Value, keys: Value, query_positions: Tensor, key_posi
     q = queries.reshape(b, hkv, hq // hkv, w, d)
     scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, W, L]
     valid = torch.ones(b, hkv, keys.shape[2], dtype=torch.bool)
-    probs = N.softmax(scores, visibility(query_positions, key_positions, valid))
+    probs = N.softmax(scores, visibility(query_positions, key_positions, valid), score_range=SCORE_RANGE)
     received = probs.sum(3)  # [B, Hkv, G, L]
     if not N.is_private(received):
         return static_scores(received)
