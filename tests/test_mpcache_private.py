@@ -450,3 +450,22 @@ def test_simulated_policy_follows_plaintext_mpcache_on_the_bundled_model():
         int(plain.attended_tokens(i).max()) for i in range(4)
     ]
     assert private.attention_view(0).capacity < int(private.tokens_per_head(0).max()) < ids.shape[1]
+
+
+def test_gather_operand_grows_by_one_child_instead_of_reopening():
+    """The middle children are an append-only operand: a filled child is appended (opened alone), never the whole
+    block again (the simulator runs the same bookkeeping as 2PC)."""
+    m = tiny("llama", n_layer=2, max_position=256)
+    ids = torch.randint(0, 40, (1, 120), generator=torch.Generator().manual_seed(2))
+    pm = L.PrivateTransformer.from_plain(m, lambda t: t)
+    filled = L.PrivateKVCache(2)
+    with torch.no_grad():
+        out = pm(L.one_hot(ids, 40), filled)
+        cache = M.PrivateMPCache.adopt(filled, 48, static_ratio=1.0)
+        held, lengths = [], []
+        for _ in range(20):  # 120 cached tokens: child 8 fills at 128, child 9 starts
+            out = pm(L.one_hot(out[:, -1:].argmax(-1), 40), cache)
+            held.append(cache.clusters[0])
+            lengths.append(cache.clusters[0].length)
+    assert all(h is held[0] for h in held)  # one operand throughout
+    assert lengths[0] == 120 // 16 + 1 - 2 and lengths[-1] == lengths[0] + 1  # one middle child appended

@@ -427,7 +427,7 @@ def middle_clusters(entry: PrivateLayerKV, n_child: int, sub: int) -> Value:
 
 
 def gather_view(
-    entry: PrivateLayerKV, selection: Selection, sub: int, clusters: Value | N.FixedOperand | None = None
+    entry: PrivateLayerKV, selection: Selection, sub: int, clusters: Value | N.GrowingOperand | None = None
 ) -> PrivateLayerKV:
     """What attention reads: the first child, the chosen middle children (one-hot over clusters times
     `middle_clusters`, given or computed here), and the last child."""
@@ -463,8 +463,8 @@ class PrivateMPCache(PrivateKVCache):
         self.static: list[StaticKeep | None] = [None] * n_layer
         self.summary: list[ClusterSummary | None] = [None] * n_layer
         self.selection: list[Selection | None] = [None] * n_layer
-        # the gather's operand, opened once against a fixed dealer mask while the middle children stay the same
-        self.clusters: list[tuple[int, Value | N.FixedOperand] | None] = [None] * n_layer
+        # the gather's operand: the middle children, each opened once against its own dealer mask rows
+        self.clusters: list[N.GrowingOperand | Value | None] = [None] * n_layer
 
     @classmethod
     def adopt(cls, cache: PrivateKVCache, budget: int, static: bool = True, **knobs) -> PrivateMPCache:
@@ -554,11 +554,23 @@ class PrivateMPCache(PrivateKVCache):
         with span("selection"):
             if chosen.matrix is None:
                 return gather_view(entry, chosen, self.knobs.subcluster_size)
-            held = self.clusters[layer]
-            if held is None or held[0] != chosen.n_child:  # a child filled up: the middle block grew
-                held = (chosen.n_child, N.fixed(middle_clusters(entry, chosen.n_child, self.knobs.subcluster_size)))
-                self.clusters[layer] = held
-            return gather_view(entry, chosen, self.knobs.subcluster_size, held[1])
+            return gather_view(entry, chosen, self.knobs.subcluster_size, self._middle_operand(layer, entry, chosen))
+
+    def _middle_operand(self, layer: int, entry: PrivateLayerKV, chosen: Selection) -> N.GrowingOperand | Value:
+        """The gather's right operand, the middle children [B, H, n_child - 2, sub x (Dk + Dv)], as an append-only
+        numerics.GrowingOperand: when a child fills up, only the new middle child is opened (16 rows), and a fresh
+        operand (everything opened once) only when its capacity is used up."""
+        middle = middle_clusters(entry, chosen.n_child, self.knobs.subcluster_size)
+        held, rows = self.clusters[layer], middle.shape[2]
+        if not N.GrowingOperand.supported(middle):
+            return middle
+        if isinstance(held, N.GrowingOperand) and held.length <= rows <= held.capacity:
+            if rows > held.length:
+                held.append(middle[:, :, held.length :])
+            return held
+        held = N.GrowingOperand(middle, -2, N.growing_capacity(rows))
+        self.clusters[layer] = held
+        return held
 
 
 def full_attention(queries: Value, entry: PrivateLayerKV, query_positions: Tensor) -> Value:
