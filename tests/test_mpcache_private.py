@@ -469,3 +469,21 @@ def test_gather_operand_grows_by_one_child_instead_of_reopening():
             lengths.append(cache.clusters[0].length)
     assert all(h is held[0] for h in held)  # one operand throughout
     assert lengths[0] == 120 // 16 + 1 - 2 and lengths[-1] == lengths[0] + 1  # one middle child appended
+
+
+@pytest.mark.parametrize("similarity", ["bound", "linear"])
+def test_cluster_reps_score_like_cluster_scores_and_append_only_completed_clusters(similarity):
+    keys, queries = randn(1, 2, 95, 8, seed=21), randn(1, 2, 2, 8, seed=22)
+    summary = M.ClusterSummary.build(keys)
+    reps = M.ClusterReps(ALPHA, similarity)
+    kmax, kmin = N.cat([summary.parent_max, summary.child_max], 2), N.cat([summary.parent_min, summary.child_min], 2)
+    want = M.cluster_scores(queries, kmax, kmin, ALPHA, similarity)
+    parent, child = reps.scores(queries, summary)
+    c1, c2 = summary.parent_max.shape[2], summary.child_max.shape[2]  # 3, 6: children 0-4 and parents 0-1 complete
+    torch.testing.assert_close(parent[..., 1 : c1 - 1], want[..., 1 : c1 - 1])
+    torch.testing.assert_close(child[..., 1 : c2 - 1], want[..., c1 + 1 : c1 + c2 - 1])
+    operand, columns = reps.operand, reps.operand.length
+    assert columns == 5 + 2
+    summary.append(randn(1, 2, 1, 8, seed=23))  # token 96 completes child 5 and parent 2
+    reps.scores(queries, summary)
+    assert reps.operand is operand and reps.operand.length == columns + 2

@@ -301,6 +301,57 @@ class ClusterSummary:
         self.length += 1
 
 
+class ClusterReps:
+    """The representatives of every COMPLETE child and parent (`cluster_scores`' right operand: [kmin, kmax -
+    kmin] for "bound", the blend for "linear"), transposed [B, H, W, R] as an append-only numerics.GrowingOperand:
+    a complete cluster's representative never changes, so each is opened once, when its cluster fills up, and a
+    decode step's score product opens only the query. Selection reads only middle clusters' scores (the first and
+    last are always read), and those are complete. Order: completion order, child j then (j odd) parent j // 2.
+    A fresh operand (everything opened once) when the capacity is used up."""
+
+    def __init__(self, alpha: float, similarity: str) -> None:
+        self.alpha, self.similarity = alpha, similarity
+        self.operand: N.GrowingOperand | None = None
+        self.order: list[tuple[str, int]] = []  # ("child" | "parent", index) per operand column
+
+    def _rep(self, kmax: Value, kmin: Value) -> Value:
+        if self.similarity == "linear":
+            return cluster_representatives(kmax, kmin, float(N.on_grid(self.alpha)))
+        return N.cat([kmin, kmax - kmin], -1)
+
+    def scores(self, queries: Value, summary: ClusterSummary) -> tuple[Value, Value]:
+        """(parent, child) scores [B, H, C1], [B, H, C2] for the query heads [B, H, G, D] (ends: not meaningful)."""
+        b, h, _, d = queries.shape
+        r = summary.size // summary.sub
+        done = summary.length // summary.sub  # complete children
+        order = [
+            (kind, i)
+            for j in range(done)
+            for kind, i in [("child", j)] + ([("parent", j // r)] if (j + 1) % r == 0 else [])
+        ]
+        new = order[len(self.order) :]
+        if self.operand is None or order[: len(self.order)] != self.order or len(order) > self.operand.capacity:
+            new, self.order, self.operand = order, [], None
+        if new:
+            pick = {"child": (summary.child_max, summary.child_min), "parent": (summary.parent_max, summary.parent_min)}
+            reps = N.cat([self._rep(pick[k][0][:, :, i : i + 1], pick[k][1][:, :, i : i + 1]) for k, i in new], 2)
+            if self.operand is None:
+                self.operand = N.GrowingOperand(reps.transpose(-1, -2), -1, N.growing_capacity(len(order)))
+            else:
+                self.operand.append(reps.transpose(-1, -2))
+            self.order = order
+        if self.similarity == "linear":
+            query = queries.sum(2).unsqueeze(2)  # [B, H, 1, D]
+        else:
+            query = sign_split(queries).reshape(b, h, 1, 2 * d)
+        flat = N.matmul(query, self.operand).squeeze(2)  # [B, H, R]
+        c1, c2 = summary.parent_max.shape[2], summary.child_max.shape[2]
+        column = {key: i for i, key in enumerate(self.order)}
+        child = torch.tensor([column.get(("child", j), 0) for j in range(c2)])
+        parent = torch.tensor([column.get(("parent", i), 0) for i in range(c1)])
+        return _take(flat, parent), _take(flat, child)
+
+
 # ------------------------------------------------------------------------------- 3. dynamic selection
 @dataclass
 class Selection:
@@ -371,17 +422,21 @@ def select(
     similarity: str = "linear",
     topk: str = "rank",
     keys: Value | None = None,
+    scores: tuple[Value, Value] | None = None,
 ) -> Selection | None:
     """Two-level query-aware choice (plaintext: select_clusters) for the query heads [B, H, G, D] of each KV head
     and a per-head budget of `tokens` (public): budget // sub children are read. None when every child fits.
     topk "rank": exact secret top-k (pairwise ranks, 16 rounds, m^2 / 2 comparisons); "bucket": bucket_one_hot.
-    similarity "exact" (the ablation) needs the cached `keys` [B, H, L, D]: see exact_scores."""
+    similarity "exact" (the ablation) needs the cached `keys` [B, H, L, D]: see exact_scores. `scores`: (parent,
+    child) scores [B, H, C1], [B, H, C2] computed by the caller (ClusterReps); only the middle entries are read."""
     c1, c2, sub = summary.parent_max.shape[2], summary.child_max.shape[2], summary.sub
     n_sub = max(tokens // sub, 2)
     if n_sub >= c2:
         return None
     n_parent = max(-(-(n_sub + 1) // 2), math.floor(ratio1 * c1))
-    if similarity == "exact":
+    if scores is not None:
+        parent_scores, child_scores = scores
+    elif similarity == "exact":
         if keys is None:
             raise ValueError("exact similarity needs the cached keys")
         parent_scores, child_scores = exact_scores(queries, keys, summary.size, sub)
@@ -463,6 +518,7 @@ class PrivateMPCache(PrivateKVCache):
         self.static: list[StaticKeep | None] = [None] * n_layer
         self.summary: list[ClusterSummary | None] = [None] * n_layer
         self.selection: list[Selection | None] = [None] * n_layer
+        self.reps: list[ClusterReps | None] = [None] * n_layer  # representatives, each opened once
         # the gather's operand: the middle children, each opened once against its own dealer mask rows
         self.clusters: list[N.GrowingOperand | Value | None] = [None] * n_layer
 
@@ -525,6 +581,7 @@ class PrivateMPCache(PrivateKVCache):
                 self.static[layer] = plan
                 self.layers[layer] = entry = compact(entry, plan)
             self.summary[layer] = ClusterSummary.build(entry.keys, self.knobs.cluster_size, self.knobs.subcluster_size)
+            self.reps[layer] = None
 
     def observe(self, layer: int, queries: Value, query_positions: Tensor) -> None:
         """At a decode step: choose the clusters attention reads (or reuse the source layer's choice)."""
@@ -541,8 +598,13 @@ class PrivateMPCache(PrivateKVCache):
             hkv = entry.keys.shape[1]
             group = queries.reshape(b, hkv, hq // hkv, d)
             k = self.knobs
+            scores = None
+            if k.similarity != "exact":
+                if self.reps[layer] is None:
+                    self.reps[layer] = ClusterReps(k.alpha, k.similarity)
+                scores = self.reps[layer].scores(group, summary)
             self.selection[layer] = select(
-                group, summary, self.budget, k.alpha, k.ratio1, k.similarity, k.topk, entry.keys
+                group, summary, self.budget, k.alpha, k.ratio1, k.similarity, k.topk, entry.keys, scores
             )
 
     def attention_view(self, layer: int) -> PrivateLayerKV:
