@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-ratio", type=float, default=None,
         help=f"budget = max({MIN_BUDGET}, int(ratio x seq_len)); default {DEFAULT_RATIO} without --budget",
     )  # fmt: skip
-    parser.add_argument("--accuracy", type=Path, default=None, help="bench.accuracy JSON: accuracy beside rows")
+    parser.add_argument(
+        "--accuracy", type=Path, nargs="+", default=None, help="bench.accuracy JSON file(s): accuracy beside rows"
+    )
     parser.add_argument("--seq-lens", default="512,1024", help="cached lengths, comma-separated")
     parser.add_argument("--link", default="lan,wan", help=f"comma-separated, from {sorted(LINKS)}; loopback always")
     parser.add_argument("--models", default="bundled,paper", help="bundled and/or paper")
@@ -370,10 +372,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"method {label!r}: {error}")
     accuracy_rows = None
     if opts.accuracy is not None:
-        try:
-            accuracy_rows = json.loads(opts.accuracy.read_text())
-        except (OSError, ValueError) as error:
-            parser.error(f"--accuracy {opts.accuracy}: {error}")
+        accuracy_rows = []
+        for path in opts.accuracy:
+            try:
+                accuracy_rows += json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                parser.error(f"--accuracy {path}: {error}")
     if max(seq_lens) + opts.steps > PAPER["max_position"]:
         parser.error(f"--seq-lens must stay below {PAPER['max_position'] - opts.steps}")
 
