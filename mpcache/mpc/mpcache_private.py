@@ -1,32 +1,31 @@
 """MPCache on secret-shared keys and queries: the MPC side of mpcache/methods/mpcache.py.
 
 Every step mirrors a plaintext function of the reference (imported, not re-derived) and is written against
-mpcache.mpc.numerics, so on float tensors it is the simulator and on MPCTensors it runs in 2PC. The parties learn
-public sizes only: the prompt length, the fixed keep count, the cluster boundaries and how many clusters are read;
-never which tokens or clusters (no value derived from a score is ever opened).
+mpcache.mpc.numerics, so on float tensors it is the simulator and on MPCTensors it runs in 2PC. Knobs and their
+defaults are one dataclass, mpcache.methods.mpcache.MPCacheKnobs. The parties learn public sizes only: the prompt
+length, the fixed keep count, the cluster boundaries and how many clusters are read; never which tokens or clusters
+(no value derived from a score is ever opened; a test counts openings).
 
 1. Look-once static eviction (`static_keep`): the observation window's softmax attention summed over its queries
-   and averaged over heads (`static_scores`), a FIXED public keep count (max(budget, static_ratio x prompt)), the
-   first `sink` and last `window` tokens kept publicly, the rest ranked by `pairwise_rank` and compacted by one
-   oblivious gather (a secret one-hot matrix times the cache), in slot order. Done once per layer after prefill.
+   and averaged over heads (`static_scores`), summed over neighbouring slots (`window_sum`, local), a FIXED public
+   keep count (max(budget, static_ratio x prompt)), the first `sink` and last `window` tokens kept publicly, the
+   rest ranked by `pairwise_rank` and compacted by one oblivious gather (a secret one-hot matrix times the cache).
+   Done once per layer after the private prefill; quadratic in the prompt (one comparison batch of L^2 / 2).
 2. Hierarchical clustering (`ClusterSummary`): contiguous 16-token children and 32-token parents with public
-   boundaries; per-channel max/min by a comparison tree (children: log2 16 levels, parents: one more level from
-   the children); a decode step's appended key changes only the last child and parent (one comparison batch).
-3. Query-aware selection (`select`): similarity = one product of the blended representatives
-   (`cluster_representatives`) with the group-summed query; top `ratio1` parents, then the best children of the
-   chosen parents (others pushed down by a secret bit times a public constant); the first and last child are
-   always read, publicly. The chosen middle children are gathered by a one-hot [k, C] times the cache viewed as
-   [C, 16 x (Dk + Dv)] (`oblivious_gather`).
+   boundaries; per-channel max/min by a comparison tree; a decode step's appended key changes only the last child
+   and parent (one comparison batch).
+3. Query-aware selection (`select`): cluster scores from one product of the complete clusters' representatives
+   (`ClusterReps`, an append-only operand: each opened once, when its cluster fills) with the query: Quest's box
+   bound via the sign split (`sign_split`: one comparison per query channel) by default, the paper's alpha blend
+   with similarity="linear", or the exact max of q.k per cluster ("exact", the ablation: `exact_scores`). Top
+   clusters at each level: `bucket_one_hot` (default: the best of k strided buckets, one argmax tournament per
+   bucket, m comparisons; the one-hots are the gather matrix) or the exact top-k (`pairwise_rank` + `top_k_mask`
+   + `compaction_matrix`: m^2 / 2 comparisons in 16 rounds). Children of unchosen parents are pushed down by a
+   secret bit times a public constant; the first and last child are always read, publicly. The chosen middle
+   children are gathered by the one-hot [k, C] times the middle children viewed as [C, 16 x (Dk + Dv)], an
+   append-only operand too (`PrivateMPCache._middle_operand`): a step opens the one-hot, not the cache.
 4. Cross-layer sharing (`sharing_pairs`): a reusing layer applies its source's secret compaction and selection
    matrices to its own cache.
-
-Secret top-k (`pairwise_rank`, `top_k_mask`): rank_i = #{j better than i} from all n(n-1)/2 pairwise comparisons
-in ONE comparison batch (8 rounds, 432 bytes per pair per party), then [rank < k] (8 rounds, n comparisons).
-16 rounds whatever n and k, against k sequential arg-maxes (k x ~10 log2 n rounds) for repeated one-hot argmax;
-the price is quadratic traffic, cheap at cluster granularity (C = L / 32) and paid once for static eviction.
-Compaction (`compaction_matrix`): the j-th chosen item is where the exclusive prefix count of chosen bits equals
-j; unchosen items are lifted out of range by a bit times a public constant, so P[j, i] = [v_i == j] takes one
-comparison batch of 2 k n and no product. Gathering is one Beaver product (bits x reals: no truncation).
 
 The prompt's window attention for static eviction is recomputed in `after_attention` (the private attention does
 not expose its probabilities); its cost is that of the window's rows of the prefill attention.
@@ -35,52 +34,13 @@ Gathered slots' true positions are secret; they are only needed for causal visib
 passes at decode, so gathered slots carry the lowest position they could hold (a public lower bound). Models with
 a sliding window would need the true positions: not supported.
 
-Measured cost per party of one decode step's attention in one layer, bundled-model shapes (4 KV heads, 8 query
-heads, head_dim 32), batch 1, 2PC over gloo on this machine, CrypTen's communication counters
-(`python -m mpcache.mpc.mpcache_private`). "full" = cached_attention over the whole cache (softmax with the row
-max); "select" = similarity + two-level top-k + gather (budget 20% of L: ratio2 = 0.2); "mpcache" = select +
-attention over the chosen slots:
-
-| L | read | full attention | select + gather | update | attend (read) | mpcache total |
-|---|---|---|---|---|---|---|
-| 256 | 48 | 138 r 5.49 MB | 45 r 1.34 MB | 9 r 0.24 MB | 118 r 1.18 MB | 172 r 2.75 MB |
-| 512 | 96 | 148 r 10.65 MB | 45 r 3.67 MB | 9 r 0.24 MB | 128 r 2.16 MB | 182 r 6.07 MB |
-| 1024 | 192 | 149 r 21.63 MB | 45 r 11.02 MB | 9 r 0.24 MB | 138 r 4.10 MB | 192 r 15.36 MB |
-
-| prompt L | static top-(L/2 - 32) rank + one-hot | gather of keys+values |
-|---|---|---|
-| 256 | 24 r 29.47 MB | 1 r 2.18 MB |
-| 512 | 24 r 142.77 MB | 1 r 5.65 MB |
-| 1024 | 24 r 624.17 MB | 1 r 15.75 MB |
-
-Measured 2026-11-25 on the shared 2-core CPU machine (r = rounds, MB per party; the command also prints wall
-seconds, omitted here as they are noisy there). Reading: per step, selection costs 45 rounds whatever L (8 for each
-of five comparison batches: parent ranks, [rank < k], child ranks, [rank < k], the one-hot; 4 for the
-representatives and the similarity product; 1 for the gather); bytes go down 2.0x / 1.75x / 1.4x at L = 256 / 512 /
-1024 against full attention over the same cache, while rounds go up (172-192 vs 138-149: attention over the read
-slots still pays the softmax's max tree). Against a full cache of the whole prompt (static eviction keeps half), a
-1024-token prompt decodes with 6.07 MB instead of 21.63 MB (3.6x). In this table the gather is a plain Beaver
-product that re-opens the middle clusters every step (about 4 of the 11 MB at L = 1024); PrivateMPCache instead
-holds them as a numerics.FixedOperand, opened once each time a child fills up (every 16 steps), so a step opens only
-the one-hot. Static eviction is quadratic in the prompt (624 MB per party and layer at 1024, once): the price of 24
-rounds.
-
-Whole decode step of the bundled model (4 layers, no cross-layer sharing at 4 layers with the default own_first =
-own_last = 2), full cache vs PrivateMPCache.adopt of the same n-token cache (budget n / 5), party 0's counters per
-step; selection includes the argmax of the next token (89 rounds, as in "full") and the cluster updates
-(`python -m mpcache.mpc.mpcache_private --lengths --static-lengths --model-lengths 256 512 1024`; seconds are
-loopback wall time on the 2-core machine, where the comparisons' local work is not hidden by any network):
-
-| cached n | method | rounds/step | MB/step | s/step | selection rounds, MB | attention+softmax MB |
-|---|---|---|---|---|---|---|
-| 256 | full | 980 | 32.14 | 4.90 | 89, 0.13 | 22.40 |
-| 256 | mpcache | 1112 | 16.04 | 5.47 | 305, 2.97 | 3.47 |
-| 512 | full | 1020 | 52.77 | 4.79 | 89, 0.13 | 43.04 |
-| 512 | mpcache | 1156 | 25.48 | 5.39 | 305, 8.33 | 7.54 |
-| 1024 | full | 1024 | 96.94 | 4.55 | 89, 0.13 | 87.20 |
-| 1024 | mpcache | 1196 | 54.68 | 6.35 | 305, 29.76 | 15.32 |
-
-Bytes per step drop 2.0x / 2.07x / 1.77x; rounds rise 13-17% (five comparison batches per selecting layer).
+Costs: `python -m bench.mpc_decode --method full,mpcache,...` (whole decode steps over gRPC, per operation class;
+README "MPCache under MPC" and bench/results/mpc_decode_*.json); `python -m mpcache.mpc.mpcache_private` prints
+the per-piece costs of one layer's decode-step attention (select / update / attend against full attention, at
+bundled-model shapes, gloo) and of static eviction. Measured per layer at 2048 kept tokens (4 KV heads, 2 query
+heads each), one decode step: sign split 9 rounds / 0.12 MB, score product 2 / 0.81 MB before ClusterReps
+(now: the query only), parent buckets 19 / 0.12 MB, child buckets 29 / 0.23 MB (the exact top-k: 16 rounds,
+~36 MB at 2048 per layer for the children alone).
 """
 
 from __future__ import annotations
