@@ -39,8 +39,9 @@ README "MPCache under MPC" and bench/results/mpc_decode_*.json); `python -m mpca
 the per-piece costs of one layer's decode-step attention (select / update / attend against full attention, at
 bundled-model shapes, gloo) and of static eviction. Measured per layer at 2048 kept tokens (4 KV heads, 2 query
 heads each), one decode step: sign split 9 rounds / 0.12 MB, score product 2 / 0.81 MB before ClusterReps
-(now: the query only), parent buckets 19 / 0.12 MB, child buckets 29 / 0.23 MB (the exact top-k: 16 rounds,
-~36 MB at 2048 per layer for the children alone).
+(now: the query only), parent buckets 19 / 0.12 MB, child buckets 29 / 0.23 MB. `_measure` at 2048 cached
+tokens, budget 409, bound similarity, gather re-opened by plain Beaver in both: select 36.6 MB with the exact
+top-k, 9.7 MB bucketed (2026-11-25).
 """
 
 from __future__ import annotations
