@@ -318,6 +318,47 @@ def print_tables(rows: list[dict]) -> None:
             )
 
 
+def markdown(rows: list[dict]) -> str:
+    """One markdown table: a row per (model, link, seq_len, method) with the ratios to full beside it."""
+    order = sorted(
+        rows,
+        key=lambda r: (r["model"], list(LINKS).index(r["link"]), r["seq_len"], r["method"] != "full", r["method"]),
+    )
+    lines = [
+        "| model | link | n | method | budget | rounds | MiB/party | latency s | full/method bytes | full/method "
+        "rounds | full/method latency | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in order:
+        v = r.get("vs_full")
+        ratios = [f"{v[k]:.2f}" for k in ("bytes", "rounds", "latency")] if v else ["-"] * 3
+        acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
+        budget = "-" if r.get("budget") is None else str(r["budget"])
+        lines.append(
+            f"| {r['model']} | {r['link']} | {r['seq_len']} | {r['method']} | {budget} | {r['rounds']} | "
+            f"{r['bytes_per_party'] / 2**20:.2f} | {r['latency_s']:.2f} | " + " | ".join(ratios) + f" | {acc} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report(rows: list[dict], opts: argparse.Namespace, accuracy_rows: list[dict] | None) -> None:
+    """Ratios, accuracy, the printed tables and the requested files (JSON, markdown, plot)."""
+    add_vs_full(rows)
+    if accuracy_rows is not None:
+        add_accuracy(rows, accuracy_rows)
+    print_tables(rows)
+    if opts.json:
+        opts.json.write_text(json.dumps(rows, indent=1))
+    if opts.markdown:
+        opts.markdown.write_text(markdown(rows))
+    plot_path = opts.plot or (opts.json.with_suffix(".png") if opts.json else None)
+    if plot_path:
+        try:
+            plot(rows, plot_path)
+        except ImportError:
+            print("matplotlib is not installed: no plot", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mpc_decode", description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="full", help=f"comma-separated, from {sorted(METHODS)}")
@@ -335,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="decode steps timed per length")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--plot", type=Path, default=None, help="write a plot here (default: next to --json)")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the rows as a markdown table here")
+    parser.add_argument(
+        "--render", type=Path, nargs="+", default=None,
+        help="measure nothing: report the rows of these --json files together (ratios to full, --accuracy)",
+    )  # fmt: skip
     parser.add_argument("--party", type=int, help=argparse.SUPPRESS)  # internal: run one party
     parser.add_argument("--args", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -378,6 +424,17 @@ def main(argv: list[str] | None = None) -> int:
                 accuracy_rows += json.loads(path.read_text())
             except (OSError, ValueError) as error:
                 parser.error(f"--accuracy {path}: {error}")
+    if opts.render:
+        rows = []
+        for path in opts.render:
+            try:
+                rows += json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                parser.error(f"--render {path}: {error}")
+        for row in rows:  # recomputed against the full rows of all the files
+            row.pop("vs_full", None)
+        report(rows, opts, accuracy_rows)
+        return 0
     if max(seq_lens) + opts.steps > PAPER["max_position"]:
         parser.error(f"--seq-lens must stay below {PAPER['max_position'] - opts.steps}")
 
@@ -402,18 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += json.loads(Path(tmp, "rank0.json").read_text())
             print(f"{label}: measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    add_vs_full(rows)
-    if accuracy_rows is not None:
-        add_accuracy(rows, accuracy_rows)
-    print_tables(rows)
-    if opts.json:
-        opts.json.write_text(json.dumps(rows, indent=1))
-    plot_path = opts.plot or (opts.json.with_suffix(".png") if opts.json else None)
-    if plot_path:
-        try:
-            plot(rows, plot_path)
-        except ImportError:
-            print("matplotlib is not installed: no plot", file=sys.stderr)
+    report(rows, opts, accuracy_rows)
     return 0
 
 

@@ -84,3 +84,21 @@ def test_unreadable_accuracy_file_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         B.main(["--method", "full", "--accuracy", str(bad)])
     assert "--accuracy" in capsys.readouterr().err
+
+
+def test_render_joins_saved_runs_against_their_full_rows(tmp_path):
+    import json
+
+    (tmp_path / "a.json").write_text(json.dumps([_row("full", 512, 4.0, 1000, 800)]))
+    stale = {**_row("mpcache", 512, 2.0, 800, 200, 51, 0.1), "vs_full": {"latency": 9, "rounds": 9, "bytes": 9}}
+    (tmp_path / "b.json").write_text(json.dumps([stale]))
+    accuracy = [dict(method="mpcache", task="niah", context_len=512, budget=0.1, accuracy=0.5, samples=2)]
+    (tmp_path / "acc.json").write_text(json.dumps(accuracy))
+    out = tmp_path / "joined.json"
+    argv = ["--render", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(out)]
+    argv += ["--accuracy", str(tmp_path / "acc.json"), "--markdown", str(tmp_path / "t.md"), "--plot", "/dev/null"]
+    assert B.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert rows[1]["vs_full"] == {"latency": 2.0, "rounds": 1.25, "bytes": 4.0} and rows[1]["accuracy"] == 0.5
+    table = (tmp_path / "t.md").read_text().splitlines()
+    assert table[3] == "| bundled | lan | 512 | mpcache | 51 | 800 | 0.00 | 2.00 | 4.00 | 1.25 | 2.00 | 0.50 |"
