@@ -31,7 +31,8 @@ When "full" runs in the same invocation, a second table gives full / method for 
 accuracy beside a row when the file holds rows with the same method label, context_len == seq_len and the same
 budget: budget null for full; otherwise a float budget equal to the row's ratio or an int equal to its tokens. The
 accuracy shown is the sample-weighted mean over the matching rows' tasks (`accuracy`, `accuracy_tasks` in the row);
-blank when nothing matches (a knob variant never matches: accuracy rows carry no knobs).
+bundled-model rows only (the paper configuration has random weights); blank when nothing matches (a knob variant
+matches rows written by `bench.accuracy --label` with the same label).
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ def add_accuracy(rows: list[dict], accuracy_rows: list[dict]) -> None:
         return isinstance(b, int) and b == row["budget"]
 
     for row in rows:
+        if row.get("model", "bundled") != "bundled":  # bench.accuracy measures the bundled model
+            continue
         hits = [
             a for a in accuracy_rows
             if a.get("method") == row["method"] and a.get("context_len") == row["seq_len"] and same_budget(a, row)
