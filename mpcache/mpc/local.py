@@ -1,9 +1,13 @@
 """Two CrypTen parties as local worker processes over gloo, for tests and cost measurements.
 
 Launching parties per call (CrypTen's `run_multiprocess`) re-initialises CrypTen every time, so `LocalParties`
-forks two workers once, runs `crypten.init()` in each, and keeps them alive: `run(fn, *args)` makes every party
+starts two workers once, runs `crypten.init()` in each, and keeps them alive: `run(fn, *args)` makes every party
 call `fn(*args)` and returns the results in rank order. `fn` must be a module-level function (it is pickled by
 reference); results travel pickled by value, so return plain values or tensors, not MPCTensors.
+
+Workers come from a fork server (a fresh interpreter that has imported torch and CrypTen, nothing else), not from
+a fork of the caller: a test process that has used gRPC (the gRPC transport and dealer tests) must not be forked,
+gRPC's fork handlers abort the child ("Check failed: next_worker->state == KICKED", seen in CI).
 
 A party that raises would leave the other blocked in a collective, so on any error, crash or timeout the pool
 kills both workers (it started them) and raises `PartyError` with the remote traceback; the next `run` starts a
@@ -57,7 +61,7 @@ def _worker(rank: int, world_size: int, rendezvous: str, setup: Callable[[], Non
 
 
 class LocalParties:
-    """A pool of `world_size` CrypTen parties (forked processes, gloo over a file rendezvous).
+    """A pool of `world_size` CrypTen parties (fork-server processes, gloo over a file rendezvous).
 
     setup: module-level function every party calls after `crypten.init()` (e.g. to install a tuple provider).
     timeout: seconds to wait for one `run` before the pool is torn down.
@@ -73,7 +77,8 @@ class LocalParties:
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def _start(self) -> None:
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "mpcache.mpc.crypten_compat"])
         self._tmp = tempfile.TemporaryDirectory(prefix="mpcache-parties-")
         rendezvous = "file://" + os.path.join(self._tmp.name, "rendezvous")
         self._results = ctx.Queue()
