@@ -48,6 +48,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mpcache.mpc.decoder import PRIVATE_CACHES  # the private KV caches the generate job serves too
+
 LINKS = {"loopback": (0.0, math.inf), "lan": (1.0, 1000.0), "wan": (40.0, 100.0)}
 PAPER = dict(
     family="gpt2", vocab_size=264, n_layer=1, n_head=32, n_kv_head=32, d_model=1024, d_ff=4096,
@@ -86,9 +88,7 @@ def _adopting(module: str, name: str) -> Callable[..., Callable]:
 
 METHODS: dict[str, Callable[..., Callable]] = {
     "full": _full,
-    "mpcache": _adopting("mpcache.mpc.mpcache_private", "PrivateMPCache"),
-    "streamingllm": _adopting("mpcache.mpc.baselines_private", "PrivateStreamingLLM"),
-    "h2o": _adopting("mpcache.mpc.baselines_private", "PrivateH2O"),
+    **{name: _adopting(module, cls) for name, (module, cls) in PRIVATE_CACHES.items()},
 }
 DEFAULT_RATIO = 0.1
 MIN_BUDGET = 32
