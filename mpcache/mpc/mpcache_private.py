@@ -583,13 +583,14 @@ class PrivateMPCache(PrivateKVCache):
         """The gather's right operand, the middle children [B, H, n_child - 2, sub x (Dk + Dv)], as an append-only
         numerics.GrowingOperand: when a child fills up, only the new middle child is opened (16 rows), and a fresh
         operand (everything opened once) only when its capacity is used up."""
+        held, rows = self.clusters[layer], chosen.n_child - 2
+        if isinstance(held, N.GrowingOperand) and rows == held.length:
+            return held  # nothing filled up since the last step: no need to rebuild the block
         middle = middle_clusters(entry, chosen.n_child, self.knobs.subcluster_size)
-        held, rows = self.clusters[layer], middle.shape[2]
         if not N.GrowingOperand.supported(middle):
             return middle
-        if isinstance(held, N.GrowingOperand) and held.length <= rows <= held.capacity:
-            if rows > held.length:
-                held.append(middle[:, :, held.length :])
+        if isinstance(held, N.GrowingOperand) and held.length < rows <= held.capacity:
+            held.append(middle[:, :, held.length :])
             return held
         held = N.GrowingOperand(middle, -2, N.growing_capacity(rows))
         self.clusters[layer] = held
