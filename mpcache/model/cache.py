@@ -104,9 +104,9 @@ class KVCache:
         self.layers[layer] = gather_slots(entry, index, count)
 
     # ------------------------------------------------------------------ hooks
-    # Attention calls, per layer and forward: observe_hidden -> update -> observe ->
-    # attention_view (what attention reads) -> after_attention. All are no-ops here;
-    # eviction policies (mpcache.methods) override them.
+    # Attention calls, per layer and forward: observe_hidden -> update -> observe -> attend (None
+    # unless the cache attends itself) -> attention_view (what attention reads) -> after_attention.
+    # All are no-ops here; eviction policies (mpcache.methods) override them.
     def observe_hidden(self, layer: int, hidden: Tensor) -> None:
         """Called with the attention block's normalised input [B, T, d_model] before the
         q/k/v projections (for methods that score tokens from hidden states). No-op here."""
@@ -114,6 +114,12 @@ class KVCache:
     def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
         """Called by attention with this step's queries [B, Hq, T, D] (after RoPE), after
         the step's keys were stored and before attention reads the cache. No-op here."""
+
+    def attend(self, layer: int, queries: Tensor, query_positions: Tensor, sliding_window: int | None) -> Tensor | None:
+        """Attention output [B, Hq, T, Dv] when the cache computes attention itself (the paged
+        store of `mpcache.serving` reads through block tables), or None: the model then attends
+        over `attention_view`. None here."""
+        return None
 
     def attention_view(self, layer: int) -> LayerKV:
         """The slots attention reads for this step: the whole layer here; a query-aware

@@ -168,15 +168,17 @@ class Attention(nn.Module):
             cache.observe_hidden(self.layer, x)
             cache.update(self.layer, k, v, positions, valid)
             cache.observe(self.layer, q, positions)
-            entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
-            if self.use_kernels:
-                from mpcache.kernels import decode_attention  # imported here: mpcache.kernels imports this module
+            out = cache.attend(self.layer, q, positions, self.config.sliding_window)  # a paged store attends itself
+            if out is None:
+                entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
+                if self.use_kernels:
+                    from mpcache.kernels import decode_attention  # imported here: mpcache.kernels imports this module
 
-                out = decode_attention(q, entry, positions, self.config.sliding_window)
-            else:
-                out = cached_attention(
-                    q, entry.keys, entry.values, positions, entry.positions, entry.valid, self.config.sliding_window
-                )
+                    out = decode_attention(q, entry, positions, self.config.sliding_window)
+                else:
+                    out = cached_attention(
+                        q, entry.keys, entry.values, positions, entry.positions, entry.valid, self.config.sliding_window
+                    )
             cache.after_attention(self.layer, q, positions)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
