@@ -4,7 +4,7 @@
         --samples 20 --budgets 64,128 --json results.json --markdown results.md --plot results.png
 
 Prints a table; writes JSON rows {method, task, context_len, budget, accuracy, samples,
-seconds, cache_tokens, cache_bytes, full_cache_bytes}, a markdown table for the README
+seconds, shared_prefill_seconds, cache_tokens, cache_bytes, full_cache_bytes}, a markdown table for the README
 and, with several budgets, an accuracy-vs-budget plot per task. "full" keeps every token
 and ignores the budgets (one row with budget null). Budgets are token counts (64) or
 fractions of the prompt (0.25).
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mpcache.eval.runner import ANSWER_MARGIN, Budget, evaluate, load_model, parse_budget
+from mpcache.eval.runner import ANSWER_MARGIN, Budget, MethodSpec, evaluate_many, load_model, parse_budget
 from mpcache.eval.tasks import TASKS
 
 
@@ -49,24 +49,24 @@ def budget_list(text: str) -> list[Budget]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, tokenizer = load_model(args.model)
-    rows = []
-    for method in args.methods:
-        for budget in [None] if method == "full" else args.budgets:
-            rows += evaluate(
-                model,
-                tokenizer,
-                method,
-                budget,
-                tasks=args.tasks,
-                lengths=args.lengths,
-                samples=args.samples,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                margin=args.margin,
-                method_kwargs=args.method_kwargs,
-                progress=not args.quiet,
-            )
-    return rows
+    specs = [
+        MethodSpec(method, budget, args.method_kwargs)
+        for method in args.methods
+        for budget in ([None] if method == "full" else args.budgets)
+    ]
+    return evaluate_many(
+        model,
+        tokenizer,
+        specs,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        margin=args.margin,
+        share_prefill=not args.own_prefill,
+        progress=not args.quiet,
+    )
 
 
 # ------------------------------------------------------------------ reports
@@ -200,6 +200,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="name the rows this instead of the method (one method only), e.g. the knob variant "
         "'mpcache:similarity=linear' that bench.mpc_decode --accuracy matches",
+    )
+    parser.add_argument(
+        "--own-prefill",
+        action="store_true",
+        help="every method prefills each prompt itself (default: one prefill per prompt, replayed into every "
+        "method that can start from it; same outputs, see mpcache/methods/shared_prefill.py)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--markdown", type=Path, default=None, help="write a markdown table here")

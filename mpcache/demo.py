@@ -2,6 +2,7 @@
 
     python -m mpcache.demo                               # passkey at 512 tokens, full KV cache
     python -m mpcache.demo --task niah --length 2048 --method snapkv --budget 128
+    python -m mpcache.demo --model smollm2 --task stdlib_docs --length 2048   # SmolLM2-135M-Instruct
     python -m mpcache.demo --private                     # the same model in 2PC (mpcache/mpc/private_demo.py)
 
 Streams the generated text as it is decoded, then prints the expected answer, whether it
@@ -20,17 +21,20 @@ from mpcache.eval.runner import (
     budget_tokens,
     full_cache_bytes,
     parse_budget,
+    prompt_overhead,
+    prompt_text,
     recording_factory,
     resolve_policy,
     row_cache_sizes,
 )
 from mpcache.eval.tasks import TASKS, exact_match, make_sample
 from mpcache.generate import stream_generate
-from mpcache.model.loading import BUNDLED_DIR, load_bundled
+from mpcache.model.loading import BUNDLED_DIR, load_bundled, load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mpcache.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bundled", help="bundled (default), smollm2, a checkpoint folder or .gguf")
     parser.add_argument("--task", choices=TASKS, default="passkey")
     parser.add_argument("--length", type=int, default=512, help="prompt length in tokens")
     parser.add_argument("--seed", type=int, default=0)
@@ -54,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return private_demo.main(argv)
     args = parse_args(argv)
     try:
-        model, tokenizer = load_bundled()
-    except FileNotFoundError:
+        model, tokenizer = load_bundled() if args.model == "bundled" else load_model(args.model)
+    except FileNotFoundError as error:
+        if args.model != "bundled":
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(
             f"The bundled checkpoint is missing ({BUNDLED_DIR}/model.safetensors).\n"
             "Train it first with `make train` (python -m mpcache.train, about 85 minutes on 2 cores).",
@@ -65,15 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     count = lambda text: len(tokenizer.encode(text, add_bos=False))
     budget = None if args.method == "full" else args.budget
     try:
-        sample = make_sample(args.task, args.length, args.seed, count, depth=args.depth)
-        input_ids = torch.tensor([tokenizer.encode(sample.prompt)])
+        sample = make_sample(
+            args.task, args.length, args.seed, count, depth=args.depth, reserve=prompt_overhead(tokenizer)
+        )
+        input_ids = torch.tensor([tokenizer.encode(prompt_text(tokenizer, sample))])
         policy = resolve_policy(args.method, None if budget is None else budget_tokens(budget, input_ids.shape[1]))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     factory, caches = recording_factory(policy)
     params = model.num_parameters()
-    print(f"model: bundled {model.config.family}, {params / 1e6:.1f}M parameters, {model.config.n_layer} layers")
+    print(f"model: {args.model} {model.config.family}, {params / 1e6:.1f}M parameters, {model.config.n_layer} layers")
     print(f"task: {args.task}, prompt {input_ids.shape[1]} tokens, fact at depth {sample.depth:.2f}")
     print("prompt ends: ..." + sample.prompt[-90:].replace("\n", " / "))
     print("model says: ", end="", flush=True)
@@ -82,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     shown = ""
     start = time.perf_counter()
     first = start
-    for step, token in enumerate(stream_generate(model, input_ids, args.max_new_tokens, policy=factory)):
+    stream = stream_generate(model, input_ids, args.max_new_tokens, policy=factory, eos_id=tokenizer.eos_id)
+    for step, token in enumerate(stream):
         if step == 0:
             first = time.perf_counter()
         ids.append(int(token[0]))
+        if ids[-1] == tokenizer.eos_id:  # the model ended its turn
+            print(flush=True)
+            break
         text = tokenizer.decode(ids)
         if "\n" in text:  # the answer line is over
             text = text[: text.index("\n")]

@@ -60,17 +60,39 @@ def stream_generate(
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     model.eval()
     cache = policy(model) if policy is not None else KVCache(model.config.n_layer)
-    device = input_ids.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    positions, next_position = prompt_positions(input_ids, attention_mask)
+    logits = model(input_ids, cache=cache, positions=positions, attention_mask=attention_mask, last_only=True)
+    yield from continue_generation(
+        model, cache, logits, next_position, max_new_tokens, temperature, top_k, top_p, seed, eos_id
+    )
+
+
+def prompt_positions(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Positions [B, T] of the prompt tokens (left padding: real tokens count from 0) and the
+    next position of every row [B]."""
     b, t = input_ids.shape
     if attention_mask is None:
-        positions = torch.arange(t, device=device).expand(b, t)
-        next_position = torch.full((b,), t, device=device)
-    else:
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        next_position = attention_mask.long().sum(-1)
-    logits = model(input_ids, cache=cache, positions=positions, attention_mask=attention_mask, last_only=True)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
+        return torch.arange(t, device=input_ids.device).expand(b, t), torch.full((b,), t, device=input_ids.device)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0), attention_mask.long().sum(-1)
+
+
+@torch.no_grad()
+def continue_generation(
+    model: Transformer,
+    cache: KVCache,
+    logits: Tensor,
+    next_position: Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+) -> Iterator[Tensor]:
+    """The decode loop of `stream_generate`, from a prefilled `cache`, the prefill's last
+    logits [B, 1, V] and each row's next position [B] (`prompt_positions`)."""
+    generator = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
         token = next_token(logits[:, -1], temperature, top_k, top_p, generator)
         if eos_id is not None:

@@ -40,6 +40,7 @@ ROW_FIELDS = {
     "accuracy",
     "samples",
     "seconds",
+    "shared_prefill_seconds",
     "cache_tokens",
     "cache_bytes",
     "full_cache_bytes",
@@ -197,6 +198,61 @@ def test_pad_left() -> None:
     ids, mask = pad_left([[1, 2, 3], [4]], pad_id=9)
     assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask is not None and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert pad_left([[1], [2]], pad_id=9)[1] is None
+
+
+# ------------------------------------------------------- a real BPE tokenizer + chat template
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from mpcache.model import checkpoint_folder, load_tokenizer
+
+    return load_tokenizer(checkpoint_folder("smollm2"))
+
+
+def chat_oracle_generate(task: str, tok, wrong: bool = False):
+    """A perfect (or wrong) chat model: reads the detokenized prompt, answers, says <|im_end|> and
+    then keeps "talking" (the runner must stop at EOS). Checks one BOS per prompt on the way."""
+
+    def fake(model, input_ids: Tensor, max_new_tokens: int, attention_mask=None, eos_id=None, **_) -> Iterator[Tensor]:
+        assert eos_id == tok.eos_id
+        rows = []
+        for b in range(input_ids.shape[0]):
+            mask = torch.ones_like(input_ids[b]) if attention_mask is None else attention_mask[b]
+            ids = input_ids[b][mask.bool()].tolist()
+            assert ids[0] == tok.bos_id and ids[1] != tok.bos_id  # the template's <|im_start|>, once
+            text = tok.decode(ids)
+            assert text.startswith("system\n") and "user\n" in text  # chat-formatted
+            answer = oracle_answer(task, text)
+            out = tok.encode(("9" if wrong else "") + answer + ".", add_bos=False) + [tok.eos_id]
+            rows.append(out + tok.encode(" 4 2 and more", add_bos=False))
+        for step in range(max_new_tokens):
+            yield torch.tensor([row[min(step, len(row) - 1)] for row in rows])
+
+    return fake
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_chat_model_with_bpe_tokenizer(model: Transformer, smollm2_tokenizer, task: str) -> None:
+    tok = smollm2_tokenizer
+    samples = runner.task_samples(tok, task, 1024, 2, seed=1)
+    results = evaluate_samples(model, tok, samples, batch_size=2, generate_fn=chat_oracle_generate(task, tok))
+    for r in results:
+        assert r.correct, (r.prediction, r.sample.answer)
+        assert r.prediction.endswith(".") and "4 2" not in r.prediction  # decoding stops reading at EOS
+        assert 0.95 * 1024 <= r.prompt_tokens <= 1024  # the prompt as the model reads it, in its tokens
+    wrong = evaluate_samples(model, tok, samples, batch_size=2, generate_fn=chat_oracle_generate(task, tok, True))
+    assert not any(r.correct for r in wrong)
+
+
+def test_digits_are_separate_tokens_and_answers_compare_as_text(smollm2_tokenizer) -> None:
+    tok = smollm2_tokenizer
+    sample = runner.task_samples(tok, "niah", 512, 1)[0]
+    text = runner.prompt_text(tok, sample)
+    assert text.endswith("<|im_start|>assistant\n" + sample.answer_prefix)
+    assert len(tok.encode(sample.answer, add_bos=False)) == len(sample.answer) == 7  # 7 digits, 7 tokens
+    wrapping = tok.apply_chat_template([{"role": "user", "content": ""}])
+    assert runner.prompt_overhead(tok) == len(tok.encode(wrapping)) > 20  # system turn + user/assistant tags
+    assert runner.prompt_overhead(TOK) == 0  # the bundled model's prompts are unchanged
+    assert runner.prompt_text(TOK, sample) == sample.prompt  # no chat template: the prompt as generated
 
 
 # ------------------------------------------------------------------ budgets

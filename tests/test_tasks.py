@@ -10,14 +10,17 @@ import pytest
 from mpcache.eval.oracle import oracle_answer
 from mpcache.eval.tasks import (
     ADJECTIVES,
+    MAX_DOC_SENTENCE,
     NOUNS,
     PLACES,
     TASKS,
     VERBS,
+    docstring_sentences,
     exact_match,
     filler_sentence,
     make_sample,
     make_samples,
+    stdlib_modules,
 )
 from mpcache.model import ByteTokenizer
 
@@ -37,7 +40,9 @@ def longest(words: list[str]) -> int:
 A, N = longest(ADJECTIVES), longest(NOUNS)
 MAX_SENTENCE = len("The  the  the .") + 2 * A + 3 * N + longest(VERBS) + longest(PLACES) + 3
 MAX_TURN = len("User: \nAssistant: I see. \n") + 2 * MAX_SENTENCE
-ITEMS = {"passkey": 1, "niah": 1, "niah_multikey": 4, "niah_multivalue": 4, "mqar": 8, "vt": 10, "episodic": 3}
+ITEMS = {"passkey": 1, "niah": 1, "niah_multikey": 4, "niah_multivalue": 4, "mqar": 8, "vt": 10, "episodic": 3,
+         "stdlib_docs": 1}  # fmt: skip
+UNITS = {"episodic": MAX_TURN, "stdlib_docs": MAX_DOC_SENTENCE + 1}
 
 
 def test_filler_bound_is_an_upper_bound() -> None:
@@ -61,7 +66,7 @@ def test_deterministic_by_seed(task: str) -> None:
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("length", [512, 1024, 2048, 4096])
 def test_prompt_length_just_below_context_len(task: str, length: int) -> None:
-    unit = MAX_TURN if task == "episodic" else MAX_SENTENCE
+    unit = UNITS.get(task, MAX_SENTENCE)
     for seed in range(5):
         n = count(make_sample(task, length, seed, count).prompt)
         assert n <= length
@@ -95,6 +100,7 @@ NEEDLES = {
     "mqar": lambda s: rf"Pair: {s.meta['keys'][0]}=",
     "vt": lambda s: r"VAR \w+ = ",
     "episodic": lambda s: rf"User: About {s.meta['topic']}:",
+    "stdlib_docs": lambda s: rf"The secret build tag of the {s.meta['module']} module is \d",
 }
 
 
@@ -145,6 +151,34 @@ def test_oracle_parser_recovers_every_answer(task: str, length: int) -> None:
         sample = make_sample(task, length, seed, count)
         assert oracle_answer(task, sample.prompt) == sample.answer
         assert exact_match(sample.answer + "\nThe", sample.answer)
+
+
+def test_stdlib_docs_haystack_is_real_docstring_text() -> None:
+    """Between the header and the question, everything but the needle is consecutive sentences
+    of the standard library's docstrings."""
+    sample = make_sample("stdlib_docs", 4096, 5, count)
+    header, rest = sample.prompt.split("\n", 1)
+    body = rest.rsplit("\nWhat is the secret build tag", 1)[0]
+    needle = f"The secret build tag of the {sample.meta['module']} module is {sample.answer}."
+    assert body.count(needle) == 1 and sample.prompt.endswith(sample.answer_prefix)
+    haystack = body.replace(needle, "").split(" ")
+    corpus = " ".join(s for path in stdlib_modules() for s in docstring_sentences(path))
+    window = " ".join(w for w in haystack if w)
+    assert len(window) > 2000 and window[:300] in corpus and window[-300:] in corpus
+    assert sample.meta["module"] in {p.stem for p in stdlib_modules()}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answer_prefix_ends_the_prompt(task: str) -> None:
+    sample = make_sample(task, 512, 0, count)
+    assert sample.answer_prefix.strip() and sample.prompt.endswith(sample.answer_prefix)
+    assert sample.answer_prefix not in sample.prompt[: -len(sample.answer_prefix)].split("\n")[0]
+
+
+def test_reserve_leaves_room() -> None:
+    full, reserved = make_sample("passkey", 1024, 0, count), make_sample("passkey", 1024, 0, count, reserve=100)
+    assert count(full.prompt) - 110 <= count(reserved.prompt) <= 1024 - 100
+    assert reserved.context_len == 1024
 
 
 def test_oracle_is_not_fooled_by_a_changed_prompt() -> None:

@@ -35,7 +35,8 @@ def niah_answer(prompt: str) -> str:
 
 
 def mqar_answer(prompt: str) -> str:
-    queries = _last(r"\nQuery: ([^\n]+)\nAnswer: (\S+)=$", prompt)
+    # A chat-formatted prompt reads "...Query: a b c\nassistant\nAnswer: a=" once detokenized.
+    queries = _last(r"\nQuery: ([^\n]+)\n(?:assistant\n)?Answer: (\S+)=$", prompt)
     pairs = dict(re.findall(r"Pair: (\w+)=(\d+)\.", prompt))
     asked = queries.group(1).split()
     if asked[0] != queries.group(2):
@@ -68,6 +69,14 @@ def episodic_answer(prompt: str) -> str:
     return numbers[0]
 
 
+def stdlib_docs_answer(prompt: str) -> str:
+    module = _last(r"The secret build tag of the (\S+) module is $", prompt).group(1)
+    tags = set(re.findall(rf"The secret build tag of the {re.escape(module)} module is (\d+)\.", prompt))
+    if len(tags) != 1:
+        raise ValueError(f"expected one build tag for {module!r}, found {sorted(tags)}")
+    return tags.pop()
+
+
 ORACLES = {
     "passkey": passkey_answer,
     "niah": niah_answer,
@@ -76,6 +85,7 @@ ORACLES = {
     "mqar": mqar_answer,
     "vt": vt_answer,
     "episodic": episodic_answer,
+    "stdlib_docs": stdlib_docs_answer,
 }
 
 

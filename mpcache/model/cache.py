@@ -9,6 +9,7 @@ compacts the storage for real: the padded length drops to the longest kept head.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -35,6 +36,11 @@ class KVCache:
     Subclasses (eviction policies) override `observe` to see each layer's queries
     after the new keys were stored, and call `keep` to compact.
     """
+
+    # Whether a cache of this class can start from another cache's recorded prefill
+    # (`mpcache.methods.shared_prefill`): true when the prompt's attention reads every prompt
+    # token, so the prefill is the full cache's. A class whose prefill differs sets it False.
+    shares_prefill: ClassVar[bool] = True
 
     def __init__(self, n_layer: int) -> None:
         self.layers: list[LayerKV | None] = [None] * n_layer
@@ -69,11 +75,19 @@ class KVCache:
         needed = int(entry.lengths.max()) + t
         if needed > entry.capacity:
             entry = _grow(entry, max(needed, entry.capacity + max(t, entry.capacity // 2)))
-        slots = entry.lengths[:, :, None] + torch.arange(t, device=keys.device)  # [B, H, T]
-        entry.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, keys.shape[-1]), keys)
-        entry.values.scatter_(2, slots[..., None].expand(-1, -1, -1, values.shape[-1]), values)
-        entry.positions.scatter_(2, slots, positions[:, None, :].expand(b, h, t))
-        entry.valid.scatter_(2, slots, valid[:, None, :].expand(b, h, t))
+        start = int(entry.lengths.min())
+        if start == needed - t:  # every head holds as many slots (no eviction yet): a plain slice copy
+            end = start + t
+            entry.keys[:, :, start:end] = keys
+            entry.values[:, :, start:end] = values
+            entry.positions[:, :, start:end] = positions[:, None, :]
+            entry.valid[:, :, start:end] = valid[:, None, :]
+        else:
+            slots = entry.lengths[:, :, None] + torch.arange(t, device=keys.device)  # [B, H, T]
+            entry.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, keys.shape[-1]), keys)
+            entry.values.scatter_(2, slots[..., None].expand(-1, -1, -1, values.shape[-1]), values)
+            entry.positions.scatter_(2, slots, positions[:, None, :].expand(b, h, t))
+            entry.valid.scatter_(2, slots, valid[:, None, :].expand(b, h, t))
         entry.lengths = entry.lengths + t
         self.layers[layer] = entry
         return entry

@@ -61,14 +61,24 @@ def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
     raise NotImplementedError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotate x [B, H, T, D] by the angles of `positions` [B, T] (rotate-half layout)."""
-    freqs = positions[:, None, :, None].float() * inv_freq.to(x.device)  # [B, 1, T, D/2]
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, 1, T, D] of the angles of `positions` [B, T] (rotate-half layout);
+    computed once per forward and shared by every layer's queries and keys."""
+    freqs = positions[:, None, :, None].float() * inv_freq.to(positions.device)  # [B, 1, T, D/2]
     cos, sin = freqs.cos(), freqs.sin()
-    cos, sin = torch.cat([cos, cos], -1).to(x.dtype), torch.cat([sin, sin], -1).to(x.dtype)
+    return torch.cat([cos, cos], -1).to(dtype), torch.cat([sin, sin], -1).to(dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D] rotated by precomputed `rope_cos_sin` angles."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate x [B, H, T, D] by the angles of `positions` [B, T] (rotate-half layout)."""
+    return rotate(x, *rope_cos_sin(positions, inv_freq.to(x.device), x.dtype))
 
 
 def visibility(
@@ -121,20 +131,24 @@ def cached_attention(
     `visibility`; rows that see nothing output zeros).
 
     Same math as `attention_probs` followed by a weighted sum of values, computed by
-    PyTorch's fused attention (about 2x faster on CPU, never materializes fp32 probs).
+    PyTorch's fused attention on 4-D tensors with grouped-query heads (its flash kernel on
+    CPU: 3x faster than the 5-D math fallback, never materializes fp32 probs). When every
+    KV head holds the same slots (a full cache) one mask serves all heads.
     """
     b, hq, t, d = queries.shape
     hkv, length = keys.shape[1], keys.shape[2]
-    g = hq // hkv
     if length == 0:
         return queries.new_zeros(b, hq, t, values.shape[-1])
-    q = queries.view(b, hkv, g, t, d)
-    k = keys[:, :, None].expand(b, hkv, g, length, d)
-    v = values[:, :, None].expand(b, hkv, g, length, values.shape[-1])
-    visible = visibility(query_positions, key_positions, key_valid, sliding_window)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-    out = out.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # rows that see nothing
-    return out.reshape(b, hq, t, values.shape[-1])
+    same_slots = hkv == 1 or bool(
+        (key_positions == key_positions[:, :1]).all() and (key_valid == key_valid[:, :1]).all()
+    )
+    if same_slots:
+        key_positions, key_valid = key_positions[:, :1], key_valid[:, :1]
+    mask = visibility(query_positions, key_positions, key_valid, sliding_window)[:, :, 0]  # [B, 1 or Hkv, T, L]
+    if not same_slots and hq != hkv:
+        mask = mask.repeat_interleave(hq // hkv, dim=1)  # query head h reads KV head h // G
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
+    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # rows that see nothing
 
 
 class Attention(nn.Module):
@@ -152,13 +166,22 @@ class Attention(nn.Module):
         if config.family == "llama":
             self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
-    def forward(self, x: Tensor, positions: Tensor, valid: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        valid: Tensor,
+        cache: KVCache | None,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """`rope`: this forward's (cos, sin) from `rope_cos_sin` (computed here when None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.config.family == "llama":
-            q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+            cos, sin = rope if rope is not None else rope_cos_sin(positions, self.inv_freq, q.dtype)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is None and self.config.sliding_window is None and bool(valid.all()):
             # Fast path (training, plain scoring): causal attention over this chunk only.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
@@ -228,8 +251,15 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, positions: Tensor, valid: Tensor, cache: KVCache | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, valid, cache)
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        valid: Tensor,
+        cache: KVCache | None,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, valid, cache, rope)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -283,8 +313,11 @@ class Transformer(nn.Module):
             if int(positions.max()) >= self.config.max_position:
                 raise ValueError(f"position {int(positions.max())} exceeds max_position {self.config.max_position}")
             x = x + self.pos_emb(positions)
+        rope = None
+        if self.config.family == "llama" and self.blocks:
+            rope = rope_cos_sin(positions, self.blocks[0].attn.inv_freq, x.dtype)
         for block in self.blocks:
-            x = block(x, positions, valid, cache)
+            x = block(x, positions, valid, cache, rope)
         if cache is not None:
             cache.seen_tokens = int(positions.max()) + 1
         if last_only:
