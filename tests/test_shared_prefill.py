@@ -98,6 +98,14 @@ def test_compressing_before_attention_does_not_share(bundled, batch) -> None:
         shared_prefill(model, make_policy("snapkv", 24, timing="before"), batch)
 
 
+def test_a_cache_that_attends_itself_does_not_share() -> None:
+    class Attends(KVCache):
+        def attend(self, layer, queries, query_positions, sliding_window):
+            return None
+
+    assert shares_prefill(KVCache(2)) and not shares_prefill(Attends(2))
+
+
 class SubsetInPrefill(PolicyCache):
     """Claims to share but lets the prefill's attention read only the newest 8 slots."""
 

@@ -12,12 +12,13 @@ Why it is exact: with the default `timing="after"` a method acts only after atte
 the prefill's attention reads every prompt token whatever the method, and every layer's
 inputs, queries, keys, values and logits are those of the full cache. What a method sees
 during the prefill is the sequence of hook calls attention makes (see `mpcache.model.cache`):
-`observe_hidden(x)`, `update(k, v)`, `observe(q)`, `attention_view()`, `after_attention(q)` per
-layer in order. `PrefillRecord` keeps the arguments (the very tensors), `replay_prefill` makes the
-same calls on a fresh cache. A method that changes what the prefill's attention reads
-(`timing="before"`, a subset or a dequantized copy in `read`, block-wise prefill) cannot
-share; `shares_prefill` says so, and `replay_prefill` checks, layer by layer, that attention
-would have read the untouched stored layer. `tests/test_shared_prefill.py` checks that every
+`observe_hidden(x)`, `update(k, v)`, `observe(q)`, (`attend`: None), `attention_view()`,
+`after_attention(q)` per layer in order. `PrefillRecord` keeps the arguments (the very
+tensors), `replay_prefill` makes the same calls on a fresh cache. A method that changes
+what the prefill's attention reads (`timing="before"`, a subset or a dequantized copy in
+`read`, block-wise prefill, attention of its own in `attend`) cannot share; `shares_prefill`
+says so, and `replay_prefill` checks, layer by layer, that attention would have read the
+untouched stored layer. `tests/test_shared_prefill.py` checks that every
 method claiming to share gives exactly the tokens and cache of its own prefill.
 """
 
@@ -78,8 +79,14 @@ class PrefillRecord(KVCache):
 
 
 def shares_prefill(cache: KVCache) -> bool:
-    """Whether `cache` can start from a recorded prefill instead of running its own."""
-    return bool(getattr(cache, "shares_prefill", False)) and getattr(cache, "timing", "after") == "after"
+    """Whether `cache` can start from a recorded prefill instead of running its own: its class
+    says so, it acts after attention, and it does not compute attention itself (`attend`, which
+    a replay would skip)."""
+    return (
+        bool(getattr(cache, "shares_prefill", False))
+        and getattr(cache, "timing", "after") == "after"
+        and type(cache).attend is KVCache.attend
+    )
 
 
 def needs_hidden(cache: KVCache) -> bool:
