@@ -1,0 +1,125 @@
+"""Distributed point functions (DPF), batched: keys for f(x) = beta * [x == alpha] over n-bit x, outputs in Z_2^64.
+
+Construction: Boyle, Gilboa, Ishai, "Function Secret Sharing: Improvements and Extensions" (CCS 2016), the
+GGM-tree DPF with one seed correction and two control-bit corrections per level, with early termination: the
+last `leaf_bits` levels are one leaf expansion into 2^leaf_bits 64-bit words with a vector correction. Outputs are
+additive shares in Z_2^64 (not bits): a lookup table then takes ONE online round (lut.py). Bit outputs would let
+a leaf cover 128 points, but their shares are XOR shares, and turning the looked-up value back into an
+arithmetic share costs a second round (SIGMA's sign fix-up); here every leaf word carries 64 pseudorandom bits.
+
+Who learns what: as for the DCF (dcf.py). The dealer knows alpha, beta and both roots; party b holds its root and
+the corrections, identical for both parties, and learns nothing about alpha or beta from them; it evaluates on
+public points and gets an additive share.
+
+Point evaluation: 1 AES block per level + 1 for the leaf word. Full-domain evaluation (`dpf_eval_all`, n <= 20):
+2 blocks per internal node and 2^leaf_bits / 2 per leaf, level by level over all nodes of a chunk of keys.
+Corrections per element: (n - leaf_bits) * (16 B + 1 bit) + 8 * 2^leaf_bits B.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpcache.mpc.fss.prg import SEED_KEY, as_seeds, permute
+from mpcache.mpc.fss.tree import (
+    CHUNK,
+    ONE,
+    Corrections,
+    Key,
+    as_points,
+    as_ring,
+    check_domain,
+    eval_walk,
+    gen_walk,
+    leaf_corrections,
+    leaf_output,
+    leaf_words,
+    path_bits,
+)
+
+LEAF_BITS = 2  # point evaluation: the smallest key
+MAX_FULL_DOMAIN = 20  # full-domain evaluation materializes 2^n words per key
+FULL_CHUNK_WORDS = 1 << 18  # keys per full-domain pass: about this many output words (2 MiB) at a time
+
+
+def dpf_gen(n: int, alpha, root0, root1, beta=1, leaf_bits: int = LEAF_BITS) -> tuple[Key, Key]:
+    """Keys of f(x) = beta * [x == alpha] (mod 2^64) for a batch of n-bit points `alpha`.
+
+    Arguments as for dcf.dcf_gen. Returns (party 0's key, party 1's key), which share one Corrections object.
+    """
+    if isinstance(n, int) and 1 <= n < leaf_bits:
+        leaf_bits = n
+    check_domain(n, leaf_bits)
+    alpha = as_points(alpha, n, what="alpha")
+    count = alpha.size
+    roots = np.stack([as_seeds(root0, count), as_seeds(root1, count)])
+    beta = as_ring(beta, count, "beta")
+    cw = Corrections.empty("dpf", n, leaf_bits, count)
+    index = np.arange(1 << leaf_bits, dtype=np.uint64)
+    for c0 in range(0, count, CHUNK):
+        c1 = min(count, c0 + CHUNK)
+        a = alpha[c0:c1]
+        lo, hi = gen_walk(cw, c0, c1, roots[:, c0:c1], path_bits(a, n, cw.depth))
+        hit = (index[None, :] == (a & np.uint64(index.size - 1))[:, None]).astype(np.uint64)
+        cw.leaves[c0:c1] = leaf_corrections(lo, hi, leaf_bits, beta[c0:c1, None] & -hit)
+    return Key(0, roots[0], cw), Key(1, roots[1], cw)
+
+
+def dpf_eval(key: Key, x) -> np.ndarray:
+    """Party key.party's additive shares (int64) of beta * [x == alpha] at public n-bit points x (any shape)."""
+    cw = key.cw
+    points = as_points(x, cw.n, cw.count, what="x")
+    out = np.empty(cw.count, dtype=np.uint64)
+    low_mask = np.uint64(cw.leaves.shape[1] - 1)
+    for c0 in range(0, cw.count, CHUNK):
+        c1 = min(cw.count, c0 + CHUNK)
+        p = points[c0:c1]
+        lo, hi = eval_walk(key, c0, c1, path_bits(p, cw.n, cw.depth))
+        out[c0:c1] = leaf_output(key, c0, c1, lo, hi, p & low_mask)
+    if key.party:
+        np.negative(out, out=out)
+    return out.view(np.int64).reshape(np.shape(x))
+
+
+def dpf_eval_all(key: Key, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Party key.party's shares of beta * e_alpha over the whole domain: uint64 (stop - start, 2^n), row k is
+    key k's vector in natural order (entry j is the share of beta * [j == alpha_k]). Unsigned (Z_2^64 words) so
+    that lut.py can multiply-accumulate without casts; view as int64 for signed shares. n <= MAX_FULL_DOMAIN."""
+    cw = key.cw
+    if cw.n > MAX_FULL_DOMAIN:
+        raise ValueError(f"full-domain evaluation is for n <= {MAX_FULL_DOMAIN}, got n={cw.n}")
+    stop = cw.count if stop is None else stop
+    if not 0 <= start <= stop <= cw.count:
+        raise ValueError(f"key range {start}:{stop} outside 0:{cw.count}")
+    out = np.empty((stop - start, 1 << cw.n), dtype=np.uint64)
+    step = max(1, FULL_CHUNK_WORDS >> cw.n)
+    for c0 in range(start, stop, step):
+        c1 = min(stop, c0 + step)
+        out[c0 - start : c1 - start] = _eval_all_chunk(key, c0, c1)
+    if key.party:
+        np.negative(out, out=out)
+    return out
+
+
+def _eval_all_chunk(key: Key, c0: int, c1: int) -> np.ndarray:
+    """Expand every node of keys c0..c1-1 level by level; arrays are (nodes, keys) so per-key corrections
+    broadcast over the node axis with the key axis contiguous."""
+    cw = key.cw
+    lo, hi = key.start(c0, c1)
+    lo, hi = lo[None, :], hi[None, :]
+    for i in range(cw.depth):
+        nodes = lo.shape[0]
+        inp = np.empty((nodes, 2, c1 - c0, 2), dtype=np.uint64)  # node, child, key, word
+        inp[:, 0, :, 0] = lo
+        np.bitwise_xor(lo, ONE, out=inp[:, 1, :, 0])
+        inp[:, :, :, 1] = hi[:, None, :]
+        child = permute(inp, SEED_KEY)
+        child ^= inp
+        tm = -(lo & ONE)[:, None, :]
+        scw_lo = cw.seeds[i, 0, c0:c1]
+        corr_lo = np.stack([scw_lo, scw_lo ^ cw.delta[i, c0:c1]])  # left, right child
+        lo = (child[..., 0] ^ (corr_lo[None] & tm)).reshape(2 * nodes, c1 - c0)
+        hi = (child[..., 1] ^ (cw.seeds[i, 1, c0:c1][None, None, :] & tm)).reshape(2 * nodes, c1 - c0)
+    words = leaf_words(lo, hi, cw.leaf_bits)  # (leaves, keys, W)
+    words += cw.leaves[c0:c1][None, :, :] & -(lo & ONE)[:, :, None]
+    return words.transpose(1, 0, 2).reshape(c1 - c0, 1 << cw.n)
