@@ -102,24 +102,29 @@ def dpf_eval_all(key: Key, start: int = 0, stop: int | None = None) -> np.ndarra
 
 
 def _eval_all_chunk(key: Key, c0: int, c1: int) -> np.ndarray:
-    """Expand every node of keys c0..c1-1 level by level; arrays are (nodes, keys) so per-key corrections
-    broadcast over the node axis with the key axis contiguous."""
+    """Expand every node of keys c0..c1-1 level by level. Arrays are (keys, nodes): the nodes of a key stay in
+    natural order, so the leaf words come out as the (keys, 2^n) result without a transpose, and per-key
+    corrections broadcast along the contiguous node axis."""
     cw = key.cw
     lo, hi = key.start(c0, c1)
-    lo, hi = lo[None, :], hi[None, :]
+    lo, hi = lo[:, None], hi[:, None]
     for i in range(cw.depth):
-        nodes = lo.shape[0]
-        inp = np.empty((nodes, 2, c1 - c0, 2), dtype=np.uint64)  # node, child, key, word
-        inp[:, 0, :, 0] = lo
-        np.bitwise_xor(lo, ONE, out=inp[:, 1, :, 0])
-        inp[:, :, :, 1] = hi[:, None, :]
+        keys, nodes = lo.shape
+        inp = np.empty((keys, nodes, 2, 2), dtype=np.uint64)  # key, node, child, word
+        inp[:, :, 0, 0] = lo
+        np.bitwise_xor(lo, ONE, out=inp[:, :, 1, 0])
+        inp[:, :, 0, 1] = hi
+        inp[:, :, 1, 1] = hi
         child = permute(inp, SEED_KEY)
         child ^= inp
-        tm = -(lo & ONE)[:, None, :]
-        scw_lo = cw.seeds[i, 0, c0:c1]
-        corr_lo = np.stack([scw_lo, scw_lo ^ cw.delta[i, c0:c1]])  # left, right child
-        lo = (child[..., 0] ^ (corr_lo[None] & tm)).reshape(2 * nodes, c1 - c0)
-        hi = (child[..., 1] ^ (cw.seeds[i, 1, c0:c1][None, None, :] & tm)).reshape(2 * nodes, c1 - c0)
-    words = leaf_words(lo, hi, cw.leaf_bits)  # (leaves, keys, W)
-    words += cw.leaves[c0:c1][None, :, :] & -(lo & ONE)[:, :, None]
-    return words.transpose(1, 0, 2).reshape(c1 - c0, 1 << cw.n)
+        tm = -(lo & ONE)
+        scw_lo, scw_hi = cw.seeds[i, 0, c0:c1, None], cw.seeds[i, 1, c0:c1, None]
+        child[:, :, 0, 0] ^= scw_lo & tm
+        child[:, :, 1, 0] ^= (scw_lo ^ cw.delta[i, c0:c1, None]) & tm
+        corr_hi = scw_hi & tm
+        child[:, :, 0, 1] ^= corr_hi
+        child[:, :, 1, 1] ^= corr_hi
+        lo, hi = child[..., 0].reshape(keys, 2 * nodes), child[..., 1].reshape(keys, 2 * nodes)
+    words = leaf_words(lo, hi, cw.leaf_bits)  # (keys, leaves, W)
+    words += cw.leaves[c0:c1, None, :] & -(lo & ONE)[:, :, None]
+    return words.reshape(c1 - c0, 1 << cw.n)

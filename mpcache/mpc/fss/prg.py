@@ -1,24 +1,24 @@
 """Pseudorandom generators for function secret sharing: fixed-key AES in Matyas-Meyer-Oseas mode, and a seeded
 AES-CTR stream for the dealer's randomness.
 
-Who sees what: nothing here is secret by itself. The fixed AES key is a public constant (every party and the
-dealer use the same one); secrecy comes from the 127-bit seeds it is applied to. A seed fed to `expand` is known
-to the party that holds it (and to the dealer, who made it); the other party only ever sees values derived from
-it through the PRG.
+Who sees what: nothing here is secret by itself. The two fixed AES keys are public constants (every party and
+the dealer use the same ones); secrecy comes from the 127-bit seeds they are applied to. A tree seed is known to
+the party that holds it and to the dealer, who made it; the other party only sees values derived from it
+through the PRG.
 
-PRG. `expand(seeds, tweaks)` returns G_w(s) = E_K(s xor w) xor (s xor w) for every seed s and every 128-bit tweak w
-(Matyas-Meyer-Oseas over a fixed-key permutation E_K, AES-128), computed for a whole batch in ONE AES-ECB call
-through the `cryptography` package (OpenSSL, AES-NI / VAES; ~4x10^8 blocks/s on this machine's core). Seeds are
-numpy uint64 arrays of shape (..., 2) (low word first, the 16 bytes of a block in little-endian order); their
-least significant bit is cleared (a seed has 127 random bits; the 128th bit of a PRG output block is the tree's
-control bit t). Security rests on the standard assumption of FSS implementations that fixed-key AES behaves as
-a random permutation: outputs on unknown, high-entropy inputs look uniform. Tweaks separate the outputs drawn
-from one seed (left child, right child, value words, leaf words): distinct tweaks give distinct AES inputs.
+PRG. G_K(b) = E_K(b) xor b (Matyas-Meyer-Oseas over a fixed-key permutation E_K, AES-128), for a whole batch of
+16-byte blocks in ONE AES-ECB call through the `cryptography` package (OpenSSL, AES-NI/VAES: 3-4x10^8 blocks/s
+per core on this machine). Blocks are numpy uint64 arrays of shape (..., 2), low word first (the 16 bytes of a
+block in little-endian order). In a tree node's block the lsb is the control bit t and the other 127 bits are
+the seed; the children are G under SEED_KEY of (block xor path bit), the node's output words G under VALUE_KEY
+of the same input (so a party evaluating one path builds one input block per element and level). Security rests
+on the usual assumption of FSS implementations (EzPC's LLAMA, Google's distributed_point_functions) that
+fixed-key AES behaves as a random permutation: outputs on unknown, high-entropy inputs look uniform.
 
 Stream. `AesStream(seed, stream=i)` is AES-CTR keyed by the seed (16 or 32 bytes) starting at counter block
 (i, 0): a deterministic generator of bytes, uint64 words, n-bit values and tree seeds. The dealer keeps one seed
 per party; a party that knows its seed replays its own stream and derives its own root seeds and mask shares
-(see compare.py / lut.py: `draw_party`), so only the correction words travel from the dealer.
+(masked.draw_party), so only the correction words travel from the dealer.
 """
 
 from __future__ import annotations

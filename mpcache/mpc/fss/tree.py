@@ -56,14 +56,23 @@ def path_bits(x: np.ndarray, n: int, depth: int) -> np.ndarray:
 
 
 def leaf_words(lo: np.ndarray, hi: np.ndarray, leaf_bits: int) -> np.ndarray:
-    """All W = 2^leaf_bits output words of every leaf block (lo, hi): uint64 of shape lo.shape + (W,)."""
+    """All W = 2^leaf_bits output words of every leaf block (lo, hi): uint64 of shape lo.shape + (W,).
+
+    Block k (< W/2) of a leaf is G_VALUE(lo, hi xor (k + 1)); its two words are outputs 2k and 2k + 1."""
     blocks = max(1, (1 << leaf_bits) // 2)
-    inp = np.empty((*lo.shape, blocks, 2), dtype=np.uint64)
-    inp[..., 0] = lo[..., None]
-    inp[..., 1] = hi[..., None] ^ np.arange(1, blocks + 1, dtype=np.uint64)
-    out = permute(inp, VALUE_KEY)
+    pairs = np.empty((lo.size, 2), dtype=np.uint64)
+    pairs[:, 0], pairs[:, 1] = lo.reshape(-1), hi.reshape(-1)
+    inp = np.tile(pairs, (1, blocks))  # every leaf block repeated, (leaves, 2 * blocks): contiguous rows
+    inp ^= _leaf_tweaks(blocks)
+    out = permute(inp.reshape(-1, 2), VALUE_KEY).reshape(inp.shape)
     out ^= inp
     return out.reshape(*lo.shape, 2 * blocks)
+
+
+def _leaf_tweaks(blocks: int) -> np.ndarray:
+    tw = np.zeros((blocks, 2), dtype=np.uint64)
+    tw[:, 1] = np.arange(1, blocks + 1, dtype=np.uint64)
+    return tw.reshape(1, 2 * blocks)
 
 
 def leaf_word(lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -230,9 +239,15 @@ class Corrections:
 
     @staticmethod
     def bytes_per_element(kind: str, n: int, leaf_bits: int) -> float:
-        """Serialized size per element, without the fixed 24-byte header."""
+        """Serialized size per element, without the 24-byte header (the delta bits are packed across elements)."""
         d = check_domain(n, leaf_bits)
         return d * (16 + (8 if kind == "dcf" else 0) + 1 / 8) + 8 * (1 << leaf_bits)
+
+    @staticmethod
+    def message_size(kind: str, n: int, leaf_bits: int, count: int) -> int:
+        """Exact length of `to_bytes()` for `count` keys."""
+        d = check_domain(n, leaf_bits)
+        return _HEADER.size + count * (d * (16 + (8 if kind == "dcf" else 0)) + (8 << leaf_bits)) + (d * count + 7) // 8
 
     def to_bytes(self) -> bytes:
         header = _HEADER.pack(MAGIC, KINDS[self.kind], self.n, self.leaf_bits, 0, self.count, 0)
