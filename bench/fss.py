@@ -127,10 +127,10 @@ def chunk_rows(n: int, count: int, chunks: list[int], repeat: int) -> list[dict]
     rows, saved = [], tree.CHUNK
     try:
         for c in chunks:
-            dcf.CHUNK = c
+            tree.CHUNK = c
             rows.append(dict(comparison_row(n, count, repeat), chunk=c))
     finally:
-        dcf.CHUNK = saved
+        tree.CHUNK = saved
     return rows
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpcache.mpc.fss import compare, dcf, dpf, lut, masked, prg
+from mpcache.mpc.fss import compare, dcf, dpf, lut, masked, prg, tree
 from mpcache.mpc.fss.prg import AesStream
 from mpcache.mpc.fss.tree import Corrections, Key
 
@@ -98,7 +98,7 @@ def test_chunked_batches_match_small_batches(monkeypatch):
     x = rng.integers(0, 1 << 20, 3000, dtype=U64)
     k0, k1 = dcf.dcf_gen(20, alpha, *_seeds(3000))
     ref = dcf.dcf_eval(k0, x)
-    monkeypatch.setattr(dcf, "CHUNK", 256)
+    monkeypatch.setattr(tree, "CHUNK", 256)
     small0, small1 = dcf.dcf_gen(20, alpha, *_seeds(3000))
     assert small0.cw.equals(k0.cw) and np.array_equal(dcf.dcf_eval(small0, x), ref)
     assert np.array_equal(_sum(dcf.dcf_eval(small0, x), dcf.dcf_eval(small1, x)), (x < alpha).astype(U64))
@@ -134,12 +134,12 @@ def test_compare_protocol_with_derived_keys_and_wire_messages():
     x0, x1 = _shares(x, rng)
     seeds = (prg.new_seed(), prg.new_seed())
     k0, k1 = compare.compare_gen(n, x.size, AesStream(seeds[0], 7), AesStream(seeds[1], 7))
-    wire = k0.dcf.cw.to_bytes()
-    assert wire == k1.dcf.cw.to_bytes()
+    wire = k0.key.cw.to_bytes()
+    assert wire == k1.key.cw.to_bytes()
     assert len(wire) == Corrections.message_size("dcf", n - 1, dcf.LEAF_BITS, x.size)
     parties = [compare.compare_key(b, n, AesStream(seeds[b], 7), wire) for b in (0, 1)]
     for mine, dealers in zip(parties, (k0, k1)):
-        assert np.array_equal(mine.mask_share, dealers.mask_share) and np.array_equal(mine.dcf.root, dealers.dcf.root)
+        assert np.array_equal(mine.mask_share, dealers.mask_share) and np.array_equal(mine.key.root, dealers.key.root)
     msgs = [masked.open_bytes(compare.compare_mask(k, s), n) for k, s in zip(parties, (x0, x1))]
     assert all(len(m) == x.size * 3 for m in msgs)  # ceil(20 / 8) bytes per element and party
     y = masked.reconstruct(*(masked.from_open_bytes(m, n, x.size).reshape(shape) for m in msgs), n)
@@ -193,7 +193,7 @@ def test_lut_protocol_with_derived_keys_and_fixed_point_table():
     x = rng.integers(-(1 << 11), 1 << 11, (7, 30))
     seeds = (b"p" * 16, b"q" * 16)
     k0, k1 = lut.lut_gen(n, x.size, AesStream(seeds[0], 1), AesStream(seeds[1], 1))
-    wire = k0.dpf.cw.to_bytes()
+    wire = k0.key.cw.to_bytes()
     assert len(wire) == Corrections.message_size("dpf", n, lut.LEAF_BITS[n], x.size)
     parties = [lut.lut_key(b, n, AesStream(seeds[b], 1), wire) for b in (0, 1)]
     x0, x1 = _shares(x, rng)
@@ -211,7 +211,7 @@ def test_fixed_seed_gives_identical_keys_and_fresh_seeds_do_not():
     b = compare.compare_gen(32, 500, AesStream(b"1" * 16), AesStream(b"2" * 16))
     c = compare.compare_gen(32, 500, AesStream(b"1" * 16, stream=1), AesStream(b"2" * 16, stream=1))
     assert a[0].to_bytes() == b[0].to_bytes() and a[1].to_bytes() == b[1].to_bytes()
-    assert a[0].dcf.cw.to_bytes() != c[0].dcf.cw.to_bytes()
+    assert a[0].key.cw.to_bytes() != c[0].key.cw.to_bytes()
     la = lut.lut_gen(8, 100, AesStream(b"1" * 16), AesStream(b"2" * 16))
     lb = lut.lut_gen(8, 100, AesStream(b"1" * 16), AesStream(b"2" * 16))
     assert la[1].to_bytes() == lb[1].to_bytes()
@@ -237,13 +237,13 @@ def test_serialization_round_trips_and_sizes():
     c0, c1 = compare.compare_gen(16, 64, AesStream(b"a" * 16), AesStream(b"b" * 16))
     back = compare.CompareKey.from_bytes(c1.to_bytes())
     assert back.party == 1 and back.n == 16 and np.array_equal(back.mask_share, c1.mask_share)
-    assert back.dcf.cw.equals(c1.dcf.cw)
+    assert back.key.cw.equals(c1.key.cw)
     l0, _ = lut.lut_gen(8, 10, AesStream(b"a" * 16), AesStream(b"b" * 16))
-    assert lut.LutKey.from_bytes(l0.to_bytes()).dpf.cw.equals(l0.dpf.cw)
+    assert lut.LutKey.from_bytes(l0.to_bytes()).key.cw.equals(l0.key.cw)
     with pytest.raises(ValueError):
         lut.LutKey.from_bytes(c0.to_bytes())  # a comparison key is not a lookup key
     sl = c0.slice(10, 20)
-    assert sl.count == 10 and np.array_equal(sl.dcf.root, c0.dcf.root[10:20])
+    assert sl.count == 10 and np.array_equal(sl.key.root, c0.key.root[10:20])
     y = rng.integers(0, 1 << 12, 77, dtype=U64)
     assert np.array_equal(masked.from_open_bytes(masked.open_bytes(y, 12), 12, 77), y)
 
@@ -341,7 +341,7 @@ def test_bad_inputs_get_clear_errors():
         compare.compare_mask(c0, np.zeros(4, dtype=np.float32))
     with pytest.raises(ValueError, match="key batch has 4"):
         compare.compare_mask(c0, np.zeros(3, dtype=np.int64))
-    with pytest.raises(ValueError, match="expected an 15-bit dcf"):
+    with pytest.raises(ValueError, match="needs a 15-bit dcf key, got a 8-bit dcf"):
         compare.compare_key(0, 16, AesStream(b"a" * 16), dcf.dcf_gen(8, np.zeros(4, dtype=U64), *seeds)[0].cw)
     with pytest.raises(ValueError, match="do not match"):
         compare.simulate_compare(np.zeros(3, dtype=np.int64), np.zeros(4, dtype=np.int64), 16)

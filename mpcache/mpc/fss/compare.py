@@ -23,60 +23,48 @@ Boyle et al. EUROCRYPT 2021 and LLAMA, PETS 2022.)
 Keys. compare_gen (dealer) draws each party's root seeds and mask share from that party's AesStream
 (masked.draw_party) and builds the DCF on (n-1)-bit inputs; compare_key (party) derives the same root and mask
 share from its own stream and takes the correction words received from the dealer: per comparison
-dcf.Corrections.bytes_per_element("dcf", n - 1, leaf_bits) bytes, the same bytes to both parties.
+tree.Corrections.bytes_per_element("dcf", n - 1, leaf_bits) bytes, the same bytes to both parties.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from mpcache.mpc.fss import dcf
-from mpcache.mpc.fss.masked import as_shares, draw_party, gate_from_bytes, gate_to_bytes, mask, reconstruct
+from mpcache.mpc.fss.masked import GateKey, as_shares, draw_party, mask, reconstruct
 from mpcache.mpc.fss.prg import AesStream, low_mask, new_seed
-from mpcache.mpc.fss.tree import Corrections, Key, as_points
+from mpcache.mpc.fss.tree import as_points
 
 OPS = ("lt", "le", "gt", "ge")
 
 
 def _check(n: int, op: str) -> None:
-    if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 2 <= n <= 64:
-        raise ValueError(f"comparison bit width n={n!r} must be an integer in 2..64")
+    CompareKey.check_width(n)
     if op not in OPS:
         raise ValueError(f"comparison op {op!r} must be one of {OPS}")
 
 
 @dataclass(frozen=True, eq=False)
-class CompareKey:
-    """Party `dcf.party`'s keys for a batch of comparisons on n-bit masked values."""
+class CompareKey(GateKey):
+    """Party `key.party`'s keys for a batch of comparisons on n-bit masked values: mask shares r_b and an
+    (n-1)-bit DCF of r_top + (1 - 2 r_top) [y_low < r_low]."""
 
-    n: int
-    mask_share: np.ndarray  # r_b, uint64 (count,) < 2^n
-    dcf: Key  # (n-1)-bit DCF of r_top + (1 - 2 r_top) [y_low < r_low]
-
-    @property
-    def party(self) -> int:
-        return self.dcf.party
-
-    @property
-    def count(self) -> int:
-        return self.dcf.count
-
-    def slice(self, start: int, stop: int) -> CompareKey:
-        return CompareKey(self.n, self.mask_share[start:stop], self.dcf.slice(start, stop))
-
-    def to_bytes(self) -> bytes:
-        """The whole key (masked.gate_to_bytes), for a dealer that ships it instead of the corrections alone."""
-        return gate_to_bytes(self.n, self.mask_share, self.dcf)
+    KIND: ClassVar[str] = "dcf"
 
     @staticmethod
-    def from_bytes(data: bytes) -> CompareKey:
-        n, shares, key = gate_from_bytes(data)
-        _check(n, "lt")
-        if key.cw.kind != "dcf" or key.cw.n != n - 1:
-            raise ValueError("comparison key message does not hold an (n-1)-bit DCF")
-        return CompareKey(n, shares, key)
+    def check_width(n: int) -> None:
+        if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 2 <= n <= 64:
+            raise ValueError(f"comparison bit width n={n!r} must be an integer in 2..64")
+
+    @staticmethod
+    def key_bits(n: int) -> int:
+        return n - 1
+
+
+compare_key = CompareKey.derive  # party side: compare_key(party, n, stream, corrections or their bytes)
 
 
 def compare_gen(
@@ -92,17 +80,6 @@ def compare_gen(
     k0, k1 = dcf.dcf_gen(m, r & low_mask(m), root0, root1, beta=np.uint64(1) - (top << np.uint64(1)), offset=top,
                          leaf_bits=leaf_bits)
     return CompareKey(n, r0, k0), CompareKey(n, r1, k1)
-
-
-def compare_key(party: int, n: int, stream: AesStream, cw: Corrections | bytes) -> CompareKey:
-    """Party: its comparison keys from its own stream and the correction words received from the dealer."""
-    _check(n, "lt")
-    if not isinstance(cw, Corrections):
-        cw = Corrections.from_bytes(cw)
-    if cw.kind != "dcf" or cw.n != n - 1:
-        raise ValueError(f"corrections for a {cw.n}-bit {cw.kind}, expected an {n - 1}-bit dcf")
-    root, r = draw_party(stream, cw.count, n)
-    return CompareKey(n, r, Key(party, root, cw))
 
 
 def compare_mask(key: CompareKey, x_share, op: str = "lt", c: int = 0) -> np.ndarray:
@@ -122,7 +99,7 @@ def compare_eval(key: CompareKey, y, op: str = "lt") -> np.ndarray:
     _check(key.n, op)
     points = as_points(y, key.n, key.count, what="opened value")
     m = np.uint64(key.n - 1)
-    w = dcf.dcf_eval(key.dcf, points & low_mask(key.n - 1)).view(np.uint64)
+    w = dcf.dcf_eval(key.key, points & low_mask(key.n - 1)).view(np.uint64)
     own = np.uint64(1 - key.party)  # party 0 holds the public constants
     negative = np.where((points >> m).astype(bool), own - w, w)  # share of [d < 0]
     out = negative if op in ("lt", "gt") else own - negative

@@ -19,7 +19,7 @@ points (masked, opened values) and gets an additive share in Z_2^64; the two sha
 
 Cost per element and tree level: the dealer encrypts 8 AES blocks (2 parties x {keep, lose child} x {seed key,
 value key}); a party encrypts 2 (the child on its path under both keys). One AES-ECB call per key, level and
-chunk of CHUNK elements; the path is followed with numpy masks, never a per-element Python loop.
+chunk of tree.CHUNK elements; the path is followed with numpy masks, never a per-element Python loop.
 Corrections per element: (n - leaf_bits) * (24 B + 1 bit) + 8 * 2^leaf_bits B; plus a 16-byte root per party
 (derived from the party's seed, or shipped with the key).
 """
@@ -28,19 +28,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpcache.mpc.fss.prg import VALUE_KEY, as_seeds, permute
+from mpcache.mpc.fss.prg import VALUE_KEY, permute
 from mpcache.mpc.fss.tree import (
-    CHUNK,
     Corrections,
     Key,
-    as_points,
     as_ring,
-    check_domain,
+    chunks,
     eval_walk,
+    evaluate,
     gen_walk,
     leaf_corrections,
     leaf_output,
     path_bits,
+    start_gen,
 )
 
 LEAF_BITS = 2  # default early termination: the smallest key (bench/fss.py measures 1..4)
@@ -54,16 +54,9 @@ def dcf_gen(n: int, alpha, root0, root1, beta=1, offset=0, leaf_bits: int = LEAF
     scalars or N integers, taken mod 2^64. leaf_bits is capped at n. Returns (party 0's key, party 1's key),
     which share one Corrections object.
     """
-    if isinstance(n, int) and 1 <= n < leaf_bits:
-        leaf_bits = n
-    check_domain(n, leaf_bits)
-    alpha = as_points(alpha, n, what="alpha")
-    count = alpha.size
-    roots = np.stack([as_seeds(root0, count), as_seeds(root1, count)])
-    beta, offset = as_ring(beta, count, "beta"), as_ring(offset, count, "offset")
-    cw = Corrections.empty("dcf", n, leaf_bits, count)
-    for c0 in range(0, count, CHUNK):
-        c1 = min(count, c0 + CHUNK)
+    cw, alpha, roots, beta = start_gen("dcf", n, alpha, root0, root1, beta, leaf_bits)
+    offset = as_ring(offset, alpha.size, "offset")
+    for c0, c1 in chunks(alpha.size):
         _gen_chunk(cw, c0, c1, roots[:, c0:c1], alpha[c0:c1], beta[c0:c1], offset[c0:c1])
     return Key(0, roots[0], cw), Key(1, roots[1], cw)
 
@@ -101,15 +94,7 @@ def dcf_eval(key: Key, x) -> np.ndarray:
 
     x: N unsigned n-bit integers (any shape; the output has x's shape).
     """
-    cw = key.cw
-    points = as_points(x, cw.n, cw.count, what="x")
-    out = np.empty(cw.count, dtype=np.uint64)
-    for c0 in range(0, cw.count, CHUNK):
-        c1 = min(cw.count, c0 + CHUNK)
-        out[c0:c1] = _eval_chunk(key, c0, c1, points[c0:c1])
-    if key.party:
-        np.negative(out, out=out)
-    return out.view(np.int64).reshape(np.shape(x))
+    return evaluate(key, x, _eval_chunk)
 
 
 def _eval_chunk(key: Key, c0: int, c1: int, x: np.ndarray) -> np.ndarray:

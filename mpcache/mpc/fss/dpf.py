@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpcache.mpc.fss.prg import SEED_KEY, as_seeds, permute
+from mpcache.mpc.fss.prg import SEED_KEY, permute
 from mpcache.mpc.fss.tree import (
-    CHUNK,
     ONE,
-    Corrections,
     Key,
-    as_points,
-    as_ring,
-    check_domain,
+    chunks,
     eval_walk,
+    evaluate,
     gen_walk,
     leaf_corrections,
     leaf_output,
     leaf_words,
     path_bits,
+    start_gen,
 )
 
 LEAF_BITS = 2  # point evaluation: the smallest key
@@ -47,38 +45,24 @@ def dpf_gen(n: int, alpha, root0, root1, beta=1, leaf_bits: int = LEAF_BITS) -> 
 
     Arguments as for dcf.dcf_gen. Returns (party 0's key, party 1's key), which share one Corrections object.
     """
-    if isinstance(n, int) and 1 <= n < leaf_bits:
-        leaf_bits = n
-    check_domain(n, leaf_bits)
-    alpha = as_points(alpha, n, what="alpha")
-    count = alpha.size
-    roots = np.stack([as_seeds(root0, count), as_seeds(root1, count)])
-    beta = as_ring(beta, count, "beta")
-    cw = Corrections.empty("dpf", n, leaf_bits, count)
-    index = np.arange(1 << leaf_bits, dtype=np.uint64)
-    for c0 in range(0, count, CHUNK):
-        c1 = min(count, c0 + CHUNK)
+    cw, alpha, roots, beta = start_gen("dpf", n, alpha, root0, root1, beta, leaf_bits)
+    index = np.arange(1 << cw.leaf_bits, dtype=np.uint64)
+    for c0, c1 in chunks(alpha.size):
         a = alpha[c0:c1]
         lo, hi = gen_walk(cw, c0, c1, roots[:, c0:c1], path_bits(a, n, cw.depth))
         hit = (index[None, :] == (a & np.uint64(index.size - 1))[:, None]).astype(np.uint64)
-        cw.leaves[c0:c1] = leaf_corrections(lo, hi, leaf_bits, beta[c0:c1, None] & -hit)
+        cw.leaves[c0:c1] = leaf_corrections(lo, hi, cw.leaf_bits, beta[c0:c1, None] & -hit)
     return Key(0, roots[0], cw), Key(1, roots[1], cw)
 
 
 def dpf_eval(key: Key, x) -> np.ndarray:
     """Party key.party's additive shares (int64) of beta * [x == alpha] at public n-bit points x (any shape)."""
-    cw = key.cw
-    points = as_points(x, cw.n, cw.count, what="x")
-    out = np.empty(cw.count, dtype=np.uint64)
-    low_mask = np.uint64(cw.leaves.shape[1] - 1)
-    for c0 in range(0, cw.count, CHUNK):
-        c1 = min(cw.count, c0 + CHUNK)
-        p = points[c0:c1]
-        lo, hi = eval_walk(key, c0, c1, path_bits(p, cw.n, cw.depth))
-        out[c0:c1] = leaf_output(key, c0, c1, lo, hi, p & low_mask)
-    if key.party:
-        np.negative(out, out=out)
-    return out.view(np.int64).reshape(np.shape(x))
+    return evaluate(key, x, _point_chunk)
+
+
+def _point_chunk(key: Key, c0: int, c1: int, x: np.ndarray) -> np.ndarray:
+    lo, hi = eval_walk(key, c0, c1, path_bits(x, key.cw.n, key.cw.depth))
+    return leaf_output(key, c0, c1, lo, hi, x & np.uint64(key.cw.leaves.shape[1] - 1))
 
 
 def dpf_eval_all(key: Key, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -13,20 +13,21 @@ window of the doubled table, T2[y : y + 2^n]. Several tables (shape (2^n, k)) sh
 What each learns: the dealer only its randomness; a party y (uniform) and its own output share.
 
 Keys: party b's root and mask share are derived from its AesStream (masked.draw_party); the dealer sends the
-DPF corrections, identical for both parties: dpf.Corrections.bytes_per_element("dpf", n, leaf_bits) per lookup.
+DPF corrections, identical for both parties: tree.Corrections.bytes_per_element("dpf", n, leaf_bits) per lookup.
 Cost per lookup and party: a full-domain DPF evaluation (2^n output words) and a 2^n-long inner product per table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from mpcache.mpc.fss import dpf
-from mpcache.mpc.fss.masked import as_shares, draw_party, gate_from_bytes, gate_to_bytes, mask, reconstruct
+from mpcache.mpc.fss.masked import GateKey, as_shares, draw_party, mask, reconstruct
 from mpcache.mpc.fss.prg import AesStream, low_mask, new_seed
-from mpcache.mpc.fss.tree import Corrections, Key, as_points
+from mpcache.mpc.fss.tree import as_points
 
 MAX_BITS = 16
 # Early termination per input width. Measured (bench/fss.py, lookup leaf-bits sweep): 4 is within ~20% of the
@@ -35,62 +36,35 @@ MAX_BITS = 16
 LEAF_BITS = {n: min(n, 4) for n in range(1, MAX_BITS + 1)}
 
 
-def _check(n: int) -> None:
-    if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 1 <= n <= MAX_BITS:
-        raise ValueError(f"lookup table input width n={n!r} must be an integer in 1..{MAX_BITS}")
-
-
 @dataclass(frozen=True, eq=False)
-class LutKey:
-    """Party `dpf.party`'s keys for a batch of lookups on n-bit masked values."""
+class LutKey(GateKey):
+    """Party `key.party`'s keys for a batch of lookups on n-bit masked values: mask shares r_b and an n-bit
+    DPF with beta = 1 at alpha = -r mod 2^n."""
 
-    n: int
-    mask_share: np.ndarray  # r_b, uint64 (count,) < 2^n
-    dpf: Key  # n-bit DPF, beta = 1 at alpha = -r mod 2^n
-
-    @property
-    def party(self) -> int:
-        return self.dpf.party
-
-    @property
-    def count(self) -> int:
-        return self.dpf.count
-
-    def slice(self, start: int, stop: int) -> LutKey:
-        return LutKey(self.n, self.mask_share[start:stop], self.dpf.slice(start, stop))
-
-    def to_bytes(self) -> bytes:
-        return gate_to_bytes(self.n, self.mask_share, self.dpf)
+    KIND: ClassVar[str] = "dpf"
 
     @staticmethod
-    def from_bytes(data: bytes) -> LutKey:
-        n, shares, key = gate_from_bytes(data)
-        _check(n)
-        if key.cw.kind != "dpf" or key.cw.n != n:
-            raise ValueError("lookup key message does not hold an n-bit DPF")
-        return LutKey(n, shares, key)
+    def check_width(n: int) -> None:
+        if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 1 <= n <= MAX_BITS:
+            raise ValueError(f"lookup table input width n={n!r} must be an integer in 1..{MAX_BITS}")
+
+    @staticmethod
+    def key_bits(n: int) -> int:
+        return n
+
+
+lut_key = LutKey.derive  # party side: lut_key(party, n, stream, corrections or their bytes)
 
 
 def lut_gen(
     n: int, count: int, stream0: AesStream, stream1: AesStream, leaf_bits: int | None = None
 ) -> tuple[LutKey, LutKey]:
     """Dealer: keys for `count` lookups on n-bit masked values, from the parties' streams."""
-    _check(n)
+    LutKey.check_width(n)
     (root0, r0), (root1, r1) = draw_party(stream0, count, n), draw_party(stream1, count, n)
     alpha = (np.uint64(0) - r0 - r1) & low_mask(n)
     k0, k1 = dpf.dpf_gen(n, alpha, root0, root1, 1, LEAF_BITS[n] if leaf_bits is None else leaf_bits)
     return LutKey(n, r0, k0), LutKey(n, r1, k1)
-
-
-def lut_key(party: int, n: int, stream: AesStream, cw: Corrections | bytes) -> LutKey:
-    """Party: its lookup keys from its own stream and the correction words received from the dealer."""
-    _check(n)
-    if not isinstance(cw, Corrections):
-        cw = Corrections.from_bytes(cw)
-    if cw.kind != "dpf" or cw.n != n:
-        raise ValueError(f"corrections for a {cw.n}-bit {cw.kind}, expected an {n}-bit dpf")
-    root, r = draw_party(stream, cw.count, n)
-    return LutKey(n, r, Key(party, root, cw))
 
 
 def lut_mask(key: LutKey, x_share) -> np.ndarray:
@@ -121,7 +95,7 @@ def lut_eval(key: LutKey, y, tables) -> np.ndarray:
     step = max(1, dpf.FULL_CHUNK_WORDS >> key.n)
     for c0 in range(0, key.count, step):
         c1 = min(key.count, c0 + step)
-        e = dpf.dpf_eval_all(key.dpf, c0, c1)  # (C, 2^n), already signed for this party
+        e = dpf.dpf_eval_all(key.key, c0, c1)  # (C, 2^n), already signed for this party
         for k, win in enumerate(windows):
             rows = win[points[c0:c1]]  # row c: T[(y_c + j) mod 2^n] for j = 0..2^n-1
             rows *= e
@@ -132,7 +106,7 @@ def lut_eval(key: LutKey, y, tables) -> np.ndarray:
 
 def simulate_lut(x0, x1, n: int, tables, seeds: tuple[bytes, bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Dealer + both parties in one process: shares (int64) of tables[(x0 + x1) mod 2^n]."""
-    _check(n)
+    LutKey.check_width(n)
     if np.shape(x0) != np.shape(x1):
         raise ValueError(f"share shapes {np.shape(x0)} and {np.shape(x1)} do not match")
     count = as_shares(x0).size

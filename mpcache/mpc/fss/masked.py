@@ -15,11 +15,13 @@ seeds can ship the whole key instead (CompareKey.to_bytes / LutKey.to_bytes: + 1
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from mpcache.mpc.fss.prg import AesStream, low_mask
-from mpcache.mpc.fss.tree import Key
+from mpcache.mpc.fss.tree import Corrections, Key
 
 _GATE = struct.Struct("<4sBQ")  # magic, n, count
 
@@ -79,23 +81,69 @@ def from_open_bytes(data: bytes, n: int, count: int) -> np.ndarray:
     return y
 
 
-def gate_to_bytes(n: int, mask_share: np.ndarray, key: Key) -> bytes:
-    """A whole gate key (mask shares + FSS key with its root) for a dealer that ships it instead of letting the
-    party derive its part: 8 + 16 bytes per element more than the corrections alone."""
-    shares = np.ascontiguousarray(mask_share, dtype="<u8").tobytes()
-    return _GATE.pack(b"FSSG", n, key.count) + shares + key.to_bytes()
+@dataclass(frozen=True, eq=False)
+class GateKey:
+    """Party `key.party`'s keys for a batch of one-round gates on n-bit masked values: its mask shares and its
+    FSS key. Subclasses (compare.CompareKey, lut.LutKey) say which FSS key goes with n."""
 
+    n: int
+    mask_share: np.ndarray  # r_b, uint64 (count,) < 2^n
+    key: Key
 
-def gate_from_bytes(data: bytes | bytearray | memoryview) -> tuple[int, np.ndarray, Key]:
-    data = memoryview(data).cast("B")
-    if len(data) < _GATE.size:
-        raise ValueError("gate key message too short")
-    magic, n, count = _GATE.unpack_from(data)
-    end = _GATE.size + 8 * count
-    if magic != b"FSSG" or len(data) < end:
-        raise ValueError("not a gate key message (bad magic or truncated)")
-    shares = np.frombuffer(data[_GATE.size : end], "<u8").astype(np.uint64)
-    key = Key.from_bytes(data[end:])
-    if key.count != count:
-        raise ValueError(f"gate key message has {count} mask shares for {key.count} keys")
-    return n, shares, key
+    KIND: ClassVar[str] = ""
+
+    @staticmethod
+    def check_width(n: int) -> None:  # the gate's allowed input widths
+        raise NotImplementedError
+
+    @staticmethod
+    def key_bits(n: int) -> int:  # the FSS key's input width for gate width n
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        self.check_width(self.n)
+        cw = self.key.cw
+        if cw.kind != self.KIND or cw.n != self.key_bits(self.n):
+            raise ValueError(f"a {type(self).__name__} on {self.n}-bit inputs needs a {self.key_bits(self.n)}-bit "
+                             f"{self.KIND} key, got a {cw.n}-bit {cw.kind}")
+        if self.mask_share.shape != (self.key.count,):
+            raise ValueError(f"{self.mask_share.size} mask shares for {self.key.count} keys")
+
+    @property
+    def party(self) -> int:
+        return self.key.party
+
+    @property
+    def count(self) -> int:
+        return self.key.count
+
+    def slice(self, start: int, stop: int):
+        return type(self)(self.n, self.mask_share[start:stop], self.key.slice(start, stop))
+
+    @classmethod
+    def derive(cls, party: int, n: int, stream: AesStream, cw: Corrections | bytes):
+        """Party: its keys from its own stream (root seeds, mask shares: draw_party) and the correction words
+        received from the dealer (a Corrections or its bytes)."""
+        cls.check_width(n)
+        if not isinstance(cw, Corrections):
+            cw = Corrections.from_bytes(cw)
+        root, r = draw_party(stream, cw.count, n)
+        return cls(n, r, Key(party, root, cw))
+
+    def to_bytes(self) -> bytes:
+        """The whole key, for a dealer that ships it instead of letting the party derive its part: 8 (mask
+        share) + 16 (root) bytes per element more than the corrections alone."""
+        shares = np.ascontiguousarray(self.mask_share, dtype="<u8").tobytes()
+        return _GATE.pack(b"FSSG", self.n, self.count) + shares + self.key.to_bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview):
+        data = memoryview(data).cast("B")
+        if len(data) < _GATE.size:
+            raise ValueError("gate key message too short")
+        magic, n, count = _GATE.unpack_from(data)
+        end = _GATE.size + 8 * count
+        if magic != b"FSSG" or len(data) < end:
+            raise ValueError("not a gate key message (bad magic or truncated)")
+        shares = np.frombuffer(data[_GATE.size : end], "<u8").astype(np.uint64)
+        return cls(n, shares, Key.from_bytes(data[end:]))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpcache.mpc.fss.prg import SEED_KEY, VALUE_KEY, permute
+from mpcache.mpc.fss.prg import SEED_KEY, VALUE_KEY, as_seeds, permute
 
 MAX_LEAF_BITS = 7
 CHUNK = 1 << 13  # elements per depth-first pass: a level's arrays stay in the core's L2 cache (bench/fss.py)
@@ -167,6 +167,34 @@ def leaf_output(key: Key, c0: int, c1: int, lo: np.ndarray, hi: np.ndarray, low:
     leaves = key.cw.leaves
     flat = np.arange(c0, c1, dtype=np.intp) * leaves.shape[1] + low.astype(np.intp)
     return leaf_word(lo, hi, low) + (np.take(leaves.reshape(-1), flat) & -(lo & ONE))
+
+
+def chunks(count: int):
+    """(start, stop) of each depth-first pass over a batch of `count` elements."""
+    return ((c0, min(count, c0 + CHUNK)) for c0 in range(0, count, CHUNK))
+
+
+def start_gen(kind: str, n: int, alpha, root0, root1, beta, leaf_bits: int):
+    """Check and prepare a batch of keys to generate: (empty corrections, alpha as uint64, roots (2, N, 2),
+    beta as uint64). leaf_bits is capped at n."""
+    if isinstance(n, int) and 1 <= n < leaf_bits:
+        leaf_bits = n
+    check_domain(n, leaf_bits)
+    alpha = as_points(alpha, n, what="alpha")
+    roots = np.stack([as_seeds(root0, alpha.size), as_seeds(root1, alpha.size)])
+    return Corrections.empty(kind, n, leaf_bits, alpha.size), alpha, roots, as_ring(beta, alpha.size, "beta")
+
+
+def evaluate(key: Key, x, chunk_fn) -> np.ndarray:
+    """A party's shares (int64, x's shape) at public points x: chunk_fn(key, c0, c1, points) gives the unsigned
+    sums chunk by chunk; party 1's are negated (its outputs count with sign -1)."""
+    points = as_points(x, key.cw.n, key.count, what="x")
+    out = np.empty(key.count, dtype=np.uint64)
+    for c0, c1 in chunks(key.count):
+        out[c0:c1] = chunk_fn(key, c0, c1, points[c0:c1])
+    if key.party:
+        np.negative(out, out=out)
+    return out.view(np.int64).reshape(np.shape(x))
 
 
 def as_points(x, n: int, count: int | None = None, what: str = "input") -> np.ndarray:
