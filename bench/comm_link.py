@@ -5,7 +5,7 @@
 
 Two party processes (separate OS processes, as in a deployment) run each workload `--repeats` times per link.
 "loopback" is the real transport; an emulated link adds, per message, rtt/2 + bytes*8/bandwidth on the
-receiving side (mpcache/mpc/grpc_comm.py). The "model" column predicts the emulated time as
+receiving side (mpcache/mpc/transport/grpc_comm.py). The "model" column predicts the emulated time as
     loopback time + messages x rtt/2 + wire bytes x 8 / bandwidth,
 counting what rank 0 sent (the workloads are symmetric, so it receives as much). With two parties a round is
 one message each way, so this is rounds x rtt/2 + bytes/bandwidth. "time" is the mean of the two parties'
@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mpcache.mpc.transport.ports import free_ports
 
 WORKLOADS = ("all_reduce 1 x int64", "all_reduce 1M x int64", "crypten mul 8x64", "crypten softmax 8x64")
 
@@ -50,16 +51,6 @@ def link_name(rtt: float, bw: float) -> str:
     return "loopback" if (rtt, bw) == (0.0, math.inf) else f"{rtt:g} ms / {bw:g} Mbit/s"
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def workloads(comm, crypten, torch) -> dict:
     """Name -> zero-argument callable; the names are WORKLOADS."""
     x = crypten.cryptensor(torch.randn(8, 64), src=0)
@@ -77,7 +68,7 @@ def party(rank: int, args: dict) -> None:
     """One party: for every link, join a fresh session and time every workload."""
     import torch
 
-    from mpcache.mpc.grpc_comm import crypten, init_party
+    from mpcache.mpc.transport.grpc_comm import crypten, init_party
 
     crypten.cfg.communicator.verbose = True
     results = []

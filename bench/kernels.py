@@ -25,16 +25,18 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 
-import torch
+if "--compile" in sys.argv:  # build without a GPU: the kernels must be defined for real (mpcache.kernels.runtime)
+    os.environ["MPCACHE_TRITON_COMPILE"] = "1"
 
-from mpcache import kernels
-from mpcache.methods.base import chunk_min_max
-from mpcache.methods.mpcache import approx_similarity
-from mpcache.methods.quest import page_bound
-from mpcache.model.cache import LayerKV, gather_slots
-from mpcache.model.transformer import cached_attention
+import torch  # noqa: E402
+
+from mpcache import kernels  # noqa: E402
+from mpcache.kernels import approx_similarity, cached_attention, gather_slots, page_bound  # noqa: E402
+from mpcache.methods.base import chunk_min_max  # noqa: E402
+from mpcache.model.cache import LayerKV  # noqa: E402
 
 
 def make_cache(b: int, hkv: int, length: int, d: int, dtype: torch.dtype, device: str) -> LayerKV:
@@ -97,40 +99,40 @@ def cases(b: int, hq: int, hkv: int, length: int, d: int, dtype: torch.dtype, de
     return [
         (
             "decode, full cache",
-            lambda: kernels.decode_attention(q, entry, qpos),
+            lambda: kernels.decode_attention(q, entry, qpos, use_kernels=True),
             lambda: cached_attention(q, entry.keys, entry.values, qpos, entry.positions, entry.valid),
             kv_bytes,
         ),
         (
             f"decode, {budget} selected slots",
-            lambda: kernels.decode_attention(q, entry, qpos, index=index, count=count),
+            lambda: kernels.decode_attention(q, entry, qpos, index=index, count=count, use_kernels=True),
             torch_subset,
             sub_bytes,
         ),
         (
             "Quest page bound",
-            lambda: kernels.page_bound(groups, kmax, kmin),
+            lambda: page_bound(groups, kmax, kmin, use_kernels=True),
             lambda: page_bound(groups, kmax, kmin),
             meta_bytes,
         ),
         (
             "MPCache cluster score",
-            lambda: kernels.approx_similarity(groups.sum(2), kmax, kmin, 0.6),
+            lambda: approx_similarity(groups.sum(2), kmax, kmin, 0.6, use_kernels=True),
             lambda: approx_similarity(groups.sum(2), kmax, kmin, 0.6),
             meta_bytes,
         ),
         (
             "key norms",
+            lambda: kernels.token_key_norms(entry.keys, entry.valid, use_kernels=True),
             lambda: kernels.token_key_norms(entry.keys, entry.valid),
-            lambda: kernels.token_key_norms(entry.keys, entry.valid, use_kernels=False),
             kv_bytes // 2,
         ),
         (
             "window sums (32 queries)",
-            lambda: kernels.window_attention_sums(window_q, entry.keys, window_pos, entry.positions, entry.valid, ones),
             lambda: kernels.window_attention_sums(
-                window_q, entry.keys, window_pos, entry.positions, entry.valid, ones, use_kernels=False
+                window_q, entry.keys, window_pos, entry.positions, entry.valid, ones, use_kernels=True
             ),
+            lambda: kernels.window_attention_sums(window_q, entry.keys, window_pos, entry.positions, entry.valid, ones),
             kv_bytes // 2,
         ),
     ]

@@ -2,7 +2,7 @@
 
     python -m bench.mpc_decode --method full --seq-lens 512,1024 --link lan,wan --json decode.json
 
-Two party processes over gRPC (mpcache.mpc.grpc_comm, exact truncation tuples from the in-process dealer) run
+Two party processes over gRPC (mpcache.mpc.transport.grpc_comm, exact truncation tuples from the in-process dealer) run
 `--steps` greedy decode steps of the private model after a cache of `seq_len` tokens. Links: "loopback" (the real
 transport, always measured and printed beside), "lan" = 1 ms RTT / 1 Gbit/s and "wan" = 40 ms RTT / 100 Mbit/s,
 emulated by the communicator (rtt/2 + bytes*8/bandwidth per message on top of loopback; bench.comm_link checks it).
@@ -19,7 +19,7 @@ weights; byte vocabulary of 264 so the LM head stays small).
 
 Methods plug in through METHODS: a name -> ((budget, **knobs) -> factory of the private cache for one decode run);
 "full" is the whole cache; "mpcache", "streamingllm" and "h2o" adopt the shared n-token cache through their private
-class's `adopt(cache, budget, **knobs)` (mpcache/mpc/mpcache_private.py, mpcache/mpc/baselines_private.py: each cuts
+class's `adopt(cache, budget, **knobs)` (mpcache/mpc/caches/mpcache.py, mpcache/mpc/caches/baselines.py: each cuts
 it publicly to the cache its one-time prompt eviction leaves; the decode steps measured are the method's own).
 A method may carry knobs for ablations, `--method mpcache,mpcache:static_ratio=1.0,sink=8,h2o` (a comma-separated
 item with "=" and no ":" continues the previous method's knobs; values parse as int, float, true/false or text);
@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mpcache.mpc.decoder import PRIVATE_CACHES  # the private KV caches the generate job serves too
+from mpcache.mpc.caches import PRIVATE_CACHES  # the private KV caches the generate job serves too
 
 LINKS = {"loopback": (0.0, math.inf), "lan": (1.0, 1000.0), "wan": (40.0, 100.0)}
 PAPER = dict(
@@ -141,7 +141,7 @@ def check_method(name: str, knobs: dict) -> None:
     """Fail before any party starts: adopt a small float (simulator) cache with these knobs."""
     import torch
 
-    from mpcache.mpc.layers import PrivateKVCache, PrivateLayerKV
+    from mpcache.mpc.nn.layers import PrivateKVCache, PrivateLayerKV
 
     cache = PrivateKVCache(1)
     zeros = torch.zeros(1, 1, 96, 4, dtype=torch.float64)
@@ -208,11 +208,11 @@ def party(rank: int, args: dict) -> None:
     import torch
 
     from mpcache.model.cache import KVCache
-    from mpcache.mpc import decoder
-    from mpcache.mpc import layers as L
-    from mpcache.mpc import numerics as N
-    from mpcache.mpc.accounting import Ledger, summarize
-    from mpcache.mpc.grpc_comm import crypten, init_party
+    from mpcache.mpc.arith import numerics as N
+    from mpcache.mpc.arith.accounting import Ledger, summarize
+    from mpcache.mpc.nn import decoder
+    from mpcache.mpc.nn import layers as L
+    from mpcache.mpc.transport.grpc_comm import crypten, init_party
 
     torch.set_num_threads(1)
     rows = []
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     if max(seq_lens) + opts.steps > PAPER["max_position"]:
         parser.error(f"--seq-lens must stay below {PAPER['max_position'] - opts.steps}")
 
-    from mpcache.mpc.launcher import free_ports
+    from mpcache.mpc.transport.ports import free_ports
 
     rows = []
     for label, method, knobs in methods:

@@ -3,10 +3,10 @@
     python -m bench.mpc_ops                 # markdown table on stdout
     python -m bench.mpc_ops --json ops.json
 
-Two local parties (mpcache.mpc.local, gloo), exact truncation tuples from the in-process dealer. Counts are
-CrypTen's per-party counters (a round = one communicator call; bytes = elements x 8, both directions), read
-on party 0; "per elem" divides by the op's input elements. Times are one party's wall clock on this machine,
-with both parties sharing its cores.
+Two local parties (mpcache.mpc.transport.local, gRPC on loopback), exact truncation tuples from the in-process
+dealer. Counts are CrypTen's per-party counters (a round = one communicator call; bytes = elements x 8, both
+directions), read on party 0; "per elem" divides by the op's input elements. Times are one party's wall clock on
+this machine, with both parties sharing its cores.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 
 from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Transformer
-from mpcache.mpc import layers as L
-from mpcache.mpc import numerics as N
-from mpcache.mpc.local import LocalParties
+from mpcache.mpc.arith import numerics as N
+from mpcache.mpc.nn import layers as L
+from mpcache.mpc.transport.local import LocalParties
 
 
 def _measure(name: str, fn, elements: int, exact: bool) -> dict:

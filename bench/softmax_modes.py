@@ -4,8 +4,8 @@
 
 Modes (PrivateOptions): "max+clip" subtracts the row max and clips exp's input by a comparison (exp_neg);
 "max+range" subtracts the max and uses the comparison-free exp_range (the decoder's default); "bound+range" and
-"bound+clip" subtract a public per-layer bound calibrated on plaintext (mpcache.mpc.score_bounds: the largest score
-over generated prompts of every task, seed 1, plus `--margin`) instead of the max.
+"bound+clip" subtract a public per-layer bound calibrated on plaintext (mpcache.mpc.arith.score_bounds: the largest
+score over generated prompts of every task, seed 1, plus `--margin`) instead of the max.
 
 For each passkey prompt (seed 0, so not a calibration prompt) the plaintext model prefills all but the last token;
 that cache is shared, and the private model decodes `--steps` greedy tokens from the last prompt token, in the
@@ -30,7 +30,7 @@ MODES = ("max+clip", "max+range", "bound+range", "bound+clip")
 
 
 def options(mode: str, bounds: tuple[float, ...]):
-    from mpcache.mpc.layers import SCORE_RANGE, PrivateOptions
+    from mpcache.mpc.nn.layers import SCORE_RANGE, PrivateOptions
 
     score_range = SCORE_RANGE if mode.endswith("+range") else None
     return PrivateOptions(score_bound=bounds if mode.startswith("bound") else None, score_range=score_range)
@@ -41,9 +41,9 @@ def private_decode(ids: torch.Tensor, steps: int, mode: str, bounds: tuple[float
     party (party 0 holds the model and the prefill; the last token is shared by party 1 as the client would)."""
     from mpcache.model.cache import KVCache
     from mpcache.model.loading import load_bundled
-    from mpcache.mpc import decoder
-    from mpcache.mpc import layers as L
-    from mpcache.mpc import numerics as N
+    from mpcache.mpc.arith import numerics as N
+    from mpcache.mpc.nn import decoder
+    from mpcache.mpc.nn import layers as L
 
     torch.set_num_threads(1)
     model = load_bundled(dtype=torch.float64)[0]
@@ -76,7 +76,7 @@ def private_decode(ids: torch.Tensor, steps: int, mode: str, bounds: tuple[float
 
 def bound_gaps(model, ids: torch.Tensor, bounds: tuple[float, ...]) -> list[dict]:
     """Per layer, over the last prompt token's query heads: bound - row max (median and largest) in plaintext."""
-    from mpcache.mpc.score_bounds import ScoreRecorder
+    from mpcache.mpc.arith.score_bounds import ScoreRecorder
 
     class LastRow(ScoreRecorder):
         def __init__(self, n_layer: int) -> None:
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     from mpcache.eval.tasks import TASKS, exact_match, make_samples
     from mpcache.model.loading import load_bundled
-    from mpcache.mpc import numerics as N
-    from mpcache.mpc.decoder import plain_greedy
-    from mpcache.mpc.local import LocalParties
-    from mpcache.mpc.score_bounds import calibrate, task_prompts
+    from mpcache.mpc.arith import numerics as N
+    from mpcache.mpc.arith.score_bounds import calibrate, task_prompts
+    from mpcache.mpc.nn.decoder import plain_greedy
+    from mpcache.mpc.transport.local import LocalParties
 
     torch.set_num_threads(1)
     model, tok = load_bundled(dtype=torch.float64)

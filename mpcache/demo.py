@@ -3,7 +3,7 @@
     python -m mpcache.demo                               # passkey at 512 tokens, full KV cache
     python -m mpcache.demo --task niah --length 2048 --method snapkv --budget 128
     python -m mpcache.demo --model smollm2 --task stdlib_docs --length 2048   # SmolLM2-135M-Instruct
-    python -m mpcache.demo --private                     # the same model in 2PC (mpcache/mpc/private_demo.py)
+    python -m mpcache.demo --private                     # the same model in 2PC (mpcache/mpc/deploy/private_demo.py)
 
 Streams the generated text as it is decoded, then prints the expected answer, whether it
 matched, the prefill and decode speeds and the size of the KV cache it decoded with.
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--private" in argv:
-        from mpcache.mpc import private_demo
+        from mpcache.mpc.deploy import private_demo
 
         return private_demo.main(argv)
     args = parse_args(argv)

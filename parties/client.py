@@ -26,9 +26,10 @@ from pathlib import Path
 import grpc
 import torch
 
-from mpcache.mpc import dealer, wire
-from mpcache.mpc.proto import mpcache_pb2 as pb
-from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
+from mpcache.mpc.dealer import tuples
+from mpcache.mpc.transport import wire
+from mpcache.mpc.transport.proto import mpcache_pb2 as pb
+from mpcache.mpc.transport.proto import mpcache_pb2_grpc as pb_grpc
 from parties.common import Credentials, Fatal, Parser, add_common_flags, run_main, setup_logging
 
 log = logging.getLogger("mpcache.client")
@@ -175,7 +176,7 @@ class Client:
             parts = [r.outputs[k] for r in results]
             if len({p.precision_bits for p in parts}) != 1:
                 raise Fatal(f"the parties returned output {k} with different precisions")
-            outs.append(reconstruct([dealer.int64_from_pb(p.share) for p in parts], parts[0].precision_bits))
+            outs.append(reconstruct([tuples.int64_from_pb(p.share) for p in parts], parts[0].precision_bits))
         return outs, results
 
     def generate(
@@ -189,7 +190,7 @@ class Client:
     ) -> tuple[list[int], torch.Tensor | None, list[pb.JobResult]]:
         """The private decoder: greedy tokens after prompt `ids` (and the first step's logits if asked); kv_cache:
         the parties' KV-cache policy, e.g. {"method": "mpcache", "budget": 64} (public)."""
-        from mpcache.mpc.layers import one_hot
+        from mpcache.mpc.nn.layers import one_hot
 
         x = one_hot(torch.tensor([ids]), vocab_size)
         params = {"max_new_tokens": max_new_tokens, "return_logits": return_logits}

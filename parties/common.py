@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from mpcache.mpc import tls
+from mpcache.mpc.transport import tls
 
 ENV_PREFIX = "MPCACHE_"
 
@@ -120,10 +120,10 @@ def setup_logging(role: str, session: str, level: str = "INFO") -> logging.Logge
 
 
 def _expected(error: BaseException) -> bool:
-    from mpcache.mpc import dealer
+    from mpcache.mpc.dealer import service as dealer
 
     kinds: tuple[type[BaseException], ...] = (Fatal, tls.TlsError, OSError, dealer.DealerUnavailable)
-    comm = sys.modules.get("mpcache.mpc.grpc_comm")  # loaded by the parties only (it imports CrypTen)
+    comm = sys.modules.get("mpcache.mpc.transport.grpc_comm")  # loaded by the parties only (it imports CrypTen)
     if comm is not None:
         kinds += (comm.CommError,)
     return isinstance(error, kinds)

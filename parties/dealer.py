@@ -1,4 +1,4 @@
-"""`dealer`: serve seeds and Beaver-tuple corrections to the two computing parties (mpcache/mpc/dealer.py).
+"""`dealer`: serve seeds and Beaver-tuple corrections to the two computing parties (mpcache/mpc/dealer/).
 
     dealer --listen 0.0.0.0:50700 --certs certs [--sessions 1] [--party-timeout 30]
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import sys
 
-from mpcache.mpc import dealer
+from mpcache.mpc.dealer import service as dealer
 from parties.common import Credentials, Fatal, Parser, add_common_flags, run_main, setup_logging
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.party_timeout <= 0:
         raise Fatal(f"--party-timeout must be > 0, got {args.party_timeout}")
     creds = Credentials("dealer", args)
-    import mpcache.mpc.numerics  # noqa: F401 - EXACT_TRUNCATION's math loads CrypTen: now, not in the first request
+    import mpcache.mpc.arith.numerics  # noqa: F401 - EXACT_TRUNCATION's math loads CrypTen: now, not in the first request
 
     ended: queue.Queue[tuple[str, str]] = queue.Queue()
     service = dealer.DealerService(

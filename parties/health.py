@@ -12,9 +12,9 @@ import sys
 
 import grpc
 
-from mpcache.mpc import tls
-from mpcache.mpc.proto import mpcache_pb2 as pb
-from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
+from mpcache.mpc.transport import tls
+from mpcache.mpc.transport.proto import mpcache_pb2 as pb
+from mpcache.mpc.transport.proto import mpcache_pb2_grpc as pb_grpc
 from parties.common import Credentials, Fatal, Parser, add_tls_flags, run_main
 
 

@@ -4,7 +4,7 @@ A job takes the client's secret-shared inputs (CrypTen MPCTensors), public param
 party's context (rank, the model's secret-shared weights), and returns secret-shared outputs; the party sends its
 share of each output back to the client. Parameters are validated before any communication, so a bad request fails
 identically at both parties without desynchronising them. The private decoder is the job "generate"
-(mpcache/mpc/decoder.py says who sees what).
+(mpcache/mpc/nn/decoder.py says who sees what).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class JobContext:
 
     rank: int
     weights: dict[str, Any] = field(default_factory=dict)  # name -> crypten MPCTensor
-    decoder: Any = None  # mpcache.mpc.layers.PrivateTransformer when the party serves a language model
+    decoder: Any = None  # mpcache.mpc.nn.layers.PrivateTransformer when the party serves a language model
     report: Any = None  # the last job's public cost report (JSON-able), sent to the client with the job's stats
 
 
@@ -84,7 +84,7 @@ def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext
         raise ValueError("return_logits must be true or false")
     if not 1 <= shapes[0][1] or shapes[0][1] + steps > config.max_position:
         raise ValueError(f"prompt of {shapes[0][1]} tokens + {steps} new ones exceeds {config.max_position} positions")
-    from mpcache.mpc.decoder import private_cache
+    from mpcache.mpc.caches import private_cache
 
     private_cache(config.n_layer, params.get("kv_cache"))  # a malformed spec fails here, before any MPC
 
@@ -94,14 +94,15 @@ def generate(ctx: JobContext, inputs: list, params: dict) -> list:
     """Greedy decoding of the client's secret one-hot prompt: returns the secret one-hots of the new tokens
     [1, steps, V] (and, with return_logits, the first step's logits [1, 1, V] for equivalence tests); the cost of
     every step per layer and operation class goes to ctx.report. kv_cache (optional, public): the private KV cache
-    policy, e.g. {"method": "mpcache", "budget": 64} (decoder.private_cache)."""
-    from mpcache.mpc import decoder
-    from mpcache.mpc.accounting import Ledger
-    from mpcache.mpc.crypten_compat import import_crypten
+    policy, e.g. {"method": "mpcache", "budget": 64} (caches.private_cache)."""
+    from mpcache.mpc.arith.accounting import Ledger
+    from mpcache.mpc.arith.crypten_compat import import_crypten
+    from mpcache.mpc.caches import private_cache
+    from mpcache.mpc.nn import decoder
 
     crypten = import_crypten()
     comm = crypten.communicator.get()
-    cache = decoder.private_cache(ctx.decoder.config.n_layer, params.get("kv_cache"))
+    cache = private_cache(ctx.decoder.config.n_layer, params.get("kv_cache"))
     with Ledger(comm.get_communication_stats) as ledger:
         steps = params.get("max_new_tokens", 16)
         tokens, logits = decoder.generate(ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger)

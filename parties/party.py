@@ -7,7 +7,7 @@ then runs the jobs clients submit (parties/jobs.py) until a client asks it to sh
 Only party 0 loads the model (it is the model owner); its weights are secret-shared with party 1 at start-up.
 --model is a safetensors file of named weights (the demo jobs) or a checkpoint folder (config.json + weights, as
 mpcache.model.from_pretrained reads): then party 1 learns the architecture (ModelConfig) and both serve the
-private decoder, job "generate" (mpcache/mpc/decoder.py).
+private decoder, job "generate" (mpcache/mpc/nn/decoder.py).
 Threads: gRPC handlers only queue requests; the main thread runs every MPC step (CrypTen keeps global state), and
 a heartbeat thread keeps the dealer session alive and notices a dead dealer or an aborted session.
 """
@@ -29,9 +29,11 @@ from pathlib import Path
 import grpc
 import torch
 
-from mpcache.mpc import dealer, tls, wire
-from mpcache.mpc.proto import mpcache_pb2 as pb
-from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
+from mpcache.mpc.dealer import service as dealer
+from mpcache.mpc.dealer import tuples
+from mpcache.mpc.transport import tls, wire
+from mpcache.mpc.transport.proto import mpcache_pb2 as pb
+from mpcache.mpc.transport.proto import mpcache_pb2_grpc as pb_grpc
 from parties import jobs
 from parties.common import Credentials, Fatal, Parser, add_common_flags, run_main, setup_logging
 
@@ -119,7 +121,7 @@ class Api(pb_grpc.JobsServicer, pb_grpc.HealthServicer):
         if not request.job_id or request.job_id == SHUTDOWN:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid job id {request.job_id!r}")
         try:
-            inputs = [(dealer.int64_from_pb(i.share), i.precision_bits) for i in request.inputs]
+            inputs = [(tuples.int64_from_pb(i.share), i.precision_bits) for i in request.inputs]
         except (ValueError, TypeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad input share: {e}")
         for _, bits in inputs:
@@ -202,7 +204,10 @@ class Party:
         log.info("step=register dealer %s gave this party its seed", args.dealer)
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
 
-        from mpcache.mpc import grpc_comm, numerics, provider  # imports CrypTen: only the parties pay for it
+        # these import CrypTen: only the parties pay for it
+        from mpcache.mpc.arith import numerics
+        from mpcache.mpc.dealer import provider
+        from mpcache.mpc.transport import grpc_comm
 
         self.crypten = provider.crypten
         comm = grpc_comm.init_party(
@@ -242,7 +247,7 @@ class Party:
         config = self.comm.broadcast_obj(config, 0)
         if config is not None:
             from mpcache.model.config import ModelConfig
-            from mpcache.mpc import decoder
+            from mpcache.mpc.nn import decoder
 
             if self.rank == 1:
                 model = decoder.architecture_only(ModelConfig.from_dict(config))

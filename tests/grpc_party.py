@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.distributed import ReduceOp
 
-from mpcache.mpc.crypten_compat import import_crypten
+from mpcache.mpc.arith.crypten_compat import import_crypten
 
 crypten = import_crypten()
 
@@ -36,7 +36,7 @@ def start(rank: int, args: dict):
         )
         crypten.init()
         return crypten.communicator.get()
-    from mpcache.mpc.grpc_comm import init_party
+    from mpcache.mpc.transport.grpc_comm import init_party
 
     return init_party(
         rank,
@@ -156,7 +156,7 @@ def wrong_dtype(rank: int, comm, args: dict) -> dict:
 def malicious_object(rank: int, comm, args: dict) -> dict:
     """Rank 1 bypasses dumps() and sends a pickle that would run a shell command; rank 0 must refuse it."""
     if rank == 1:
-        from mpcache.mpc.proto import mpcache_pb2 as pb
+        from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 
         class Evil:
             def __reduce__(self):

@@ -1,4 +1,4 @@
-"""StreamingLLM and H2O on secret shares (mpcache/mpc/baselines_private.py) against the plaintext references.
+"""StreamingLLM and H2O on secret shares (mpcache/mpc/caches/baselines.py) against the plaintext references.
 
 Simulation (the same code on float tensors) must keep exactly the slots the plaintext policies keep, H2O with the
 same accumulated scores up to the softmax approximation; 2PC must match the simulator within fixed-point tolerance
@@ -12,10 +12,10 @@ import torch
 from test_mpc_layers import tiny
 
 from mpcache.methods import make_policy
-from mpcache.mpc import layers as L
-from mpcache.mpc import numerics as N
-from mpcache.mpc.baselines_private import PrivateH2O, PrivateStreamingLLM, ends
-from mpcache.mpc.local import LocalParties
+from mpcache.mpc.arith import numerics as N
+from mpcache.mpc.caches.baselines import PrivateH2O, PrivateStreamingLLM, ends
+from mpcache.mpc.nn import layers as L
+from mpcache.mpc.transport.local import LocalParties
 
 SIM = lambda t: t  # noqa: E731  (identity share: the simulator)
 

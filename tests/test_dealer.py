@@ -14,28 +14,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpcache.mpc import dealer, tls
-from mpcache.mpc.proto import mpcache_pb2 as pb
-from mpcache.mpc.provider import DealerSession
+from mpcache.mpc.arith import ring
+from mpcache.mpc.dealer import service as dealer
+from mpcache.mpc.dealer import tuples
+from mpcache.mpc.dealer.provider import DealerSession
+from mpcache.mpc.transport import tls
+from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 SPECS = [
-    dealer.Spec.beaver("mul", (3, 4), (4,)),
-    dealer.Spec.beaver("matmul", (2, 5), (5, 3)),
-    dealer.Spec.beaver("conv1d", (1, 2, 9), (4, 2, 3), stride=(2,), padding=(1,)),
-    dealer.Spec(pb.SQUARE, (6,)),
-    dealer.Spec(pb.BINARY_AND, (4, 1), (1, 5)),
-    dealer.Spec(pb.B2A_BIT, (50,)),
-    dealer.Spec(pb.TRUNCATION_PAIR, (7,)),
-    dealer.Spec.truncation((3, 5), 1 << 16),
-    dealer.Spec.truncation((3, 5), torch.tensor([[3], [1000], [1 << 40]])),
+    tuples.Spec.beaver("mul", (3, 4), (4,)),
+    tuples.Spec.beaver("matmul", (2, 5), (5, 3)),
+    tuples.Spec.beaver("conv1d", (1, 2, 9), (4, 2, 3), stride=(2,), padding=(1,)),
+    tuples.Spec(pb.SQUARE, (6,)),
+    tuples.Spec(pb.BINARY_AND, (4, 1), (1, 5)),
+    tuples.Spec(pb.B2A_BIT, (50,)),
+    tuples.Spec(pb.TRUNCATION_PAIR, (7,)),
+    tuples.Spec.truncation((3, 5), 1 << 16),
+    tuples.Spec.truncation((3, 5), torch.tensor([[3], [1000], [1 << 40]])),
 ]
 
 
 def _local_sessions(seeds=(11, 22), name="s"):
-    keys = [dealer.party_key(seed, name, r) for r, seed in enumerate(seeds)]
+    keys = [tuples.party_key(seed, name, r) for r, seed in enumerate(seeds)]
     calls, masks = [], {}
 
     def fetch(request_id, specs):
@@ -44,7 +47,7 @@ def _local_sessions(seeds=(11, 22), name="s"):
         for i, s in enumerate(specs):
             if s.kind == pb.FIXED_MASK:
                 masks[request_id + i] = s.shape_a
-            out.append(dealer.correction(keys, request_id + i, s, mask_shape=masks.get(s.mask_tuple)))
+            out.append(tuples.correction(keys, request_id + i, s, mask_shape=masks.get(s.mask_tuple)))
         return out
 
     return DealerSession(name, 0, seeds[0], fetch), DealerSession(name, 1, seeds[1]), calls
@@ -55,9 +58,9 @@ def _check_tuple(spec, shares0, shares1):
     if spec.kind == pb.BINARY_AND:
         a, b, c = r0[0] ^ r1[0], r0[1] ^ r1[1], d0 ^ d1
         assert torch.equal(c, a & b)
-    elif spec.kind in dealer.BEAVER_OPS:
+    elif spec.kind in tuples.BEAVER_OPS:
         a, b = r0[0] + r1[0], r0[1] + r1[1]
-        op = getattr(torch, dealer.BEAVER_OPS[spec.kind])
+        op = getattr(torch, tuples.BEAVER_OPS[spec.kind])
         assert torch.equal(d0 + d1, op(a, b, **dict(spec.conv)))
     elif spec.kind == pb.SQUARE:
         r = r0[0] + r1[0]
@@ -87,47 +90,47 @@ def test_shares_reconstruct_to_valid_tuples(spec):
     for _ in range(2):  # two consecutive tuples of the same spec are different
         t0, t1 = p0.next(spec), p1.next(spec)
         _check_tuple(spec, t0, t1)
-    assert not torch.equal(t0[0][0], dealer.random_shares(p0.key, 0, spec)[0])
+    assert not torch.equal(t0[0][0], tuples.random_shares(p0.key, 0, spec)[0])
 
 
 def test_random_shares_look_uniform_and_independent_per_party():
-    k0, k1 = dealer.party_key(1, "s", 0), dealer.party_key(1, "s", 1)  # same seed, different ranks
-    a0, a1 = dealer.stream(k0, 0, 0, (4096,)), dealer.stream(k1, 0, 0, (4096,))
+    k0, k1 = tuples.party_key(1, "s", 0), tuples.party_key(1, "s", 1)  # same seed, different ranks
+    a0, a1 = tuples.stream(k0, 0, 0, (4096,)), tuples.stream(k1, 0, 0, (4096,))
     assert not torch.equal(a0, a1)
     bits = torch.stack([(a0 >> i) & 1 for i in range(64)]).float().mean(1)
     assert bits.min() > 0.45 and bits.max() < 0.55  # every bit position about half ones
-    assert torch.equal(a0, dealer.stream(k0, 0, 0, (4096,)))  # deterministic in (key, index, part)
-    assert not torch.equal(a0, dealer.stream(k0, 1, 0, (4096,)))
-    assert not torch.equal(a0, dealer.stream(k0, 0, 1, (4096,)))
+    assert torch.equal(a0, tuples.stream(k0, 0, 0, (4096,)))  # deterministic in (key, index, part)
+    assert not torch.equal(a0, tuples.stream(k0, 1, 0, (4096,)))
+    assert not torch.equal(a0, tuples.stream(k0, 0, 1, (4096,)))
 
 
 def test_weight_stationary_tuples_use_the_mask_they_name():
     p0, p1, _ = _local_sessions()
-    (b0,), e0 = p0.next(dealer.Spec(pb.FIXED_MASK, (4, 3)))
-    (b1,), e1 = p1.next(dealer.Spec(pb.FIXED_MASK, (4, 3)))
+    (b0,), e0 = p0.next(tuples.Spec(pb.FIXED_MASK, (4, 3)))
+    (b1,), e1 = p1.next(tuples.Spec(pb.FIXED_MASK, (4, 3)))
     assert e0.numel() == e1.numel() == 0  # nothing derived, nothing sent
     p0.next(SPECS[0]), p1.next(SPECS[0])  # an unrelated tuple in between
-    for spec in (dealer.Spec.fixed("matmul", (2, 4), (4, 3), 0), dealer.Spec.fixed("mul", (5, 4, 3), (4, 3), 0)):
+    for spec in (tuples.Spec.fixed("matmul", (2, 4), (4, 3), 0), tuples.Spec.fixed("mul", (5, 4, 3), (4, 3), 0)):
         (a0,), c0 = p0.next(spec)
         (a1,), c1 = p1.next(spec)
-        assert torch.equal(c0 + c1, getattr(torch, dealer.FIXED_OPS[spec.kind])(a0 + a1, b0 + b1))
+        assert torch.equal(c0 + c1, getattr(torch, tuples.FIXED_OPS[spec.kind])(a0 + a1, b0 + b1))
     # a leading block of the mask (an operand that grows into its mask): B[:3, :2] and B[:2, :3]
-    for spec, block in ((dealer.Spec.fixed("matmul", (2, 3), (3, 2), 0), (3, 2)),
-                        (dealer.Spec.fixed("mul", (5, 2, 3), (2, 3), 0), (2, 3))):  # fmt: skip
+    for spec, block in ((tuples.Spec.fixed("matmul", (2, 3), (3, 2), 0), (3, 2)),
+                        (tuples.Spec.fixed("mul", (5, 2, 3), (2, 3), 0), (2, 3))):  # fmt: skip
         (a0,), c0 = p0.next(spec)
         (a1,), c1 = p1.next(spec)
         b = (b0 + b1)[: block[0], : block[1]]
-        assert torch.equal(c0 + c1, getattr(torch, dealer.FIXED_OPS[spec.kind])(a0 + a1, b))
+        assert torch.equal(c0 + c1, getattr(torch, tuples.FIXED_OPS[spec.kind])(a0 + a1, b))
 
 
 def test_mask_blocks_must_be_leading_blocks_of_the_mask():
-    dealer.check_mask_block((4, 3), (4, 3))
-    dealer.check_mask_block((4, 3), (0, 1))
+    ring.check_mask_block((4, 3), (4, 3))
+    ring.check_mask_block((4, 3), (0, 1))
     for block in ((5, 3), (4, 4), (3,), (1, 4, 3)):
         with pytest.raises(ValueError, match="not a leading block"):
-            dealer.check_mask_block((4, 3), block)
+            ring.check_mask_block((4, 3), block)
     # the provider refuses before drawing anything, so both parties stay in step
-    from mpcache.mpc.provider import DealerProvider
+    from mpcache.mpc.dealer.provider import DealerProvider
 
     p0, _, calls = _local_sessions()
     provider = DealerProvider()
@@ -141,11 +144,11 @@ def test_mask_blocks_must_be_leading_blocks_of_the_mask():
 
 
 def test_mask_cache_keeps_recent_masks_within_its_budget():
-    keys = [dealer.party_key(5, "m", r) for r in range(2)]
+    keys = [tuples.party_key(5, "m", r) for r in range(2)]
     s = dealer._Session("m", [5, 5], keys, 0.0)
     budget = 2 * 8 * 12  # room for two masks of shape (3, 4)
     for index in (0, 1, 0, 2):  # touching 0 again makes 1 the least recently used
-        assert torch.equal(s.mask(index, (3, 4), budget), dealer.fixed_mask_value(keys, index, (3, 4)))
+        assert torch.equal(s.mask(index, (3, 4), budget), tuples.fixed_mask_value(keys, index, (3, 4)))
     assert list(s.mask_cache) == [0, 2] and s.mask_cache_bytes == budget
     s.mask(3, (10, 10), budget)  # larger than the budget: computed, not cached
     assert list(s.mask_cache) == [0, 2]
@@ -164,7 +167,7 @@ def test_prefetch_batches_and_detects_a_diverged_schedule():
 
 
 def test_oversized_tuples_are_refused_by_both_parties_and_the_dealer():
-    huge = dealer.Spec.beaver("mul", (1 << 24, 2), (1,))  # a 256 MiB correction
+    huge = tuples.Spec.beaver("mul", (1 << 24, 2), (1,))  # a 256 MiB correction
     for session in _local_sessions()[:2]:
         with pytest.raises(ValueError, match="split the operation"):
             session.next(huge)
@@ -173,17 +176,17 @@ def test_oversized_tuples_are_refused_by_both_parties_and_the_dealer():
 
 def test_bad_specs_are_rejected_with_a_message():
     with pytest.raises(ValueError, match="do not fit"):
-        dealer.Spec.beaver("matmul", (2, 3), (4, 5)).derived_shape()
+        tuples.Spec.beaver("matmul", (2, 3), (4, 5)).derived_shape()
     with pytest.raises(ValueError, match="unsupported Beaver op"):
-        dealer.Spec.beaver("add", (2,), (2,))
+        tuples.Spec.beaver("add", (2,), (2,))
     with pytest.raises(ValueError, match="non-negative"):
-        dealer.Spec(pb.SQUARE, (-1,))
+        tuples.Spec(pb.SQUARE, (-1,))
     with pytest.raises(ValueError, match="unknown tuple kind"):
-        dealer.Spec(0, (1,))
+        tuples.Spec(0, (1,))
     with pytest.raises(ValueError, match=r"\[1, 2\^62\)"):
-        dealer.Spec.truncation((2,), 0)
+        tuples.Spec.truncation((2,), 0)
     with pytest.raises(ValueError, match="broadcast"):
-        dealer.Spec.truncation((2,), torch.tensor([2, 3, 4]))
+        tuples.Spec.truncation((2,), torch.tensor([2, 3, 4]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,18 +224,18 @@ def test_service_serves_party0_corrections_and_nothing_to_party1():
         with pytest.raises(dealer.DealerUnavailable, match="out of step"):
             c0.get_tuples(0, [SPECS[0]])  # tuple 0 was served already: never twice
         with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*split the operation"):
-            c0.get_tuples(len(SPECS), [dealer.Spec.beaver("mul", (1 << 24, 2), (1,))])
+            c0.get_tuples(len(SPECS), [tuples.Spec.beaver("mul", (1 << 24, 2), (1,))])
         with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*in batches"):
-            c0.get_tuples(len(SPECS), [dealer.Spec.beaver("mul", (1 << 23,), (1,))] * 3)
+            c0.get_tuples(len(SPECS), [tuples.Spec.beaver("mul", (1 << 23,), (1,))] * 3)
         with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*not a FIXED_MASK"):
-            c0.get_tuples(len(SPECS), [dealer.Spec.fixed("matmul", (2, 3), (3, 3), 1)])  # tuple 1 is a triple
+            c0.get_tuples(len(SPECS), [tuples.Spec.fixed("matmul", (2, 3), (3, 3), 1)])  # tuple 1 is a triple
         # a FIXED_MASK of shape (4, 3), a tuple on its leading block (3, 2), then blocks that are not leading blocks
-        mask_spec, m = dealer.Spec(pb.FIXED_MASK, (4, 3)), len(SPECS)
+        mask_spec, m = tuples.Spec(pb.FIXED_MASK, (4, 3)), len(SPECS)
         ((b0,), _), ((b1,), _) = p0.next(mask_spec), p1.next(mask_spec)
-        block_spec = dealer.Spec.fixed("matmul", (2, 3), (3, 2), m)
+        block_spec = tuples.Spec.fixed("matmul", (2, 3), (3, 2), m)
         ((a0,), d0), ((a1,), d1) = p0.next(block_spec), p1.next(block_spec)
         assert torch.equal(d0 + d1, (a0 + a1) @ (b0 + b1)[:3, :2])
-        for bad in (dealer.Spec.fixed("matmul", (2, 5), (5, 3), m), dealer.Spec.fixed("mul", (3,), (3,), m)):
+        for bad in (tuples.Spec.fixed("matmul", (2, 5), (5, 3), m), tuples.Spec.fixed("mul", (3,), (3,), m)):
             with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*not a leading block"):
                 c0.get_tuples(m + 2, [bad])
         assert c1.heartbeat() == ""
@@ -303,8 +306,10 @@ def test_port_in_use_is_an_oserror_naming_the_address():
 PARTY = textwrap.dedent(
     """
     import json, os, sys, torch
-    from mpcache.mpc.crypten_compat import import_crypten
-    from mpcache.mpc import dealer, provider
+    from mpcache.mpc.arith.crypten_compat import import_crypten
+    from mpcache.mpc.dealer import service as dealer
+    from mpcache.mpc.dealer import tuples
+    from mpcache.mpc.dealer import provider
     crypten = import_crypten()
     rank = int(os.environ["RANK"])
     client = dealer.DealerClient(os.environ["DEALER"], "prod", rank, None, timeout=60)
@@ -334,9 +339,9 @@ PARTY = textwrap.dedent(
     out["cached_matmul"] = ((ex @ ew).get_plain_text() - x @ w).abs().max().item()
     out["cached_mul"] = ((ex * ey).get_plain_text() - x * y).abs().max().item()
     out["batched_fetches"] = fetches[before:]
-    # Exact truncation (mpcache.mpc.numerics) with the dealer's EXACT_TRUNCATION tuples: 10^5 products of size
+    # Exact truncation (mpcache.mpc.arith.numerics) with the dealer's EXACT_TRUNCATION tuples: 10^5 products of size
     # up to 10^6, where CrypTen's local 2PC truncation is off by ~4.3e9 about six times on average.
-    from mpcache.mpc import numerics
+    from mpcache.mpc.arith import numerics
     numerics.install(provider.PROVIDER_NAME)
     bx, by = torch.rand(100_000, generator=g) * 2000 - 1000, torch.rand(100_000, generator=g) * 2000 - 1000
     before = session.consumed
@@ -417,7 +422,7 @@ def test_matmul_shape_matches_torch():
             except RuntimeError:
                 expected = None
             try:
-                got = dealer.Spec.beaver("matmul", a, b).derived_shape()
+                got = tuples.Spec.beaver("matmul", a, b).derived_shape()
             except ValueError:
                 got = None
             assert got == expected, (a, b)
@@ -432,7 +437,7 @@ def test_broadcast_shape_matches_torch():
             except RuntimeError:
                 expected = None
             try:
-                got = dealer.Spec.beaver("mul", a, b).derived_shape()
+                got = tuples.Spec.beaver("mul", a, b).derived_shape()
             except ValueError:
                 got = None
             assert got == expected, (a, b)

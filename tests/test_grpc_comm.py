@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch.distributed import ReduceOp
 
-from mpcache.mpc import wire
-from mpcache.mpc.grpc_comm import (
+from mpcache.mpc.transport import wire
+from mpcache.mpc.transport.grpc_comm import (
     GrpcCommunicator,
     LinkModel,
     PartyConfig,
@@ -33,23 +33,14 @@ from mpcache.mpc.grpc_comm import (
     PortInUseError,
     ProtocolError,
 )
-from mpcache.mpc.proto import build
-from mpcache.mpc.proto import mpcache_pb2 as pb
-from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
+from mpcache.mpc.transport.ports import free_ports
+from mpcache.mpc.transport.proto import build
+from mpcache.mpc.transport.proto import mpcache_pb2 as pb
+from mpcache.mpc.transport.proto import mpcache_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
 PARTY = Path(__file__).with_name("grpc_party.py")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def launch(scenario: str, world_size: int, tmp: Path, backend: str = "grpc", **extra) -> list[subprocess.Popen]:
@@ -503,11 +494,11 @@ def test_restricted_pickle_refuses_garbage():
 
 def test_regenerating_the_stubs_changes_nothing():
     pytest.importorskip("grpc_tools")
-    assert build.stale_files() == [], "run `python -m mpcache.mpc.proto.build` and commit the result"
+    assert build.stale_files() == [], "run `python -m mpcache.mpc.transport.proto.build` and commit the result"
 
 
 def test_reduce_op_table_covers_torch():
-    from mpcache.mpc import grpc_comm
+    from mpcache.mpc.transport import grpc_comm
 
     assert set(grpc_comm._REDUCE_CODES) >= {ReduceOp.SUM, ReduceOp.BXOR}
     parts = [torch.tensor([2**62, 5]), torch.tensor([2**62, 3])]

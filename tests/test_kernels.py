@@ -1,8 +1,9 @@
 """Triton kernels (mpcache.kernels) against the torch code they replace, under the CPU interpreter.
 
-TRITON_INTERPRET=1 must be set before the kernels are defined, hence before the imports.
-The interpreter runs programs one after another (~0.5 ms each), so shapes are tiny but
-ragged: odd head dims, lengths that are not block multiples, empty heads, holes.
+TRITON_INTERPRET=1 must be set before the kernels are defined: tests/conftest.py sets it for this
+process before anything imports mpcache.kernels (and only for this process: subprocesses must not
+import triton). The interpreter runs programs one after another (~0.5 ms each), so shapes are tiny
+but ragged: odd head dims, lengths that are not block multiples, empty heads, holes.
 """
 
 import json
@@ -10,24 +11,19 @@ import os
 import subprocess
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
 from mpcache import kernels  # noqa: E402
+from mpcache.kernels import approx_similarity, cached_attention, channel_scores, gather_slots, page_bound  # noqa: E402
 from mpcache.methods import make_policy  # noqa: E402
 from mpcache.methods.base import chunk_min_max  # noqa: E402
-from mpcache.methods.mpcache import approx_similarity  # noqa: E402
-from mpcache.methods.quest import page_bound  # noqa: E402
 from mpcache.methods.snapkv import SnapKV  # noqa: E402
-from mpcache.methods.think import channel_scores  # noqa: E402
 from mpcache.model import ModelConfig, Transformer  # noqa: E402
-from mpcache.model.cache import LayerKV, gather_slots  # noqa: E402
-from mpcache.model.transformer import cached_attention  # noqa: E402
+from mpcache.model.cache import LayerKV  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -59,7 +55,7 @@ def test_decode_attention_matches_cached_attention(dtype):
     queries = torch.randn(b, hkv * group, 1, d, generator=torch.Generator().manual_seed(1)).to(dtype)
     query_positions = torch.tensor([[length], [length // 2]])  # row 1 cannot see its later slots
     for window, splits in ((None, 1), (None, 3), (25, 2)):
-        out = kernels.decode_attention(queries, entry, query_positions, window, num_splits=splits)
+        out = kernels.decode_attention(queries, entry, query_positions, window, use_kernels=True, num_splits=splits)
         ref = cached_attention(queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid, window)
         assert out.dtype == dtype and out.shape == ref.shape
         torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=0)
@@ -75,11 +71,13 @@ def test_decode_attention_over_index_lists_matches_gather_slots(dtype):
     index = torch.randint(-2, length + 2, (b, hkv, 70), generator=g)  # out-of-range entries are clamped
     count = torch.tensor([[70, 0], [33, 5]])
     query_positions = torch.tensor([[length + 5], [length + 5]])
-    out = kernels.decode_attention(queries, entry, query_positions, index=index, count=count, num_splits=2)
+    out = kernels.decode_attention(
+        queries, entry, query_positions, index=index, count=count, use_kernels=True, num_splits=2
+    )
     picked = gather_slots(entry, index, count)
     ref = cached_attention(queries, picked.keys, picked.values, query_positions, picked.positions, picked.valid)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=0)
-    full = kernels.decode_attention(queries, entry, query_positions)
+    full = kernels.decode_attention(queries, entry, query_positions, use_kernels=True)
     assert not torch.allclose(out[1, :group].float(), full[1, :group].float(), atol=1e-3), "the index list was ignored"
 
 
@@ -121,9 +119,9 @@ def test_chunk_scores_match_quest_and_mpcache(dtype):
     queries = torch.randn(2, 3, 2, 20, generator=torch.Generator().manual_seed(5)).to(dtype)
     tol = TOL[dtype] * 10  # sums of 20 products of magnitude ~1
     torch.testing.assert_close(
-        kernels.page_bound(queries, kmax, kmin), page_bound(queries, kmax, kmin).float(), atol=tol, rtol=0
+        page_bound(queries, kmax, kmin, use_kernels=True), page_bound(queries, kmax, kmin).float(), atol=tol, rtol=0
     )
-    got = kernels.approx_similarity(queries[:, :, 0], kmax, kmin, 0.6)
+    got = approx_similarity(queries[:, :, 0], kmax, kmin, 0.6, use_kernels=True)
     torch.testing.assert_close(got, approx_similarity(queries[:, :, 0], kmax, kmin, 0.6).float(), atol=tol, rtol=0)
 
 
@@ -131,9 +129,11 @@ def test_chunk_scores_match_quest_and_mpcache(dtype):
 def test_key_norms(dtype):
     entry = ragged_cache(2, 2, 150, 20, dtype, seed=6)
     ref = torch.linalg.vector_norm(entry.keys.float(), dim=-1) * entry.valid
-    torch.testing.assert_close(kernels.token_key_norms(entry.keys, entry.valid), ref, atol=1e-5, rtol=1e-5)
+    got = kernels.token_key_norms(entry.keys, entry.valid, use_kernels=True)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(kernels.token_key_norms(entry.keys, entry.valid), ref)
     window_queries = torch.randn(2, 2, 6, 20, generator=torch.Generator().manual_seed(7)).to(dtype)
-    got = kernels.channel_scores(window_queries, entry.keys, entry.valid)
+    got = channel_scores(window_queries, entry.keys, entry.valid, use_kernels=True)
     ref = channel_scores(window_queries, entry.keys, entry.valid).float()
     torch.testing.assert_close(got, ref, atol=TOL[dtype] * 10, rtol=TOL[dtype])
 
@@ -154,14 +154,15 @@ def test_window_attention_sums_match_attention_received(dtype):
     weights = torch.rand(b, w, generator=g)
     ref = cache.attention_received(0, queries, positions, last=w, weights=weights)
     got = kernels.window_attention_sums(
-        queries[:, :, -w:], entry.keys, positions[:, -w:], entry.positions, entry.valid, weights * mask[:, -w:]
-    )
+        queries[:, :, -w:], entry.keys, positions[:, -w:], entry.positions, entry.valid, weights * mask[:, -w:],
+        use_kernels=True,
+    )  # fmt: skip
     torch.testing.assert_close(got, ref, atol=TOL[dtype] * 10, rtol=0)
     windowed = kernels.window_attention_sums(
-        queries, entry.keys, positions, entry.positions, entry.valid, mask.float(), sliding_window=5
+        queries, entry.keys, positions, entry.positions, entry.valid, mask.float(), sliding_window=5, use_kernels=True
     )
     ref = kernels.window_attention_sums(
-        queries, entry.keys, positions, entry.positions, entry.valid, mask.float(), sliding_window=5, use_kernels=False
+        queries, entry.keys, positions, entry.positions, entry.valid, mask.float(), sliding_window=5
     )
     torch.testing.assert_close(windowed, ref, atol=TOL[dtype] * 10, rtol=0)
 

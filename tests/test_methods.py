@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mpcache.generate import generate
+from mpcache.kernels import approx_similarity, page_bound
 from mpcache.methods import METHODS, PLANNED, make_policy
 from mpcache.methods.base import (
     PolicyCache,
@@ -28,8 +29,8 @@ from mpcache.methods.base import (
 )
 from mpcache.methods.h2o import H2O
 from mpcache.methods.mikv import channel_balance, dequantize, pack_bits, quantize, unpack_bits
-from mpcache.methods.mpcache import MPCache, approx_similarity, select_clusters, sharing_pairs
-from mpcache.methods.quest import Quest, page_bound
+from mpcache.methods.mpcache import MPCache, select_clusters, sharing_pairs
+from mpcache.methods.quest import Quest
 from mpcache.methods.snapkv import SnapKV
 from mpcache.methods.think import ThinK
 from mpcache.methods.tova import TOVA

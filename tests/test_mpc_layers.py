@@ -1,4 +1,4 @@
-"""Private layers (mpcache/mpc/layers.py) against the plaintext model, in simulation and in 2PC.
+"""Private layers (mpcache/mpc/nn/layers.py) against the plaintext model, in simulation and in 2PC.
 
 Simulation (the layers on float tensors) must match the plaintext modules up to the approximations' bounds;
 MPC must match the plaintext modules and the simulator up to fixed-point error, for both model families.
@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mpcache.kernels import cached_attention as plain_attention
 from mpcache.model.cache import KVCache
 from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Transformer, rope_inverse_frequencies
 from mpcache.model.transformer import apply_rope as plain_rope
-from mpcache.model.transformer import cached_attention as plain_attention
-from mpcache.mpc import layers as L
-from mpcache.mpc import numerics as N
-from mpcache.mpc.local import LocalParties
+from mpcache.mpc.arith import numerics as N
+from mpcache.mpc.nn import layers as L
+from mpcache.mpc.transport.local import LocalParties
 
 SIM = lambda t: t  # noqa: E731  (identity share: the simulator)
 
@@ -417,7 +417,7 @@ def _held_decode(ids: torch.Tensor, steps: list[int], keep: torch.Tensor, held: 
     """Prefill, then decode steps fed the given tokens, of a 2-layer model with a tiny operand capacity (n + 2, so
     it runs out every few steps) and layer 0 compacted after the first decode step; per decode step and layer:
     cache length, whether the operands were fresh (new masks), the attention products' bytes."""
-    from mpcache.mpc.accounting import Ledger
+    from mpcache.mpc.arith.accounting import Ledger
 
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True

@@ -1,4 +1,4 @@
-"""Exact 2PC truncation and the range-aware approximations of mpcache/mpc/numerics.py.
+"""Exact 2PC truncation and the range-aware approximations of mpcache/mpc/arith/numerics.py.
 
 Plain tests check the simulator (the approximations on float tensors) against the true functions; MPC tests
 run two CrypTen parties (forked once per module) and check MPC against the true function, the simulator and
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpcache.mpc import numerics as N
-from mpcache.mpc.local import LocalParties, PartyError
+from mpcache.mpc.arith import numerics as N
+from mpcache.mpc.transport.local import LocalParties, PartyError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""MPCache on secret shares (mpcache/mpc/mpcache_private.py) against the plaintext reference (methods/mpcache.py).
+"""MPCache on secret shares (mpcache/mpc/caches/mpcache.py) against the plaintext reference (methods/mpcache.py).
 
 Simulation (the same code on float tensors) must choose exactly what the plaintext functions choose; 2PC must choose
 the same clusters/tokens (ties aside), match attention within fixed-point tolerance and open nothing.
@@ -10,6 +10,8 @@ import pytest
 import torch
 from test_mpc_layers import tiny
 
+from mpcache.kernels import attention_probs, page_bound
+from mpcache.kernels import cached_attention as plain_attention
 from mpcache.methods.base import chunk_min_max, protect, top_mask, topk_slots
 from mpcache.methods.mpcache import (
     MPCache,
@@ -21,13 +23,10 @@ from mpcache.methods.mpcache import (
     static_scores,
     window_sum,
 )
-from mpcache.methods.quest import page_bound
-from mpcache.model.transformer import attention_probs
-from mpcache.model.transformer import cached_attention as plain_attention
-from mpcache.mpc import layers as L
-from mpcache.mpc import mpcache_private as M
-from mpcache.mpc import numerics as N
-from mpcache.mpc.local import LocalParties
+from mpcache.mpc.arith import numerics as N
+from mpcache.mpc.caches import mpcache as M
+from mpcache.mpc.nn import layers as L
+from mpcache.mpc.transport.local import LocalParties
 
 ALPHA = float(N.on_grid(0.6))
 
@@ -465,7 +464,7 @@ def test_gather_operand_grows_by_one_child_instead_of_reopening():
         held, lengths = [], []
         for _ in range(20):  # 120 cached tokens: child 8 fills at 128, child 9 starts
             out = pm(L.one_hot(out[:, -1:].argmax(-1), 40), cache)
-            held.append(cache.clusters[0])
+            held.append(cache.clusters[0].operand)
             lengths.append(cache.clusters[0].length)
     assert all(h is held[0] for h in held)  # one operand throughout
     assert lengths[0] == 120 // 16 + 1 - 2 and lengths[-1] == lengths[0] + 1  # one middle child appended
@@ -482,8 +481,8 @@ def test_cluster_reps_score_like_cluster_scores_and_append_only_completed_cluste
     c1, c2 = summary.parent_max.shape[2], summary.child_max.shape[2]  # 3, 6: children 0-4 and parents 0-1 complete
     torch.testing.assert_close(parent[..., 1 : c1 - 1], want[..., 1 : c1 - 1])
     torch.testing.assert_close(child[..., 1 : c2 - 1], want[..., c1 + 1 : c1 + c2 - 1])
-    operand, columns = reps.operand, reps.operand.length
+    operand, columns = reps.held.operand, reps.held.length
     assert columns == 5 + 2
     summary.append(randn(1, 2, 1, 8, seed=23))  # token 96 completes child 5 and parent 2
     reps.scores(queries, summary)
-    assert reps.operand is operand and reps.operand.length == columns + 2
+    assert reps.held.operand is operand and reps.held.length == columns + 2

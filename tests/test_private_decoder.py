@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Transformer
-from mpcache.mpc import accounting
-from mpcache.mpc.decoder import plain_greedy, simulate
-from mpcache.mpc.launcher import Deployment
+from mpcache.mpc.arith import accounting
+from mpcache.mpc.deploy.launcher import Deployment
+from mpcache.mpc.nn.decoder import plain_greedy, simulate
 from parties.client import Client
 from parties.common import Credentials, Fatal
 
@@ -206,9 +206,9 @@ def test_private_mpcache_over_grpc_decodes_like_plaintext_mpcache(tmp_path):
     layer 1 reusing layer 0's choice), 33 greedy tokens against the plaintext reference and the simulator."""
     from mpcache.generate import generate as plain_generate
     from mpcache.methods import make_policy
-    from mpcache.mpc import decoder
-    from mpcache.mpc.layers import one_hot
-    from mpcache.mpc.mpcache_private import PrivateMPCache
+    from mpcache.mpc.caches.mpcache import PrivateMPCache
+    from mpcache.mpc.nn import decoder
+    from mpcache.mpc.nn.layers import one_hot
 
     model = tiny_checkpoint(tmp_path / "model", "llama", max_position=256)
     ids = torch.randint(0, 40, (1, 160), generator=torch.Generator().manual_seed(5))

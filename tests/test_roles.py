@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpcache.mpc.launcher import Deployment
+from mpcache.mpc.deploy.launcher import Deployment
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(timeout=3.0, party_timeout=3.0, heartbeat=0.5)
@@ -45,7 +45,7 @@ def _error_line(dep: Deployment, role: str) -> str:
 @pytest.mark.timeout(150)
 def test_launcher_runs_all_roles_and_prints_the_answer(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mpcache.mpc.launcher", "--workdir", str(tmp_path), "--job", "poly"]
+        [sys.executable, "-m", "mpcache.mpc.deploy.launcher", "--workdir", str(tmp_path), "--job", "poly"]
         + ["--input", "[[1.5, -2.0], [0.25, 3.0]]", "--params", '{"coeffs": [1, -2, 0.5, 0.125]}'],
         cwd=REPO,
         capture_output=True,
@@ -80,7 +80,7 @@ def _processes_mentioning(text: str) -> list[int]:
 @pytest.mark.timeout(60)
 def test_launcher_deadline_kills_every_role(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mpcache.mpc.launcher", "--workdir", str(tmp_path), "--timeout", "2"],
+        [sys.executable, "-m", "mpcache.mpc.deploy.launcher", "--workdir", str(tmp_path), "--timeout", "2"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""Per-layer attention score bounds (mpcache/mpc/score_bounds.py) and how the private decoder uses them.
+"""Per-layer attention score bounds (mpcache/mpc/arith/score_bounds.py) and how the private decoder uses them.
 
 The calibration is checked against scores written out independently (recorded at the plaintext attention call,
 one-shot prefill, against the recorder's chunked prefill); the decoder's options against the bounds and exp mode
@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import mpcache.model.transformer as T
+from mpcache.kernels import visibility
 from mpcache.model.cache import KVCache
 from mpcache.model.config import ModelConfig
-from mpcache.model.transformer import Transformer, visibility
-from mpcache.mpc import decoder
-from mpcache.mpc import layers as L
-from mpcache.mpc.score_bounds import ScoreStats, calibrate
+from mpcache.model.transformer import Transformer
+from mpcache.mpc.arith.score_bounds import ScoreStats, calibrate
+from mpcache.mpc.nn import decoder
+from mpcache.mpc.nn import layers as L
 
 
 def tiny(n_layer: int = 2, sharpen: float = 4.0) -> Transformer:

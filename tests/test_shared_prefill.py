@@ -10,11 +10,11 @@ import torch
 
 from mpcache.eval.runner import MethodSpec, evaluate_many, make_batches, task_samples
 from mpcache.generate import continue_generation, prompt_positions, stream_generate
+from mpcache.kernels import gather_slots
 from mpcache.methods import METHODS, make_policy
 from mpcache.methods.base import PolicyCache
 from mpcache.methods.shared_prefill import PrefillRecord, needs_hidden, replay_prefill, shares_prefill
 from mpcache.model import KVCache, load_bundled
-from mpcache.model.cache import gather_slots
 
 STEPS = 20  # decode steps: past every method's first decode-time compression
 

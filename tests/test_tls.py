@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mpcache.mpc import tls
+from mpcache.mpc.transport import tls
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_missing_certificate_is_reported_in_one_line_by_every_role(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_mpcache_certs_cli_keeps_an_existing_ca(tmp_path):
-    run = [sys.executable, "-m", "mpcache.mpc.tls", "--out", str(tmp_path)]
+    run = [sys.executable, "-m", "mpcache.mpc.transport.tls", "--out", str(tmp_path)]
     subprocess.run(run, check=True, capture_output=True, timeout=60)
     before = (tmp_path / "ca.pem").read_bytes()
     out = subprocess.run(run, check=True, capture_output=True, text=True, timeout=60).stdout
@@ -113,7 +113,7 @@ def test_mpcache_certs_cli_keeps_an_existing_ca(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_communicator_rejects_a_peer_whose_certificate_names_another_rank(certs):
-    from mpcache.mpc import grpc_comm
+    from mpcache.mpc.transport import grpc_comm
 
     with socket.socket() as s0, socket.socket() as s1:
         s0.bind(("127.0.0.1", 0)), s1.bind(("127.0.0.1", 0))

@@ -1,35 +1,118 @@
-"""Triton decode attention over per-(batch, KV head) variable-length caches.
+"""Decode attention over per-(batch, KV head) variable-length caches: the torch reference and the Triton kernel.
 
-One query token per row attends to the padded cache of `mpcache.model.cache.LayerKV`
-(keys/values [B, Hkv, L, D], positions, valid, lengths). Flash-decoding: stage 1 splits
-every head's slots into `num_splits` ranges, one program per (batch, KV head, split) runs
-an online softmax for all G query heads of the group at once (GQA: each key block is
-loaded once for G heads, via `tl.dot`) and stores a normalised partial output plus its
-log-sum-exp; stage 2 merges the splits. With `index`/`count` a program walks the first
-`count[b, h]` entries of a per-head slot list instead of slots [0, lengths[b, h]) - the
-gather Quest and MPCache need, without materialising the gathered cache.
+The cache is a `mpcache.model.cache.LayerKV` (keys/values [B, Hkv, L, D], positions, valid, lengths), read by
+attribute only. The torch reference is `cached_attention` (masking: `visibility`), over the listed slots of a
+per-head index when given (`gather_slots`); `decode_attention` runs the kernel when asked and able.
 
-Masking is `mpcache.model.transformer.visibility`; an index list means exactly what
-`mpcache.model.cache.gather_slots` means (entries clamped into range, entries past
-`count` unused). Rows that see nothing output zeros. On a GPU the dots take the cache's
-bf16/fp16 tiles with float32 accumulation (tensor cores; float32 tiles of 64 x 128 spill
-registers); on CPU tensors, i.e. under the interpreter, which computes garbage on bf16,
-every load is cast to float32.
+The kernel is flash-decoding: stage 1 splits every head's slots into `num_splits` ranges, one program per (batch,
+KV head, split) runs an online softmax for all G query heads of the group at once (GQA: each key block is loaded
+once for G heads, via `tl.dot`) and stores a normalised partial output plus its log-sum-exp; stage 2 merges the
+splits. With `index`/`count` a program walks the first `count[b, h]` entries of a per-head slot list instead of
+slots [0, lengths[b, h]) - the gather Quest and MPCache need, without materialising the gathered cache.
+
+Masking is `visibility`; an index list means exactly what `gather_slots` means (entries clamped into range, entries
+past `count` unused). Rows that see nothing output zeros. On a GPU the dots take the cache's bf16/fp16 tiles with
+float32 accumulation (tensor cores; float32 tiles of 64 x 128 spill registers); on CPU tensors, i.e. under the
+interpreter, which computes garbage on bf16, every load is cast to float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Protocol
 
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 from torch import Tensor
+
+from mpcache.kernels.runtime import runs_on, tl, triton
 
 BLOCK_N = 64  # cache slots per inner step (with 8 warps: no register spills at D = 128 on sm_90)
 MIN_BLOCK = 16  # GPU `tl.dot` needs every dimension >= 16
 
 
+class CacheLayer(Protocol):
+    """What the attention here reads of a cache layer (`mpcache.model.cache.LayerKV`, a dataclass)."""
+
+    keys: Tensor  # [B, Hkv, L, Dk]
+    values: Tensor  # [B, Hkv, L, Dv]
+    positions: Tensor  # [B, Hkv, L] int64
+    valid: Tensor  # [B, Hkv, L] bool
+    lengths: Tensor  # [B, Hkv] int64, slots in use
+
+
+# ------------------------------------------------------------------------- torch reference
+def visibility(
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Which cached slot each query may attend to, [B, Hkv, 1, T, L] (broadcast over the G
+    query heads of a KV head): the slot is valid, its position s <= the query's p, and
+    (with a sliding window) p - s < window."""
+    qpos = query_positions[:, None, None, :, None]
+    kpos = key_positions[:, :, None, None, :]
+    visible = key_valid[:, :, None, None, :] & (kpos <= qpos)
+    if sliding_window is not None:
+        visible = visible & (qpos - kpos < sliding_window)
+    return visible
+
+
+def cached_attention(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Attention of queries [B, Hq, T, D] over per-head caches [B, Hkv, L, D] (masking as in
+    `visibility`; rows that see nothing output zeros).
+
+    Same math as `attention_probs` followed by a weighted sum of values, computed by
+    PyTorch's fused attention on 4-D tensors with grouped-query heads (its flash kernel on
+    CPU: 3x faster than the 5-D math fallback, never materializes fp32 probs). When every
+    KV head holds the same slots (a full cache) one mask serves all heads.
+    """
+    b, hq, t, d = queries.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    if length == 0:
+        return queries.new_zeros(b, hq, t, values.shape[-1])
+    same_slots = hkv == 1 or bool(
+        (key_positions == key_positions[:, :1]).all() and (key_valid == key_valid[:, :1]).all()
+    )
+    if same_slots:
+        key_positions, key_valid = key_positions[:, :1], key_valid[:, :1]
+    mask = visibility(query_positions, key_positions, key_valid, sliding_window)[:, :, 0]  # [B, 1 or Hkv, T, L]
+    if not same_slots and hq != hkv:
+        mask = mask.repeat_interleave(hq // hkv, dim=1)  # query head h reads KV head h // G
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
+    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # rows that see nothing
+
+
+def gather_slots(entry: CacheLayer, index: Tensor, count: Tensor) -> CacheLayer:
+    """Slots `index` [B, H, K] of `entry` as a new compact layer; only the first `count[b, h]`
+    of each row are in use (the rest become invalid padding)."""
+    k = index.shape[2]
+    index = index.clamp(min=0, max=max(entry.capacity - 1, 0))
+    in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
+    new_len = int(count.max()) if count.numel() else 0
+    index, in_use = index[:, :, :new_len], in_use[:, :, :new_len]
+    gather = index[..., None]
+    keys = entry.keys.gather(2, gather.expand(-1, -1, -1, entry.keys.shape[-1]))
+    values = entry.values.gather(2, gather.expand(-1, -1, -1, entry.values.shape[-1]))
+    positions = entry.positions.gather(2, index)
+    valid = entry.valid.gather(2, index) & in_use
+    return dataclasses.replace(  # the same kind of layer (LayerKV) with the gathered slots
+        entry, keys=keys.contiguous(), values=values.contiguous(), positions=positions.contiguous(),
+        valid=valid.contiguous(), lengths=count.clone(),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- Triton
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, QPOS, KPOS, VALID, LENGTHS, INDEX, COUNT, OUT, LSE,
@@ -164,7 +247,7 @@ def default_splits(batch_heads: int, entries: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(entries, BLOCK_N), triton.cdiv(4 * sms, batch_heads)))
 
 
-def decode_attention(
+def triton_decode_attention(
     queries: Tensor,
     keys: Tensor,
     values: Tensor,
@@ -179,8 +262,8 @@ def decode_attention(
 ) -> Tensor:
     """Attention of one query per row, queries [B, Hq, 1, D], over the cache [B, Hkv, L, D]
     (slots [0, lengths[b, h]) or, with `index` [B, Hkv, K] + `count` [B, Hkv], the listed
-    slots); returns [B, Hq, 1, Dv] in the queries' dtype. `mpcache.kernels.decode_attention`
-    checks the arguments; this launches."""
+    slots); returns [B, Hq, 1, Dv] in the queries' dtype. `decode_attention` checks the
+    arguments; this launches."""
     b, hq, _, d = queries.shape
     hkv, capacity, dv = keys.shape[1], keys.shape[2], values.shape[-1]
     group = hq // hkv
@@ -212,3 +295,64 @@ def decode_attention(
         hq, splits, **merge_meta(dv, splits),
     )  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------------- entry point
+def decode_attention(
+    queries: Tensor,
+    entry: CacheLayer,
+    query_positions: Tensor,
+    sliding_window: int | None = None,
+    index: Tensor | None = None,
+    count: Tensor | None = None,
+    use_kernels: bool = False,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Attention of queries [B, Hq, T, D] over the cache `entry` (or, given `index` [B, Hkv, K]
+    and `count` [B, Hkv], over the first count[b, h] listed slots of each head, as
+    `gather_slots` picks them): [B, Hq, T, Dv], as `cached_attention` computes it.
+
+    use_kernels: the Triton kernel where `runs_on` and T = 1 (decode); otherwise, and for prefill
+    chunks, the torch reference.
+    num_splits: split-KV ranges per head (default: enough programs to fill the GPU).
+    """
+    _check_attention(queries, entry, query_positions, index, count)
+    if use_kernels and queries.shape[2] == 1 and runs_on(queries, entry.keys):
+        return triton_decode_attention(
+            queries, entry.keys, entry.values, query_positions, entry.positions.contiguous(),
+            entry.valid.contiguous(), entry.lengths, sliding_window, index, count, num_splits,
+        )  # fmt: skip
+    if index is not None:
+        entry = gather_slots(entry, index, count)
+    return cached_attention(
+        queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid, sliding_window
+    )
+
+
+def _check_attention(
+    queries: Tensor, entry: CacheLayer, query_positions: Tensor, index: Tensor | None, count: Tensor | None
+) -> None:
+    if queries.dim() != 4:
+        raise ValueError(f"queries must be [B, Hq, T, D], got {tuple(queries.shape)}")
+    b, hq, t, d = queries.shape
+    kb, hkv, length, kd = entry.keys.shape
+    if kb != b or kd != d or hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"queries [B={b}, Hq={hq}, T, D={d}] do not fit keys {tuple(entry.keys.shape)}: "
+            "same batch and head dim, and Hq a multiple of the KV heads"
+        )
+    if entry.values.shape[:3] != entry.keys.shape[:3]:
+        raise ValueError(f"values {tuple(entry.values.shape)} must match keys {tuple(entry.keys.shape)} on [B, H, L]")
+    if entry.positions.shape != (b, hkv, length) or entry.valid.shape != (b, hkv, length):
+        raise ValueError(f"positions and valid must be [B, Hkv, L] = {(b, hkv, length)}")
+    if entry.lengths.shape != (b, hkv):
+        raise ValueError(f"lengths must be [B, Hkv] = {(b, hkv)}, got {tuple(entry.lengths.shape)}")
+    if query_positions.shape != (b, t):
+        raise ValueError(f"query_positions must be [B, T] = {(b, t)}, got {tuple(query_positions.shape)}")
+    if (index is None) != (count is None):
+        raise ValueError("index and count go together: the slot list [B, Hkv, K] and how many of it each head uses")
+    if index is not None and count is not None:
+        if index.dim() != 3 or index.shape[:2] != (b, hkv) or count.shape != (b, hkv):
+            raise ValueError(f"index must be [B, Hkv, K] and count [B, Hkv] with B, Hkv = {b}, {hkv}")
+        if index.is_floating_point() or count.is_floating_point():
+            raise TypeError(f"index and count must be integer tensors, got {index.dtype}, {count.dtype}")

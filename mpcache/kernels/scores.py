@@ -1,23 +1,25 @@
-"""Triton score kernels: page/cluster scores from key summaries, and key norms.
+"""Scores of chunks and keys from key summaries: the torch references and the Triton kernels.
 
-- `chunk_scores`: per query and chunk (Quest page, MPCache cluster) with per-channel key
-  bounds kmax/kmin, either Quest's upper bound sum_i max(q_i kmax_i, q_i kmin_i)
-  (`mpcache.methods.quest.page_bound`) or MPCache's linearised q . (alpha kmax + (1 - alpha)
-  kmin) (`mpcache.methods.mpcache.approx_similarity`). One program per (row, query, chunk
-  block), looping over channels, so the [G, C, D] products are never materialised.
+- `page_bound`: Quest's criticality of a page with per-channel key bounds kmax/kmin, the upper bound
+  sum_i max(q_i kmax_i, q_i kmin_i) of q . k inside the page's box.
+- `approx_similarity`: MPCache's linearised cluster score q . (alpha kmax + (1 - alpha) kmin)
+  (`cluster_representatives`).
 - `token_key_norms`: ||k|| of every stored slot (0 for invalid ones), a key-norm score.
-- `channel_key_norms`: ||K[:, c]|| over a head's valid slots, the key half of ThinK's channel
-  criterion (`mpcache.methods.think.channel_scores`).
+- `channel_scores`: ThinK's channel criterion, the window queries' channel norms times ||K[:, c]|| over a
+  head's valid slots.
 
-Loads are cast to float32 (the interpreter mishandles bf16 arithmetic); outputs are float32.
+Each takes `use_kernels` (default False: the torch reference, what the methods compute). The kernels: one
+`_chunk_score_kernel` for both chunk scores, one program per (row, query, chunk block), looping over channels,
+so the [G, C, D] products are never materialised; `_token_norm_kernel` and `_channel_norm_kernel` for the
+norms. Loads are cast to float32 (the interpreter mishandles bf16 arithmetic); outputs are float32.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
+
+from mpcache.kernels.runtime import runs_on, tl, triton
 
 QUEST, LINEAR = 0, 1  # chunk score modes
 
@@ -114,7 +116,7 @@ def _as_bytes(valid: Tensor) -> Tensor:
     return valid.view(torch.uint8) if valid.dtype == torch.bool else valid
 
 
-def chunk_scores(queries: Tensor, kmax: Tensor, kmin: Tensor, mode: int, alpha: float = 0.0) -> Tensor:
+def triton_chunk_scores(queries: Tensor, kmax: Tensor, kmin: Tensor, mode: int, alpha: float = 0.0) -> Tensor:
     """queries [B, H, G, D], chunk bounds [B, H, C, D] -> scores [B, H, G, C] (float32)."""
     b, h, g, d = queries.shape
     c = kmax.shape[2]
@@ -128,7 +130,7 @@ def chunk_scores(queries: Tensor, kmax: Tensor, kmin: Tensor, mode: int, alpha: 
     return out
 
 
-def token_key_norms(keys: Tensor, valid: Tensor) -> Tensor:
+def triton_token_key_norms(keys: Tensor, valid: Tensor) -> Tensor:
     """keys [B, H, L, D] -> ||k|| per slot [B, H, L] (float32, 0 where not valid)."""
     b, h, length, d = keys.shape
     out = torch.empty(b, h, length, dtype=torch.float32, device=keys.device)
@@ -142,7 +144,7 @@ def token_key_norms(keys: Tensor, valid: Tensor) -> Tensor:
     return out
 
 
-def channel_key_norms(keys: Tensor, valid: Tensor) -> Tensor:
+def triton_channel_key_norms(keys: Tensor, valid: Tensor) -> Tensor:
     """keys [B, H, L, D] -> ||K[:, c]|| over each head's valid slots [B, H, D] (float32)."""
     b, h, length, d = keys.shape
     out = torch.zeros(b, h, d, dtype=torch.float32, device=keys.device)
@@ -154,3 +156,65 @@ def channel_key_norms(keys: Tensor, valid: Tensor) -> Tensor:
         keys, valid, out, *keys.stride(), *valid.stride(), h, length, d, **meta
     )
     return out
+
+
+# ------------------------------------------------------------------------- entry points
+def page_bound(queries: Tensor, kmax: Tensor, kmin: Tensor, use_kernels: bool = False) -> Tensor:
+    """Quest criticality: queries [B, H, G, D], page bounds [B, H, C, D] -> [B, H, G, C],
+    an upper bound of q . k for every key inside the page's [kmin, kmax] box (float32 from the kernel)."""
+    _check_chunks(queries, kmax, kmin)
+    if use_kernels and runs_on(queries, kmax, kmin):
+        return triton_chunk_scores(queries, kmax, kmin, QUEST)
+    q = queries[:, :, :, None, :]
+    return torch.maximum(q * kmax[:, :, None], q * kmin[:, :, None]).sum(-1)
+
+
+def cluster_representatives(kmax: Tensor, kmin: Tensor, alpha: float) -> Tensor:
+    """alpha r_max + (1 - alpha) r_min per cluster [B, H, C, D]: the one vector a query meets."""
+    return alpha * kmax + (1.0 - alpha) * kmin
+
+
+def approx_similarity(query: Tensor, kmax: Tensor, kmin: Tensor, alpha: float, use_kernels: bool = False) -> Tensor:
+    """MPCache's linearised cluster score: query [B, H, D] x clusters [B, H, C, D] -> [B, H, C]
+    (float32 from the kernel)."""
+    if query.dim() != 3:
+        raise ValueError(f"query must be [B, H, D], got {tuple(query.shape)}")
+    _check_chunks(query[:, :, None], kmax, kmin)
+    if use_kernels and runs_on(query, kmax, kmin):
+        return triton_chunk_scores(query[:, :, None], kmax, kmin, LINEAR, alpha)[:, :, 0]
+    return torch.einsum("bhd,bhcd->bhc", query, cluster_representatives(kmax, kmin, alpha))
+
+
+def _check_chunks(queries: Tensor, kmax: Tensor, kmin: Tensor) -> None:
+    if queries.dim() != 4 or kmax.dim() != 4 or kmax.shape != kmin.shape:
+        raise ValueError(
+            f"need queries [B, H, G, D] and kmax/kmin [B, H, C, D] alike, got "
+            f"{tuple(queries.shape)}, {tuple(kmax.shape)}, {tuple(kmin.shape)}"
+        )
+    if queries.shape[:2] != kmax.shape[:2] or queries.shape[3] != kmax.shape[3]:
+        raise ValueError(f"queries {tuple(queries.shape)} and chunks {tuple(kmax.shape)} differ in B, H or D")
+
+
+def token_key_norms(keys: Tensor, valid: Tensor, use_kernels: bool = False) -> Tensor:
+    """||k|| of every slot [B, H, L] (float32), 0 where `valid` [B, H, L] is False."""
+    _check_keys(keys, valid)
+    if use_kernels and runs_on(keys, valid):
+        return triton_token_key_norms(keys, valid.contiguous())
+    return torch.linalg.vector_norm(keys.float(), dim=-1) * valid
+
+
+def channel_scores(window_queries: Tensor, keys: Tensor, valid: Tensor, use_kernels: bool = False) -> Tensor:
+    """ThinK's criterion per KV head and channel [B, Hkv, D]: window_queries [B, Hkv, N, D]
+    (the group's window queries stacked), keys [B, Hkv, L, D] with `valid` [B, Hkv, L]; with
+    use_kernels the key-channel norms over the valid slots come from the kernel."""
+    _check_keys(keys, valid)
+    if use_kernels and runs_on(keys, valid):
+        return window_queries.norm(dim=2) * triton_channel_key_norms(keys, valid.contiguous())
+    return window_queries.norm(dim=2) * (keys * valid[..., None]).norm(dim=2)
+
+
+def _check_keys(keys: Tensor, valid: Tensor) -> None:
+    if keys.dim() != 4 or valid.shape != keys.shape[:3]:
+        raise ValueError(f"need keys [B, H, L, D] and valid [B, H, L], got {tuple(keys.shape)}, {tuple(valid.shape)}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")

@@ -1,13 +1,13 @@
-"""Triton window-attention column sums: what SnapKV, MPCache and ThinK vote with.
+"""Window-attention column sums, what SnapKV, MPCache and ThinK vote with: the torch reference and the Triton kernel.
 
 The softmax attention each cached slot receives from a window of W queries, summed over
-the window with per-query weights: [B, Hkv, G, L], i.e. `PolicyCache.attention_received`
-(`attention_probs` then a weighted sum over queries) without the [W, L] probabilities in
-memory. Two passes: `_row_lse_kernel` finds every query's log-sum-exp over the visible
-slots (online, one program per (row, query head, query block)); `_column_sum_kernel`
-recomputes the scores one slot block at a time and adds exp(s - lse) x weight over the
-queries. Masking is `mpcache.model.transformer.visibility`; a query that sees nothing
-adds nothing. Dots take bf16/fp16 operands on a GPU (float32 accumulation); on CPU
+the window with per-query weights: [B, Hkv, G, L], i.e. `PolicyCache.attention_received`.
+The torch reference is `attention_probs` then a weighted sum over queries; the kernel does it
+without the [W, L] probabilities in memory. Two passes: `_row_lse_kernel` finds every query's
+log-sum-exp over the visible slots (online, one program per (row, query head, query block));
+`_column_sum_kernel` recomputes the scores one slot block at a time and adds exp(s - lse) x
+weight over the queries. Masking is `mpcache.kernels.decode.visibility`; a query that sees
+nothing adds nothing. Dots take bf16/fp16 operands on a GPU (float32 accumulation); on CPU
 tensors (the interpreter, which mishandles bf16) everything is cast to float32 on load.
 """
 
@@ -16,13 +16,36 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
+
+from mpcache.kernels.decode import visibility
+from mpcache.kernels.runtime import runs_on, tl, triton
 
 MIN_BLOCK = 16  # GPU `tl.dot` needs every dimension >= 16
 
 
+# ------------------------------------------------------------------------- torch reference
+def attention_probs(
+    queries: Tensor,
+    keys: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Softmax attention [B, Hkv, G, T, L] (float32) of queries [B, Hq, T, D] over per-head
+    caches [B, Hkv, L, D], with G = Hq / Hkv query heads per KV head; masking as in
+    `visibility`. Rows that see nothing are zeros."""
+    b, hq, t, d = queries.shape
+    hkv = keys.shape[1]
+    q = queries.view(b, hkv, hq // hkv, t, d)
+    scores = torch.einsum("bhgtd,bhld->bhgtl", q, keys) / math.sqrt(d)
+    visible = visibility(query_positions, key_positions, key_valid, sliding_window)
+    scores = scores.float().masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+# ------------------------------------------------------------------------------- Triton
 @triton.jit
 def _scores(
     Q, K, QPOS, KPOS, VALID, b, head, kv, t, slot, window, scale_log2,
@@ -129,7 +152,7 @@ def window_meta(n_query: int, length: int, head_dim: int, has_window: bool, upca
     )  # fmt: skip
 
 
-def window_attention_sums(
+def triton_window_attention_sums(
     queries: Tensor,
     keys: Tensor,
     query_positions: Tensor,
@@ -160,3 +183,37 @@ def window_attention_sums(
         **meta,
     )  # fmt: skip
     return out.view(b, hkv, group, length)
+
+
+# ------------------------------------------------------------------------- entry point
+def window_attention_sums(
+    queries: Tensor,
+    keys: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    weights: Tensor,
+    sliding_window: int | None = None,
+    use_kernels: bool = False,
+) -> Tensor:
+    """Softmax attention every slot receives from the window queries [B, Hq, W, D], summed
+    with `weights` [B, W]: [B, Hkv, G, L] float32 (SnapKV's vote; `PolicyCache.attention_received`).
+    use_kernels: the Triton kernel where `runs_on`; otherwise the torch reference."""
+    if queries.dim() != 4 or keys.dim() != 4 or queries.shape[0] != keys.shape[0]:
+        shapes = f"{tuple(queries.shape)}, {tuple(keys.shape)}"
+        raise ValueError(f"need queries [B, Hq, W, D] and keys [B, Hkv, L, D] with the same B, got {shapes}")
+    b, hq, w, d = queries.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    if keys.shape[3] != d or hq % hkv:
+        raise ValueError(f"keys {tuple(keys.shape)} must share D={d} with the queries, and Hq={hq} divide by Hkv")
+    if query_positions.shape != (b, w) or weights.shape != (b, w):
+        raise ValueError(f"query_positions and weights must be [B, W] = {(b, w)}")
+    if key_positions.shape != (b, hkv, length) or key_valid.shape != (b, hkv, length):
+        raise ValueError(f"key_positions and key_valid must be [B, Hkv, L] = {(b, hkv, length)}")
+    if use_kernels and runs_on(queries, keys):
+        return triton_window_attention_sums(
+            queries, keys, query_positions, key_positions.contiguous(), key_valid.contiguous(), weights.float(),
+            sliding_window,
+        )  # fmt: skip
+    probs = attention_probs(queries, keys, query_positions, key_positions, key_valid, sliding_window)
+    return torch.einsum("bhgtl,bt->bhgl", probs, weights.float())

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpcache.methods.base import Budget, PolicyCache, mask_to_index, protect
-from mpcache.methods.trained import load_parts
+from mpcache.kernels import cached_attention
+from mpcache.methods.base import Budget, mask_to_index, protect
+from mpcache.methods.trained import TrainedPolicy
 from mpcache.model.cache import KVCache, LayerKV
 from mpcache.model.config import ModelConfig
-from mpcache.model.transformer import Transformer, apply_rope, cached_attention, rope_inverse_frequencies
+from mpcache.model.transformer import Transformer, apply_rope, rope_inverse_frequencies
 
 
 class Gates(nn.Module):
@@ -70,7 +71,7 @@ class Gates(nn.Module):
         return self.logits(layer, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-class AttentionGate(PolicyCache):
+class AttentionGate(TrainedPolicy):
     """threshold: keep a token when its gate g >= threshold (0.5, the paper's hard flag);
     gates: "auto" (this model's trained gates, else random with a warning), "random", or
     a path to a trained artifact; sink / window: first and newest tokens kept whatever
@@ -81,6 +82,10 @@ class AttentionGate(PolicyCache):
     name: ClassVar[str] = "attention_gate"
     needs_budget: ClassVar[bool] = False
     default_decode_interval: ClassVar[int] = 1
+    parts_attr: ClassVar[str] = "gates"
+    score_state: ClassVar[str] = "gate"
+    build_parts = Gates.of_model
+    gates: Gates | None
 
     def __init__(
         self,
@@ -93,25 +98,12 @@ class AttentionGate(PolicyCache):
         window: int = 32,
         **common,
     ) -> None:
-        super().__init__(n_layer, budget, sink=sink, window=window, **common)
+        super().__init__(n_layer, budget, gates, sink=sink, window=window, **common)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        if not isinstance(gates, str):
-            raise TypeError(f"gates must be 'auto', 'random' or a path, got {type(gates).__name__}")
-        self.threshold, self.gates_source = threshold, gates
-        self.gates: Gates | None = None
-        self.trained = False
+        self.threshold = threshold
         self.gate_store = KVCache(n_layer)  # the gates' own keys/values, every token
         self.hidden: list[Tensor | None] = [None] * n_layer
-
-    @classmethod
-    def from_model(cls, model: Transformer, budget: Budget | None, **kwargs) -> AttentionGate:
-        cache = super().from_model(model, budget, **kwargs)
-        assert isinstance(cache, AttentionGate)
-        gates, cache.trained = load_parts(model, "attention_gate", Gates.of_model, cache.gates_source)
-        assert isinstance(gates, Gates)
-        cache.gates = gates
-        return cache
 
     def observe_hidden(self, layer: int, hidden: Tensor) -> None:
         if self.gates is None:
@@ -127,15 +119,9 @@ class AttentionGate(PolicyCache):
         q, k, v = self.gates.project(layer, hidden.float(), positions)  # the gates run in float32
         store = self.gate_store.update(layer, k, v, positions, valid)
         mixed = cached_attention(q, store.keys, store.values, positions, store.positions, store.valid)
-        keep = torch.sigmoid(self.gates.logits(layer, mixed).float())  # [B, T, Hkv]
-        t = keys.shape[2]
-        slots = (entry.lengths - t)[..., None] + torch.arange(t, device=keys.device)
-        self.slot_state(layer, "gate").scatter_(2, slots, keep.transpose(1, 2))
+        self.store_scores(layer, entry, torch.sigmoid(self.gates.logits(layer, mixed).float()))  # keep [B, T, Hkv]
         self.hidden[layer] = None
         return entry
-
-    def score(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
-        return self.slot_state(layer, "gate")
 
     def compress(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
         if self.budget is not None:

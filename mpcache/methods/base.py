@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mpcache.kernels import attention_probs
 from mpcache.model.cache import KVCache, LayerKV
-from mpcache.model.transformer import Transformer, attention_probs
+from mpcache.model.transformer import Transformer
 
 Budget = int | float
 StepKind = Literal["prefill", "chunk", "decode"]

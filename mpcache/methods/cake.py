@@ -35,8 +35,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mpcache.kernels import attention_probs
 from mpcache.methods.base import Budget, PolicyCache, pool_scores, recency_rank, split_bounded
-from mpcache.model.transformer import attention_probs
 
 
 def window_attention(cache: PolicyCache, layer: int, queries: Tensor, query_positions: Tensor, w: int) -> Tensor:

@@ -31,10 +31,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mpcache.kernels import attention_probs, cached_attention
 from mpcache.methods.base import Budget, PolicyCache, pool_scores, recency_rank, split_bounded
 from mpcache.model.cache import KVCache
 from mpcache.model.tokenizer import Tokenizer
-from mpcache.model.transformer import Transformer, attention_probs, cached_attention
+from mpcache.model.transformer import Transformer
 
 
 def error_aware_budgets(errors: Tensor, budget: Tensor, low: int, max_factor: float) -> Tensor:

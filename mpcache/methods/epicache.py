@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mpcache.kernels import attention_probs
 from mpcache.methods.base import Budget, PolicyCache, mask_to_index, prefill_in_chunks
 from mpcache.model.cache import KVCache, LayerKV
-from mpcache.model.transformer import Attention, Transformer, apply_rope, attention_probs
+from mpcache.model.transformer import Attention, Transformer, apply_rope
 
 
 # ------------------------------------------------------------------ episodes

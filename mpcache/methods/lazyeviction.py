@@ -28,8 +28,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mpcache.kernels import attention_probs, visibility
 from mpcache.methods.base import Budget, PolicyCache, StepKind
-from mpcache.model.transformer import attention_probs, visibility
 
 
 def update_recurrence(

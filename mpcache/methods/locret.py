@@ -23,8 +23,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from mpcache.methods.base import Budget, PolicyCache
-from mpcache.methods.trained import load_parts
+from mpcache.methods.base import Budget
+from mpcache.methods.trained import TrainedPolicy
 from mpcache.model.cache import LayerKV
 from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Attention, Transformer, activation
@@ -58,7 +58,7 @@ class RetainingHeads(nn.Module):
         return self.fc2[layer](activation(self.fc1[layer](features), self.activation))
 
 
-class Locret(PolicyCache):
+class Locret(TrainedPolicy):
     """stabilizers: newest tokens always kept after a chunk (Locret's n_s; its passkey
     example pairs 10 with a budget of 100, the benchmark scripts use 2,500-3,000 with
     budgets of 6k-16k); heads: "auto" (the trained heads of this model, else random with a
@@ -66,16 +66,15 @@ class Locret(PolicyCache):
 
     name: ClassVar[str] = "locret"
     compress_chunks: ClassVar[bool] = True
+    parts_attr: ClassVar[str] = "heads"
+    score_state: ClassVar[str] = "importance"
+    build_parts = RetainingHeads.of_model
+    heads: RetainingHeads | None
 
     def __init__(self, n_layer: int, budget: Budget, *, stabilizers: int = 10, heads: str = "auto", **common) -> None:
         if "window" in common:
             raise TypeError("locret protects its newest tokens with `stabilizers`, not `window`")
-        super().__init__(n_layer, budget, window=stabilizers, **common)
-        if not isinstance(heads, str):
-            raise TypeError(f"heads must be 'auto', 'random' or a path, got {type(heads).__name__}")
-        self.heads_source = heads
-        self.heads: RetainingHeads | None = None
-        self.trained = False
+        super().__init__(n_layer, budget, heads, window=stabilizers, **common)
         self.attention: list[Attention] = []
         self.pending: list[Tensor | None] = [None] * n_layer
 
@@ -83,9 +82,7 @@ class Locret(PolicyCache):
     def from_model(cls, model: Transformer, budget: Budget | None, **kwargs) -> Locret:
         cache = super().from_model(model, budget, **kwargs)
         assert isinstance(cache, Locret)
-        heads, cache.trained = load_parts(model, "locret", RetainingHeads.of_model, cache.heads_source)
-        assert isinstance(heads, RetainingHeads)
-        cache.heads, cache.attention = heads, [block.attn for block in model.blocks]
+        cache.attention = [block.attn for block in model.blocks]
         return cache
 
     @torch.no_grad()
@@ -99,11 +96,6 @@ class Locret(PolicyCache):
         predicted = self.pending[layer]
         if predicted is None:
             raise ValueError(f"layer {layer}: update without observe_hidden (locret scores tokens from their q/k/v)")
-        t = keys.shape[2]
-        slots = (entry.lengths - t)[..., None] + torch.arange(t, device=keys.device)  # the new tokens' slots
-        self.slot_state(layer, "importance").scatter_(2, slots, predicted.transpose(1, 2).float())
+        self.store_scores(layer, entry, predicted)
         self.pending[layer] = None
         return entry
-
-    def score(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
-        return self.slot_state(layer, "importance")

@@ -20,9 +20,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mpcache.kernels import gather_slots
 from mpcache.methods.base import Budget, StepKind, concat_layers, group_queries, mask_to_index
 from mpcache.methods.h2o import H2O
-from mpcache.model.cache import LayerKV, gather_slots
+from mpcache.model.cache import LayerKV
 
 
 # ------------------------------------------------------------------ quantization

@@ -56,6 +56,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mpcache.kernels import approx_similarity, gather_slots
 from mpcache.methods.base import (
     Budget,
     PolicyCache,
@@ -65,7 +66,7 @@ from mpcache.methods.base import (
     mask_to_index,
     top_mask,
 )
-from mpcache.model.cache import LayerKV, gather_slots
+from mpcache.model.cache import LayerKV
 
 
 def observation_window(
@@ -91,16 +92,6 @@ def window_sum(scores: Tensor, kernel: int) -> Tensor:
     upper, lower = (index + r).clamp(max=length - 1), (index - r).clamp(min=0)
     csum = scores.cumsum(-1)  # sum over [lower, upper] = csum[upper] - csum[lower] + scores[lower]
     return csum.index_select(-1, upper) - csum.index_select(-1, lower) + scores.index_select(-1, lower)
-
-
-def cluster_representatives(kmax: Tensor, kmin: Tensor, alpha: float) -> Tensor:
-    """alpha r_max + (1 - alpha) r_min per cluster [B, H, C, D]: the one vector a query meets."""
-    return alpha * kmax + (1.0 - alpha) * kmin
-
-
-def approx_similarity(query: Tensor, kmax: Tensor, kmin: Tensor, alpha: float) -> Tensor:
-    """MPCache's linearised cluster score: query [B, H, D] x clusters [B, H, C, D] -> [B, H, C]."""
-    return torch.einsum("bhd,bhcd->bhc", query, cluster_representatives(kmax, kmin, alpha))
 
 
 def sign_split(queries: Tensor) -> Tensor:
@@ -251,7 +242,7 @@ def sharing_pairs(n_layer: int, own_first: int = 2, own_last: int = 2) -> dict[i
 @dataclass(frozen=True)
 class MPCacheKnobs:
     """Every MPCache knob with its default, shared by the plaintext reference (MPCache) and the private version
-    (mpcache.mpc.mpcache_private.PrivateMPCache); validated once, here. Defaults from the paper / authors' code
+    (mpcache.mpc.caches.mpcache.PrivateMPCache); validated once, here. Defaults from the paper / authors' code
     (module docstring) except `similarity`, see there."""
 
     static_ratio: float = 0.5  # prompt share kept by look-once static eviction (at least the budget)

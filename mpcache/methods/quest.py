@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mpcache.kernels import gather_slots, page_bound
 from mpcache.methods.base import (
     Budget,
     PolicyCache,
@@ -29,14 +30,7 @@ from mpcache.methods.base import (
     mask_to_index,
     top_mask,
 )
-from mpcache.model.cache import LayerKV, gather_slots
-
-
-def page_bound(queries: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
-    """Quest criticality: queries [B, H, G, D], page bounds [B, H, C, D] -> [B, H, G, C],
-    an upper bound of q . k for every key inside the page's [kmin, kmax] box."""
-    q = queries[:, :, :, None, :]
-    return torch.maximum(q * kmax[:, :, None], q * kmin[:, :, None]).sum(-1)
+from mpcache.model.cache import LayerKV
 
 
 class Quest(PolicyCache):

@@ -17,15 +17,10 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from mpcache.kernels import channel_scores, gather_slots
 from mpcache.methods.base import Budget, concat_layers, group_queries, mask_to_index, recency_rank
 from mpcache.methods.snapkv import SnapKV
-from mpcache.model.cache import LayerKV, gather_slots
-
-
-def channel_scores(window_queries: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
-    """ThinK's criterion per KV head and channel [B, Hkv, D]: window_queries [B, Hkv, N, D]
-    (the group's window queries stacked), keys [B, Hkv, L, D] with `valid` [B, Hkv, L]."""
-    return window_queries.norm(dim=2) * (keys * valid[..., None]).norm(dim=2)
+from mpcache.model.cache import LayerKV
 
 
 def prune_channels(scores: Tensor, n_prune: int) -> Tensor:

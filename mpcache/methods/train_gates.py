@@ -25,21 +25,14 @@ cache, and the kept fraction per layer).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import random
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpcache.eval.tasks import TASKS, make_sample
 from mpcache.methods.attention_gate import Gates
-from mpcache.methods.trained import ASSETS, artifact_path, fingerprint, save_parts
-from mpcache.model import load_bundled
+from mpcache.methods.trained import fit, frozen_bundled, task_samples, trainer_parser
 from mpcache.model.transformer import Transformer, apply_rope
 
 SEED_BASE = 60_000_000  # far from the evaluation seeds
@@ -87,10 +80,8 @@ def gated_forward(
 
 def make_data(count: int, lengths: list[int], seed: int, bos: int) -> list[tuple[Tensor, int]]:
     """(ids [1, T], answer start) of generated task samples."""
-    rng = random.Random(seed)
     out = []
-    for i in range(count):
-        sample = make_sample(TASKS[i % len(TASKS)], rng.choice(lengths), seed + i, lambda text: len(text.encode()))
+    for sample in task_samples(count, lengths, seed):
         prompt = [bos, *sample.prompt.encode()]
         out.append((torch.tensor([prompt + list(sample.answer.encode())]), len(prompt)))
     return out
@@ -125,64 +116,30 @@ def validate(model: Transformer, gates: Gates, data: list[tuple[Tensor, int]], s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--train", type=int, default=140, help="training sequences")
-    parser.add_argument("--val", type=int, default=21, help="validation sequences")
-    parser.add_argument("--lengths", default="512,768")
+    parser = trainer_parser("attention_gate", __doc__, steps=400, train=140, val=21, lengths="512,768", lr=1e-2)
     parser.add_argument("--keep", type=float, default=0.5, help="target fraction of tokens kept")
     parser.add_argument("--lam", type=float, default=30.0, help="weight of the eviction loss")
     parser.add_argument("--sink", type=int, default=4, help="first tokens always kept (AttentionGate's default)")
     parser.add_argument("--window", type=int, default=32, help="newest tokens always kept (AttentionGate's default)")
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=artifact_path("attention_gate"))
-    parser.add_argument("--log", type=Path, default=ASSETS / "attention_gate_log.jsonl")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    model, tokenizer = load_bundled()
-    model.requires_grad_(False)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    model, tokenizer, lengths, start = frozen_bundled(args)
     train = make_data(args.train, lengths, SEED_BASE + args.seed * 1000, tokenizer.bos_id)
     val = make_data(args.val, lengths, SEED_BASE + 500 + args.seed * 1000, tokenizer.bos_id)
     gates = Gates(model.config)
     optimizer = torch.optim.Adam(gates.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-    args.log.parent.mkdir(parents=True, exist_ok=True)
-    log = args.log.open("w")
 
-    def write(record: dict) -> None:
-        record["elapsed_s"] = round(time.perf_counter() - start, 1)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        print(json.dumps(record))
-
-    write({"event": "start", "model": fingerprint(model), "args": {k: str(v) for k, v in vars(args).items()}})
-    write({"event": "val", "step": 0, **validate(model, gates, val, args.sink, args.window)})
-    order = random.Random(args.seed)
-    totals = {"loss": 0.0, "ce": 0.0, "kept": 0.0}
-    every = max(1, args.steps // 6)
-    for step in range(args.steps):
-        ids, answer = train[order.randrange(len(train))]
+    def losses(example: tuple[Tensor, int]) -> dict[str, Tensor]:
+        ids, answer = example
         logits, soft = gated_forward(model, gates, ids, answer, args.sink, args.window)
         ce, _ = answer_loss(logits, ids, answer)
         kept = soft.mean()
-        loss = ce + args.lam * (kept - args.keep) ** 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        for name, value in (("loss", loss), ("ce", ce), ("kept", kept)):
-            totals[name] += value.item() / every
-        if (step + 1) % every == 0:
-            write({"event": "train", "step": step + 1, **{k: round(v, 4) for k, v in totals.items()}})
-            totals = dict.fromkeys(totals, 0.0)
-    metrics = validate(model, gates, val, args.sink, args.window)
-    write({"event": "val", "step": args.steps, **metrics})
-    meta = {"method": "attention_gate", "args": {k: str(v) for k, v in vars(args).items()}, **metrics}
-    save_parts(gates, model, args.out, meta)
-    write({"event": "done", "artifact": str(args.out), "bytes": args.out.stat().st_size})
+        return {"loss": ce + args.lam * (kept - args.keep) ** 2, "ce": ce, "kept": kept}
+
+    fit(
+        "attention_gate", args, model, gates, optimizer, scheduler, train, losses,
+        lambda: validate(model, gates, val, args.sink, args.window), every=max(1, args.steps // 6), start=start,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,21 +19,15 @@ top-10% token sets, Locret's metric). Fixed seeds and step counts, so reruns mat
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import random
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpcache.eval.tasks import TASKS, make_sample
 from mpcache.methods.locret import RetainingHeads, qkv_features
-from mpcache.methods.trained import ASSETS, artifact_path, fingerprint, save_parts
-from mpcache.model import KVCache, load_bundled
+from mpcache.methods.trained import fit, frozen_bundled, task_samples, trainer_parser
+from mpcache.model import KVCache
 from mpcache.model.transformer import Transformer
 
 SEED_BASE = 50_000_000  # far from the evaluation seeds (seed * 100_003 + i for small seeds)
@@ -78,15 +72,10 @@ def make_example(model: Transformer, ids: list[int], n_label: int) -> dict[str, 
 
 
 def dataset(model: Transformer, count: int, lengths: list[int], n_label: int, seed: int) -> list[dict[str, Tensor]]:
-    tokenizer_count = lambda text: len(text.encode())  # the bundled model reads bytes
-    rng = random.Random(seed)
-    out = []
-    for i in range(count):
-        task, length = TASKS[i % len(TASKS)], rng.choice(lengths)
-        sample = make_sample(task, length, seed + i, tokenizer_count)
-        ids = [model.config.bos_token_id, *sample.prompt.encode(), *sample.answer.encode()]
-        out.append(make_example(model, ids, n_label))
-    return out
+    return [
+        make_example(model, [model.config.bos_token_id, *sample.prompt.encode(), *sample.answer.encode()], n_label)
+        for sample in task_samples(count, lengths, seed)
+    ]
 
 
 def loss_of(heads: RetainingHeads, model: Transformer, example: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -124,22 +113,10 @@ def validate(heads: RetainingHeads, model: Transformer, examples: list[dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps, one sequence each (Locret: 3000)")
-    parser.add_argument("--train", type=int, default=56, help="training sequences")
-    parser.add_argument("--val", type=int, default=14, help="validation sequences")
-    parser.add_argument("--lengths", default="512,1024,2048")
+    parser = trainer_parser("locret", __doc__, steps=3000, train=56, val=14, lengths="512,1024,2048", lr=5e-4)
     parser.add_argument("--label-queries", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=artifact_path("locret"))
-    parser.add_argument("--log", type=Path, default=ASSETS / "locret_log.jsonl")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    model, _ = load_bundled()
-    model.requires_grad_(False)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    model, _, lengths, start = frozen_bundled(args)
     train = dataset(model, args.train, lengths, args.label_queries, SEED_BASE + args.seed * 1000)
     val = dataset(model, args.val, lengths, args.label_queries, SEED_BASE + 500 + args.seed * 1000)
     heads = RetainingHeads(model.config)
@@ -147,35 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     warmup = max(1, 2 * args.steps // 3)
     schedule = lambda s: (s + 1) / warmup if s < warmup else max(0.0, (args.steps - s) / (args.steps - warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    args.log.parent.mkdir(parents=True, exist_ok=True)
-    log = args.log.open("w")
-
-    def write(record: dict) -> None:
-        record["elapsed_s"] = round(time.perf_counter() - start, 1)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        print(json.dumps(record))
-
-    write({"event": "start", "model": fingerprint(model), "args": {k: str(v) for k, v in vars(args).items()}})
-    write({"event": "val", "step": 0, **validate(heads, model, val)})
-    order = random.Random(args.seed)
-    running = 0.0
-    for step in range(args.steps):
-        loss, _ = loss_of(heads, model, train[order.randrange(len(train))])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(heads.parameters(), 0.5)
-        optimizer.step()
-        scheduler.step()
-        running += loss.item()
-        if (step + 1) % 500 == 0:
-            write({"event": "train", "step": step + 1, "loss": round(running / 500, 4)})
-            running = 0.0
-    metrics = validate(heads, model, val)
-    write({"event": "val", "step": args.steps, **metrics})
-    meta = {"method": "locret", "args": {k: str(v) for k, v in vars(args).items()}, **metrics}
-    save_parts(heads, model, args.out, meta)
-    write({"event": "done", "artifact": str(args.out), "bytes": args.out.stat().st_size})
+    losses = lambda example: {"loss": loss_of(heads, model, example)[0]}
+    fit(
+        "locret", args, model, heads, optimizer, scheduler, train, losses, lambda: validate(heads, model, val),
+        every=500, start=start, clip_value=0.5,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

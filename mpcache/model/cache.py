@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mpcache.kernels import gather_slots
+
 
 @dataclass
 class LayerKV:
@@ -162,22 +164,6 @@ class KVCache:
                 total += entry.keys.numel() * entry.keys.element_size()
                 total += entry.values.numel() * entry.values.element_size()
         return total
-
-
-def gather_slots(entry: LayerKV, index: Tensor, count: Tensor) -> LayerKV:
-    """Slots `index` [B, H, K] of `entry` as a new compact layer; only the first `count[b, h]`
-    of each row are in use (the rest become invalid padding)."""
-    k = index.shape[2]
-    index = index.clamp(min=0, max=max(entry.capacity - 1, 0))
-    in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
-    new_len = int(count.max()) if count.numel() else 0
-    index, in_use = index[:, :, :new_len], in_use[:, :, :new_len]
-    gather = index[..., None]
-    keys = entry.keys.gather(2, gather.expand(-1, -1, -1, entry.keys.shape[-1]))
-    values = entry.values.gather(2, gather.expand(-1, -1, -1, entry.values.shape[-1]))
-    positions = entry.positions.gather(2, index)
-    valid = entry.valid.gather(2, index) & in_use
-    return LayerKV(keys.contiguous(), values.contiguous(), positions.contiguous(), valid.contiguous(), count.clone())
 
 
 def _grow(entry: LayerKV, capacity: int) -> LayerKV:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpcache.kernels import cached_attention, decode_attention
 from mpcache.model.cache import KVCache
 from mpcache.model.config import ModelConfig
 
@@ -81,76 +82,6 @@ def apply_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     return rotate(x, *rope_cos_sin(positions, inv_freq.to(x.device), x.dtype))
 
 
-def visibility(
-    query_positions: Tensor,
-    key_positions: Tensor,
-    key_valid: Tensor,
-    sliding_window: int | None = None,
-) -> Tensor:
-    """Which cached slot each query may attend to, [B, Hkv, 1, T, L] (broadcast over the G
-    query heads of a KV head): the slot is valid, its position s <= the query's p, and
-    (with a sliding window) p - s < window."""
-    qpos = query_positions[:, None, None, :, None]
-    kpos = key_positions[:, :, None, None, :]
-    visible = key_valid[:, :, None, None, :] & (kpos <= qpos)
-    if sliding_window is not None:
-        visible = visible & (qpos - kpos < sliding_window)
-    return visible
-
-
-def attention_probs(
-    queries: Tensor,
-    keys: Tensor,
-    query_positions: Tensor,
-    key_positions: Tensor,
-    key_valid: Tensor,
-    sliding_window: int | None = None,
-) -> Tensor:
-    """Softmax attention [B, Hkv, G, T, L] (float32) of queries [B, Hq, T, D] over per-head
-    caches [B, Hkv, L, D], with G = Hq / Hkv query heads per KV head; masking as in
-    `visibility`. Rows that see nothing are zeros."""
-    b, hq, t, d = queries.shape
-    hkv = keys.shape[1]
-    q = queries.view(b, hkv, hq // hkv, t, d)
-    scores = torch.einsum("bhgtd,bhld->bhgtl", q, keys) / math.sqrt(d)
-    visible = visibility(query_positions, key_positions, key_valid, sliding_window)
-    scores = scores.float().masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
-
-
-def cached_attention(
-    queries: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    query_positions: Tensor,
-    key_positions: Tensor,
-    key_valid: Tensor,
-    sliding_window: int | None = None,
-) -> Tensor:
-    """Attention of queries [B, Hq, T, D] over per-head caches [B, Hkv, L, D] (masking as in
-    `visibility`; rows that see nothing output zeros).
-
-    Same math as `attention_probs` followed by a weighted sum of values, computed by
-    PyTorch's fused attention on 4-D tensors with grouped-query heads (its flash kernel on
-    CPU: 3x faster than the 5-D math fallback, never materializes fp32 probs). When every
-    KV head holds the same slots (a full cache) one mask serves all heads.
-    """
-    b, hq, t, d = queries.shape
-    hkv, length = keys.shape[1], keys.shape[2]
-    if length == 0:
-        return queries.new_zeros(b, hq, t, values.shape[-1])
-    same_slots = hkv == 1 or bool(
-        (key_positions == key_positions[:, :1]).all() and (key_valid == key_valid[:, :1]).all()
-    )
-    if same_slots:
-        key_positions, key_valid = key_positions[:, :1], key_valid[:, :1]
-    mask = visibility(query_positions, key_positions, key_valid, sliding_window)[:, :, 0]  # [B, 1 or Hkv, T, L]
-    if not same_slots and hq != hkv:
-        mask = mask.repeat_interleave(hq // hkv, dim=1)  # query head h reads KV head h // G
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
-    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # rows that see nothing
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -195,9 +126,7 @@ class Attention(nn.Module):
             if out is None:
                 entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
                 if self.use_kernels:
-                    from mpcache.kernels import decode_attention  # imported here: mpcache.kernels imports this module
-
-                    out = decode_attention(q, entry, positions, self.config.sliding_window)
+                    out = decode_attention(q, entry, positions, self.config.sliding_window, use_kernels=True)
                 else:
                     out = cached_attention(
                         q, entry.keys, entry.values, positions, entry.positions, entry.valid, self.config.sliding_window

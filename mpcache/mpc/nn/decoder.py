@@ -22,9 +22,9 @@ from torch import Tensor
 from mpcache.model.cache import KVCache
 from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Transformer
-from mpcache.mpc import layers as L
-from mpcache.mpc.accounting import Ledger
-from mpcache.mpc.numerics import Value
+from mpcache.mpc.arith.accounting import Ledger
+from mpcache.mpc.arith.numerics import Value
+from mpcache.mpc.nn import layers as L
 
 CacheFactory = Callable[[int], L.PrivateKVCache]  # n_layer -> an empty private cache (a method's policy)
 
@@ -38,39 +38,6 @@ def architecture_only(config: ModelConfig) -> Transformer:
 def share_model(model: Transformer, share: L.Share, options: L.PrivateOptions | None = None) -> L.PrivateTransformer:
     """Secret-share the model owner's weights (`share`: plaintext -> MPCTensor from the owner; identity: simulator)."""
     return L.PrivateTransformer.from_plain(model, share, options)
-
-
-PRIVATE_CACHES = {  # name -> (module, class) of a private KV cache taking (n_layer, budget, **knobs)
-    "mpcache": ("mpcache.mpc.mpcache_private", "PrivateMPCache"),
-    "streamingllm": ("mpcache.mpc.baselines_private", "PrivateStreamingLLM"),
-    "h2o": ("mpcache.mpc.baselines_private", "PrivateH2O"),
-}
-
-
-def private_cache(n_layer: int, spec: dict | None) -> L.PrivateKVCache:
-    """The private KV cache a decode run uses: spec None or {"method": "full"} keeps everything; otherwise
-    {"method": name, "budget": tokens per KV head, "knobs": {...}} (public: both parties build the same one).
-    Raises ValueError with the reason on any malformed spec."""
-    import importlib
-
-    if spec is None:
-        return L.PrivateKVCache(n_layer)
-    if not isinstance(spec, dict) or set(spec) - {"method", "budget", "knobs"}:
-        raise ValueError(f'kv_cache must be {{"method", "budget", "knobs"}}, got {spec!r}')
-    method, budget, knobs = spec.get("method", "full"), spec.get("budget"), spec.get("knobs") or {}
-    if method == "full":
-        if budget is not None or knobs:
-            raise ValueError("the full cache takes no budget or knobs")
-        return L.PrivateKVCache(n_layer)
-    if method not in PRIVATE_CACHES:
-        raise ValueError(f"unknown private KV cache {method!r}; expected full or one of {sorted(PRIVATE_CACHES)}")
-    if not isinstance(knobs, dict):
-        raise ValueError(f"knobs must be an object, got {knobs!r}")
-    module, name = PRIVATE_CACHES[method]
-    try:
-        return getattr(importlib.import_module(module), name)(n_layer, budget, **knobs)
-    except TypeError as error:  # an unknown knob
-        raise ValueError(f"{method}: {error}") from None
 
 
 def share_cache(plain: KVCache | None, config: ModelConfig, shapes: list[tuple[int, ...]], share: L.Share):

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class PeerStub:
-    """Party-to-party transport under CrypTen (mpcache/mpc/grpc_comm.py). Every party serves it.
+    """Party-to-party transport under CrypTen (mpcache/mpc/transport/grpc_comm.py). Every party serves it.
     """
 
     def __init__(self, channel):
@@ -48,7 +48,7 @@ class PeerStub:
 
 
 class PeerServicer:
-    """Party-to-party transport under CrypTen (mpcache/mpc/grpc_comm.py). Every party serves it.
+    """Party-to-party transport under CrypTen (mpcache/mpc/transport/grpc_comm.py). Every party serves it.
     """
 
     def Hello(self, request, context):
@@ -89,7 +89,7 @@ def add_PeerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Peer:
-    """Party-to-party transport under CrypTen (mpcache/mpc/grpc_comm.py). Every party serves it.
+    """Party-to-party transport under CrypTen (mpcache/mpc/transport/grpc_comm.py). Every party serves it.
     """
 
     @staticmethod

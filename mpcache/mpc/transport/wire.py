@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mpcache.mpc.proto import mpcache_pb2 as pb
+from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("mpcache's wire format is little-endian; this platform is not")

@@ -1,8 +1,8 @@
 """One command for the whole deployment on this machine: dealer, party 0, party 1 and client as separate OS
 processes on loopback, with mutual TLS (a throw-away CA) unless --insecure.
 
-    python -m mpcache.mpc.launcher [--job linear_relu] [--input '[...]'] [--params '{}'] [--timeout 180]
-    python -m mpcache.mpc.launcher --job generate --model mpcache/assets/bundled --prompt '...' --params \
+    python -m mpcache.mpc.deploy.launcher [--job linear_relu] [--input '[...]'] [--params '{}'] [--timeout 180]
+    python -m mpcache.mpc.deploy.launcher --job generate --model mpcache/assets/bundled --prompt '...' --params \
         '{"max_new_tokens": 8}'                       # the private decoder on a checkpoint folder
 
 It waits for the client, prints the client's output (answer, latency, communication per party) and the exit
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,26 +23,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpcache.mpc.transport.ports import free_ports
+
 ROLES = ("dealer", "party0", "party1", "client")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that are free right now (bound together so they differ)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def prepare(workdir: Path, insecure: bool) -> None:
     """Development certificates (unless insecure) and the demo model file, as docker-compose's setup step does."""
     from safetensors.torch import save_file
 
-    from mpcache.mpc.tls import make_dev_pki
+    from mpcache.mpc.transport.tls import make_dev_pki
     from parties.jobs import demo_model
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +165,7 @@ class Deployment:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mpcache.mpc.launcher", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mpcache.mpc.deploy.launcher", description=__doc__.splitlines()[0])
     p.add_argument("--job", default="linear_relu", help="job kind (parties/jobs.py)")
     p.add_argument("--input", default=None, help="input as a JSON list (default: the client's demo input)")
     p.add_argument("--params", default=None, help="job parameters as a JSON object")

@@ -8,7 +8,7 @@ and records, per layer, the largest attention score any visible (query, key) pai
 its row's max a visible score lies (the spread `score_range` must cover). The bound is the largest score plus a
 margin. The prompts never leave the owner; only the bounds become public (they are part of the protocol).
 
-    python -m mpcache.mpc.score_bounds --lengths 512,1024 --samples 2 --margin 2 --json bounds.json
+    python -m mpcache.mpc.arith.score_bounds --lengths 512,1024 --samples 2 --margin 2 --json bounds.json
 
 How accurate a calibrated bound is on the bundled model: `python -m bench.softmax_modes`.
 """
@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mpcache.kernels import visibility
 from mpcache.model.cache import KVCache
-from mpcache.model.transformer import Transformer, visibility
+from mpcache.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from mpcache.eval.tasks import TASKS
     from mpcache.model.loading import load_bundled
 
-    parser = argparse.ArgumentParser(prog="python -m mpcache.mpc.score_bounds", description=__doc__.splitlines()[0])
+    prog = "python -m mpcache.mpc.arith.score_bounds"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
     parser.add_argument("--lengths", default="512,1024", help="prompt lengths in tokens, comma-separated")
     parser.add_argument("--samples", type=int, default=2, help="prompts per task and length")

@@ -1,7 +1,7 @@
 """StreamingLLM and H2O on a private KV cache: the MPC baselines MPCache is measured against (issue #6).
 
 Both mirror their plaintext references (mpcache/methods/streamingllm.py, mpcache/methods/h2o.py) step for step and
-are written against mpcache.mpc.numerics, so on float tensors they are the simulator and on MPCTensors they run in
+are written against mpcache.mpc.arith.numerics, so on float tensors they are the simulator and on MPCTensors they run in
 2PC. Both act after attention, as the references do (kvpress timing): a step's attention reads the budget plus the
 step's new tokens, then the cache is cut back to `budget` slots per KV head.
 
@@ -31,11 +31,11 @@ import math
 import torch
 from torch import Tensor
 
-from mpcache.mpc import numerics as N
-from mpcache.mpc.accounting import span
-from mpcache.mpc.layers import PrivateKVCache, PrivateLayerKV
-from mpcache.mpc.mpcache_private import compaction_matrix, top_k_mask
-from mpcache.mpc.numerics import Value
+from mpcache.mpc.arith import numerics as N
+from mpcache.mpc.arith.accounting import span
+from mpcache.mpc.arith.numerics import Value
+from mpcache.mpc.caches.mpcache import compaction_matrix, top_k_mask
+from mpcache.mpc.nn.layers import PrivateKVCache, PrivateLayerKV
 
 
 def _check_budget(budget: object) -> None:

@@ -1,6 +1,6 @@
 """Private layers of the GPT-2 and Llama families, mirroring mpcache/model/transformer.py top to bottom.
 
-Every layer is written once against the operations of mpcache.mpc.numerics, so it runs on CrypTen MPCTensors
+Every layer is written once against the operations of mpcache.mpc.arith.numerics, so it runs on CrypTen MPCTensors
 (the private model) or on float tensors (the simulator: the same approximations in floating point). Weights
 become private through a `share` function (server-side plaintext -> MPCTensor); the identity gives the
 simulator. Tokens enter as one-hot rows the client shares as 0/1 bits, and greedy decoding returns the next
@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from mpcache.kernels import visibility
 from mpcache.model.config import ModelConfig
-from mpcache.model.transformer import Transformer, rope_inverse_frequencies, visibility
-from mpcache.mpc import numerics as N
-from mpcache.mpc.accounting import layer, span
-from mpcache.mpc.numerics import Value
+from mpcache.model.transformer import Transformer, rope_inverse_frequencies
+from mpcache.mpc.arith import numerics as N
+from mpcache.mpc.arith.accounting import layer, span
+from mpcache.mpc.arith.append_only import AppendOnlyOperand
+from mpcache.mpc.arith.numerics import Value
 
 Share = Callable[[Tensor], Value]  # server-side plaintext tensor -> private value (identity: simulator)
 SCORE_RANGE = 64.0  # default spread of visible attention scores below the row max (numerics.softmax score_range)
@@ -44,7 +46,7 @@ class PrivateOptions:
 
     norm_range: tuple[float, float] = (2.0**-6, 2.0**14)  # domain of mean(x^2) + eps / var + eps
     # Attention softmax (numerics.softmax). score_bound: a public bound on the attention scores, one number or one
-    # per layer (`mpcache.mpc.score_bounds` calibrates them), to skip the row max; None subtracts the max (the
+    # per layer (`mpcache.mpc.arith.score_bounds` calibrates them), to skip the row max; None subtracts the max (the
     # accurate default: a bound loose by b costs a factor e^b in precision, see bench.softmax_modes).
     # score_range: how far below the max (or bound) visible scores may lie; a number (at most 150) selects the
     # comparison-free exp (numerics.exp_range), None the exp clipped by a comparison (numerics.exp_neg).
@@ -226,33 +228,35 @@ def cached_attention(
 
 
 class KVOperands:
-    """One cache entry's keys (as K^T [B, H, Dk, L], growing along the last dim) and values ([B, H, L, Dv],
-    growing along dim -2) as numerics.GrowingOperands: each row is opened once against its own dealer mask row.
-    Capacity `numerics.growing_capacity` (n + max(64, n // 2) rows for n cached ones); past it, or for any entry
-    that is not an append of this one, the cache makes a fresh KVOperands (fresh masks, the whole cache opened
-    once), so a mask row never pads two values."""
+    """One cache layer's keys (as K^T [B, H, Dk, L], growing along the last dim) and values ([B, H, L, Dv], growing
+    along dim -2), each an append-only operand (arith.append_only): each row is opened once against its own dealer
+    mask row; past the capacity (`numerics.growing_capacity`: n + max(64, n // 2) rows for n cached ones) both start
+    fresh together. An entry that is not an append of the cached one (compaction, a gathered view) never reaches
+    these operands: the cache hands them on only through `update`, so a mask row never pads two values."""
 
-    def __init__(self, entry: PrivateLayerKV) -> None:
-        capacity = N.growing_capacity(entry.capacity)
-        self.keys = N.GrowingOperand(entry.keys.transpose(-1, -2), -1, capacity)
-        self.values = N.GrowingOperand(entry.values, -2, capacity)
+    def __init__(self) -> None:
+        self._keys, self._values = AppendOnlyOperand(-1), AppendOnlyOperand(-2)
+
+    @property
+    def keys(self) -> N.GrowingOperand:
+        assert self._keys.operand is not None, "update the operands first"
+        return self._keys.operand
+
+    @property
+    def values(self) -> N.GrowingOperand:
+        assert self._values.operand is not None, "update the operands first"
+        return self._values.operand
 
     @property
     def length(self) -> int:
-        return self.values.length
+        return self._values.length
 
-    def extend(self, entry: PrivateLayerKV) -> bool:
-        """Stage the entry's rows past `length` (the entry's first `length` rows must be this operand's rows);
-        False when they do not fit the capacity."""
+    def update(self, entry: PrivateLayerKV) -> None:
+        """Hold the entry's rows: its rows past `length` are staged (opened with the next product) when the entry
+        extends the rows held within the capacity, otherwise fresh operands take the whole entry."""
         n = entry.capacity
-        if n < self.length:
-            raise ValueError(f"an entry of {n} rows cannot extend operands of {self.length} rows")
-        if n > self.values.capacity:
-            return False
-        if n > self.length:
-            self.keys.append(entry.keys[:, :, self.length :].transpose(-1, -2))
-            self.values.append(entry.values[:, :, self.length :])
-        return True
+        self._keys.update(n, lambda start: entry.keys[:, :, start:].transpose(-1, -2))
+        self._values.update(n, lambda start: entry.values[:, :, start:])
 
     def flush(self) -> None:
         """Open the staged rows of keys and values now, in one round."""
@@ -311,8 +315,9 @@ class PrivateKVCache:
         provider without weight-stationary tuples."""
         if entry is not self.layers[layer] or not N.GrowingOperand.supported(entry.keys):
             return None
-        if entry.operands is None or not entry.operands.extend(entry):
-            entry.operands = KVOperands(entry)
+        if entry.operands is None:
+            entry.operands = KVOperands()
+        entry.operands.update(entry)
         return entry.operands
 
     def open_operands(self) -> None:

@@ -1,6 +1,6 @@
 """Cost accounting of private inference: rounds, bytes and wall time per step, per layer and per operation class.
 
-The private layers (mpcache/mpc/layers.py) wrap each leaf operation in `span(op)` and each block in `layer(i)`;
+The private layers (mpcache/mpc/nn/layers.py) wrap each leaf operation in `span(op)` and each block in `layer(i)`;
 both do nothing unless a `Ledger` is active (`with ledger:`), so the float simulator pays nothing. A span reads the
 communicator's counters (CrypTen counts them only with cfg.communicator.verbose) before and after, so the numbers
 are this party's: rounds = communicator calls, bytes = what CrypTen counts for them. Spans do not nest: an inner

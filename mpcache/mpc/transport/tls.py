@@ -6,7 +6,7 @@ so the same certificates work on loopback, in docker-compose (where service name
 across machines, and a party's certificate cannot impersonate the dealer even though one CA signed both.
 Servers require client certificates and read the caller's role from the handshake (`peer_role`).
 
-    python -m mpcache.mpc.tls --out certs          # or the console script `mpcache-certs`
+    python -m mpcache.mpc.transport.tls --out certs          # or the console script `mpcache-certs`
 """
 
 from __future__ import annotations

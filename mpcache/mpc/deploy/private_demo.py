@@ -18,8 +18,8 @@ import torch
 
 from mpcache.eval.tasks import exact_match, make_sample
 from mpcache.model.loading import BUNDLED_DIR, load_bundled
-from mpcache.mpc.accounting import summarize
-from mpcache.mpc.launcher import Deployment
+from mpcache.mpc.arith.accounting import summarize
+from mpcache.mpc.deploy.launcher import Deployment
 
 
 def run(length: int, seed: int, max_new_tokens: int, workdir: str | None = None, insecure: bool = False) -> int:

@@ -50,10 +50,10 @@ import grpc
 import torch
 from torch.distributed import ReduceOp
 
-from mpcache.mpc import tls, wire
-from mpcache.mpc.crypten_compat import import_crypten
-from mpcache.mpc.proto import mpcache_pb2 as pb
-from mpcache.mpc.proto import mpcache_pb2_grpc as pb_grpc
+from mpcache.mpc.arith.crypten_compat import import_crypten
+from mpcache.mpc.transport import tls, wire
+from mpcache.mpc.transport.proto import mpcache_pb2 as pb
+from mpcache.mpc.transport.proto import mpcache_pb2_grpc as pb_grpc
 
 crypten = import_crypten()
 Communicator = crypten.communicator.Communicator
@@ -1008,7 +1008,7 @@ def init_party(
 
     Blocks until every peer is reachable (connect_timeout_s). Finish with `crypten.uninit()`, which flushes and
     waits for the peers to finish too. `rtt_ms`/`bandwidth_mbps` turn on link emulation (module docstring).
-    `tls_files`: this party's certificate files for mutual TLS with the other parties (mpcache/mpc/tls.py).
+    `tls_files`: this party's certificate files for mutual TLS with the other parties (mpcache/mpc/transport/tls.py).
     """
     link = None
     if rtt_ms is not None or bandwidth_mbps is not None:

@@ -33,7 +33,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mpcache.mpc.crypten_compat import import_crypten
+from mpcache.mpc.arith.crypten_compat import import_crypten
+from mpcache.mpc.arith.ring import (
+    TRUNC_OFFSET,
+    check_divisor,
+    mask_block,
+    pow2_divmod,
+    truncation_tuple,
+    unsigned_floordiv,
+)
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
@@ -45,58 +53,11 @@ from crypten.mpc.provider import TrustedFirstParty  # noqa: E402
 
 FRAC_BITS = 16  # CrypTen's default fixed-point precision
 SCALE = 1 << FRAC_BITS
-TRUNC_OFFSET = 1 << 62  # added before opening so the value is non-negative and below 2^63
-MAX_DIVISOR = 1 << 62
 PROVIDER_NAME = "MPCACHE_LOCAL"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Exact truncation: the tuple (pure math, shared with any dealer), the protocol, and an in-process provider
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _pow2_divmod(exponent: int, d: int | Tensor) -> tuple[int | Tensor, int | Tensor]:
-    """(floor(2^exponent / d) mod 2^64 as int64, 2^exponent mod d) for exponent in {63, 64}, 2 <= d < 2^62."""
-    if isinstance(d, int):
-        q, r = divmod(1 << exponent, d)
-        return _wrap_int64(q), r
-    q, r = (1 << 62) // d, (1 << 62) % d
-    for _ in range(exponent - 62):  # double: 2^(k+1) = 2 q d + 2 r, and 2 r < 2 d fits in int64
-        carry = (2 * r >= d).long()
-        q, r = 2 * q + carry, 2 * r - carry * d
-    return q, r
-
-
-def _wrap_int64(v: int) -> int:
-    """Python int -> the int64 with the same value mod 2^64."""
-    return ((v + (1 << 63)) % (1 << 64)) - (1 << 63)
-
-
-def unsigned_floordiv(v: Tensor, divisor: int | Tensor) -> Tensor:
-    """floor(u / divisor) where u in [0, 2^64) is the unsigned reading of the int64 tensor `v`, 1 <= d < 2^62."""
-    if isinstance(divisor, int) and divisor == 1:
-        return v.clone()
-    t = v ^ torch.iinfo(torch.int64).min  # t = u - 2^63, exact in int64
-    q, rem = torch.div(t, divisor, rounding_mode="floor"), torch.remainder(t, divisor)
-    high_q, high_rem = _pow2_divmod(63, divisor)
-    return q + high_q + (rem + high_rem >= divisor).long()
-
-
-def truncation_derived(r: Tensor, divisor: int | Tensor) -> Tensor:
-    """The derived half of an exact-truncation tuple for the random ring element r: stack(floor(r/d), msb(r))."""
-    return torch.stack([unsigned_floordiv(r, divisor), (r < 0).long()])
-
-
-def truncation_tuple(seed: int, shape: Sequence[int], divisor: int | Tensor) -> tuple[Tensor, Tensor]:
-    """Plaintext tuple (r, stack(floor(r/d), msb(r))): a pure function of (seed, shape, divisor)."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randint(-(1 << 63), (1 << 63) - 1, tuple(shape), generator=g, dtype=torch.long)
-    return r, truncation_derived(r, divisor)
-
-
-def _check_divisor(divisor: int | Tensor) -> None:
-    bad = (divisor < 1) | (divisor >= MAX_DIVISOR)
-    if bool(torch.as_tensor(bad).any()):
-        raise ValueError(f"truncation divisor must lie in [1, 2^62), got {divisor}")
 
 
 def exact_truncate_(xs: Sequence[ArithmeticSharedTensor], divisors: Sequence[int | Tensor]) -> None:
@@ -116,7 +77,7 @@ def exact_truncate_(xs: Sequence[ArithmeticSharedTensor], divisors: Sequence[int
     for x, d, z, derived in zip(xs, divisors, opened, tuples):
         q_r, msb_r = derived.share[0], derived.share[1]
         no_top = (z >= 0).long()  # 1 - msb(z)
-        wrap_q = _pow2_divmod(64, d)[0]
+        wrap_q = pow2_divmod(64, d)[0]
         share = -q_r + no_top * wrap_q * msb_r
         if x.rank == 0:
             share = share + unsigned_floordiv(z, d) - TRUNC_OFFSET // d
@@ -162,8 +123,6 @@ class LocalDealer(TrustedFirstParty):
 
     def fixed_triple(self, key: int, size, op: str, device=None, block=None) -> tuple[ArithmeticSharedTensor, ...]:
         """(A, op(A, B)) for the mask of `key`, or for its leading `block` (as the dealer: GrowingOperand)."""
-        from mpcache.mpc.dealer import mask_block  # one definition of a block, shared with the dealer
-
         size, b = tuple(size), self._masks[key]
         b = b if block is None else mask_block(b, block)
         if comm.get().get_rank() == 0:
@@ -188,7 +147,7 @@ def _div_(self: ArithmeticSharedTensor, y):
     integer = isinstance(y, int) or is_int_tensor(y)
     provider = crypten.mpc.get_default_provider()
     if integer and comm.get().get_world_size() == 2 and hasattr(provider, "exact_truncation_tuple"):
-        _check_divisor(y)
+        check_divisor(y)
         if is_int_tensor(y):
             self.share = torch.broadcast_tensors(self.share, y)[0].clone()
         elif y == 1:

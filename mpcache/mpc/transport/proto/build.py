@@ -1,4 +1,4 @@
-"""Regenerate the gRPC stubs from protos/mpcache.proto: `python -m mpcache.mpc.proto.build [--check]`.
+"""Regenerate the gRPC stubs from protos/mpcache.proto: `python -m mpcache.mpc.transport.proto.build [--check]`.
 
 The stubs are committed so that the package runs without grpcio-tools; this script is the one way to make
 them, so the output is a pure function of the .proto file and the pinned grpcio-tools version.
@@ -14,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROTO_DIR = Path(__file__).resolve().parents[3] / "protos"
+REPO = Path(__file__).resolve().parents[4]
+PROTO_DIR = REPO / "protos"
 PROTO_NAME = "mpcache.proto"
 OUT_DIR = Path(__file__).resolve().parent
 GENERATED = ("mpcache_pb2.py", "mpcache_pb2.pyi", "mpcache_pb2_grpc.py")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print("stubs up to date" if not stale else f"stale stubs: {', '.join(stale)}")
         return 1 if stale else 0
     for path in generate(OUT_DIR):
-        print(f"wrote {path.relative_to(OUT_DIR.parents[2])}")
+        print(f"wrote {path.relative_to(REPO)}")
     return 0
 
 

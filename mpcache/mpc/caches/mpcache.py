@@ -1,7 +1,7 @@
 """MPCache on secret-shared keys and queries: the MPC side of mpcache/methods/mpcache.py.
 
 Every step mirrors a plaintext function of the reference (imported, not re-derived) and is written against
-mpcache.mpc.numerics, so on float tensors it is the simulator and on MPCTensors it runs in 2PC. Knobs and their
+mpcache.mpc.arith.numerics, so on float tensors it is the simulator and on MPCTensors it runs in 2PC. Knobs and their
 defaults are one dataclass, mpcache.methods.mpcache.MPCacheKnobs. The parties learn public sizes only: the prompt
 length, the fixed keep count, the cluster boundaries and how many clusters are read; never which tokens or clusters
 (no value derived from a score is ever opened; a test counts openings).
@@ -35,10 +35,10 @@ passes at decode, so gathered slots carry the lowest position they could hold (a
 a sliding window would need the true positions: not supported.
 
 Costs: `python -m bench.mpc_decode --method full,mpcache,...` (whole decode steps over gRPC, per operation class;
-README "MPCache under MPC" and bench/results/mpc_decode_*.json); `python -m mpcache.mpc.mpcache_private` prints
+README "MPCache under MPC" and bench/results/mpc_decode_*.json); `python -m mpcache.mpc.caches.mpcache` prints
 the per-piece costs of one layer's decode-step attention (select / update / attend against full attention, at
-bundled-model shapes, gloo) and of static eviction. Measured per layer at 2048 kept tokens (4 KV heads, 2 query
-heads each), one decode step: sign split 9 rounds / 0.12 MB, score product 2 / 0.81 MB before ClusterReps
+bundled-model shapes, two local parties) and of static eviction. Measured per layer at 2048 kept tokens (4 KV
+heads, 2 query heads each), one decode step: sign split 9 rounds / 0.12 MB, score product 2 / 0.81 MB before ClusterReps
 (now: the query only), parent buckets 19 / 0.12 MB, child buckets 29 / 0.23 MB. `_measure` at 2048 cached
 tokens, budget 409, bound similarity, gather re-opened by plain Beaver in both: select 36.6 MB with the exact
 top-k, 9.7 MB bucketed (2026-11-25).
@@ -52,19 +52,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mpcache.methods.mpcache import (
-    MPCacheKnobs,
-    cluster_representatives,
-    observation_window,
-    sharing_pairs,
-    static_scores,
-    window_sum,
-)
-from mpcache.model.transformer import visibility
-from mpcache.mpc import numerics as N
-from mpcache.mpc.accounting import span
-from mpcache.mpc.layers import SCORE_RANGE, PrivateKVCache, PrivateLayerKV, cached_attention
-from mpcache.mpc.numerics import Value
+from mpcache.kernels import cluster_representatives, visibility
+from mpcache.methods.mpcache import MPCacheKnobs, observation_window, sharing_pairs, static_scores, window_sum
+from mpcache.mpc.arith import numerics as N
+from mpcache.mpc.arith.accounting import span
+from mpcache.mpc.arith.append_only import AppendOnlyOperand
+from mpcache.mpc.arith.numerics import Value
+from mpcache.mpc.nn.layers import SCORE_RANGE, PrivateKVCache, PrivateLayerKV, cached_attention
 
 LIFT = 1.0e4  # pushes an ineligible cluster's score below every real score (|q . r| stays far below it)
 
@@ -272,7 +266,7 @@ class ClusterReps:
 
     def __init__(self, alpha: float, similarity: str) -> None:
         self.alpha, self.similarity = alpha, similarity
-        self.operand: N.GrowingOperand | None = None
+        self.held = AppendOnlyOperand(-1)  # the representatives, one column per complete cluster
         self.order: list[tuple[str, int]] = []  # ("child" | "parent", index) per operand column
 
     def _rep(self, kmax: Value, kmin: Value) -> Value:
@@ -290,22 +284,21 @@ class ClusterReps:
             for j in range(done)
             for kind, i in [("child", j)] + ([("parent", j // r)] if (j + 1) % r == 0 else [])
         ]
-        new = order[len(self.order) :]
-        if self.operand is None or order[: len(self.order)] != self.order or len(order) > self.operand.capacity:
-            new, self.order, self.operand = order, [], None
-        if new:
-            pick = {"child": (summary.child_max, summary.child_min), "parent": (summary.parent_max, summary.parent_min)}
-            reps = N.cat([self._rep(pick[k][0][:, :, i : i + 1], pick[k][1][:, :, i : i + 1]) for k, i in new], 2)
-            if self.operand is None:
-                self.operand = N.GrowingOperand(reps.transpose(-1, -2), -1, N.growing_capacity(len(order)))
-            else:
-                self.operand.append(reps.transpose(-1, -2))
-            self.order = order
+        if order[: len(self.order)] != self.order:  # not the columns held plus new ones: open everything anew
+            self.held.reset()
+        pick = {"child": (summary.child_max, summary.child_min), "parent": (summary.parent_max, summary.parent_min)}
+
+        def columns(start: int) -> Value:  # the representatives of clusters start.., as operand columns
+            reps = [self._rep(pick[k][0][:, :, i : i + 1], pick[k][1][:, :, i : i + 1]) for k, i in order[start:]]
+            return N.cat(reps, 2).transpose(-1, -2)
+
+        operand = self.held.update(len(order), columns)
+        self.order = order
         if self.similarity == "linear":
             query = queries.sum(2).unsqueeze(2)  # [B, H, 1, D]
         else:
             query = sign_split(queries).reshape(b, h, 1, 2 * d)
-        flat = N.matmul(query, self.operand).squeeze(2)  # [B, H, R]
+        flat = N.matmul(query, operand).squeeze(2)  # [B, H, R]
         c1, c2 = summary.parent_max.shape[2], summary.child_max.shape[2]
         column = {key: i for i, key in enumerate(self.order)}
         child = torch.tensor([column.get(("child", j), 0) for j in range(c2)])
@@ -481,7 +474,7 @@ class PrivateMPCache(PrivateKVCache):
         self.selection: list[Selection | None] = [None] * n_layer
         self.reps: list[ClusterReps | None] = [None] * n_layer  # representatives, each opened once
         # the gather's operand: the middle children, each opened once against its own dealer mask rows
-        self.clusters: list[N.GrowingOperand | Value | None] = [None] * n_layer
+        self.clusters = [AppendOnlyOperand(-2) for _ in range(n_layer)]
 
     @classmethod
     def adopt(cls, cache: PrivateKVCache, budget: int, static: bool = True, **knobs) -> PrivateMPCache:
@@ -543,6 +536,7 @@ class PrivateMPCache(PrivateKVCache):
                 self.layers[layer] = entry = compact(entry, plan)
             self.summary[layer] = ClusterSummary.build(entry.keys, self.knobs.cluster_size, self.knobs.subcluster_size)
             self.reps[layer] = None
+            self.clusters[layer].reset()
 
     def observe(self, layer: int, queries: Value, query_positions: Tensor) -> None:
         """At a decode step: choose the clusters attention reads (or reuse the source layer's choice)."""
@@ -580,21 +574,14 @@ class PrivateMPCache(PrivateKVCache):
             return gather_view(entry, chosen, self.knobs.subcluster_size, self._middle_operand(layer, entry, chosen))
 
     def _middle_operand(self, layer: int, entry: PrivateLayerKV, chosen: Selection) -> N.GrowingOperand | Value:
-        """The gather's right operand, the middle children [B, H, n_child - 2, sub x (Dk + Dv)], as an append-only
-        numerics.GrowingOperand: when a child fills up, only the new middle child is opened (16 rows), and a fresh
-        operand (everything opened once) only when its capacity is used up."""
-        held, rows = self.clusters[layer], chosen.n_child - 2
-        if isinstance(held, N.GrowingOperand) and rows == held.length:
-            return held  # nothing filled up since the last step: no need to rebuild the block
-        middle = middle_clusters(entry, chosen.n_child, self.knobs.subcluster_size)
-        if not N.GrowingOperand.supported(middle):
-            return middle
-        if isinstance(held, N.GrowingOperand) and held.length < rows <= held.capacity:
-            held.append(middle[:, :, held.length :])
-            return held
-        held = N.GrowingOperand(middle, -2, N.growing_capacity(rows))
-        self.clusters[layer] = held
-        return held
+        """The gather's right operand, the middle children [B, H, n_child - 2, sub x (Dk + Dv)], append-only: when a
+        child fills up, only the new middle child is opened (16 rows), and a fresh operand (everything opened once)
+        only when its capacity is used up."""
+        sub = self.knobs.subcluster_size
+        if not N.GrowingOperand.supported(entry.keys):
+            return middle_clusters(entry, chosen.n_child, sub)
+        rows = lambda start: middle_clusters(entry, chosen.n_child, sub)[:, :, start:]  # noqa: E731
+        return self.clusters[layer].update(chosen.n_child - 2, rows)
 
 
 def full_attention(queries: Value, entry: PrivateLayerKV, query_positions: Tensor) -> Value:
@@ -668,9 +655,9 @@ def _measure_model(lengths: list[int], steps: int = 2) -> list[dict]:
     adopts it as its post-eviction cache, budget n / 5). Mean rounds/bytes/seconds per step, and selection's share."""
     from mpcache.model.cache import KVCache
     from mpcache.model.loading import load_bundled
-    from mpcache.mpc import decoder
-    from mpcache.mpc.accounting import Ledger, summarize
-    from mpcache.mpc.layers import greedy_token, one_hot
+    from mpcache.mpc.arith.accounting import Ledger, summarize
+    from mpcache.mpc.nn import decoder
+    from mpcache.mpc.nn.layers import greedy_token, one_hot
 
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True
@@ -709,7 +696,7 @@ def _measure_model(lengths: list[int], steps: int = 2) -> list[dict]:
 def main() -> None:
     import argparse
 
-    from mpcache.mpc.local import LocalParties
+    from mpcache.mpc.transport.local import LocalParties
 
     parser = argparse.ArgumentParser(description="MPC cost of MPCache's decode-step selection vs full attention")
     parser.add_argument("--lengths", type=int, nargs="*", default=[256, 512, 1024])

@@ -1,4 +1,4 @@
-"""CrypTen TupleProvider backed by the dealer (mpcache/mpc/dealer.py), and the insecure test-only alternative.
+"""CrypTen TupleProvider backed by the dealer (mpcache/mpc/dealer/), and the insecure test-only alternative.
 
 Every CrypTen party makes the same sequence of tuple requests (CrypTen is SPMD), so both parties number tuples
 0, 1, 2, ... identically: party i derives its random shares from its own seed and the tuple number, party 1 also
@@ -6,7 +6,7 @@ derives its share of the derived value, and party 0 gets its correction share fr
 `trace()` / `fill_cache()` records a computation's tuple requests; `fill_cache` here fetches all of party 0's
 corrections in as few GetTuples calls as the message size allows, instead of one call per tuple.
 
-CrypTen's own "TFP" provider (and mpcache.mpc.numerics.LocalDealer built on it) stays available for in-process
+CrypTen's own "TFP" provider (and mpcache.mpc.arith.numerics.LocalDealer built on it) stays available for in-process
 unit tests only: party 0 makes every tuple there, so it knows all masks. INSECURE; no role CLI can select it.
 """
 
@@ -18,9 +18,10 @@ import logging
 
 import torch
 
-from mpcache.mpc import dealer
-from mpcache.mpc.crypten_compat import import_crypten
-from mpcache.mpc.proto import mpcache_pb2 as pb
+from mpcache.mpc.arith import ring
+from mpcache.mpc.arith.crypten_compat import import_crypten
+from mpcache.mpc.dealer import tuples
+from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 
 crypten = import_crypten()
 from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor  # noqa: E402
@@ -40,20 +41,20 @@ class DealerSession:
     """
 
     def __init__(self, session: str, rank: int, seed: int, fetch=None) -> None:
-        if rank not in range(dealer.WORLD_SIZE):
+        if rank not in range(tuples.WORLD_SIZE):
             raise ValueError(f"rank {rank} is not a computing party")
         if rank == 0 and fetch is None:
             raise ValueError("party 0 needs a way to fetch corrections from the dealer")
         self.session, self.rank = session, rank
-        self.key = dealer.party_key(seed, session, rank)
+        self.key = tuples.party_key(seed, session, rank)
         self.fetch = fetch if rank == 0 else None
         self.consumed = 0  # tuples used so far (= index of the next tuple)
         self.fetched = 0  # party 0: tuples whose corrections have arrived
         self.correction_bytes = 0
         self.masks: dict[int, tuple[int, ...]] = {}  # FIXED_MASK tuple number -> shape of B
-        self._ready: collections.deque[tuple[int, dealer.Spec, torch.Tensor]] = collections.deque()
+        self._ready: collections.deque[tuple[int, tuples.Spec, torch.Tensor]] = collections.deque()
 
-    def prefetch(self, specs: list[dealer.Spec]) -> None:
+    def prefetch(self, specs: list[tuples.Spec]) -> None:
         """Party 0: fetch corrections for the next tuples (in the order they will be used). No-op elsewhere."""
         if self.rank != 0 or not specs:
             return
@@ -70,11 +71,11 @@ class DealerSession:
                 self.fetched += 1
             start = stop
 
-    def next(self, spec: dealer.Spec) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def next(self, spec: tuples.Spec) -> tuple[list[torch.Tensor], torch.Tensor]:
         """This party's shares of the next tuple: (random input shares, share of the derived value)."""
         spec.check_size()  # both parties refuse an oversized tuple the same way, before any traffic
         index = self.consumed
-        randoms = dealer.random_shares(self.key, index, spec)
+        randoms = tuples.random_shares(self.key, index, spec)
         if self.rank == 0:
             if not self._ready:
                 self.prefetch([spec])
@@ -85,7 +86,7 @@ class DealerSession:
                     f"{ready_spec.shape_b}, CrypTen asked for {spec.name} {spec.shape_a} {spec.shape_b}"
                 )
         else:
-            derived = dealer.derived_share(self.key, index, spec)
+            derived = tuples.derived_share(self.key, index, spec)
         if spec.kind == pb.FIXED_MASK:
             self.masks[index] = spec.shape_a
         self.consumed += 1
@@ -111,45 +112,45 @@ class DealerProvider(TupleProvider):
             raise RuntimeError("dealer provider used before attach(): no dealer session")
         return self.session
 
-    def _next(self, spec: dealer.Spec, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _next(self, spec: tuples.Spec, device) -> tuple[list[torch.Tensor], torch.Tensor]:
         _cpu(device)
         return self._session().next(spec)
 
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
         if args:
             raise ValueError(f"positional arguments for {op} triples are not supported: {args}")
-        (a, b), c = self._next(dealer.Spec.beaver(op, size0, size1, **kwargs), device)
+        (a, b), c = self._next(tuples.Spec.beaver(op, size0, size1, **kwargs), device)
         return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
 
     def square(self, size, device=None):
-        (r,), r2 = self._next(dealer.Spec(pb.SQUARE, tuple(size)), device)
+        (r,), r2 = self._next(tuples.Spec(pb.SQUARE, tuple(size)), device)
         return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(r2, precision=0)
 
     def generate_binary_triple(self, size0, size1, device=None):
-        (a, b), c = self._next(dealer.Spec(pb.BINARY_AND, tuple(size0), tuple(size1)), device)
+        (a, b), c = self._next(tuples.Spec(pb.BINARY_AND, tuple(size0), tuple(size1)), device)
         return tuple(BinarySharedTensor.from_shares(t) for t in (a, b, c))
 
     def wrap_rng(self, size, device=None):
-        (r,), theta = self._next(dealer.Spec(pb.TRUNCATION_PAIR, tuple(size)), device)
+        (r,), theta = self._next(tuples.Spec(pb.TRUNCATION_PAIR, tuple(size)), device)
         return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(
             theta, precision=0
         )
 
     def B2A_rng(self, size, device=None):
-        (r_bin,), r_arith = self._next(dealer.Spec(pb.B2A_BIT, tuple(size)), device)
+        (r_bin,), r_arith = self._next(tuples.Spec(pb.B2A_BIT, tuple(size)), device)
         return ArithmeticSharedTensor.from_shares(r_arith, precision=0), BinarySharedTensor.from_shares(r_bin)
 
     def exact_truncation_tuple(self, size, divisor, device=None):
-        """(r, stack(floor(r / divisor), msb(r))) for mpcache.mpc.numerics' exact truncation."""
-        (r,), derived = self._next(dealer.Spec.truncation(tuple(size), divisor), device)
+        """(r, stack(floor(r / divisor), msb(r))) for mpcache.mpc.arith.numerics' exact truncation."""
+        (r,), derived = self._next(tuples.Spec.truncation(tuple(size), divisor), device)
         return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(
             derived, precision=0
         )
 
     def fixed_mask(self, size, device=None):
-        """(key, B) for a weight-stationary operand (mpcache.mpc.numerics.FixedOperand); key = B's tuple number."""
+        """(key, B) for a weight-stationary operand (numerics.FixedOperand); key = B's tuple number."""
         key = self._session().consumed
-        (b,), _ = self._next(dealer.Spec(pb.FIXED_MASK, tuple(size)), device)
+        (b,), _ = self._next(tuples.Spec(pb.FIXED_MASK, tuple(size)), device)
         return key, ArithmeticSharedTensor.from_shares(b, precision=0)
 
     def fixed_triple(self, key: int, size, op: str, device=None, block=None):
@@ -159,8 +160,8 @@ class DealerProvider(TupleProvider):
         if key not in masks:
             raise ValueError(f"no weight-stationary mask with key {key} in this session")
         shape_b = masks[key] if block is None else tuple(block)
-        dealer.check_mask_block(masks[key], shape_b)  # refused here, before any traffic, as the dealer would
-        (a,), c = self._next(dealer.Spec.fixed(op, tuple(size), shape_b, key), device)
+        ring.check_mask_block(masks[key], shape_b)  # refused here, before any traffic, as the dealer would
+        (a,), c = self._next(tuples.Spec.fixed(op, tuple(size), shape_b, key), device)
         return ArithmeticSharedTensor.from_shares(a, precision=0), ArithmeticSharedTensor.from_shares(c, precision=0)
 
     def fill_cache(self) -> None:
@@ -170,18 +171,18 @@ class DealerProvider(TupleProvider):
         super().fill_cache()
 
 
-def _request_spec(func_name: str, args: tuple, kwargs: dict) -> dealer.Spec:
+def _request_spec(func_name: str, args: tuple, kwargs: dict) -> tuples.Spec:
     """The Spec a traced provider call will consume (mirrors the methods above)."""
     method = getattr(TupleProvider, func_name)
     bound = inspect.signature(method).bind(None, *args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
     if func_name == "generate_additive_triple":
-        return dealer.Spec.beaver(a["op"], a["size0"], a["size1"], **a.get("kwargs", {}))
+        return tuples.Spec.beaver(a["op"], a["size0"], a["size1"], **a.get("kwargs", {}))
     if func_name == "generate_binary_triple":
-        return dealer.Spec(pb.BINARY_AND, tuple(a["size0"]), tuple(a["size1"]))
+        return tuples.Spec(pb.BINARY_AND, tuple(a["size0"]), tuple(a["size1"]))
     kind = {"square": pb.SQUARE, "wrap_rng": pb.TRUNCATION_PAIR, "B2A_rng": pb.B2A_BIT}[func_name]
-    return dealer.Spec(kind, tuple(a["size"]))
+    return tuples.Spec(kind, tuple(a["size"]))
 
 
 _PROVIDER = DealerProvider()
