@@ -96,7 +96,7 @@ class LocalParties:
 
     def _launch(self) -> None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "mpcache.mpc.arith.crypten_compat"])
+        ctx.set_forkserver_preload(["torch", "mpcache.mpc.arith.numerics"])  # CrypTen: imported once, not per worker
         peers = [f"127.0.0.1:{port}" for port in free_ports(self.world_size)]
         session = f"local-{os.getpid()}-{next(_SESSIONS)}"
         self._results = ctx.Queue()
