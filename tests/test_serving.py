@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mpcache.generate import generate
+from mpcache.kernels import cached_attention
 from mpcache.kernels.paged import paged_attention
 from mpcache.methods import make_policy
 from mpcache.model import KVCache, load_bundled
-from mpcache.model.transformer import cached_attention
 from mpcache.serving.engine import Engine, Request
 from mpcache.serving.paged import PagedKVCache, Sequence, forward, paged_policy
 from mpcache.serving.pool import BlockPool, PoolExhausted
