@@ -97,7 +97,7 @@ def gather_slots(entry: CacheLayer, index: Tensor, count: Tensor) -> CacheLayer:
     """Slots `index` [B, H, K] of `entry` as a new compact layer; only the first `count[b, h]`
     of each row are in use (the rest become invalid padding)."""
     k = index.shape[2]
-    index = index.clamp(min=0, max=max(entry.capacity - 1, 0))
+    index = index.clamp(min=0, max=max(entry.keys.shape[2] - 1, 0))
     in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
     new_len = int(count.max()) if count.numel() else 0
     index, in_use = index[:, :, :new_len], in_use[:, :, :new_len]
