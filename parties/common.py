@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,29 @@ def add_tls_flags(p: Parser) -> None:
     p.add("--tls-cert", default=None, help="this role's certificate file (default: <certs>/<role>.pem)")
     p.add("--tls-key", default=None, help="this role's private key file (default: <certs>/<role>.key)")
     p.add("--insecure", default=False, type=bool, help="plaintext gRPC, no authentication (development only)")
+
+
+class Termination:
+    """SIGTERM as a flag that the role's threads poll: the handler only assigns an attribute, because a handler that
+    takes a lock can deadlock the main thread it interrupts (it may hold that very lock)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def install(self) -> Termination:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+def host_of(address: str) -> str:
+    """'host' of 'host:port' (brackets kept for IPv6)."""
+    return address.rpartition(":")[0]
 
 
 def add_common_flags(p: Parser) -> None:

@@ -2,8 +2,10 @@
 
     mpcache-health --address 127.0.0.1:50702 --role party0 --certs /certs
 
-A party reports SERVING once it has registered with the dealer and joined the other party; the dealer as soon as it
-listens. The check presents the certificate of `--as` (default: the checked role itself, i.e. the container's own).
+A party reports SERVING once it has registered with the dealer and joined the other party, and NOT_SERVING with the
+reason while its link to the other party or the dealer is in trouble; the dealer SERVING as soon as it listens. The
+answer holds nothing else (no session name). The check presents the certificate of `--as` (default: the checked
+role itself, i.e. the container's own).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         channel.close()
     status = pb.HealthResponse.ServingStatus.Name(reply.status)
-    print(f"{args.role} at {args.address}: {status} (session {reply.session or '-'})")
+    print(f"{args.role} at {args.address}: {status}" + (f" ({reply.reason})" if reply.reason else ""))
     return 0 if reply.status == pb.HealthResponse.SERVING else 1
 
 

@@ -154,7 +154,7 @@ class Api(pb_grpc.JobsServicer, pb_grpc.HealthServicer):
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         ok = self.ready and not self.failure
         status = pb.HealthResponse.SERVING if ok else pb.HealthResponse.NOT_SERVING
-        return pb.HealthResponse(status=status, role="party", rank=self.rank, session=self.session)
+        return pb.HealthResponse(status=status, role="party", rank=self.rank, reason=self.failure or "")
 
 
 def serve_api(address: str, api: Api, credentials: grpc.ServerCredentials | None) -> grpc.Server:
@@ -199,15 +199,16 @@ class Party:
         args = self.args
         self.server = serve_api(args.api_listen, self.api, self.creds.server())
         log.info("step=listen client API on %s", args.api_listen)
+        # these import CrypTen (only the parties pay for it): before registering, so that the import cannot hold up
+        # the heartbeats the dealer starts expecting at registration
+        from mpcache.mpc.arith import numerics
+        from mpcache.mpc.dealer import provider
+        from mpcache.mpc.transport import grpc_comm
+
         self.dealer = dealer.DealerClient(args.dealer, args.session, self.rank, self.creds.channel(), args.timeout)
         seed = self.dealer.register(connect_timeout=args.connect_timeout)
         log.info("step=register dealer %s gave this party its seed", args.dealer)
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
-
-        # these import CrypTen: only the parties pay for it
-        from mpcache.mpc.arith import numerics
-        from mpcache.mpc.dealer import provider
-        from mpcache.mpc.transport import grpc_comm
 
         self.crypten = provider.crypten
         comm = grpc_comm.init_party(

@@ -168,7 +168,37 @@ def malicious_object(rank: int, comm, args: dict) -> dict:
     return {"obj": repr(comm.recv_obj(1))}
 
 
+class Custom(torch.nn.Module):
+    """A module class the receiving party registers as safe (as crypten.load_from_party(model_class=...) does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+
+def odd_shapes(rank: int, comm, args: dict) -> dict:
+    """What gloo carries and the wire format once refused: broadcasting (a stride-0 dimension), an expanded
+    tensor, modules CrypTen deems safe (its own allow-list and a registered class), crypten.load_from_party."""
+    out = {}
+    x = crypten.cryptensor(torch.tensor(1.0))
+    out["broadcast_add"] = (x + torch.tensor([2.0])).get_plain_text().tolist()
+    out["all_reduce_expanded"] = comm.all_reduce(torch.tensor(5).expand(1)).tolist()
+    out["all_reduce_expanded_2d"] = comm.all_reduce(torch.arange(3).reshape(3, 1).expand(3, 4)).tolist()
+    lin = comm.broadcast_obj(torch.nn.Linear(2, 2) if rank == 0 else None, 0)
+    out["linear"] = [type(lin).__name__, type(lin.weight).__name__, list(lin.weight.shape)]
+    crypten.common.serial.register_safe_class(Custom)
+    custom = comm.broadcast_obj(Custom() if rank == 0 else None, 0)
+    out["custom"] = [type(custom).__name__, list(custom.lin.weight.shape)]
+    path = Path(args["out"]).parent / "weights.pt"
+    if rank == 0:
+        torch.save(torch.arange(4.0), path)
+    loaded = crypten.load_from_party(str(path) if rank == 0 else None, src=0)
+    out["load_from_party"] = loaded.get_plain_text().tolist()
+    return out
+
+
 SCENARIOS = {
+    "odd_shapes": odd_shapes,
     "crypten_program": crypten_program,
     "collectives": collectives,
     "wait_for_peer_failure": wait_for_peer_failure,

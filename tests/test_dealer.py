@@ -200,10 +200,13 @@ def certs(tmp_path):
     return tmp_path / "certs"
 
 
-def _start(require_roles, credentials, party_timeout=30.0):
+def _start(require_roles, credentials, party_timeout=30.0, sessions=None):
     ended = []
     service = dealer.DealerService(
-        require_roles=require_roles, party_timeout=party_timeout, on_session_end=lambda n, e: ended.append((n, e))
+        require_roles=require_roles,
+        party_timeout=party_timeout,
+        on_session_end=lambda n, e: ended.append((n, e)),
+        sessions=sessions,
     )
     server, port = dealer.serve("127.0.0.1:0", service, credentials)
     return service, server, port, ended
@@ -244,7 +247,7 @@ def test_service_serves_party0_corrections_and_nothing_to_party1():
         # Party 1 got its Register reply (a seed) and no tuple payload at all.
         assert r1.bytes_served == c1.bytes_received == pb.RegisterResponse(seed=s1, dealer_id="dealer").ByteSize()
         payload = sum(8 * torch.Size(s.derived_shape()).numel() for s in SPECS)
-        assert r1.bytes_served < 32 and r0.bytes_served > payload
+        assert r1.bytes_served < 64 and r0.bytes_served > payload  # a 32-byte seed and the dealer's name
         assert ended == [("sess", "")]
         again = dealer.DealerClient(f"127.0.0.1:{port}", "sess", 0, None, timeout=10)
         with pytest.raises(dealer.DealerUnavailable, match="never reused"):
@@ -263,7 +266,7 @@ def test_mutual_tls_roles_are_enforced(certs):
         def client(role, rank):
             return dealer.DealerClient(addr, "s", rank, tls.channel_credentials(tls.TlsFiles.in_dir(certs, role)), 5)
 
-        assert isinstance(client("party0", 0).register(), int)
+        assert len(client("party0", 0).register()) == 32
         with pytest.raises(dealer.DealerUnavailable, match="PERMISSION_DENIED.*party1.*party 0"):
             client("party1", 0).register()  # party 1's certificate cannot fetch party 0's seed
         with pytest.raises(dealer.DealerUnavailable, match="not reachable"):
@@ -285,6 +288,114 @@ def test_silent_party_aborts_the_session_and_the_other_party_hears_why():
             time.sleep(0.1)
         assert ended and "party 1 silent" in ended[0][1]
         assert "party 1 silent" in c0.heartbeat()
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_seeds_are_256_bits_handed_out_once_per_session_and_rank():
+    """Issue #13, item 4: a second Register of a rank is refused and the seed is never sent again."""
+    service, server, port, ended = _start(False, None)
+    try:
+        address = f"127.0.0.1:{port}"
+        c0, c1 = (dealer.DealerClient(address, "live", r, None, timeout=5) for r in (0, 1))
+        s0, s1 = c0.register(), c1.register()
+        assert len(s0) == len(s1) == 32 and s0 != s1
+        for rank in (0, 1):
+            with pytest.raises(dealer.DealerUnavailable, match=f"ALREADY_EXISTS: party {rank} already registered"):
+                dealer.DealerClient(address, "live", rank, None, timeout=5).register()
+        assert c0.heartbeat() == c1.heartbeat() == ""  # the live session is untouched
+        served = [p for p in service.sessions["live"].bytes_to.values()]
+        assert served == [c0.bytes_received, c1.bytes_received]  # nothing more went to either rank
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_unknown_sessions_are_refused_without_side_effects():
+    """Issue #13, item 3: with an allow-list, a stray session name creates nothing; every RPC says what it serves."""
+    service, server, port, ended = _start(False, None, sessions=["live"])
+    try:
+        address = f"127.0.0.1:{port}"
+        ghost = dealer.DealerClient(address, "ghost", 0, None, timeout=5)
+        with pytest.raises(dealer.DealerUnavailable, match=r"does not serve session 'ghost'.*\['live'\].*--session"):
+            ghost.register()
+        with pytest.raises(dealer.DealerUnavailable, match="NOT_FOUND|does not know session 'ghost'"):
+            ghost.heartbeat()
+        with pytest.raises(dealer.DealerUnavailable, match="does not know session 'ghost'"):
+            ghost.get_tuples(0, [SPECS[0]])
+        with pytest.raises(dealer.DealerUnavailable, match="does not know session 'ghost'"):
+            ghost.close()
+        assert service.sessions == {} and ended == []
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_one_sessions_abort_or_expiry_leaves_the_others_alone():
+    """Issue #13, item 3: any session name accepted; a half-joined one expires unnoticed by the callback, an aborted
+    one ends alone, the healthy one keeps serving tuples."""
+    service, server, port, ended = _start(False, None, party_timeout=0.6)
+    try:
+        address = f"127.0.0.1:{port}"
+        live = [dealer.DealerClient(address, "live", r, None, timeout=5) for r in (0, 1)]
+        doomed = [dealer.DealerClient(address, "doomed", r, None, timeout=5) for r in (0, 1)]
+        seeds = [c.register() for c in live]
+        for c in doomed:
+            c.register()
+        dealer.DealerClient(address, "ghost", 1, None, timeout=5).register()  # party 0 never comes
+        doomed[1].close(error="boom")
+        p0 = DealerSession("live", 0, seeds[0], live[0].get_tuples)
+        p1 = DealerSession("live", 1, seeds[1])
+        deadline = time.monotonic() + 10
+        while len(ended) < 2 and time.monotonic() < deadline:  # doomed: aborted by party 1; then silent party 0
+            for c in live:
+                assert c.heartbeat() == ""
+            _check_tuple(SPECS[0], p0.next(SPECS[0]), p1.next(SPECS[0]))
+            time.sleep(0.1)
+        assert ended == [("doomed", "party 1 failed: boom")]  # the ghost expired without a session end
+        assert service.sessions["ghost"].aborted and "party 0 never registered" in service.sessions["ghost"].aborted
+        for c in live:
+            assert c.heartbeat() == ""
+        _check_tuple(SPECS[1], p0.next(SPECS[1]), p1.next(SPECS[1]))
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_tuple_numbers_can_be_skipped_but_never_served_twice():
+    service, server, port, ended = _start(False, None)
+    try:
+        c0, c1 = (dealer.DealerClient(f"127.0.0.1:{port}", "s", r, None, timeout=5) for r in (0, 1))
+        keys = [tuples.party_key(seed, "s", r) for r, seed in enumerate((c0.register(), c1.register()))]
+        c0.get_tuples(0, SPECS[:2])
+        (c,) = c0.get_tuples(7, [SPECS[0]])  # a failed job left 2..6 unused: skipped, never served
+        assert torch.equal(c, tuples.correction(keys, 7, SPECS[0]))
+        for stale in (0, 5, 7):
+            with pytest.raises(dealer.DealerUnavailable, match="out of step.*never served twice"):
+                c0.get_tuples(stale, [SPECS[0]])
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_client_errors_say_refused_timeout_or_wrong_session():
+    """Issue #13, item 8: a refused connection, a silent dealer and a wrong session are three different lines."""
+    with socket.socket() as silent:  # accepts TCP connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(dealer.DealerUnavailable, match="did not answer Heartbeat within 1 s .*--timeout"):
+            dealer.DealerClient(f"127.0.0.1:{port}", "s", 0, None, timeout=1).heartbeat()
+    closed = dealer.DealerClient(f"127.0.0.1:{port}", "s", 0, None, timeout=1)  # nothing listens there now
+    with pytest.raises(dealer.DealerUnavailable, match="refused the connection for GetTuples.*--dealer"):
+        closed.get_tuples(0, [SPECS[0]])
+    with pytest.raises(dealer.DealerUnavailable, match="refused the connection for Register.*--dealer"):
+        closed.register(connect_timeout=0.5)
+    service, server, port, _ = _start(False, None, sessions=["demo"])
+    try:
+        with pytest.raises(dealer.DealerUnavailable, match="does not serve session 'demo2'.*same --session"):
+            dealer.DealerClient(f"127.0.0.1:{port}", "demo2", 1, None, timeout=5).register()
     finally:
         server.stop(None)
         service.stop()
@@ -409,7 +520,7 @@ def test_crypten_products_with_dealer_tuples_are_correct():
     assert r0["consumed"] == r1["consumed"] > 10
     assert r0["batched_fetches"] == [2]  # the two traced triples came in one GetTuples call
     assert r1["fetch_calls"] == 0
-    assert r1["closed"][0] < 32  # party 1 received a seed, never a tuple
+    assert r1["closed"][0] < 64  # party 1 received a 32-byte seed, never a tuple
     assert ended == [("prod", "")]
 
 

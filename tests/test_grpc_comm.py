@@ -185,6 +185,29 @@ def test_dead_or_stalled_peer_is_named_within_timeout(tmp_path, how):
         assert waited < timeout_s + 3, waited
 
 
+def test_strided_tensors_and_crypten_safe_classes_cross_like_gloo(tmp_path):
+    """Issue #13, item 9: broadcasting and expanded tensors serialise; modules CrypTen accepts cross; both parties
+    get what gloo would give."""
+    results = no_errors(collect(launch("odd_shapes", 2, tmp_path), "odd_shapes", tmp_path))
+    for out in results:
+        assert out["broadcast_add"] == [3.0]
+        assert out["all_reduce_expanded"] == [10] and out["all_reduce_expanded_2d"] == [[0] * 4, [2] * 4, [4] * 4]
+        assert out["linear"] == ["Linear", "Parameter", [2, 2]] and out["custom"] == ["Custom", [2, 3]]
+        assert out["load_from_party"] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_close_ends_at_once_when_the_peer_disappears_while_closing():
+    """Issue #13, item 9: rank 0 closes (it waits for rank 1's close, up to timeout_s = 20 s); rank 1 vanishes."""
+    comms = make_parties(2, timeout_s=20.0)
+    closer = threading.Thread(target=comms[0].close)
+    t0 = time.monotonic()
+    closer.start()
+    time.sleep(0.3)
+    comms[1]._stop(grace=0)  # gone without its close
+    closer.join(25)
+    assert not closer.is_alive() and time.monotonic() - t0 < 5.0
+
+
 def test_wrong_dtype_is_refused_by_both_parties(tmp_path):
     results = collect(launch("wrong_dtype", 2, tmp_path, timeout_s=10.0), "wrong_dtype", tmp_path)
     for out in results:
@@ -279,19 +302,37 @@ def test_wrong_session_message_is_rejected_and_harmless(pair):
     assert [t.tolist() for t in run_all(pair, lambda c: c.all_reduce(x))] == [[2, 4, 6]] * 2
 
 
+def test_a_second_stream_claiming_a_connected_rank_is_refused_and_harmless(pair):
+    """A stray process with rank 1's identity (or an attacker, without TLS) cannot take the session over."""
+    opening = pb.PeerMessage(session="s", src=1, seq=0, op=pb.OP_OPEN)
+    error = raw_stream(pair[0].config.peers[0], [opening, tensor_msg("s", 1, 1)])
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "already connected to rank 1" in error.details()
+    error = raw_stream(pair[0].config.peers[0], [tensor_msg("s", 1, 5)])  # no OP_OPEN either: refused first
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "did not start with OP_OPEN" in error.details()
+    x = torch.tensor([1, 2, 3])
+    assert [t.tolist() for t in run_all(pair, lambda c: c.all_reduce(x))] == [[2, 4, 6]] * 2
+
+
+def _inject(comm: GrpcCommunicator, dst: int, msg: pb.PeerMessage, skip: int = 0) -> None:
+    """Put a raw message on comm's real stream to dst (`skip` seq numbers left out): a broken peer."""
+    link = comm._links[dst]
+    link.seq += skip
+    link.put(msg, comm.config.max_message_bytes)
+
+
 def test_out_of_order_message_is_rejected_and_fails_the_session(pair):
-    error = raw_stream(pair[0].config.peers[0], [tensor_msg("s", 1, 5)])
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "out of order, expected seq 0" in error.details()
+    _inject(pair[1], 0, tensor_msg("s", 1, 0), skip=4)
     results = run_all(pair, lambda c: c.all_reduce(torch.ones(2, dtype=torch.long)))
-    assert isinstance(results[0], ProtocolError) and "seq 5" in str(results[0])
-    assert isinstance(results[1], PeerAbortedError) and "rank 0 aborted" in str(results[1])  # told, not timed out
+    assert isinstance(results[0], ProtocolError) and "out of order, expected seq 1" in str(results[0])
+    assert isinstance(results[1], ProtocolError | PeerAbortedError), results[1]  # told, not timed out
+    assert "out of order" in str(results[1])
 
 
 def test_malformed_tensor_is_rejected(pair):
-    error = raw_stream(pair[0].config.peers[0], [tensor_msg("s", 1, 0, payload=b"\x00" * 5)])
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "payload is 5 bytes" in error.details() and "needs 24" in error.details()
+    _inject(pair[1], 0, tensor_msg("s", 1, 0, payload=b"\x00" * 5))
+    results = run_all(pair, lambda c: c.all_reduce(torch.ones(2, dtype=torch.long)))
+    assert isinstance(results[0], ProtocolError), results[0]
+    assert "payload is 5 bytes" in str(results[0]) and "needs 24" in str(results[0])
 
 
 def test_unparseable_bytes_are_rejected_and_harmless(pair):
@@ -365,7 +406,8 @@ def test_link_emulation_adds_the_modelled_delay():
 def test_health_reports_the_party(pair):
     with grpc.insecure_channel(pair[1].config.peers[1]) as channel:
         reply = pb_grpc.HealthStub(channel).Check(pb.HealthRequest(), timeout=5)
-    assert (reply.status, reply.role, reply.rank, reply.session) == (pb.HealthResponse.SERVING, "party", 1, "s")
+    assert (reply.status, reply.role, reply.rank, reply.reason) == (pb.HealthResponse.SERVING, "party", 1, "")
+    assert "session" not in pb.HealthResponse.DESCRIPTOR.fields_by_name  # a health check says nothing else
 
 
 def test_bad_arguments_raise_clear_errors(pair):
@@ -407,6 +449,22 @@ def test_tensor_round_trip_every_dtype(dtype):
     scalar = wire.tensor_from_proto(wire.tensor_to_proto(t[0, 0]))
     assert scalar.shape == () and scalar == t[0, 0]
     assert wire.tensor_from_proto(wire.tensor_to_proto(torch.empty(0, 4, dtype=dtype))).shape == (0, 4)
+
+
+def test_any_strided_tensor_serialises():
+    base = torch.arange(24, dtype=torch.long)
+    cases = [
+        torch.tensor(5).expand(1),  # stride 0 on a size-1 dimension ("contiguous", yet not viewable as bytes)
+        torch.tensor([7]).expand(3, 1).t(),
+        base[:1].as_strided((1, 1), (5, 3)),  # odd strides on size-1 dimensions
+        base.reshape(4, 6)[:, ::2],  # non-contiguous
+        base.reshape(2, 3, 4).permute(2, 0, 1),
+        torch.zeros(2, 1, dtype=torch.bool).expand(2, 5),
+        base.to(torch.bfloat16).reshape(6, 4)[1:2, :1].expand(3, 2),
+    ]
+    for t in cases:
+        back = wire.tensor_from_proto(pb.Tensor.FromString(wire.tensor_to_proto(t).SerializeToString()))
+        assert back.shape == t.shape and back.dtype == t.dtype and torch.equal(back, t), t
 
 
 def test_tensor_int64_extremes_survive():
@@ -473,6 +531,28 @@ class _Plain:
 def test_restricted_pickle_refuses_code(payload, needle):
     with pytest.raises(wire.UnsafePickleError, match=needle):
         wire.loads(payload)
+
+
+def test_restricted_pickle_honours_cryptens_safe_classes_only():
+    crypten = pytest.importorskip("crypten")
+    lin = wire.loads(wire.dumps(torch.nn.Linear(3, 2)))  # on CrypTen's own allow-list
+    assert isinstance(lin, torch.nn.Linear) and isinstance(lin.weight, torch.nn.Parameter)
+
+    class Unregistered(torch.nn.Module):
+        pass
+
+    globals()["Unregistered"] = Unregistered  # picklable by reference, still not safe
+    Unregistered.__qualname__ = "Unregistered"
+    with pytest.raises(wire.UnsafePickleError, match="Unregistered"):
+        wire.loads(wire.dumps(Unregistered()))
+    crypten.common.serial.register_safe_class(Unregistered)
+    assert type(wire.loads(wire.dumps(Unregistered()))) is Unregistered
+    hooked = torch.nn.Linear(1, 1)
+    hooked._forward_hooks[0] = torch.nn.Linear  # a class as a "hook": refused like CrypTen refuses hooks
+    with pytest.raises(wire.UnsafePickleError, match="hooks"):
+        wire.loads(wire.dumps(hooked))
+    with pytest.raises(wire.UnsafePickleError, match="LongStorage"):  # CrypTen lists storages; never here
+        wire.loads(pickle.dumps(torch.LongStorage))
 
 
 def test_restricted_pickle_refuses_garbage():

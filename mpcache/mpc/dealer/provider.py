@@ -40,7 +40,7 @@ class DealerSession:
     any equivalent function in tests. Ranks >= 1 need no fetch: everything they use comes from their seed.
     """
 
-    def __init__(self, session: str, rank: int, seed: int, fetch=None) -> None:
+    def __init__(self, session: str, rank: int, seed: bytes | int, fetch=None) -> None:
         if rank not in range(tuples.WORLD_SIZE):
             raise ValueError(f"rank {rank} is not a computing party")
         if rank == 0 and fetch is None:

@@ -3,11 +3,17 @@
 Why a dealer: CrypTen's default "trusted first party" lets party 0 generate every triple, so party 0 knows all
 masks and could unmask party 1's data. Here a third process, trusted to not collude, makes them instead.
 
-`Register` gives each party a fresh random seed for the session; the parties expand their seeds locally and the
-dealer replays the streams to send party 0 only its correction shares (mpcache/mpc/dealer/tuples.py: the seed
-scheme and the tuple math). Party 1 talks to the dealer only to register, heartbeat and close. The dealer serves
-every tuple index once, in order (`request_id` must equal the number of tuples already served), so a replayed or
-out-of-step request is refused instead of reusing a mask.
+`Register` gives each party a fresh random 256-bit seed for the session, once; the parties expand their seeds
+locally and the dealer replays the streams to send party 0 only its correction shares (mpcache/mpc/dealer/tuples.py:
+the seed scheme and the tuple math). Party 1 talks to the dealer only to register, heartbeat and close. The dealer
+serves every tuple index at most once, in increasing order (a request below the tuples already served is refused,
+so a replayed request never reuses a mask; numbers a failed job skipped are never served).
+
+Sessions are isolated: one session's abort ends that session only (never the dealer or another session), a second
+registration of a rank is refused (its seed is never sent twice), and a request for a session the dealer does not
+serve is refused without creating anything. With `sessions` (an allow-list, e.g. from the dealer's --session) only
+those names can be registered; without it, a first registration opens a session, and one that is not joined by
+every party within `party_timeout` expires.
 
 This module holds the gRPC service and its client; the CrypTen side (a TupleProvider) is
 mpcache/mpc/dealer/provider.py.
@@ -29,6 +35,7 @@ import torch
 from mpcache.mpc.arith.ring import check_mask_block
 from mpcache.mpc.dealer.tuples import (
     FIXED_OPS,
+    SEED_BYTES,
     WORLD_SIZE,
     Spec,
     correction,
@@ -45,6 +52,9 @@ log = logging.getLogger("mpcache.dealer")
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 256 << 20
+MAX_SESSION_NAME = 256
+MAX_OPEN_SESSIONS = 64  # sessions not yet joined by every party (bounds what stray registrations can hold)
+MAX_ENDED_SESSIONS = 4096  # ended sessions remembered, so their names are never reused
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -59,7 +69,7 @@ GRPC_OPTIONS = [
 @dataclass
 class _Session:
     name: str
-    seeds: list[int]
+    seeds: list[bytes]
     keys: list[bytes]
     created: float
     registered: set[int] = field(default_factory=set)
@@ -93,13 +103,20 @@ class _Session:
     def done(self) -> bool:
         return bool(self.aborted) or len(self.closed) == WORLD_SIZE
 
+    @property
+    def established(self) -> bool:
+        """Every party registered: a real session (a half-joined one is only a stray registration so far)."""
+        return len(self.registered) == WORLD_SIZE
+
 
 class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_grpc.HealthServicer):
     """Serves seeds and party-0 corrections; watches party liveness per session.
 
     `require_roles`: with mutual TLS, the caller's certificate must name the party rank it claims (party0/party1),
     so party 1 cannot fetch party 0's seed or corrections. `party_timeout`: a registered party silent for longer
-    aborts its session. `on_session_end(name, error)` is called once per session (error "" = clean close).
+    aborts its session. `on_session_end(name, error)` is called once per established session (every party
+    registered; error "" = clean close); a session that was never joined by every party just expires.
+    `sessions`: the only session names this dealer serves (None: any).
     """
 
     def __init__(
@@ -110,8 +127,10 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
         on_session_end: Callable[[str, str], None] | None = None,
         dealer_id: str = "dealer",
         mask_cache_bytes: int = 1 << 30,
+        sessions: Sequence[str] | None = None,
     ) -> None:
         self.require_roles = require_roles
+        self.allowed = None if sessions is None else frozenset(sessions)
         self.mask_cache_bytes = mask_cache_bytes
         self.party_timeout = party_timeout
         self.on_session_end = on_session_end
@@ -124,6 +143,19 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
 
     def stop(self) -> None:
         self._stop.set()
+
+    def shut_down(self, reason: str) -> list[str]:
+        """Abort every live session with `reason` (their parties hear it on their next heartbeat); returns their
+        names. The dealer's graceful stop (SIGTERM)."""
+        with self._lock:
+            live = [s for s in self.sessions.values() if not s.done]
+        for s in live:
+            with s.lock:
+                if s.done:
+                    continue
+                s.aborted = reason
+            self._end(s, reason)
+        return [s.name for s in live]
 
     def settle(self, name: str, timeout: float) -> None:
         """After a session ended, wait (at most `timeout` s) until every party that is still alive has closed, so
@@ -151,11 +183,21 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             if role != f"party{rank}":
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate of {role!r} may not act as party {rank}")
 
-    def _session(self, context: grpc.ServicerContext, name: str, rank: int) -> _Session:
+    def _known(self, context: grpc.ServicerContext, name: str) -> _Session:
+        """The session `name`, or NOT_FOUND (nothing is created)."""
         with self._lock:
             s = self.sessions.get(name)
         if s is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {name!r}; Register first")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"dealer does not know session {name!r}{self._serves()}")
+        return s
+
+    def _serves(self) -> str:
+        if self.allowed is None:
+            return "; Register first"
+        return f"; it serves {sorted(self.allowed)}"
+
+    def _session(self, context: grpc.ServicerContext, name: str, rank: int) -> _Session:
+        s = self._known(context, name)
         if rank not in s.registered:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"party {rank} has not registered in session {name!r}")
         if s.aborted:
@@ -166,11 +208,21 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
         return s
 
     def _end(self, s: _Session, error: str) -> None:
-        if error and not s.aborted:
-            s.aborted = error
-            log.error("step=abort session %s aborted: %s", s.name, error)
-        if self.on_session_end is not None:
+        if error:
+            s.aborted = s.aborted or error
+            log.error("step=abort session %s aborted: %s", s.name, s.aborted)
+        self._forget_ended()
+        if not s.established:  # a stray or half-started session: nobody waits for it
+            log.warning("step=expire session %s: not joined by every party (%s)", s.name, error or "closed")
+        elif self.on_session_end is not None:
             self.on_session_end(s.name, error)
+
+    def _forget_ended(self) -> None:
+        """Keep at most MAX_ENDED_SESSIONS ended sessions (their names stay refused while remembered)."""
+        with self._lock:
+            ended = [n for n, s in self.sessions.items() if s.done]
+            for name in ended[: max(0, len(ended) - MAX_ENDED_SESSIONS)]:
+                del self.sessions[name]
 
     # --- Dealer ---
 
@@ -183,12 +235,23 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {request.protocol_version}; this dealer speaks {PROTOCOL_VERSION}",
             )
-        if not request.session:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty session id")
+        if not 0 < len(request.session) <= MAX_SESSION_NAME:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session id must be 1..{MAX_SESSION_NAME} characters")
+        if self.allowed is not None and request.session not in self.allowed:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"dealer does not serve session {request.session!r}{self._serves()}: start every role with the "
+                "same --session",
+            )
         with self._lock:
             s = self.sessions.get(request.session)
             if s is None:
-                seeds = [secrets.randbits(64) for _ in range(WORLD_SIZE)]
+                if sum(not x.done and not x.established for x in self.sessions.values()) >= MAX_OPEN_SESSIONS:
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{MAX_OPEN_SESSIONS} sessions are waiting for their parties; try again later",
+                    )
+                seeds = [secrets.token_bytes(SEED_BYTES) for _ in range(WORLD_SIZE)]
                 keys = [party_key(seed, request.session, r) for r, seed in enumerate(seeds)]
                 s = self.sessions[request.session] = _Session(request.session, seeds, keys, time.monotonic())
         with s.lock:
@@ -197,6 +260,12 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"session {request.session!r} is over ({s.aborted or 'closed'}); tuples are never reused, "
                     "start a new session id",
+                )
+            if request.rank in s.registered:
+                context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"party {request.rank} already registered in session {request.session!r}: a seed is handed out "
+                    "once (is another process running with this rank and session?)",
                 )
             s.registered.add(request.rank)
             s.last_seen[request.rank] = time.monotonic()
@@ -227,13 +296,14 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         with s.lock:
-            if request.request_id != s.served:
+            if request.request_id < s.served:
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"party 0 is out of step: it consumed {request.request_id} tuples, the dealer served {s.served}",
+                    f"party 0 is out of step: it asked for tuple {request.request_id}, the dealer served up to "
+                    f"{s.served}; tuples are never served twice",
                 )
             out = []
-            index = s.served
+            index = request.request_id
             masks = dict(s.masks)
             for spec, count in specs:
                 for _ in range(count):
@@ -262,10 +332,11 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         self._caller(context, request.rank)
-        with self._lock:
-            s = self.sessions.get(request.session)
-        if s is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session!r}")
+        s = self._known(context, request.session)
+        if request.rank not in s.registered:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"party {request.rank} is not registered in {request.session!r}"
+            )
         if s.aborted:
             return pb.HeartbeatResponse(aborted=True, reason=s.aborted)
         s.last_seen[request.rank] = time.monotonic()
@@ -273,10 +344,11 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
 
     def Close(self, request: pb.CloseRequest, context: grpc.ServicerContext) -> pb.CloseResponse:
         self._caller(context, request.rank)
-        with self._lock:
-            s = self.sessions.get(request.session)
-        if s is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session!r}")
+        s = self._known(context, request.session)
+        if request.rank not in s.registered:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"party {request.rank} is not registered in {request.session!r}"
+            )
         with s.lock:
             was_done = s.done
             s.closed.add(request.rank)
@@ -301,9 +373,9 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
     # --- Health ---
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
-        with self._lock:
-            live = [n for n, s in self.sessions.items() if not s.done]
-        return pb.HealthResponse(status=pb.HealthResponse.SERVING, role="dealer", session=",".join(live))
+        if self._stop.is_set():
+            return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING, role="dealer", reason="stopping")
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING, role="dealer")
 
     # --- liveness ---
 
@@ -323,7 +395,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
                     ]
                     # A session where only one party ever showed up is stuck too: name the missing one.
                     missing = [r for r in range(WORLD_SIZE) if r not in s.registered]
-                    if not silent and missing and now - s.created > self.party_timeout:
+                    if missing and now - s.created > self.party_timeout:
                         silent = [(r, now - s.created) for r in missing]
                     if not silent:
                         continue
@@ -368,7 +440,12 @@ def serve(
 
 
 class DealerUnavailable(RuntimeError):
-    """The dealer could not be reached or did not answer in time; the message names it and the call."""
+    """The dealer could not be reached, did not answer in time or refused a call; the message names the dealer, the
+    call, what happened (connection refused, timeout, unknown session, ...) and what to check."""
+
+
+def _connection_refused(details: str) -> bool:
+    return "refused" in details.lower() or "failed to connect" in details.lower()
 
 
 class DealerClient:
@@ -399,26 +476,45 @@ class DealerClient:
         try:
             return fn(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
-            code = e.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise DealerUnavailable(
-                    f"dealer at {self.address} did not answer {what} within {timeout or self.timeout:g} s "
-                    f"({code.name}: {e.details()})"
-                ) from None
-            raise DealerUnavailable(f"dealer at {self.address} refused {what}: {code.name}: {e.details()}") from None
+            raise self._error(what, e, timeout or self.timeout) from None
 
-    def register(self, connect_timeout: float | None = None) -> int:
+    def _error(self, what: str, e: grpc.RpcError, timeout: float) -> DealerUnavailable:
+        """One line that says what happened and what to check."""
+        code, details = e.code(), e.details() or ""
+        where = f"dealer at {self.address}"
+        if code == grpc.StatusCode.UNAVAILABLE and _connection_refused(details):
+            return DealerUnavailable(
+                f"{where} refused the connection for {what} (is the dealer running and listening there? check "
+                f"--dealer)"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return DealerUnavailable(f"{where} is unavailable for {what}: {details} (check --dealer and TLS files)")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DealerUnavailable(
+                f"{where} did not answer {what} within {timeout:g} s (stalled or overloaded; --timeout sets the wait)"
+            )
+        if code == grpc.StatusCode.NOT_FOUND:
+            return DealerUnavailable(f"{where} refused {what} for session {self.session!r}: {details}")
+        return DealerUnavailable(f"{where} refused {what}: {code.name}: {details}")
+
+    def register(self, connect_timeout: float | None = None) -> bytes:
         """Wait for the dealer (it may start after us), register and return this party's seed."""
         wait = connect_timeout if connect_timeout is not None else self.timeout
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=wait)
-        except grpc.FutureTimeoutError:
-            raise DealerUnavailable(f"dealer at {self.address} not reachable within {wait:g} s") from None
         request = pb.RegisterRequest(
             session=self.session, rank=self.rank, world_size=WORLD_SIZE, protocol_version=PROTOCOL_VERSION
         )
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=wait)
+        except grpc.FutureTimeoutError:
+            try:  # one harmless call, for the reason (connection refused, TLS, ...)
+                pb_grpc.HealthStub(self.channel).Check(pb.HealthRequest(), timeout=1.0)
+            except grpc.RpcError as e:
+                error = self._error("Register", e, 1.0)
+                raise DealerUnavailable(f"{error}; still not reachable after {wait:g} s") from None
         reply = self._call("Register", self.stub.Register, request)
         self.bytes_received += reply.ByteSize()
+        if len(reply.seed) < 16:
+            raise DealerUnavailable(f"dealer at {self.address} sent a {len(reply.seed)}-byte seed; at least 16 needed")
         return reply.seed
 
     def get_tuples(self, request_id: int, specs: Sequence[Spec]) -> list[torch.Tensor]:

@@ -1,9 +1,9 @@
 """Tuple specs and seeds: the dealer's math, shared by the dealer service and the parties' tuple provider.
 
 Seed scheme (the wire format and draw order are specified in protos/mpcache.proto, "Party <-> dealer"):
-* `Register` gives party i a fresh random seed s_i for the session. Party i expands it locally with a keyed
-  stream cipher (AES-256-CTR, key = SHA-256 of domain, session, rank and s_i: `party_key`), one counter block per
-  (tuple index, part) (`stream`), so a tuple's shares are a pure function of (seed, index, spec).
+* `Register` gives party i a fresh random 256-bit seed s_i for the session (once). Party i expands it locally with
+  a keyed stream cipher (AES-256-CTR, key = SHA-256 of domain, session, rank and s_i: `party_key`), one counter
+  block per (tuple index, part) (`stream`), so a tuple's shares are a pure function of (seed, index, spec).
 * For every tuple each party draws its own shares of the random inputs (a, b / r / rB: `random_shares`); parties
   >= 1 also draw their share of the derived value (c = op(a, b), r^2, wraps, the arithmetic bit: `derived_share`).
   The dealer replays all parties' streams, computes the derived value in the clear (`derived_value`) and sends
@@ -238,9 +238,19 @@ def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
 _CONV_FIELDS = ("stride", "padding", "dilation", "groups", "output_padding")
 
 
-def party_key(seed: int, session: str, rank: int) -> bytes:
-    """AES-256 key of party `rank`'s stream; the 64-bit seed is its only secret input."""
-    return hashlib.sha256(b"mpcache-dealer-v1\0" + session.encode() + b"\0" + struct.pack(">iQ", rank, seed)).digest()
+SEED_BYTES = 32  # what the dealer hands out per (session, rank); at least 16 bytes are required
+
+
+def party_key(seed: bytes | int, session: str, rank: int) -> bytes:
+    """AES-256 key of party `rank`'s stream; the seed (SEED_BYTES random bytes from the dealer) is its only secret
+    input. An int seed (tests' fixed seeds) stands for its SEED_BYTES-byte big-endian encoding."""
+    if isinstance(seed, int):
+        seed = seed.to_bytes(SEED_BYTES, "big")
+    if not isinstance(seed, bytes) or len(seed) < 16:
+        got = f"{len(seed)} bytes" if isinstance(seed, bytes) else repr(seed)
+        raise ValueError(f"a dealer seed must be at least 16 bytes, got {got}")
+    material = session.encode() + b"\0" + struct.pack(">i", rank) + seed
+    return hashlib.sha256(b"mpcache-dealer-v2\0" + material).digest()
 
 
 def stream(key: bytes, index: int, part: int, shape: Sequence[int], bits: int = 64) -> torch.Tensor:

@@ -7,6 +7,9 @@ the same sequence of communicator calls), so every collective is built from poin
 message (one round, one message per peer).
 
 Matching and failure rules (the reason this module exists rather than a bare socket):
+* A party is connected to another once both directions are up: its handshake (`Hello`) reached the peer and the
+  peer's stream arrived here (its first message, OP_OPEN, binds the stream to the peer's rank). A second stream
+  claiming a connected rank is refused (ALREADY_EXISTS) and the session goes on.
 * Each message carries (session, seq, op). The receiving server rejects a foreign session, a gap or a repeat in
   seq, a malformed tensor and (via gRPC) an oversized message; the sender sees the rejection as an error.
   Protocol violations by a known peer are fatal at the receiver too, so neither side hangs.
@@ -87,6 +90,7 @@ _REJECTION_CODES = (
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ALREADY_EXISTS,  # our stream arrived second: another process holds our rank there
 )
 _TTP_UNSUPPORTED = (
     "CrypTen's TTP provider talks to torch.distributed directly (TTPClient._setup_generators) and cannot run over "
@@ -216,6 +220,7 @@ class _Inbox:
 
     next_seq: int = 0
     messages: collections.deque = field(default_factory=collections.deque)  # (msg, tensors, deliver_at)
+    bound: bool = False  # the source's stream arrived (its OP_OPEN); later streams claiming the source are refused
     closed: bool = False  # the source sent OP_CLOSE: it shut down cleanly
     lost: str | None = None  # why the source is gone, if it did not close cleanly
     link_free_at: float = 0.0  # link emulation: when the previous message finished "transmitting"
@@ -241,9 +246,10 @@ class _Link:
         self.ended = False  # request stream ended (OP_CLOSE + sentinel queued)
         self.done = threading.Event()  # reply stream finished, with or without error
 
-    def open(self, on_error) -> None:
+    def open(self, on_error, session: str, src: int, max_bytes: int) -> None:
         replies = self.stub.Exchange(iter(self.outbox.get, None))
         self.opened = True
+        self.put(pb.PeerMessage(session=session, src=src, op=pb.OP_OPEN), max_bytes)  # binds the stream there
         threading.Thread(target=self._drain, args=(replies, on_error), name=f"mpc-link-{self.dst}", daemon=True).start()
 
     def _drain(self, replies, on_error) -> None:
@@ -410,7 +416,21 @@ class GrpcCommunicator(Communicator):
                     f"check the peers list"
                 )
         for link in self._links.values():
-            link.open(self._on_link_error)
+            link.open(self._on_link_error, cfg.session, self.rank, cfg.max_message_bytes)
+        with self._cv:  # both directions: every peer's stream must reach us too
+            self._cv.wait_for(
+                lambda: self._failure is not None or all(b.bound for b in self._inbox.values()),
+                max(deadline - time.monotonic(), 0.0),
+            )
+            self._raise_failure()
+            missing = [src for src, b in self._inbox.items() if not b.bound]
+        if missing:
+            own = cfg.listen or cfg.peers[self.rank]
+            raise PeerTimeoutError(
+                f"rank {self.rank} reached rank {missing[0]} at {cfg.peers[missing[0]]}, but rank {missing[0]} did not "
+                f"connect back within {cfg.connect_timeout_s:g} s: check that rank {missing[0]}'s peers list names "
+                f"this party's address ({cfg.peers[self.rank]}, listening on {own})"
+            )
 
     def close(self) -> None:
         """Flush and stop. Waits (up to timeout_s) until every peer has closed too, so no in-flight message of
@@ -462,6 +482,30 @@ class GrpcCommunicator(Communicator):
             return f"rank {self.rank} cannot accept a peer claiming rank {hello.rank} (world size {self.world_size})"
         return None
 
+    def _bind(self, msg: pb.PeerMessage) -> tuple[grpc.StatusCode, str] | None:
+        """The first message of an incoming stream: it must open (OP_OPEN, seq 0) a stream from a known rank of
+        this session that has none yet. Refusals are harmless: the session goes on with the stream it has."""
+        me = self.rank
+        if msg.session != self.config.session:
+            reason = f"rank {me} rejected a message for session {msg.session!r}: it serves {self.config.session!r}"
+            return grpc.StatusCode.FAILED_PRECONDITION, reason
+        if msg.src not in self._inbox:
+            return grpc.StatusCode.INVALID_ARGUMENT, f"rank {me} rejected a message from unknown rank {msg.src}"
+        if msg.op != pb.OP_OPEN or msg.seq != 0:
+            reason = f"rank {me} rejected a stream from rank {msg.src} that did not start with OP_OPEN, seq 0"
+            return grpc.StatusCode.INVALID_ARGUMENT, reason
+        with self._cv:
+            inbox = self._inbox[msg.src]
+            if inbox.bound:
+                reason = (
+                    f"rank {me} is already connected to rank {msg.src} in session {self.config.session!r}; a second "
+                    f"process claiming rank {msg.src} is refused"
+                )
+                return grpc.StatusCode.ALREADY_EXISTS, reason
+            inbox.bound, inbox.next_seq = True, 1
+            self._cv.notify_all()
+        return None
+
     def _accept(self, msg: pb.PeerMessage) -> tuple[grpc.StatusCode, str] | None:
         """Validate and file one incoming message; returns (status, reason) if it must be rejected."""
         me = self.rank
@@ -508,7 +552,7 @@ class GrpcCommunicator(Communicator):
     def _incoming_ended(self, src: int, reason: str) -> None:
         with self._cv:
             inbox = self._inbox[src]
-            if not inbox.closed and inbox.lost is None and not self._closing:
+            if not inbox.closed and inbox.lost is None:  # while closing too: close() stops waiting for it at once
                 inbox.lost = reason
             self._cv.notify_all()
 
@@ -519,7 +563,7 @@ class GrpcCommunicator(Communicator):
             return
         with self._cv:
             inbox = self._inbox[link.dst]
-            if not self._closing and not inbox.closed and inbox.lost is None:
+            if not inbox.closed and inbox.lost is None:  # while closing too: close() stops waiting for it at once
                 inbox.lost = f"connection to rank {link.dst} ({link.address}) broke: {error.code().name}"
             self._cv.notify_all()
 
@@ -931,7 +975,12 @@ class _PeerServicer(pb_grpc.PeerServicer):
             for msg in request_iterator:
                 if src is None:
                     self._check_role(msg.src, context)
-                elif msg.src != src:
+                    refusal = self._comm._bind(msg)
+                    if refusal is not None:
+                        context.abort(*refusal)
+                    src, received = msg.src, 1
+                    continue
+                if msg.src != src:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rank {src}'s stream carried rank {msg.src}'s")
                 rejection = self._comm._accept(msg)
                 if rejection is not None:
@@ -950,9 +999,11 @@ class _HealthServicer(pb_grpc.HealthServicer):
 
     def Check(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         comm = self._comm
-        serving = comm._failure is None and not comm._closing and request.service in ("", "mpcache.v1.Peer")
-        status = pb.HealthResponse.SERVING if serving else pb.HealthResponse.NOT_SERVING
-        return pb.HealthResponse(status=status, role="party", rank=comm.rank, session=comm.config.session)
+        reason = str(comm._failure or "") or ("closing" if comm._closing else "")
+        if request.service not in ("", "mpcache.v1.Peer"):
+            reason = f"this server has no service {request.service!r}"
+        status = pb.HealthResponse.NOT_SERVING if reason else pb.HealthResponse.SERVING
+        return pb.HealthResponse(status=status, role="party", rank=comm.rank, reason=reason)
 
 
 def _bind_error(rank: int, address: str) -> OSError:

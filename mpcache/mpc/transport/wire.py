@@ -4,8 +4,11 @@ Two things cross between parties: tensors (shares) and small Python objects (siz
 as dtype + shape + raw little-endian bytes, checked on arrival. Objects use pickle because CrypTen hands the
 communicator arbitrary values for `send_obj`/`broadcast_obj`, but a pickle from the network is code, so
 `loads` only rebuilds an allow-list: builtin containers, numbers, str/bytes, `collections.OrderedDict`,
-`torch.Size`, and tensors/dtypes/devices through pickle's persistent-id hook (dtype + shape + bytes, never
-torch's own reducers, which run `torch.load` machinery). Anything else is refused before it is imported.
+`torch.Size`, tensors/parameters/dtypes/devices through pickle's persistent-id hook (dtype + shape + bytes, never
+torch's own reducers, which run `torch.load` machinery), and the classes CrypTen itself deems safe to receive
+(`crypten.common.serial.register_safe_class`: its allow-list of torch.nn modules plus what a program registers, e.g.
+`crypten.load_from_party(model_class=...)`), classes only, never CrypTen's storage loaders. Anything else is refused
+before it is imported.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in DTYPES:
         raise TypeError(f"dtype {t.dtype} cannot go on the wire; supported: {sorted(_DTYPE_BY_NAME)}")
-    flat = t.detach().cpu().contiguous().reshape(-1)
+    flat = t.detach().cpu().reshape(-1)
+    if flat.stride() != (1,):  # a size-1 dimension may carry any stride (expanded, sliced) and still be "contiguous"
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
     return pb.Tensor(dtype=DTYPES[t.dtype], shape=list(t.shape), payload=flat.view(torch.uint8).numpy().tobytes())
 
 
@@ -105,6 +110,17 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+def _crypten_safe_class(module: str, name: str) -> type | None:
+    """A class CrypTen's own restricted unpickler accepts (its allow-list plus `register_safe_class`), or None.
+    Only classes: CrypTen also lists torch's storage loaders, which this format never needs."""
+    serial = sys.modules.get("crypten.common.serial")  # loaded with CrypTen; without it nothing was registered
+    unpickler = getattr(serial, "RestrictedUnpickler", None)
+    found = getattr(unpickler, "_RestrictedUnpickler__SAFE_CLASSES", {}).get(f"{module}.{name}")
+    if isinstance(found, type) and not issubclass(found, torch.Tensor) and "Storage" not in found.__name__:
+        return found
+    return None
+
+
 class _Pickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Any:
         # Tensors, dtypes and devices leave pickle's normal path, whose reducers name torch internals.
@@ -112,6 +128,8 @@ class _Pickler(pickle.Pickler):
             if type(obj) not in (torch.Tensor, torch.nn.Parameter):
                 raise TypeError(f"cannot send tensor subclass {type(obj).__name__}; send a plain torch.Tensor")
             enc = tensor_to_proto(obj)
+            if type(obj) is torch.nn.Parameter:
+                return ("parameter", enc.dtype, tuple(enc.shape), enc.payload, bool(obj.requires_grad))
             return ("tensor", enc.dtype, tuple(enc.shape), enc.payload)
         if isinstance(obj, torch.dtype):
             return ("dtype", str(obj).removeprefix("torch."))
@@ -122,23 +140,29 @@ class _Pickler(pickle.Pickler):
 
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _SAFE_GLOBALS[(module, name)]
-        except KeyError:
+        found = _SAFE_GLOBALS.get((module, name)) or _crypten_safe_class(module, name)
+        if found is None:
             allowed = ", ".join(f"{m}.{n}" for m, n in _SAFE_GLOBALS)
             raise UnsafePickleError(
                 f"refusing to unpickle {module}.{name}: objects from the network may only contain builtin "
-                f"containers, numbers, str/bytes, tensors and {allowed}"
-            ) from None
+                f"containers, numbers, str/bytes, tensors, {allowed} and classes registered with "
+                "crypten.common.serial.register_safe_class"
+            )
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "tensor":
-            _, code, shape, payload = pid
+        if isinstance(pid, tuple) and len(pid) in (4, 5) and pid[0] in ("tensor", "parameter"):
+            code, shape, payload = pid[1:4]
             if not (isinstance(code, int) and isinstance(shape, tuple) and isinstance(payload, bytes)):
                 raise WireFormatError(f"malformed tensor record in pickle: {type(code)}, {type(shape)}")
             if not all(isinstance(d, int) for d in shape):
                 raise WireFormatError(f"malformed tensor shape in pickle: {shape!r}")
-            return tensor_from_proto(pb.Tensor(dtype=code, shape=list(shape), payload=payload))
+            tensor = tensor_from_proto(pb.Tensor(dtype=code, shape=list(shape), payload=payload))
+            if pid[0] == "tensor" and len(pid) == 4:
+                return tensor
+            if pid[0] == "parameter" and len(pid) == 5 and isinstance(pid[4], bool):
+                return torch.nn.Parameter(tensor, requires_grad=pid[4] and tensor.is_floating_point())
+            raise WireFormatError(f"malformed parameter record in pickle: {str(pid[4:])[:80]}")
         if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "dtype" and pid[1] in _DTYPE_BY_NAME:
             return _DTYPE_BY_NAME[pid[1]]
         if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "device" and isinstance(pid[1], str):
@@ -161,8 +185,14 @@ def loads(data: bytes) -> Any:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"loads expects bytes, got {type(data).__name__}")
     try:
-        return _Unpickler(io.BytesIO(data)).load()
+        obj = _Unpickler(io.BytesIO(data)).load()
     except (UnsafePickleError, WireFormatError):
         raise
     except Exception as e:  # truncated or garbage input: pickle raises a zoo of types
         raise WireFormatError(f"malformed pickle ({type(e).__name__}: {e})") from e
+    if isinstance(obj, torch.nn.Module):  # as CrypTen checks: a received module runs no hooks of the sender's
+        for module in obj.modules():
+            hooks = [k for k, v in vars(module).items() if k.endswith("hooks") and isinstance(v, dict) and v]
+            if hooks:
+                raise UnsafePickleError(f"refusing a {type(module).__name__} that carries hooks {hooks}")
+    return obj

@@ -36,6 +36,7 @@ class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OP_BROADCAST_OBJ: _ClassVar[Op]
     OP_ABORT: _ClassVar[Op]
     OP_CLOSE: _ClassVar[Op]
+    OP_OPEN: _ClassVar[Op]
 
 class ReduceOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -105,6 +106,7 @@ OP_SEND_OBJ: Op
 OP_BROADCAST_OBJ: Op
 OP_ABORT: Op
 OP_CLOSE: Op
+OP_OPEN: Op
 REDUCE_OP_UNSPECIFIED: ReduceOp
 SUM: ReduceOp
 PRODUCT: ReduceOp
@@ -244,12 +246,12 @@ class RegisterRequest(_message.Message):
     def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("seed", "dealer_id")
-    SEED_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("dealer_id", "seed")
     DEALER_ID_FIELD_NUMBER: _ClassVar[int]
-    seed: int
+    SEED_FIELD_NUMBER: _ClassVar[int]
     dealer_id: str
-    def __init__(self, seed: _Optional[int] = ..., dealer_id: _Optional[str] = ...) -> None: ...
+    seed: bytes
+    def __init__(self, dealer_id: _Optional[str] = ..., seed: _Optional[bytes] = ...) -> None: ...
 
 class TupleRequest(_message.Message):
     __slots__ = ("session", "rank", "request_id", "specs")
@@ -383,7 +385,7 @@ class HealthRequest(_message.Message):
     def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "role", "rank", "session")
+    __slots__ = ("status", "role", "rank", "reason")
     class ServingStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         UNKNOWN: _ClassVar[HealthResponse.ServingStatus]
@@ -395,12 +397,12 @@ class HealthResponse(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
-    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     status: HealthResponse.ServingStatus
     role: str
     rank: int
-    session: str
-    def __init__(self, status: _Optional[_Union[HealthResponse.ServingStatus, str]] = ..., role: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, status: _Optional[_Union[HealthResponse.ServingStatus, str]] = ..., role: _Optional[str] = ..., rank: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session", "rank")

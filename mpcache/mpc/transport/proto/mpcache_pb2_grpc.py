@@ -174,7 +174,8 @@ class DealerServicer:
     """
 
     def Register(self, request, context):
-        """Every party, once per session: obtain its generator seed.
+        """Every party, once per session: obtain its generator seed. NOT_FOUND for a session this dealer does not
+        serve, ALREADY_EXISTS for a rank that registered before (nothing is created or re-sent either way).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
