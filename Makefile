@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mpcache-installed
 
-.PHONY: install demo demo-plain test test-slow lint train clean
+.PHONY: install demo demo-plain test test-slow test-docker compose-demo compose-demo-smollm2 lint train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ demo: install
 demo-plain: install
 	$(PY) -m mpcache.demo
 
+# The private demo as five containers (docker-compose.yml): builds the image (Docker Hub, or the offline route from
+# Debian packages where Docker Hub is unreachable) and runs the stack. Needs a Docker engine and Compose v2
+# (README "Docker"); standard library only, no venv (a venv's docker-compose is found too).
+compose-demo:
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) docker/demo.py
+
+# The same with SmolLM2-135M-Instruct (docker-compose.smollm2.yml): the venv converts the GGUF once, on the host.
+compose-demo-smollm2: install
+	MPCACHE_SMOLLM2_DIR="$$($(PY) -c 'from mpcache.model.loading import checkpoint_folder; print(checkpoint_folder("smollm2"))')" \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) docker/demo.py --smollm2
+
 lint: install
 	$(PY) -m ruff check .
 
@@ -34,6 +45,10 @@ test: install lint
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The real stack with a Docker engine (tests marked `docker`; skipped when no daemon answers).
+test-docker: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m docker
 
 train: install
 	$(PY) -m mpcache.train --minutes 85

@@ -7,12 +7,14 @@ across machines, and a party's certificate cannot impersonate the dealer even th
 Servers require client certificates and read the caller's role from the handshake (`peer_role`).
 
     python -m mpcache.mpc.transport.tls --out certs          # or the console script `mpcache-certs`
+    mpcache-certs --out pki --per-role                        # pki/ca (CA key), pki/<role>: one per role
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,17 +170,35 @@ def make_dev_pki(out: str | Path, roles: tuple[str, ...] = ROLES, days: int = 30
     return written
 
 
+def make_role_dirs(out: str | Path, roles: tuple[str, ...] = ROLES, days: int = 30) -> list[Path]:
+    """A development CA in `out`/ca (its key stays there) and one directory `out`/<role> per role holding only what
+    that role needs: ca.pem, <role>.pem and <role>.key (one volume per role in docker-compose.yml)."""
+    out = Path(out)
+    make_dev_pki(out / "ca", roles, days)
+    written = [out / "ca" / "ca.pem", out / "ca" / "ca.key"]
+    for role in roles:
+        directory = out / role
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / "ca" / "ca.pem", directory / "ca.pem")
+        for name in (f"{role}.pem", f"{role}.key"):
+            shutil.move(out / "ca" / name, directory / name)  # copy2 + unlink across volumes: the 0600 mode stays
+        written += [directory / n for n in ("ca.pem", f"{role}.pem", f"{role}.key")]
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mpcache-certs", description="Create a development CA and role certificates.")
     p.add_argument("--out", default="certs", help="output directory (default: certs)")
     p.add_argument("--days", type=int, default=30, help="validity in days (default: 30)")
     p.add_argument("--force", action="store_true", help="overwrite an existing ca.pem")
+    p.add_argument("--per-role", action="store_true", help="CA in OUT/ca, each role's files alone in OUT/<role>")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if (out / "ca.pem").exists() and not args.force:
-        print(f"mpcache-certs: {out / 'ca.pem'} exists; keeping it (use --force to replace)")
+    ca = out / "ca" / "ca.pem" if args.per_role else out / "ca.pem"
+    if ca.exists() and not args.force:
+        print(f"mpcache-certs: {ca} exists; keeping it (use --force to replace)")
         return 0
-    for path in make_dev_pki(out, days=args.days):
+    for path in (make_role_dirs if args.per_role else make_dev_pki)(out, days=args.days):
         print(path)
     return 0
 
