@@ -138,13 +138,18 @@ def cases(b: int, hq: int, hkv: int, length: int, d: int, dtype: torch.dtype, de
     ]
 
 
-# Pointer types for compile-only builds, by kernel argument name (bf16 caches, int64 positions).
+# Pointer types for compile-only builds, by kernel argument name (bf16 caches, int64 positions); a build may
+# override some (the compaction kernel copies raw 16-bit words, the merge writes bf16 rows).
 POINTERS = {
-    **dict.fromkeys(["Q", "K", "V", "KMAX", "KMIN"], "*bf16"),
-    **dict.fromkeys(["QPOS", "KPOS", "LENGTHS", "INDEX", "COUNT"], "*i64"),
-    **dict.fromkeys(["PART", "LSE", "WEIGHT", "OUT"], "*fp32"),
-    "VALID": "*u8",
+    **dict.fromkeys(["Q", "K", "V", "KMAX", "KMIN", "KS", "KZ", "VS", "VZ", "BALANCE", "X"], "*bf16"),
+    **dict.fromkeys(["QPOS", "KPOS", "LENGTHS", "INDEX", "COUNT", "CHANNELS", "TABLES", "TARGET", "POS"], "*i64"),
+    **dict.fromkeys(["PART", "LSE", "LSE_OUT", "SCORES", "WEIGHT", "NORM", "OUT", "NUM", "NUM_K", "NUM_V"], "*fp32"),
+    **dict.fromkeys(["DEN"], "*fp32"),
+    **dict.fromkeys(["VALID", "KC", "VC", "VALID_OUT"], "*u8"),
+    "POS_OUT": "*i64",
 }
+WORDS = {"K": "*i16", "V": "*i16", "K_OUT": "*i16", "V_OUT": "*i16"}  # the compaction kernel's raw copies
+FLOATS = ("alpha", "scale_log2")
 
 
 def compile_kernels(arch: int) -> list[dict]:
@@ -154,30 +159,40 @@ def compile_kernels(arch: int) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mpcache.kernels import decode, scores, window
+    from mpcache.kernels import compact, compressed, decode, merge, scores, window
 
     if kernels.INTERPRET:
         raise SystemExit("--compile needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    builds = [
-        *[(decode._decode_split_kernel, decode.split_meta(g, d, d, idx, win, False))
-          for g, d in ((4, 128), (1, 64)) for idx in (False, True) for win in (False, True)],
-        *[(decode._merge_kernel, decode.merge_meta(128, splits)) for splits in (1, 16)],
-        *[(scores._chunk_score_kernel, scores.chunk_meta(256, 128, mode)) for mode in (scores.QUEST, scores.LINEAR)],
-        (scores._token_norm_kernel, scores.norm_meta(4096, 128)),
-        (scores._channel_norm_kernel, scores.norm_meta(4096, 128)),
-        *[(fn, window.window_meta(32, 4096, 128, True, False)) for fn in (window._row_lse_kernel,
-                                                                         window._column_sum_kernel)],
+    split = decode.split_meta  # (group, head_dim, value_dim, index, window, upcast, channels, paged, scores)
+    cuda = torch.device("cuda")
+    builds = [  # every kernel, and each constexpr branch at the largest tiles the launchers use (where spills start)
+        *[(decode._decode_split_kernel, split(4, 128, 128, idx, win, False), {}) for idx in (False, True)
+          for win in (False, True)],
+        (decode._decode_split_kernel, split(4, 128, 128, False, False, False, keep_scores=True), {}),
+        (decode._decode_split_kernel, split(4, 76, 128, False, False, False, has_channels=True), {}),  # ThinK
+        (decode._decode_split_kernel, split(4, 128, 128, False, True, False, paged=True), {"KPOS": "*i32"}),
+        (decode._decode_split_kernel, split(1, 64, 64, False, False, False), {}),
+        *[(decode._merge_kernel, decode.merge_meta(128, splits), {}) for splits in (2, 16)],
+        (decode._probs_kernel, {"BLOCK": decode.PROB_BLOCK}, {}),
+        (compact._compact_kernel, compact.compact_meta(128, 128, 4096, cuda), WORDS),
+        (merge._merge_scatter_kernel, merge.merge_meta(128, 128), {}),
+        (merge._merge_finish_kernel, {"DIM": 128, "BLOCK": merge.BLOCK_SLOTS, "BLOCK_D": 128}, {"OUT": "*bf16"}),
+        (compressed._lowbit_split_kernel, compressed.lowbit_meta(3, 4, 128, 128, False, False), {}),
+        *[(scores._chunk_score_kernel, scores.chunk_meta(256, 128, mode), {}) for mode in (scores.QUEST,
+                                                                                           scores.LINEAR)],
+        (scores._token_norm_kernel, scores.norm_meta(4096, 128), {}),
+        (scores._channel_norm_kernel, scores.norm_meta(4096, 128), {}),
+        *[(fn, window.window_meta(32, 4096, 128, True, False), {}) for fn in (window._row_lse_kernel,
+                                                                             window._column_sum_kernel)],
     ]  # fmt: skip
     rows = []
-    for fn, meta in builds:
+    for fn, meta, pointers in builds:
         meta = dict(meta)
         warps = meta.pop("num_warps", 4)
         names = fn.arg_names
-        signature = {
-            n: "constexpr" if n in meta else POINTERS.get(n, "fp32" if n in ("alpha", "scale_log2") else "i32")
-            for n in names
-        }
+        types = {**POINTERS, **pointers}
+        signature = {n: "constexpr" if n in meta else types.get(n, "fp32" if n in FLOATS else "i32") for n in names}
         source = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in meta.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

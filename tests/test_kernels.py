@@ -19,10 +19,10 @@ import torch  # noqa: E402
 
 from mpcache import kernels  # noqa: E402
 from mpcache.kernels import approx_similarity, cached_attention, channel_scores, gather_slots, page_bound  # noqa: E402
-from mpcache.methods import make_policy  # noqa: E402
+from mpcache.kernels.compressed import lowbit_attention, pruned_attention, quantize_entry  # noqa: E402
+from mpcache.kernels.paged import paged_attention  # noqa: E402
 from mpcache.methods.base import chunk_min_max  # noqa: E402
 from mpcache.methods.snapkv import SnapKV  # noqa: E402
-from mpcache.model import ModelConfig, Transformer  # noqa: E402
 from mpcache.model.cache import LayerKV  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -81,35 +81,115 @@ def test_decode_attention_over_index_lists_matches_gather_slots(dtype):
     assert not torch.allclose(out[1, :group].float(), full[1, :group].float(), atol=1e-3), "the index list was ignored"
 
 
-@pytest.mark.parametrize("method", ["h2o", "quest"])
-def test_model_decodes_the_same_with_kernels(method):
-    """Whole-model decode: compacted per-head caches (H2O) and per-step gathered subsets
-    (Quest) through the Triton decode kernel give the torch path's logits."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, max_position=256)
-    model = Transformer(config).eval()
-    prompt = torch.randint(0, 64, (2, 40))
-    mask = torch.ones_like(prompt)
-    mask[1, :7] = 0  # left padding
-    options = {"h2o": {"decode_interval": 1}, "quest": {"page_size": 4, "dense_layers": 0}}[method]
-    factory = make_policy(method, 12, **options)
-    logits = []
-    for on in (False, True):
-        kernels.enable(model, on)
-        cache = factory(model)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        step = []
-        with torch.no_grad():
-            out = model(prompt, cache=cache, positions=positions, attention_mask=mask, last_only=True)
-            nxt = mask.sum(-1, keepdim=True)
-            for _ in range(3):
-                out = model(out[:, -1].argmax(-1, keepdim=True), cache=cache, positions=nxt)
-                step.append(out)
-                nxt = nxt + 1
-        logits.append(torch.cat(step, 1))
-        assert int(cache.attended_tokens(1).max()) < 40, "the policy did not shrink what attention reads"
-    kernels.enable(model, False)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_keeps_every_slots_probability(dtype):
+    """The probabilities H2O-style policies accumulate, from the attention pass itself (scores stored by stage 1,
+    normalised once the merge knows each head's log-sum-exp), against `attention_probs`."""
+    b, hkv, group, length, d = 2, 2, 3, 90, 20
+    entry = ragged_cache(b, hkv, length, d, dtype, seed=10)
+    queries = torch.randn(b, hkv * group, 1, d, generator=torch.Generator().manual_seed(11)).to(dtype)
+    query_positions = torch.tensor([[length], [length // 2]])
+    out, probs = kernels.decode_attention_probs(queries, entry, query_positions, 30, use_kernels=True, num_splits=2)
+    ref_out, ref_probs = kernels.decode_attention_probs(queries, entry, query_positions, 30)
+    assert probs.shape == ref_probs.shape == (b, hkv, group, length)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(probs, ref_probs, atol=TOL[dtype] / 10, rtol=TOL[dtype])  # bf16: scores rounded
+    sums = probs.sum(-1)
+    torch.testing.assert_close(sums[sums > 0], torch.ones_like(sums[sums > 0]), atol=1e-5, rtol=0)
+    assert bool((probs[0, -1] == 0).all()), "an empty head's slots get nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compaction_kernel_moves_exactly_what_gather_slots_does(dtype):
+    entry = ragged_cache(2, 3, 70, 20, dtype, seed=12)
+    g = torch.Generator().manual_seed(13)
+    index = torch.randint(-3, 73, (2, 3, 40), generator=g)  # out-of-range entries are clamped
+    count = torch.tensor([[40, 0, 17], [3, 40, 29]])
+    got, ref = gather_slots(entry, index, count, use_kernels=True), gather_slots(entry, index, count)
+    for field in ("keys", "values", "positions", "valid", "lengths"):
+        assert torch.equal(getattr(got, field), getattr(ref, field)), field
+    assert got.keys.shape == (2, 3, 40, 20) and got.values.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_kernel_matches_merge_into(dtype):
+    """KVMerger/Elastic/D2O/EMS merges: slots scatter weighted rows into targets (-1: nowhere), merged slots become
+    sum(w x) / sum(norm), the others keep their rows bit for bit."""
+    g = torch.Generator().manual_seed(14)
+    b, h, length = 2, 2, 50
+    keys, values = torch.randn(b, h, length, 20, generator=g).to(dtype), torch.randn(b, h, length, 23, generator=g)
+    values = values.to(dtype)
+    target = torch.randint(-1, length, (b, h, length), generator=g)
+    target[:, :, ::3] = -1
+    weight, norm = torch.rand(b, h, length, generator=g), torch.rand(b, h, length, generator=g) + 0.5
+    got = kernels.merge_kv(keys, values, target, weight, norm, use_kernels=True)
+    ref = kernels.merge_kv(keys, values, target, weight, norm)
+    received = torch.zeros(b, h, length, dtype=torch.long)
+    received = received.scatter_add_(2, target.clamp(min=0), (target >= 0).long()) > 0
+    for x, y, original in zip(got, ref, (keys, values), strict=True):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x.float(), y.float(), atol=TOL[dtype] * 2, rtol=TOL[dtype])
+        assert torch.equal(x[~received], original[~received]), "a slot nobody merged into changed"
+        assert not torch.equal(x[received], original[received])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowbit_store_attention_matches_dequantised_concat(dtype):
+    """MiKV: the packed 3-bit store read by the kernel beside the main store, as one softmax, against attention
+    over the dequantised store concatenated with the main one."""
+    b, hkv, group, d = 2, 2, 2, 20
+    main = ragged_cache(b, hkv, 40, d, dtype, seed=15)
+    low = ragged_cache(b, hkv, 70, d, dtype, seed=16)
+    g = torch.Generator().manual_seed(17)
+    balance = (torch.rand(b, hkv, d, generator=g) + 0.5).to(dtype)
+    store = quantize_entry(low, 3, balance)
+    queries = torch.randn(b, hkv * group, 1, d, generator=g).to(dtype)
+    query_positions = torch.tensor([[95], [40]])
+    for window in (None, 30):
+        got = lowbit_attention(queries, main, store, 3, balance, query_positions, window, use_kernels=True)
+        ref = lowbit_attention(queries, main, store, 3, balance, query_positions, window)
+        torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype] * 2, rtol=0)
+    alone = kernels.decode_attention(queries, main, query_positions, use_kernels=True)
+    assert not torch.allclose(got.float(), alone.float(), atol=1e-2), "the low-precision store was not read"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pruned_key_attention_matches_expanded_concat(dtype):
+    """ThinK: keys holding 12 of 20 channels read against the query's kept channels, beside the full store."""
+    b, hkv, group, d, kept = 2, 2, 2, 20, 12
+    main = ragged_cache(b, hkv, 30, d, dtype, seed=18)
+    old = ragged_cache(b, hkv, 60, d, dtype, seed=19)
+    old = LayerKV(old.keys[..., :kept].contiguous(), old.values, old.positions, old.valid, old.lengths)
+    g = torch.Generator().manual_seed(20)
+    channels = torch.rand(b, hkv, d, generator=g).argsort(-1)[..., :kept].sort(-1).values
+    queries = torch.randn(b, hkv * group, 1, d, generator=g).to(dtype)
+    query_positions = torch.tensor([[90], [50]])
+    got = pruned_attention(queries, main, old, channels, query_positions, use_kernels=True)
+    ref = pruned_attention(queries, main, old, channels, query_positions)
+    torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype], rtol=0)
+    shuffled = pruned_attention(queries, main, old, channels.flip(-1), query_positions, use_kernels=True)
+    assert not torch.allclose(shuffled.float(), got.float(), atol=1e-2), "the channel list was ignored"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_kernel_matches_paged_attention(dtype):
+    """Decode attention through block tables (the serving store): shuffled blocks, heads of unequal length,
+    positions that do not follow slots (evicted caches), a sliding window."""
+    g = torch.Generator().manual_seed(21)
+    n_blocks, hkv, bs, d, b, group = 12, 2, 8, 20, 2, 2
+    key_cache = torch.randn(n_blocks, hkv, bs, d, generator=g).to(dtype)
+    value_cache = torch.randn(n_blocks, hkv, bs, d + 3, generator=g).to(dtype)
+    slot_positions = torch.randint(0, 60, (n_blocks, hkv, bs), generator=g, dtype=torch.int32)
+    block_tables = torch.randperm(n_blocks, generator=g)[: 2 * 5].view(2, 5)
+    block_tables[1, 3:] = -1  # past row 1's last block: never read
+    lengths = torch.tensor([[40, 33], [0, 21]])
+    queries = torch.randn(b, hkv * group, 1, d, generator=g).to(dtype)
+    query_positions = torch.tensor([[59], [45]])
+    for window in (None, 20):
+        args = (queries, key_cache, value_cache, slot_positions, block_tables, lengths, query_positions, window)
+        got, ref = paged_attention(*args, use_kernels=True), paged_attention(*args)
+        torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype], rtol=0)
+    assert bool((got[1, :group] == 0).all()), "an empty head must output zeros"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -202,5 +282,9 @@ def test_kernels_build_for_a_gpu_without_spills(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(report.read_text())["rows"]
     built = {row["kernel"] for row in rows}
-    assert {"_decode_split_kernel", "_merge_kernel", "_chunk_score_kernel", "_column_sum_kernel"} <= built
+    assert built == {
+        "_decode_split_kernel", "_merge_kernel", "_probs_kernel", "_compact_kernel", "_merge_scatter_kernel",
+        "_merge_finish_kernel", "_lowbit_split_kernel", "_chunk_score_kernel", "_token_norm_kernel",
+        "_channel_norm_kernel", "_row_lse_kernel", "_column_sum_kernel",
+    }  # fmt: skip
     assert [row for row in rows if row["stack_bytes"] > 0] == []

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mpcache.generate import generate
 from mpcache.kernels import approx_similarity, page_bound
+from mpcache.kernels.compressed import dequantize, pack_bits, quantize, unpack_bits
 from mpcache.methods import METHODS, PLANNED, make_policy
 from mpcache.methods.base import (
     PolicyCache,
@@ -28,7 +29,7 @@ from mpcache.methods.base import (
     split_across_layers,
 )
 from mpcache.methods.h2o import H2O
-from mpcache.methods.mikv import channel_balance, dequantize, pack_bits, quantize, unpack_bits
+from mpcache.methods.mikv import channel_balance
 from mpcache.methods.mpcache import MPCache, select_clusters, sharing_pairs
 from mpcache.methods.quest import Quest
 from mpcache.methods.snapkv import SnapKV

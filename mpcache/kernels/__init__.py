@@ -2,7 +2,9 @@
 
     from mpcache import kernels
     kernels.available()            # CUDA + triton, or TRITON_INTERPRET=1 set before this import
-    kernels.enable(model)          # decode steps of `model` use the Triton decode kernel
+    kernels.wanted(x)              # the switch: kernels for x? ("auto": CUDA tensors only; see runtime.py)
+    with kernels.forced():         # run them wherever they can (tests: CPU tensors under the interpreter)
+        ...
     out = kernels.decode_attention(q, entry, positions, index=idx, count=n, use_kernels=True)
 
 One file per family: `decode.py` (attention over per-head variable-length caches: `cached_attention`,
@@ -19,10 +21,17 @@ means anything.
 
 from __future__ import annotations
 
-from torch import nn
-
-from mpcache.kernels.decode import cached_attention, decode_attention, gather_slots, visibility
-from mpcache.kernels.runtime import INTERPRET, available, runs_on
+from mpcache.kernels.compact import gather_slots
+from mpcache.kernels.decode import (
+    attention_probs,
+    cached_attention,
+    concat_layers,
+    decode_attention,
+    decode_attention_probs,
+    visibility,
+)
+from mpcache.kernels.merge import merge_into, merge_kv
+from mpcache.kernels.runtime import INTERPRET, available, forced, mode, runs_on, set_mode, wanted
 from mpcache.kernels.scores import (
     approx_similarity,
     channel_scores,
@@ -30,18 +39,7 @@ from mpcache.kernels.scores import (
     page_bound,
     token_key_norms,
 )
-from mpcache.kernels.window import attention_probs, window_attention_sums
-
-
-def enable(model: nn.Module, on: bool = True) -> nn.Module:
-    """Route the decode steps (one query token) of every attention layer of `model` (the modules with a
-    `use_kernels` flag, mpcache.model.transformer.Attention) through `decode_attention`'s Triton kernel where it
-    `runs_on`; `on=False` undoes it."""
-    for module in model.modules():
-        if hasattr(module, "use_kernels"):
-            module.use_kernels = on
-    return model
-
+from mpcache.kernels.window import window_attention_sums
 
 __all__ = [
     "INTERPRET",
@@ -51,12 +49,19 @@ __all__ = [
     "cached_attention",
     "channel_scores",
     "cluster_representatives",
+    "concat_layers",
     "decode_attention",
-    "enable",
+    "decode_attention_probs",
+    "forced",
     "gather_slots",
+    "merge_into",
+    "merge_kv",
+    "mode",
     "page_bound",
     "runs_on",
+    "set_mode",
     "token_key_norms",
     "visibility",
+    "wanted",
     "window_attention_sums",
 ]

@@ -1,14 +1,24 @@
-"""Decode attention over per-(batch, KV head) variable-length caches: the torch reference and the Triton kernel.
+"""Decode attention over per-(batch, KV head) variable-length caches: the torch references and the Triton kernels.
 
 The cache is a `mpcache.model.cache.LayerKV` (keys/values [B, Hkv, L, D], positions, valid, lengths), read by
-attribute only. The torch reference is `cached_attention` (masking: `visibility`), over the listed slots of a
-per-head index when given (`gather_slots`); `decode_attention` runs the kernel when asked and able.
+attribute only. The torch references: `cached_attention` (masking: `visibility`), over the listed slots of a
+per-head index when given (`gather_slots`), and `attention_probs`, the softmax itself. `decode_attention` runs
+the kernel when asked and able; `decode_attention_probs` also returns every slot's probability, what H2O-style
+policies accumulate, from the same pass.
 
-The kernel is flash-decoding: stage 1 splits every head's slots into `num_splits` ranges, one program per (batch,
-KV head, split) runs an online softmax for all G query heads of the group at once (GQA: each key block is loaded
-once for G heads, via `tl.dot`) and stores a normalised partial output plus its log-sum-exp; stage 2 merges the
-splits. With `index`/`count` a program walks the first `count[b, h]` entries of a per-head slot list instead of
-slots [0, lengths[b, h]) - the gather Quest and MPCache need, without materialising the gathered cache.
+The kernel is flash-decoding: stage 1 (`_decode_split_kernel`) splits every head's slots into ranges, one program
+per (batch, KV head, split) runs an online softmax for all G query heads of the group at once (GQA: each key block
+is loaded once for G heads, via `tl.dot`) and stores a normalised partial output plus its log-sum-exp;
+`_merge_kernel` merges the partials. A `Partials` buffer can take the ranges of several stage-1 launches over
+different stores (MiKV's low-precision tokens beside the full-precision ones, ThinK's channel-pruned keys, see
+`mpcache.kernels.compressed`) and merges them as one softmax. Stage 1 also walks:
+- with `index`/`count`, the first `count[b, h]` entries of a per-head slot list instead of slots
+  [0, lengths[b, h]): the gather Quest and MPCache need, without materialising the gathered cache;
+- with `channels`, keys that hold only some channels of the queries (ThinK): the query is gathered instead;
+- with block tables (`PAGED`), a pool of blocks (`mpcache.kernels.paged`);
+- with `KEEP_SCORES`, it stores every slot's score, which `_probs_kernel` turns into probabilities once the
+  merge knows each head's log-sum-exp: the [Hq, L] probabilities cost one float per slot and head, against the
+  key and value rows (2 D elements) the pass reads anyway.
 
 Masking is `visibility`; an index list means exactly what `gather_slots` means (entries clamped into range, entries
 past `count` unused). Rows that see nothing output zeros. On a GPU the dots take the cache's bf16/fp16 tiles with
@@ -20,26 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpcache.kernels.runtime import runs_on, tl, triton
+from mpcache.kernels.compact import CacheLayer, gather_slots
+from mpcache.kernels.runtime import helper, runs_on, tl, triton
 
 BLOCK_N = 64  # cache slots per inner step (with 8 warps: no register spills at D = 128 on sm_90)
 MIN_BLOCK = 16  # GPU `tl.dot` needs every dimension >= 16
-
-
-class CacheLayer(Protocol):
-    """What the attention here reads of a cache layer (`mpcache.model.cache.LayerKV`, a dataclass)."""
-
-    keys: Tensor  # [B, Hkv, L, Dk]
-    values: Tensor  # [B, Hkv, L, Dv]
-    positions: Tensor  # [B, Hkv, L] int64
-    valid: Tensor  # [B, Hkv, L] bool
-    lengths: Tensor  # [B, Hkv] int64, slots in use
+PROB_BLOCK = 1024  # slots per program when scores become probabilities
 
 
 # ------------------------------------------------------------------------- torch reference
@@ -58,6 +59,26 @@ def visibility(
     if sliding_window is not None:
         visible = visible & (qpos - kpos < sliding_window)
     return visible
+
+
+def attention_probs(
+    queries: Tensor,
+    keys: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    key_valid: Tensor,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Softmax attention [B, Hkv, G, T, L] (float32) of queries [B, Hq, T, D] over per-head
+    caches [B, Hkv, L, D], with G = Hq / Hkv query heads per KV head; masking as in
+    `visibility`. Rows that see nothing are zeros."""
+    b, hq, t, d = queries.shape
+    hkv = keys.shape[1]
+    q = queries.view(b, hkv, hq // hkv, t, d)
+    scores = torch.einsum("bhgtd,bhld->bhgtl", q, keys) / math.sqrt(d)
+    visible = visibility(query_positions, key_positions, key_valid, sliding_window)
+    scores = scores.float().masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
 def cached_attention(
@@ -93,39 +114,67 @@ def cached_attention(
     return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # rows that see nothing
 
 
-def gather_slots(entry: CacheLayer, index: Tensor, count: Tensor) -> CacheLayer:
-    """Slots `index` [B, H, K] of `entry` as a new compact layer; only the first `count[b, h]`
-    of each row are in use (the rest become invalid padding)."""
-    k = index.shape[2]
-    index = index.clamp(min=0, max=max(entry.keys.shape[2] - 1, 0))
-    in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
-    new_len = int(count.max()) if count.numel() else 0
-    index, in_use = index[:, :, :new_len], in_use[:, :, :new_len]
-    gather = index[..., None]
-    keys = entry.keys.gather(2, gather.expand(-1, -1, -1, entry.keys.shape[-1]))
-    values = entry.values.gather(2, gather.expand(-1, -1, -1, entry.values.shape[-1]))
-    positions = entry.positions.gather(2, index)
-    valid = entry.valid.gather(2, index) & in_use
-    return dataclasses.replace(  # the same kind of layer (LayerKV) with the gathered slots
-        entry, keys=keys.contiguous(), values=values.contiguous(), positions=positions.contiguous(),
-        valid=valid.contiguous(), lengths=count.clone(),
-    )  # fmt: skip
+def concat_layers(first: CacheLayer, second: CacheLayer) -> CacheLayer:
+    """A read-only view of two stores side by side (attention only needs positions and validity): what a method
+    with a side store (MiKV, ThinK) hands the torch path, and what the kernels read without concatenating."""
+    return dataclasses.replace(
+        second,
+        keys=torch.cat([first.keys, second.keys], 2),
+        values=torch.cat([first.values, second.values], 2),
+        positions=torch.cat([first.positions, second.positions], 2),
+        valid=torch.cat([first.valid, second.valid], 2),
+        lengths=first.keys.shape[2] + second.lengths,
+    )
 
 
 # ------------------------------------------------------------------------------- Triton
+@helper
+def _online_block(q, k, v, visible, m_i, l_i, acc, scale_log2):
+    """One key block of an online softmax for G query heads: the block's scores [G, BLOCK] (log2 units, -inf where
+    not visible), then the running max, sum and weighted values after it."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+    s = tl.where(visible[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: keep zeros, not NaN
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return s, m_new, l_i, acc
+
+
+@helper
+def _store_partial(
+    PART, LSE, b, heads, live, part, n_parts, n_head, m_i, l_i, acc,
+    stride_ob, stride_oh, stride_os, stride_od,
+    VALUE_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """Store a split's normalised output and log-sum-exp (log2 units; -inf when it saw nothing) for `heads`."""
+    dv = tl.arange(0, BLOCK_DV)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    o_ptr = PART + b * stride_ob + heads[:, None] * stride_oh + part * stride_os + dv[None, :] * stride_od
+    tl.store(o_ptr, out, mask=live[:, None] & (dv[None, :] < VALUE_DIM))
+    tl.store(LSE + (b * n_head + heads) * n_parts + part, lse, mask=live)  # [B, Hq, parts], contiguous
+
+
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, QPOS, KPOS, VALID, LENGTHS, INDEX, COUNT, OUT, LSE,
+    Q, K, V, QPOS, KPOS, VALID, LENGTHS, INDEX, COUNT, CHANNELS, TABLES, PART, LSE, SCORES,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_pb, stride_ph, stride_pl,
     stride_ib, stride_ih, stride_ik,
+    stride_cb, stride_ch,
+    stride_tb,
     stride_ob, stride_oh, stride_os, stride_od,
-    n_kv_head, capacity, n_entries, split_size, window, scale_log2,
+    n_kv_head, capacity, n_entries, split_size, part_offset, n_parts, block_size, window, scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_CHANNELS: tl.constexpr, PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    KEEP_SCORES: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -136,7 +185,11 @@ def _decode_split_kernel(
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     heads = h * GROUP + g  # the query heads that share KV head h
-    q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd
+    if HAS_CHANNELS:  # the keys hold channels CHANNELS[b, h] of the queries' (ThinK)
+        chan = tl.load(CHANNELS + b * stride_cb + h * stride_ch + d, mask=d < HEAD_DIM, other=0)
+    else:
+        chan = d
+    q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + chan[None, :] * stride_qd
     q = tl.load(q_ptr, mask=(g[:, None] < GROUP) & (d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -163,45 +216,44 @@ def _decode_split_kernel(
             slot = tl.minimum(tl.maximum(slot, 0), capacity - 1)  # as gather_slots clamps
         else:
             slot = offs
-        meta = b * stride_pb + h * stride_ph + slot * stride_pl
+        if PAGED:  # slot s of the request lives in block TABLES[b, s // block_size]
+            row = tl.load(TABLES + b * stride_tb + slot // block_size, mask=live, other=0)
+            off = slot % block_size
+        else:
+            row = b
+            off = slot
+        meta = row * stride_pb + h * stride_ph + off * stride_pl
         k_pos = tl.load(KPOS + meta, mask=live, other=0)
-        ok = tl.load(VALID + meta, mask=live, other=0) != 0
-        visible = live & ok & (k_pos <= q_pos)
+        visible = live & (k_pos <= q_pos)
+        if not PAGED:  # the pool has no holes: slots below the length are in use
+            visible = visible & (tl.load(VALID + meta, mask=live, other=0) != 0)
         if HAS_WINDOW:
             visible = visible & (q_pos - k_pos < window)
-        k_ptr = K + b * stride_kb + h * stride_kh + slot[:, None] * stride_kl + d[None, :] * stride_kd
+        k_row = row * stride_kb + h * stride_kh + off * stride_kl  # [BLOCK] (row: a block id per slot when paged)
+        k_ptr = K + k_row[:, None] + d[None, :] * stride_kd
         k = tl.load(k_ptr, mask=live[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [G, BLOCK], log2 units
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: keep zeros, not NaN
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        v_ptr = V + b * stride_vb + h * stride_vh + slot[:, None] * stride_vl + dv[None, :] * stride_vd
+        v_ptr = V + (row * stride_vb + h * stride_vh + off * stride_vl)[:, None] + dv[None, :] * stride_vd
         v = tl.load(v_ptr, mask=live[:, None] & (dv[None, :] < VALUE_DIM), other=0.0)
         if UPCAST:
+            k = k.to(tl.float32)
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        s, m_i, l_i, acc = _online_block(q, k, v, visible, m_i, l_i, acc, scale_log2)
+        if KEEP_SCORES:  # [B, Hq, capacity] contiguous, by slot
+            s_ptr = SCORES + (b * n_kv_head * GROUP + heads[:, None]) * capacity + slot[None, :]
+            tl.store(s_ptr, s, mask=(g[:, None] < GROUP) & live[None, :])
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))  # log2 units
-    o_ptr = OUT + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + dv[None, :] * stride_od
-    tl.store(o_ptr, out, mask=(g[:, None] < GROUP) & (dv[None, :] < VALUE_DIM))
-    lse_ptr = LSE + (b * n_kv_head * GROUP + heads) * tl.num_programs(1) + split  # [B, Hq, splits], contiguous
-    tl.store(lse_ptr, lse, mask=g < GROUP)
+    _store_partial(
+        PART, LSE, b, heads, g < GROUP, part_offset + split, n_parts, n_kv_head * GROUP, m_i, l_i, acc,
+        stride_ob, stride_oh, stride_os, stride_od, VALUE_DIM, BLOCK_DV,
+    )  # fmt: skip
 
 
 @triton.jit
 def _merge_kernel(
-    PART, LSE, OUT,
+    PART, LSE, OUT, LSE_OUT,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_ob, stride_oh, stride_od,
-    n_head, n_splits,
+    n_head, n_parts,
     VALUE_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # b * n_head + head
@@ -209,27 +261,53 @@ def _merge_kernel(
     head = row % n_head
     s = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
-    lse = tl.load(LSE + row * n_splits + s, mask=s < n_splits, other=float("-inf"))
+    lse = tl.load(LSE + row * n_parts + s, mask=s < n_parts, other=float("-inf"))
     m = tl.max(lse, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_use)  # empty splits weigh 0
     part_ptr = PART + b * stride_pb + head * stride_ph + s[:, None] * stride_ps + dv[None, :] * stride_pd
-    part = tl.load(part_ptr, mask=(s[:, None] < n_splits) & (dv[None, :] < VALUE_DIM), other=0.0)
+    part = tl.load(part_ptr, mask=(s[:, None] < n_parts) & (dv[None, :] < VALUE_DIM), other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # a row that saw nothing: zeros
     tl.store(OUT + b * stride_ob + head * stride_oh + dv * stride_od, out, mask=dv < VALUE_DIM)
+    tl.store(LSE_OUT + row, tl.where(total > 0, m_use + tl.log2(tl.where(total > 0, total, 1.0)), float("-inf")))
+
+
+@triton.jit
+def _probs_kernel(SCORES, LSE, LENGTHS, group, capacity, BLOCK: tl.constexpr):
+    """Scores [B * Hq, capacity] (log2 units) -> softmax probabilities in place, 0 past each head's length."""
+    row = tl.program_id(0)  # b * Hq + head; its KV head's row is row // group
+    slot = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = slot < capacity
+    n = tl.load(LENGTHS + row // group)
+    lse = tl.load(LSE + row)
+    s = tl.load(SCORES + row * capacity + slot, mask=inside & (slot < n), other=float("-inf"))
+    lse = tl.where(lse > float("-inf"), lse, float("inf"))  # a row that saw nothing: exp2(s - inf) = 0
+    p = tl.where(slot < n, tl.exp2(s - lse), 0.0)
+    tl.store(SCORES + row * capacity + slot, p, mask=inside)
 
 
 def _pow2(n: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(n))
 
 
-def split_meta(group: int, head_dim: int, value_dim: int, has_index: bool, has_window: bool, upcast: bool) -> dict:
+def split_meta(
+    group: int,
+    head_dim: int,
+    value_dim: int,
+    has_index: bool,
+    has_window: bool,
+    upcast: bool,
+    has_channels: bool = False,
+    paged: bool = False,
+    keep_scores: bool = False,
+) -> dict:
     """Compile-time arguments of `_decode_split_kernel` (also what `bench.kernels --compile` builds)."""
     return dict(
         GROUP=group, HEAD_DIM=head_dim, VALUE_DIM=value_dim,
         BLOCK_G=_pow2(group), BLOCK_D=_pow2(head_dim), BLOCK_DV=_pow2(value_dim), BLOCK=BLOCK_N,
-        HAS_INDEX=has_index, HAS_WINDOW=has_window, UPCAST=upcast, num_warps=8,
+        HAS_INDEX=has_index, HAS_CHANNELS=has_channels, PAGED=paged, HAS_WINDOW=has_window, KEEP_SCORES=keep_scores,
+        UPCAST=upcast, num_warps=8,
     )  # fmt: skip
 
 
@@ -247,6 +325,89 @@ def default_splits(batch_heads: int, entries: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(entries, BLOCK_N), triton.cdiv(4 * sms, batch_heads)))
 
 
+class Partials:
+    """Normalised partial outputs [B, Hq, S, Dv] and their log-sum-exps [B, Hq, S] of S split ranges, filled by
+    one or more stage-1 launches (each `take`s its ranges), then `merge`d into one softmax over all of them."""
+
+    def __init__(self, queries: Tensor, value_dim: int, n_parts: int) -> None:
+        b, hq = queries.shape[:2]
+        self.part = torch.empty(b, hq, n_parts, value_dim, dtype=torch.float32, device=queries.device)
+        self.lse = torch.empty(b, hq, n_parts, dtype=torch.float32, device=queries.device)
+        self.used = 0
+
+    def take(self, n: int) -> int:
+        """Reserve n split ranges; returns the first one's index."""
+        first, self.used = self.used, self.used + n
+        assert self.used <= self.lse.shape[2], "more split ranges than reserved"
+        return first
+
+    def merge(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(attention output [B, Hq, 1, Dv] in `dtype`, log-sum-exp per row [B, Hq] in log2 units)."""
+        assert self.used == self.lse.shape[2], "a reserved split range was never written"
+        b, hq, n_parts, dv = self.part.shape
+        if n_parts == 1:  # one range: already normalised
+            return self.part[:, :, :1].to(dtype), self.lse[:, :, 0]
+        out = torch.empty(b, hq, 1, dv, dtype=dtype, device=self.part.device)
+        lse = torch.empty(b, hq, dtype=torch.float32, device=self.part.device)
+        _merge_kernel[(b * hq,)](
+            self.part, self.lse, out, lse,
+            *self.part.stride(), out.stride(0), out.stride(1), out.stride(3),
+            hq, n_parts, **merge_meta(dv, n_parts),
+        )  # fmt: skip
+        return out, lse
+
+
+def launch_split(
+    partials: Partials,
+    splits: int,
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    lengths: Tensor,
+    sliding_window: int | None = None,
+    *,
+    valid: Tensor | None = None,
+    index: Tensor | None = None,
+    count: Tensor | None = None,
+    channels: Tensor | None = None,
+    tables: Tensor | None = None,
+    block_size: int = 0,
+    scores: Tensor | None = None,
+) -> None:
+    """Stage 1 over one store into `splits` ranges of `partials`: queries [B, Hq, 1, D]; keys [R, Hkv, L, Dk] and
+    values [R, Hkv, L, Dv] with key_positions (and `valid`, required unless paged) [R, Hkv, L], where R is the
+    batch, or the pool's blocks with `tables` [B, M] (then slots [0, lengths[b, h]) of a request are its table's
+    blocks, `block_size` slots each). Optional: `index`/`count` slot lists, `channels` [B, Hkv, Dk] (the query
+    channels the keys hold), `scores` [B, Hq, L] float32 to receive every slot's score (no index lists)."""
+    b, hq, _, d = queries.shape
+    hkv, dk, dv = keys.shape[1], keys.shape[-1], values.shape[-1]
+    capacity = tables.shape[1] * block_size if tables is not None else keys.shape[2]
+    entries = index.shape[2] if index is not None else capacity
+    split_size = triton.cdiv(triton.cdiv(max(entries, 1), splits), BLOCK_N) * BLOCK_N
+    dummy = lengths.new_zeros(1, 1, 1)
+    index_t = index if index is not None else dummy
+    channels_t = channels.contiguous() if channels is not None else dummy
+    tables_t = tables if tables is not None else dummy
+    valid_t = dummy if valid is None else valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    if valid is not None:
+        assert valid.stride() == key_positions.stride(), "valid and key_positions must share strides"
+    _decode_split_kernel[(b * hkv, splits)](
+        queries[:, :, 0], keys, values, query_positions[:, 0].contiguous(), key_positions, valid_t,
+        lengths.contiguous(), index_t, (count if count is not None else lengths).contiguous(), channels_t,
+        tables_t, partials.part, partials.lse, scores if scores is not None else partials.lse,
+        *queries[:, :, 0].stride(), *keys.stride(), *values.stride(), *key_positions.stride(), *index_t.stride(),
+        *channels_t.stride()[:2], tables_t.stride(0), *partials.part.stride(),
+        hkv, capacity, entries, split_size, partials.take(splits), partials.lse.shape[2], max(block_size, 1),
+        sliding_window or 0, math.log2(math.e) / math.sqrt(d),
+        **split_meta(
+            hq // hkv, dk, dv, index is not None, sliding_window is not None, queries.device.type == "cpu",
+            channels is not None, tables is not None, scores is not None,
+        ),
+    )  # fmt: skip
+
+
 def triton_decode_attention(
     queries: Tensor,
     keys: Tensor,
@@ -259,45 +420,33 @@ def triton_decode_attention(
     index: Tensor | None = None,
     count: Tensor | None = None,
     num_splits: int | None = None,
-) -> Tensor:
+    keep_probs: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Attention of one query per row, queries [B, Hq, 1, D], over the cache [B, Hkv, L, D]
     (slots [0, lengths[b, h]) or, with `index` [B, Hkv, K] + `count` [B, Hkv], the listed
-    slots); returns [B, Hq, 1, Dv] in the queries' dtype. `decode_attention` checks the
-    arguments; this launches."""
-    b, hq, _, d = queries.shape
-    hkv, capacity, dv = keys.shape[1], keys.shape[2], values.shape[-1]
-    group = hq // hkv
-    has_index = index is not None
-    if index is None:
-        index = lengths.new_zeros(1, 1, 1)
-        count = lengths
-    assert count is not None
-    entries = index.shape[2] if has_index else capacity
+    slots): ([B, Hq, 1, Dv] in the queries' dtype, with `keep_probs` every slot's probability
+    [B, Hkv, G, L] float32). `decode_attention` checks the arguments; this launches."""
+    b, hq = queries.shape[:2]
+    hkv, capacity = keys.shape[1], keys.shape[2]
+    entries = index.shape[2] if index is not None else capacity
     splits = num_splits or default_splits(b * hkv, entries, queries.device)
-    split_size = triton.cdiv(max(entries, 1), splits)
-    split_size = triton.cdiv(split_size, BLOCK_N) * BLOCK_N
-    q = queries[:, :, 0]
-    part = torch.empty(b, hq, splits, dv, dtype=torch.float32, device=queries.device)
-    lse = torch.empty(b, hq, splits, dtype=torch.float32, device=queries.device)
-    valid = key_valid.view(torch.uint8) if key_valid.dtype == torch.bool else key_valid
-    qpos = query_positions[:, 0].contiguous()
-    lengths, count = lengths.contiguous(), count.contiguous()
-    _decode_split_kernel[(b * hkv, splits)](
-        q, keys, values, qpos, key_positions, valid, lengths, index, count, part, lse,
-        *q.stride(), *keys.stride(), *values.stride(), *key_positions.stride(), *index.stride(), *part.stride(),
-        hkv, capacity, entries, split_size, sliding_window or 0, math.log2(math.e) / math.sqrt(d),
-        **split_meta(group, d, dv, has_index, sliding_window is not None, queries.device.type == "cpu"),
+    partials = Partials(queries, values.shape[-1], splits)
+    scores = torch.empty(b, hq, capacity, dtype=torch.float32, device=queries.device) if keep_probs else None
+    launch_split(
+        partials, splits, queries, keys, values, query_positions, key_positions, lengths, sliding_window,
+        valid=key_valid, index=index, count=count, scores=scores,
     )  # fmt: skip
-    out = torch.empty(b, hq, 1, dv, dtype=queries.dtype, device=queries.device)
-    _merge_kernel[(b * hq,)](
-        part, lse, out,
-        *part.stride(), out.stride(0), out.stride(1), out.stride(3),
-        hq, splits, **merge_meta(dv, splits),
-    )  # fmt: skip
-    return out
+    out, lse = partials.merge(queries.dtype)
+    if scores is None:
+        return out, None
+    if capacity:
+        _probs_kernel[(b * hq, triton.cdiv(capacity, PROB_BLOCK))](
+            scores, lse, lengths.contiguous(), hq // hkv, capacity, BLOCK=PROB_BLOCK
+        )
+    return out, scores.view(b, hkv, hq // hkv, capacity)
 
 
-# ------------------------------------------------------------------------- entry point
+# ------------------------------------------------------------------------- entry points
 def decode_attention(
     queries: Tensor,
     entry: CacheLayer,
@@ -321,12 +470,40 @@ def decode_attention(
         return triton_decode_attention(
             queries, entry.keys, entry.values, query_positions, entry.positions.contiguous(),
             entry.valid.contiguous(), entry.lengths, sliding_window, index, count, num_splits,
-        )  # fmt: skip
+        )[0]  # fmt: skip
     if index is not None:
         entry = gather_slots(entry, index, count)
     return cached_attention(
         queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid, sliding_window
     )
+
+
+def decode_attention_probs(
+    queries: Tensor,
+    entry: CacheLayer,
+    query_positions: Tensor,
+    sliding_window: int | None = None,
+    use_kernels: bool = False,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`decode_attention` of one query per row, queries [B, Hq, 1, D], plus the softmax probability every stored
+    slot got from each query head, [B, Hkv, G, L] float32 (0 where not visible): `attention_probs`, from the same
+    pass with `use_kernels` (where `runs_on`)."""
+    _check_attention(queries, entry, query_positions, None, None)
+    if queries.shape[2] != 1:
+        raise ValueError(f"decode_attention_probs takes one query per row, got T={queries.shape[2]}")
+    if use_kernels and runs_on(queries, entry.keys):
+        out, probs = triton_decode_attention(
+            queries, entry.keys, entry.values, query_positions, entry.positions.contiguous(),
+            entry.valid.contiguous(), entry.lengths, sliding_window, num_splits=num_splits, keep_probs=True,
+        )  # fmt: skip
+        assert probs is not None
+        return out, probs
+    out = cached_attention(
+        queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid, sliding_window
+    )
+    probs = attention_probs(queries, entry.keys, query_positions, entry.positions, entry.valid, sliding_window)
+    return out, probs[:, :, :, 0]
 
 
 def _check_attention(

@@ -8,9 +8,11 @@ different numbers of slots (per-head eviction compacts each head on its own), an
 slot carries the position its token had when RoPE rotated its key, so masking is by
 position: a query at p sees a slot at s <= p (and p - s < window with a sliding window).
 
-This file is the torch reference: gather the table's blocks, then one fused attention. It
-imports torch only (kernels sit below the model). A Triton kernel that walks the tables
-without the gather belongs beside it and is to be tested against `paged_attention`.
+The torch reference gathers the table's blocks, then runs one fused attention. The kernel
+(`triton_paged_attention`, for decode steps) is stage 1 of `mpcache.kernels.decode` with
+`PAGED`: each program walks its head's slots, finds every slot's block in the request's table
+and reads keys, values and positions in place, so nothing is gathered; split ranges merge as
+for any cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mpcache.kernels.decode import Partials, default_splits, launch_split
+from mpcache.kernels.runtime import runs_on
 
 
 def gather_blocks(pool: Tensor, block_tables: Tensor) -> Tensor:
@@ -42,6 +47,7 @@ def paged_attention(
     lengths: Tensor,
     query_positions: Tensor,
     sliding_window: int | None = None,
+    use_kernels: bool = False,
 ) -> Tensor:
     """Attention of queries [B, Hq, T, D] over the slots their block tables list.
 
@@ -50,8 +56,13 @@ def paged_attention(
     block_tables: [B, M] integer block ids (entries past a row's last used block are ignored).
     lengths: [B, Hkv] slots in use per head. query_positions: [B, T].
     Returns [B, Hq, T, Dv] in the queries' dtype; a query that sees no slot gets zeros.
+    use_kernels: decode steps (T = 1) through `triton_paged_attention` where `runs_on`.
     """
     _check(queries, key_cache, value_cache, slot_positions, block_tables, lengths, query_positions)
+    if use_kernels and queries.shape[2] == 1 and runs_on(queries, key_cache, block_tables):
+        return triton_paged_attention(
+            queries, key_cache, value_cache, slot_positions, block_tables, lengths, query_positions, sliding_window
+        )
     b, hq, t, d = queries.shape
     hkv = key_cache.shape[1]
     g = hq // hkv
@@ -78,6 +89,29 @@ def paged_attention(
     )
     out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return out.reshape(b, hq, t, values.shape[-1])
+
+
+def triton_paged_attention(
+    queries: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slot_positions: Tensor,
+    block_tables: Tensor,
+    lengths: Tensor,
+    query_positions: Tensor,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """`paged_attention` of one query per row through decode's stage 1 over the block tables (checked there)."""
+    b, hkv = lengths.shape
+    entries = block_tables.shape[1] * key_cache.shape[2]
+    splits = num_splits or default_splits(b * hkv, entries, queries.device)
+    partials = Partials(queries, value_cache.shape[-1], splits)
+    launch_split(
+        partials, splits, queries, key_cache, value_cache, query_positions, slot_positions, lengths, sliding_window,
+        tables=block_tables.contiguous(), block_size=key_cache.shape[2],
+    )  # fmt: skip
+    return partials.merge(queries.dtype)[0]
 
 
 def _check(

@@ -2,7 +2,7 @@
 
 The softmax attention each cached slot receives from a window of W queries, summed over
 the window with per-query weights: [B, Hkv, G, L], i.e. `PolicyCache.attention_received`.
-The torch reference is `attention_probs` then a weighted sum over queries; the kernel does it
+The torch reference is `mpcache.kernels.decode.attention_probs` then a weighted sum over queries; the kernel does it
 without the [W, L] probabilities in memory. Two passes: `_row_lse_kernel` finds every query's
 log-sum-exp over the visible slots (online, one program per (row, query head, query block));
 `_column_sum_kernel` recomputes the scores one slot block at a time and adds exp(s - lse) x
@@ -18,31 +18,10 @@ import math
 import torch
 from torch import Tensor
 
-from mpcache.kernels.decode import visibility
+from mpcache.kernels.decode import attention_probs
 from mpcache.kernels.runtime import runs_on, tl, triton
 
 MIN_BLOCK = 16  # GPU `tl.dot` needs every dimension >= 16
-
-
-# ------------------------------------------------------------------------- torch reference
-def attention_probs(
-    queries: Tensor,
-    keys: Tensor,
-    query_positions: Tensor,
-    key_positions: Tensor,
-    key_valid: Tensor,
-    sliding_window: int | None = None,
-) -> Tensor:
-    """Softmax attention [B, Hkv, G, T, L] (float32) of queries [B, Hq, T, D] over per-head
-    caches [B, Hkv, L, D], with G = Hq / Hkv query heads per KV head; masking as in
-    `visibility`. Rows that see nothing are zeros."""
-    b, hq, t, d = queries.shape
-    hkv = keys.shape[1]
-    q = queries.view(b, hkv, hq // hkv, t, d)
-    scores = torch.einsum("bhgtd,bhld->bhgtl", q, keys) / math.sqrt(d)
-    visible = visibility(query_positions, key_positions, key_valid, sliding_window)
-    scores = scores.float().masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
 # ------------------------------------------------------------------------------- Triton
@@ -143,10 +122,12 @@ def _column_sum_kernel(
 
 
 def window_meta(n_query: int, length: int, head_dim: int, has_window: bool, upcast: bool) -> dict:
-    """Compile-time arguments of both kernels (also what `bench.kernels --compile` builds)."""
+    """Compile-time arguments of both kernels (also what `bench.kernels --compile` builds). Under the
+    interpreter (`upcast`) blocks are larger: it pays per program and per operation, not per element."""
+    cap_t, cap_l = (128, 128) if upcast else (32, 64)
     return dict(
-        BLOCK_T=min(32, max(MIN_BLOCK, triton.next_power_of_2(n_query))),
-        BLOCK_L=min(64, max(MIN_BLOCK, triton.next_power_of_2(length))),
+        BLOCK_T=min(cap_t, max(MIN_BLOCK, triton.next_power_of_2(n_query))),
+        BLOCK_L=min(cap_l, max(MIN_BLOCK, triton.next_power_of_2(length))),
         BLOCK_D=max(MIN_BLOCK, triton.next_power_of_2(head_dim)),
         HAS_WINDOW=has_window, UPCAST=upcast, num_warps=4,
     )  # fmt: skip

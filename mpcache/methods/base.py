@@ -6,6 +6,12 @@ forward (see `mpcache.model.cache`):
 
     observe_hidden -> update -> observe -> attention_view -> cached_attention -> after_attention
 
+Decode steps run through the Triton kernels where the switch wants them (`mpcache.kernels.wanted`: on CUDA by
+default): `PolicyCache.attend` then computes the step's attention itself (`attend_kernels`), over slot lists
+(Quest, MPCache) or side stores (MiKV, ThinK) in place, and for the methods that read the step's attention
+(`keeps_probs`) keeps every slot's probability from the same pass, which `attention_received` hands back instead
+of recomputing it. The torch path (the reference) is unchanged: the model attends over `attention_view`.
+
 What a method may observe: this step's queries (post-RoPE), every stored key/value with its
 original position, the softmax attention any window of this step's queries gives each slot (`attention_received`),
 the block's hidden states (`observe_hidden`), and the model itself (`from_model`).
@@ -43,7 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpcache.kernels import attention_probs
+from mpcache.kernels import (
+    attention_probs,
+    decode_attention,
+    decode_attention_probs,
+    gather_slots,
+    wanted,
+    window_attention_sums,
+)
 from mpcache.model.cache import KVCache, LayerKV
 from mpcache.model.transformer import Transformer
 
@@ -211,29 +224,6 @@ def chunks_to_slots(chosen: Tensor, valid: Tensor, size: int) -> Tensor:
     return chosen.gather(-1, ids.clamp(min=0)) & valid
 
 
-def merge_into(x: Tensor, target: Tensor, weight: Tensor, norm: Tensor) -> Tensor:
-    """Merge stored vectors into kept slots (KVMerger, Elastic Cache, D2O): every slot i of
-    x [B, H, L, D] adds weight[i] x[i] to slot target[i] (-1: to none), and a slot anyone
-    merged into becomes sum(weight x) / sum(norm) over its contributors; others are unchanged.
-    A kept slot lists itself as its target, so e.g. weight = norm = 1 gives plain means."""
-    b, h, length, d = x.shape
-    to = torch.where(target < 0, length, target)  # -1 -> a spare slot, dropped
-    num = x.new_zeros(b, h, length + 1, d).scatter_add_(2, to[..., None].expand(-1, -1, -1, d), weight[..., None] * x)
-    den = x.new_zeros(b, h, length + 1).scatter_add_(2, to, norm.to(x.dtype))[..., :length]
-    return torch.where(den[..., None] > 0, num[:, :, :length] / den.clamp(min=1e-30)[..., None], x)
-
-
-def concat_layers(first: LayerKV, second: LayerKV) -> LayerKV:
-    """A read-only view of two stores side by side (attention only needs positions and validity)."""
-    return LayerKV(
-        torch.cat([first.keys, second.keys], 2),
-        torch.cat([first.values, second.values], 2),
-        torch.cat([first.positions, second.positions], 2),
-        torch.cat([first.valid, second.valid], 2),
-        first.capacity + second.lengths,
-    )
-
-
 def _per_head(x: int | Tensor, like: Tensor) -> Tensor:
     """An int or a per-row [B] tensor broadcast to `like` [B, H]."""
     if isinstance(x, Tensor):
@@ -259,6 +249,9 @@ class PolicyCache(KVCache):
     compress_prefill: ClassVar[bool] = True
     compress_chunks: ClassVar[bool] = False
     default_decode_interval: ClassVar[int] = 0
+    # Whether decode steps keep the probabilities of the attention kernel's pass, for a `record` or `score` that
+    # reads `attention_received` while decoding (a speed choice only: without them it is recomputed).
+    keeps_probs: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -303,6 +296,10 @@ class PolicyCache(KVCache):
         self.step_valid: Tensor | None = None  # [B, T] validity of the current step's tokens
         self.state: list[dict[str, Tensor]] = [{} for _ in range(n_layer)]
         self.read_tokens: list[Tensor | None] = [None] * n_layer
+        self.step_probs: list[tuple[Tensor, Tensor] | None] = [None] * n_layer  # (keys read, probs) this step
+        # Slot lists (index [B, H, K], count [B, H]) a query-aware method (Quest, MPCache) reads this step; None:
+        # the whole stored layer. The torch path gathers them (`read`), the kernels read them in place.
+        self.selected: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
 
     @classmethod
     def from_model(cls, model: Transformer, budget: Budget | None, **kwargs) -> PolicyCache:
@@ -345,6 +342,8 @@ class PolicyCache(KVCache):
 
     # ---------------------------------------------------------------------- hooks
     def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
+        self.step_probs[layer] = None  # a new forward of this layer: nothing computed yet
+        self.selected[layer] = None
         if self.timing == "before":
             self._step(layer, queries, query_positions)
 
@@ -358,10 +357,37 @@ class PolicyCache(KVCache):
         return view
 
     def read(self, layer: int) -> LayerKV:
-        """What attention reads this step (override for subsets or dequantised stores)."""
+        """What attention reads this step: the stored layer, or its `selected` slots gathered (override for
+        dequantised or other side stores)."""
         entry = self.layers[layer]
         assert entry is not None
-        return entry
+        chosen = self.selected[layer]
+        return entry if chosen is None else gather_slots(entry, *chosen)
+
+    def attend(self, layer: int, queries: Tensor, query_positions: Tensor, sliding_window: int | None) -> Tensor | None:
+        """A decode step's attention through the kernels where the switch wants them (`attend_kernels`); otherwise
+        None (the model attends over `attention_view` with the torch reference), or a store below's own."""
+        if queries.shape[2] == 1 and wanted(queries):
+            return self.attend_kernels(layer, queries, query_positions, sliding_window)
+        return super().attend(layer, queries, query_positions, sliding_window)
+
+    def attend_kernels(
+        self, layer: int, queries: Tensor, query_positions: Tensor, sliding_window: int | None
+    ) -> Tensor:
+        """Decode attention [B, Hq, 1, Dv] over what `read` returns, through the kernels; with `keeps_probs` and
+        the stored layer as the view, every slot's probability is kept for `attention_received`. Methods whose
+        view the kernels can read in place (slot lists, side stores) override this with the same math."""
+        chosen, entry = self.selected[layer], self.layers[layer]
+        if chosen is not None and type(self).read is PolicyCache.read:  # slot lists: read in place
+            assert entry is not None
+            self.read_tokens[layer] = chosen[1]  # the selected slots are valid ones
+            return decode_attention(queries, entry, query_positions, sliding_window, *chosen, use_kernels=True)
+        view = self.attention_view(layer)
+        if self.keeps_probs and view is entry:
+            out, probs = decode_attention_probs(queries, view, query_positions, sliding_window, use_kernels=True)
+            self.step_probs[layer] = (view.keys, probs)
+            return out
+        return decode_attention(queries, view, query_positions, sliding_window, use_kernels=True)
 
     @torch.no_grad()
     def _step(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
@@ -436,8 +462,10 @@ class PolicyCache(KVCache):
     ) -> Tensor:
         """Softmax attention every stored slot receives from this step's queries (the `last`
         ones when given), summed over those queries: [B, Hkv, G, L]. Padding queries give
-        nothing; `weights` [B, T'] rescales each query. Queries are taken `chunk` at a time,
-        so a long prompt never materialises its full [T, L] probabilities."""
+        nothing; `weights` [B, T'] rescales each query. A decode step whose attention kernel kept the
+        probabilities (`keeps_probs`) returns those; the kernels (`window_attention_sums`) compute it where the
+        switch wants them; the torch reference takes the queries `chunk` at a time, so a long prompt never
+        materialises its full [T, L] probabilities."""
         entry = self.layers[layer]
         assert entry is not None and self.step_valid is not None
         w = self.step_valid.to(entry.keys.dtype)
@@ -445,6 +473,14 @@ class PolicyCache(KVCache):
             queries, query_positions, w = queries[:, :, -last:], query_positions[:, -last:], w[:, -last:]
         if weights is not None:
             w = w * weights
+        kept = self.kept_probs(layer, queries)
+        if kept is not None:
+            return kept * w.float()[:, None, None, :]
+        if wanted(queries, entry.keys):
+            return window_attention_sums(
+                queries, entry.keys, query_positions, entry.positions, entry.valid, w.float(), self.sliding_window,
+                use_kernels=True,
+            )  # fmt: skip
         total = entry.keys.new_zeros(
             entry.keys.shape[0],
             entry.keys.shape[1],
@@ -464,6 +500,24 @@ class PolicyCache(KVCache):
             )
             total += torch.einsum("bhgtl,bt->bhgl", p, w[:, part].float())
         return total
+
+    def kept_probs(self, layer: int, queries: Tensor) -> Tensor | None:
+        """The probabilities [B, Hkv, G, L] this decode step's attention kernel kept (`keeps_probs`) for the step's
+        one query over the stored keys, or None (another step, more queries, or the keys changed since)."""
+        kept, entry = self.step_probs[layer], self.layers[layer]
+        if kept is None or entry is None or kept[0] is not entry.keys or queries.shape[2] != 1:
+            return None
+        return kept[1]
+
+    def step_attention(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
+        """Softmax attention [B, Hkv, G, T, L] of this step's queries over the stored layer (`attention_probs`, or
+        what the decode step's attention kernel kept)."""
+        kept = self.kept_probs(layer, queries)
+        if kept is not None:
+            return kept[:, :, :, None]
+        entry = self.layers[layer]
+        assert entry is not None
+        return attention_probs(queries, entry.keys, query_positions, entry.positions, entry.valid, self.sliding_window)
 
     def attended_tokens(self, layer: int) -> Tensor:
         """Valid tokens attention read in `layer` on the last forward [B, Hkv]."""

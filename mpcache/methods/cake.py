@@ -82,6 +82,7 @@ class CAKE(PolicyCache):
 
     name: ClassVar[str] = "cake"
     default_decode_interval: ClassVar[int] = 1
+    keeps_probs: ClassVar[bool] = True  # decode steps read the step's attention
 
     def __init__(
         self,

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpcache.methods.base import Budget, StepKind, mask_to_index, merge_into, split_bounded
+from mpcache.kernels import merge_kv, wanted
+from mpcache.methods.base import Budget, StepKind, mask_to_index, split_bounded
 from mpcache.methods.h2o import H2O
 
 NEVER = 1 << 40  # the budget of a layer that is never compressed
@@ -142,8 +143,9 @@ class D2O(H2O):
             target = torch.where(kept, slot, torch.where(merged, c, -1))
             weight = torch.where(merged, u, 1.0).to(entry.keys.dtype)
             ones = torch.ones_like(weight)
-            entry.keys = merge_into(entry.keys, target, weight, ones)
-            entry.values = merge_into(entry.values, target, weight, ones)
+            entry.keys, entry.values = merge_kv(
+                entry.keys, entry.values, target, weight, ones, use_kernels=wanted(entry.keys)
+            )
         super().evict(layer, index, count)
 
     def update_threshold(self, layer: int, u: Tensor) -> Tensor:

@@ -26,7 +26,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.methods.base import Budget, PolicyCache, merge_into
+from mpcache.kernels import merge_kv, wanted
+from mpcache.methods.base import Budget, PolicyCache
 
 
 def nearest_anchor(positions: Tensor, valid: Tensor, anchors: Tensor) -> Tensor:
@@ -82,6 +83,7 @@ class ElasticCache(PolicyCache):
             anchors = torch.zeros_like(entry.valid).scatter_(2, index, use) & entry.valid
             target = nearest_anchor(entry.positions, entry.valid, anchors)
             ones = torch.ones(entry.valid.shape, dtype=entry.keys.dtype, device=entry.keys.device)
-            entry.keys = merge_into(entry.keys, target, ones, ones)
-            entry.values = merge_into(entry.values, target, ones, ones)
+            entry.keys, entry.values = merge_kv(
+                entry.keys, entry.values, target, ones, ones, use_kernels=wanted(entry.keys)
+            )
         super().evict(layer, index, count)

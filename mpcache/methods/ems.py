@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpcache.methods.base import Budget, PolicyCache, StepKind, mask_to_index, merge_into, top_mask
+from mpcache.kernels import merge_kv, wanted
+from mpcache.methods.base import Budget, PolicyCache, StepKind, mask_to_index, top_mask
 
 
 def mean_align(global_score: Tensor, local_score: Tensor, valid: Tensor) -> Tensor:
@@ -79,8 +80,8 @@ def evict_then_merge(
     slots = torch.arange(weight.shape[-1], device=keys.device).expand_as(target)
     into = torch.where(received, slots, target)  # a centre that received tokens merges into itself too
     share = weight * (into >= 0)
-    merged = [merge_into(x.float(), into, share, share).to(x.dtype) for x in (keys, values)]  # exact round trip
-    return merged[0], merged[1], target, tbm
+    keys, values = merge_kv(keys, values, into, share, share, use_kernels=wanted(keys))  # float32 sums
+    return keys, values, target, tbm
 
 
 class EMS(PolicyCache):
@@ -89,6 +90,7 @@ class EMS(PolicyCache):
     score; min_similarity: below it a to-be-merged token is dropped (zero class)."""
 
     name: ClassVar[str] = "ems"
+    keeps_probs: ClassVar[bool] = True  # decode steps read the step's attention
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ class H2O(PolicyCache):
 
     name: ClassVar[str] = "h2o"
     default_decode_interval: ClassVar[int] = 1
+    keeps_probs: ClassVar[bool] = True  # decode steps read the step's attention
 
     def __init__(self, n_layer: int, budget: Budget, *, recent_ratio: float = 0.5, **common) -> None:
         super().__init__(n_layer, budget, **common)

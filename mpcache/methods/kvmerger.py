@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpcache.methods.base import Budget, mask_to_index, merge_into, protect, top_mask, topk_slots
+from mpcache.kernels import merge_kv, wanted
+from mpcache.methods.base import Budget, mask_to_index, protect, top_mask, topk_slots
 from mpcache.methods.h2o import H2O
 
 
@@ -116,8 +117,7 @@ class KVMerger(H2O):
         sets = merging_sets(entry.keys, entry.valid, fixed, n_valid - cap, self.threshold)
         pivot = set_pivots(sets, accumulated)
         g = gaussian_weights(entry.keys, pivot, self.sigma)
-        entry.keys = merge_into(entry.keys, pivot, g, g)
-        entry.values = merge_into(entry.values, pivot, g, g)
+        entry.keys, entry.values = merge_kv(entry.keys, entry.values, pivot, g, g, use_kernels=wanted(entry.keys))
         is_pivot = pivot == torch.arange(pivot.shape[-1], device=pivot.device)
         # more sets than the budget (not enough similar pairs): evict the least attended sets
         scores = protect(accumulated.masked_fill(~is_pivot, float("-inf")), entry.valid, cap, 0, 0)

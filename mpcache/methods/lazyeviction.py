@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.kernels import attention_probs, visibility
+from mpcache.kernels import visibility
 from mpcache.methods.base import Budget, PolicyCache, StepKind
 
 
@@ -65,6 +65,7 @@ class LazyEviction(PolicyCache):
     decode_interval defaults to the window."""
 
     name: ClassVar[str] = "lazyeviction"
+    keeps_probs: ClassVar[bool] = True  # decode steps read the step's attention
 
     def __init__(
         self, n_layer: int, budget: Budget, *, window: int = 175, alpha: float = 1e-4, **common
@@ -89,7 +90,7 @@ class LazyEviction(PolicyCache):
         for start in range(0, queries.shape[2], 256):  # a block of queries at a time: [T, L] per head stays small
             part = slice(start, start + 256)
             q, qpos, qvalid = queries[:, :, part], query_positions[:, part], self.step_valid[:, part]
-            p = attention_probs(q, entry.keys, qpos, entry.positions, entry.valid, self.sliding_window)
+            p = self.step_attention(layer, q, qpos)  # a decode step: the attention kernel's probabilities
             seen_by = visibility(qpos, entry.positions, entry.valid, self.sliding_window)[:, :, 0]
             important = (p.amax(2) >= self.alpha) & seen_by & qvalid[:, None, :, None]
             new_last, new_mri = update_recurrence(important, qpos, last, mri)

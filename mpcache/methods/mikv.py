@@ -14,50 +14,16 @@ default follow the paper's reported configuration as far as the notes recovered 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from mpcache.kernels import gather_slots
-from mpcache.methods.base import Budget, StepKind, concat_layers, group_queries, mask_to_index
+from mpcache.kernels import concat_layers, gather_slots, wanted
+from mpcache.kernels.compressed import QuantizedStore, concat_stores, dequantize_store, lowbit_attention, quantize_entry
+from mpcache.methods.base import Budget, StepKind, group_queries, mask_to_index
 from mpcache.methods.h2o import H2O
 from mpcache.model.cache import LayerKV
-
-
-# ------------------------------------------------------------------ quantization
-def quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row asymmetric RTN over the last axis: (codes uint8, scale, zero) with
-    x ~= codes * scale + zero and |error| <= scale / 2."""
-    lo, hi = x.amin(-1), x.amax(-1)
-    scale = (hi - lo) / (2**bits - 1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = ((x - lo[..., None]) / safe[..., None]).round().clamp(0, 2**bits - 1).to(torch.uint8)
-    return codes, scale, lo
-
-
-def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    return codes.float() * scale[..., None] + zero[..., None]
-
-
-def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """uint8 codes [..., D] (< 2^bits) -> bit planes [..., bits, ceil(D / 8)] uint8."""
-    d = codes.shape[-1]
-    codes = torch.nn.functional.pad(codes, (0, -d % 8))
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-    planes = (codes[..., None, :] >> shifts[:, None]) & 1  # [..., bits, D8]
-    weights = 2 ** torch.arange(8, device=codes.device, dtype=torch.int32)
-    return (planes.view(*planes.shape[:-1], -1, 8).int() * weights).sum(-1).to(torch.uint8)
-
-
-def unpack_bits(packed: Tensor, bits: int, d: int) -> Tensor:
-    """Inverse of `pack_bits`: [..., bits, ceil(D / 8)] -> codes [..., D] uint8."""
-    weights = 2 ** torch.arange(8, device=packed.device, dtype=torch.int32)
-    planes = (packed[..., None].int() & weights) > 0  # [..., bits, D8, 8]
-    planes = planes.flatten(-2)[..., :d].int()
-    shifts = 2 ** torch.arange(bits, device=packed.device, dtype=torch.int32)
-    return (planes * shifts[:, None]).sum(-2).to(torch.uint8)
 
 
 def channel_balance(queries: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
@@ -67,47 +33,6 @@ def channel_balance(queries: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
     kmax = (keys.abs() * valid[..., None]).amax(2)
     ok = (qmax > 0) & (kmax > 0)
     return torch.where(ok, (qmax / torch.where(ok, kmax, torch.ones_like(kmax))).sqrt(), torch.ones_like(qmax))
-
-
-@dataclass
-class QuantizedStore:
-    """Low-precision tokens of one layer: bit-packed codes plus per-token scale and zero."""
-
-    key_codes: Tensor  # [B, H, L, bits, ceil(D / 8)] uint8
-    key_scale: Tensor  # [B, H, L]
-    key_zero: Tensor
-    value_codes: Tensor
-    value_scale: Tensor
-    value_zero: Tensor
-    positions: Tensor  # [B, H, L]
-    valid: Tensor  # [B, H, L]
-
-    def nbytes(self) -> int:
-        tensors = (self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale, self.value_zero)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def quantize_entry(entry: LayerKV, bits: int, balance: Tensor) -> QuantizedStore:
-    keys = entry.keys * balance[:, :, None, :]
-    kc, ks, kz = quantize(keys, bits)
-    vc, vs, vz = quantize(entry.values, bits)
-    return QuantizedStore(pack_bits(kc, bits), ks, kz, pack_bits(vc, bits), vs, vz, entry.positions, entry.valid)
-
-
-def dequantize_store(store: QuantizedStore, bits: int, balance: Tensor, like: LayerKV) -> LayerKV:
-    """The store at full precision, shaped and typed like the main store `like`."""
-    dk, dv, dtype = like.keys.shape[-1], like.values.shape[-1], like.keys.dtype
-    keys = dequantize(unpack_bits(store.key_codes, bits, dk), store.key_scale, store.key_zero) / balance[:, :, None]
-    values = dequantize(unpack_bits(store.value_codes, bits, dv), store.value_scale, store.value_zero)
-    lengths = torch.full(store.valid.shape[:2], store.valid.shape[2], dtype=torch.long, device=store.valid.device)
-    return LayerKV(keys.to(dtype), values.to(dtype), store.positions, store.valid, lengths)
-
-
-def concat_stores(a: QuantizedStore | None, b: QuantizedStore) -> QuantizedStore:
-    if a is None:
-        return b
-    fields = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero", "positions", "valid")
-    return QuantizedStore(*(torch.cat([getattr(a, f), getattr(b, f)], 2) for f in fields))
 
 
 class MiKV(H2O):
@@ -152,6 +77,18 @@ class MiKV(H2O):
             return entry
         view = dequantize_store(low, self.low_bits, balance, entry)
         return concat_layers(view, entry)
+
+    def attend_kernels(
+        self, layer: int, queries: Tensor, query_positions: Tensor, sliding_window: int | None
+    ) -> Tensor:
+        """`read`'s view without dequantising the store: the kernel reads the packed codes."""
+        low, balance, entry = self.low[layer], self.balance[layer], self.layers[layer]
+        if low is None or balance is None or entry is None:
+            return super().attend_kernels(layer, queries, query_positions, sliding_window)
+        self.read_tokens[layer] = low.valid.sum(-1) + entry.valid.sum(-1)
+        return lowbit_attention(
+            queries, entry, low, self.low_bits, balance, query_positions, sliding_window, use_kernels=wanted(queries)
+        )
 
     def tokens_per_head(self, layer: int) -> Tensor:
         low = self.low[layer]

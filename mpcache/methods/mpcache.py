@@ -56,7 +56,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.kernels import approx_similarity, gather_slots
+from mpcache.kernels import approx_similarity
 from mpcache.methods.base import (
     Budget,
     PolicyCache,
@@ -66,7 +66,6 @@ from mpcache.methods.base import (
     mask_to_index,
     top_mask,
 )
-from mpcache.model.cache import LayerKV
 
 
 def observation_window(
@@ -384,8 +383,3 @@ class MPCache(PolicyCache):
                 k.topk,
             )
         self.selected[layer] = mask_to_index(mask | (entry.valid & fits[..., None]))
-
-    def read(self, layer: int) -> LayerKV:
-        entry = super().read(layer)
-        chosen = self.selected[layer]
-        return entry if chosen is None else gather_slots(entry, *chosen)

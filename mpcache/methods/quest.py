@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.kernels import gather_slots, page_bound
+from mpcache.kernels import page_bound
 from mpcache.methods.base import (
     Budget,
     PolicyCache,
@@ -30,7 +30,6 @@ from mpcache.methods.base import (
     mask_to_index,
     top_mask,
 )
-from mpcache.model.cache import LayerKV
 
 
 class Quest(PolicyCache):
@@ -47,11 +46,9 @@ class Quest(PolicyCache):
             raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
         self.page_size, self.dense_layers = page_size, dense_layers
         self.meta: list[tuple[Tensor, Tensor] | None] = [None] * n_layer  # page key max, min
-        self.selected: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
 
     def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
-        super().observe(layer, queries, query_positions)
-        self.selected[layer] = None
+        super().observe(layer, queries, query_positions)  # resets selected[layer]: attend densely
         decoding = self.forwards[layer] > 0 and queries.shape[2] == 1
         entry = self.layers[layer]
         assert entry is not None and self.budget_tokens is not None
@@ -71,11 +68,6 @@ class Quest(PolicyCache):
             pages = (budget // self.page_size).clamp(min=1)[:, None].expand_as(last_page)
             chosen = top_mask(bound, pages) | fits[..., None]
             self.selected[layer] = mask_to_index(chunks_to_slots(chosen, entry.valid, self.page_size))
-
-    def read(self, layer: int) -> LayerKV:
-        entry = super().read(layer)
-        chosen = self.selected[layer]
-        return entry if chosen is None else gather_slots(entry, *chosen)
 
     def memory_bytes(self) -> int:
         extra = sum(m[0].numel() * m[0].element_size() * 2 for m in self.meta if m is not None)

@@ -80,12 +80,13 @@ class PrefillRecord(KVCache):
 
 def shares_prefill(cache: KVCache) -> bool:
     """Whether `cache` can start from a recorded prefill instead of running its own: its class
-    says so, it acts after attention, and it does not compute attention itself (`attend`, which
-    a replay would skip)."""
-    return (
-        bool(getattr(cache, "shares_prefill", False))
-        and getattr(cache, "timing", "after") == "after"
-        and type(cache).attend is KVCache.attend
+    says so, it acts after attention, and it does not compute the prefill's attention itself (`attend`,
+    which a replay would skip; `PolicyCache.attend` takes decode steps only)."""
+    from mpcache.methods.base import PolicyCache  # base imports the model, as this module's callers do
+
+    own_attend = any("attend" in vars(klass) for klass in type(cache).__mro__ if klass not in (KVCache, PolicyCache))
+    return bool(getattr(cache, "shares_prefill", False)) and getattr(cache, "timing", "after") == "after" and not (
+        own_attend
     )
 
 

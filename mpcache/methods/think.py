@@ -17,8 +17,9 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from mpcache.kernels import channel_scores, gather_slots
-from mpcache.methods.base import Budget, concat_layers, group_queries, mask_to_index, recency_rank
+from mpcache.kernels import channel_scores, concat_layers, gather_slots, wanted
+from mpcache.kernels.compressed import expand_pruned, pruned_attention
+from mpcache.methods.base import Budget, group_queries, mask_to_index, recency_rank
 from mpcache.methods.snapkv import SnapKV
 from mpcache.model.cache import LayerKV
 
@@ -82,9 +83,19 @@ class ThinK(SnapKV):
         pruned, channels = self.pruned[layer], self.channels[layer]
         if pruned is None or channels is None:
             return entry
-        keys = entry.keys.new_zeros(*pruned.keys.shape[:3], entry.keys.shape[-1])
-        keys.scatter_(-1, channels[:, :, None, :].expand(-1, -1, pruned.capacity, -1), pruned.keys)
-        return concat_layers(LayerKV(keys, pruned.values, pruned.positions, pruned.valid, pruned.lengths), entry)
+        return concat_layers(expand_pruned(pruned, channels, entry.keys.shape[-1]), entry)
+
+    def attend_kernels(
+        self, layer: int, queries: Tensor, query_positions: Tensor, sliding_window: int | None
+    ) -> Tensor:
+        """`read`'s view without re-expanding the pruned keys: the kernel gathers the query's kept channels."""
+        pruned, channels, entry = self.pruned[layer], self.channels[layer], self.layers[layer]
+        if pruned is None or channels is None or entry is None:
+            return super().attend_kernels(layer, queries, query_positions, sliding_window)
+        self.read_tokens[layer] = pruned.valid.sum(-1) + entry.valid.sum(-1)
+        return pruned_attention(
+            queries, entry, pruned, channels, query_positions, sliding_window, use_kernels=wanted(queries)
+        )
 
     def tokens_per_head(self, layer: int) -> Tensor:
         pruned = self.pruned[layer]

@@ -18,6 +18,7 @@ from mpcache.methods.base import PolicyCache
 class TOVA(PolicyCache):
     name: ClassVar[str] = "tova"
     default_decode_interval: ClassVar[int] = 1
+    keeps_probs: ClassVar[bool] = True  # decode steps read the step's attention
 
     def score(self, layer: int, queries: Tensor, query_positions: Tensor) -> Tensor:
         last = self.attention_received(layer, queries, query_positions, last=1)  # [B, Hkv, G, L]

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.kernels import gather_slots
+from mpcache.kernels import gather_slots, wanted
 
 
 @dataclass
@@ -96,7 +96,9 @@ class KVCache:
 
     def keep(self, layer: int, index: Tensor, count: Tensor | None = None) -> None:
         """Keep only slots `index` [B, H, K] of `layer` (the first `count[b, h]` of each row
-        when given); storage is reallocated to the longest kept row."""
+        when given); storage is reallocated to the longest kept row (by the compaction kernel where
+        the switch wants it, `mpcache.kernels.wanted`). The checks read back one flag tensor: one
+        device sync per call on a GPU, not one per check."""
         entry = self.layers[layer]
         if entry is None:
             raise ValueError(f"layer {layer} has no cache to compact")
@@ -106,18 +108,20 @@ class KVCache:
         b, h, k = index.shape
         if count is None:
             count = torch.full((b, h), k, dtype=torch.long, device=index.device)
-        if count.shape != (b, h) or bool((count < 0).any()) or bool((count > k).any()):
+        if count.shape != (b, h):
             raise ValueError(f"count must be [batch={b}, kv_heads={h}] with values in [0, K={k}]")
-        if (count > entry.lengths).any():
-            raise ValueError("cannot keep more slots than a head holds")
         in_use = torch.arange(k, device=index.device)[None, None, :] < count[:, :, None]
-        if (in_use & ((index < 0) | (index >= entry.lengths[:, :, None]))).any():
-            raise ValueError("index out of range: a head can only keep its slots [0, lengths[b, h])")
-        uses = torch.zeros(b, h, entry.capacity, device=index.device)
-        uses.scatter_add_(2, index.masked_fill(~in_use, 0), in_use.float())
-        if (uses > 1).any():
-            raise ValueError("index keeps a slot twice (attention would count that token twice)")
-        self.layers[layer] = gather_slots(entry, index, count)
+        uses = torch.zeros(b, h, entry.capacity + 1, device=index.device)
+        inside = (index >= 0) & (index < entry.lengths[:, :, None])
+        uses.scatter_add_(2, torch.where(in_use & inside, index, entry.capacity), in_use.float())
+        flags = torch.stack([
+            ((count < 0) | (count > k)).any(), (count > entry.lengths).any(), (in_use & ~inside).any(),
+            (uses[:, :, :-1] > 1).any(),
+        ]).tolist()  # fmt: skip
+        for bad, message in zip(flags, KEEP_ERRORS, strict=True):
+            if bad:
+                raise ValueError(message.format(b=b, h=h, k=k))
+        self.layers[layer] = gather_slots(entry, index, count, use_kernels=wanted(entry.keys))
 
     # ------------------------------------------------------------------ hooks
     # Attention calls, per layer and forward: observe_hidden -> update -> observe -> attend (None
@@ -164,6 +168,14 @@ class KVCache:
                 total += entry.keys.numel() * entry.keys.element_size()
                 total += entry.values.numel() * entry.values.element_size()
         return total
+
+
+KEEP_ERRORS = (
+    "count must be [batch={b}, kv_heads={h}] with values in [0, K={k}]",
+    "cannot keep more slots than a head holds",
+    "index out of range: a head can only keep its slots [0, lengths[b, h])",
+    "index keeps a slot twice (attention would count that token twice)",
+)
 
 
 def _grow(entry: LayerKV, capacity: int) -> LayerKV:

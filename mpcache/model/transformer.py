@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpcache.kernels import cached_attention, decode_attention
+from mpcache.kernels import decode_attention, wanted
 from mpcache.model.cache import KVCache
 from mpcache.model.config import ModelConfig
 
@@ -93,7 +93,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_head * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * hd, config.d_model, bias=config.out_bias)
-        self.use_kernels = False  # set by mpcache.kernels.enable: Triton decode attention where it can run
         if config.family == "llama":
             self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
@@ -125,12 +124,8 @@ class Attention(nn.Module):
             out = cache.attend(self.layer, q, positions, self.config.sliding_window)  # a paged store attends itself
             if out is None:
                 entry = cache.attention_view(self.layer)  # observe may have compacted the layer or picked a subset
-                if self.use_kernels:
-                    out = decode_attention(q, entry, positions, self.config.sliding_window, use_kernels=True)
-                else:
-                    out = cached_attention(
-                        q, entry.keys, entry.values, positions, entry.positions, entry.valid, self.config.sliding_window
-                    )
+                # decode steps through the Triton kernel where the switch wants it (mpcache.kernels.runtime)
+                out = decode_attention(q, entry, positions, self.config.sliding_window, use_kernels=wanted(q))
             cache.after_attention(self.layer, q, positions)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

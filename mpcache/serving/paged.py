@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from mpcache.kernels import wanted
 from mpcache.kernels.paged import gather_blocks, paged_attention
 from mpcache.model.cache import KVCache, LayerKV
 from mpcache.model.transformer import Transformer
@@ -193,8 +194,9 @@ class PagedKVCache(KVCache):
         assert self.pool is not None and self._tables is not None and self._lengths is not None
         k_pool, v_pool, p_pool = self.pool.layer_tensors(layer)
         return paged_attention(
-            queries, k_pool, v_pool, p_pool, self._tables, self._lengths[layer], query_positions, sliding_window
-        )
+            queries, k_pool, v_pool, p_pool, self._tables, self._lengths[layer], query_positions, sliding_window,
+            use_kernels=wanted(queries),  # decode steps through the paged kernel (on CUDA by default)
+        )  # fmt: skip
 
     # ------------------------------------------------ dense views for methods
     def _view(self, layer: int) -> LayerKV:
