@@ -24,6 +24,7 @@ from mpcache.methods import METHODS, PLANNED, make_policy
 from mpcache.methods.base import (
     PolicyCache,
     chunk_min_max,
+    extend_chunk_min_max,
     global_head_counts,
     prefill_in_chunks,
     split_across_layers,
@@ -587,6 +588,22 @@ def test_tova_drops_the_lowest_current_attention(model: Transformer) -> None:
                     assert scores[gone] == pytest.approx(min(scores.values()), abs=1e-6)
 
     run(model, cache, ids, mask, on_step=check)
+
+
+def test_quest_page_summaries_extend_as_tokens_arrive() -> None:
+    """Quest's incremental page summary equals the recomputation after every append (left padding shifts each
+    row's pages; heads may hold different numbers of slots when appended in uneven blocks)."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 3, 60, 8, generator=g)
+    valid = torch.ones(2, 3, 60, dtype=torch.bool)
+    valid[1, :, :7] = False  # left padding of row 1
+    summary = None
+    for end in (20, 21, 22, 29, 30, 44, 45, 60):
+        summary = extend_chunk_min_max(summary, keys[:, :, :end], valid[:, :, :end], 5)
+        want = chunk_min_max(keys[:, :, :end], valid[:, :, :end], 5)
+        for got, ref in zip(summary[:3], want, strict=True):
+            assert torch.equal(got, ref), end
+        assert torch.equal(summary[3], valid[:, :, :end].sum(-1))
 
 
 def test_quest_bound_is_an_upper_bound_of_q_dot_k() -> None:

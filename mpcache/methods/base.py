@@ -218,6 +218,38 @@ def chunk_min_max(keys: Tensor, valid: Tensor, size: int) -> tuple[Tensor, Tenso
     return kmax.masked_fill(~nonempty[..., None], 0.0), kmin.masked_fill(~nonempty[..., None], 0.0), nonempty
 
 
+ChunkSummary = tuple[Tensor, Tensor, Tensor, Tensor]  # kmax, kmin, nonempty (as chunk_min_max), valid slots [B, H]
+
+
+def extend_chunk_min_max(summary: ChunkSummary | None, keys: Tensor, valid: Tensor, size: int) -> ChunkSummary:
+    """`chunk_min_max` of keys/valid plus the valid count per head, updated from `summary` (the same of an earlier
+    state of this append-only store: its slots unchanged, new ones after them) instead of recomputed: only the
+    chunks from the first one that can have gained tokens on, over the slots that hold them, are rebuilt. Quest's
+    page summaries per decode step: O(new tokens) instead of O(cache). Min and max are exact, so it equals the
+    recomputation bit for bit."""
+    n = valid.sum(-1)
+    if summary is None:
+        return (*chunk_min_max(keys, valid, size), n)
+    kmax, kmin, _, done = summary
+    first = int((done // size).min()) if done.numel() else 0  # chunks before it are complete in every head
+    ids = chunk_ids(valid, size)
+    changed = (ids >= first).flatten(0, 1).any(0)  # slots holding a rebuilt chunk somewhere
+    start = int(changed.nonzero()[0]) if bool(changed.any()) else keys.shape[2]
+    tail_ids = torch.where(ids[:, :, start:] >= first, ids[:, :, start:] - first, -1)
+    tail = chunk_min_max(keys[:, :, start:], tail_ids >= 0, size) if start < keys.shape[2] else None
+    c = max(-(-int(n.max()) // size), 1) if n.numel() else 1
+    nonempty = torch.arange(c, device=keys.device) < -(-n[..., None] // size)
+    if tail is None:
+        return kmax[:, :, :c], kmin[:, :, :c], nonempty, n
+    # the tail's own chunks start at a chunk boundary (ranks first * size, ...), so they are chunks first, first + 1...
+    new_max = torch.cat([kmax[:, :, :first], tail[0]], 2)[:, :, :c]
+    new_min = torch.cat([kmin[:, :, :first], tail[1]], 2)[:, :, :c]
+    pad = c - new_max.shape[2]
+    if pad > 0:
+        new_max, new_min = F.pad(new_max, (0, 0, 0, pad)), F.pad(new_min, (0, 0, 0, pad))
+    return new_max.masked_fill(~nonempty[..., None], 0.0), new_min.masked_fill(~nonempty[..., None], 0.0), nonempty, n
+
+
 def chunks_to_slots(chosen: Tensor, valid: Tensor, size: int) -> Tensor:
     """Slots [B, H, L] of the chunks set in `chosen` [B, H, C]."""
     ids = chunk_ids(valid, size)

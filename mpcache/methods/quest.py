@@ -1,8 +1,8 @@
 """Quest (Tang et al., arXiv 2406.10774): query-aware page selection, nothing evicted.
 
 The cache is split into pages of `page_size` consecutive tokens, each summarised by the
-per-channel max and min of its keys (recomputed every step here; a kernel keeps them
-incrementally, since only the last, still filling page changes). At every decode step each KV head reads only its
+per-channel max and min of its keys (kept incrementally, `extend_chunk_min_max`: only
+the last, still filling page changes). At every decode step each KV head reads only its
 budget // page_size pages: the last page (the newest tokens) and the pages with the
 largest criticality, an upper bound of q.k over the page's box,
     U = sum_c max(q_c * max_c, q_c * min_c) >= max_{t in page} q . k_t.
@@ -20,12 +20,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.kernels import page_bound
+from mpcache.kernels import page_bound, wanted
 from mpcache.methods.base import (
     Budget,
+    ChunkSummary,
     PolicyCache,
-    chunk_min_max,
     chunks_to_slots,
+    extend_chunk_min_max,
     group_queries,
     mask_to_index,
     top_mask,
@@ -45,7 +46,7 @@ class Quest(PolicyCache):
         if dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
         self.page_size, self.dense_layers = page_size, dense_layers
-        self.meta: list[tuple[Tensor, Tensor] | None] = [None] * n_layer  # page key max, min
+        self.meta: list[ChunkSummary | None] = [None] * n_layer  # page key max, min, nonempty; tokens summarised
 
     def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
         super().observe(layer, queries, query_positions)  # resets selected[layer]: attend densely
@@ -55,13 +56,14 @@ class Quest(PolicyCache):
         if not decoding or layer < self.dense_layers:
             return
         with torch.no_grad():
-            kmax, kmin, nonempty = chunk_min_max(entry.keys, entry.valid, self.page_size)
-            self.meta[layer] = (kmax, kmin)
+            self.meta[layer] = extend_chunk_min_max(self.meta[layer], entry.keys, entry.valid, self.page_size)
+            kmax, kmin, nonempty, _ = self.meta[layer]
             budget = self.budget_tokens
             fits = entry.valid.sum(-1) <= budget[:, None]  # such heads attend densely: the full cache
             if bool(fits.all()):
                 return
-            bound = page_bound(group_queries(queries, entry.keys.shape[1])[:, :, :, 0], kmax, kmin).amax(2)
+            grouped = group_queries(queries, entry.keys.shape[1])[:, :, :, 0]
+            bound = page_bound(grouped, kmax, kmin, use_kernels=wanted(queries)).amax(2)
             last_page = (entry.valid.sum(-1) - 1) // self.page_size
             bound = bound.masked_fill(~nonempty, float("-inf"))
             bound = bound.scatter(-1, last_page[..., None], float("inf"))  # the newest tokens are always read
