@@ -144,7 +144,7 @@ POINTERS = {
     **dict.fromkeys(["Q", "K", "V", "KMAX", "KMIN", "KS", "KZ", "VS", "VZ", "BALANCE", "X"], "*bf16"),
     **dict.fromkeys(["QPOS", "KPOS", "LENGTHS", "INDEX", "COUNT", "CHANNELS", "TABLES", "TARGET", "POS"], "*i64"),
     **dict.fromkeys(["PART", "LSE", "LSE_OUT", "SCORES", "WEIGHT", "NORM", "OUT", "NUM", "NUM_K", "NUM_V"], "*fp32"),
-    **dict.fromkeys(["DEN"], "*fp32"),
+    **dict.fromkeys(["DEN", "OUT_SQUARES", "OUT_ENTROPY"], "*fp32"),
     **dict.fromkeys(["VALID", "KC", "VC", "VALID_OUT"], "*u8"),
     "POS_OUT": "*i64",
 }
@@ -185,6 +185,7 @@ def compile_kernels(arch: int) -> list[dict]:
         (scores._channel_norm_kernel, scores.norm_meta(4096, 128), {}),
         *[(fn, window.window_meta(32, 4096, 128, True, False), {}) for fn in (window._row_lse_kernel,
                                                                              window._column_sum_kernel)],
+        (window._column_sum_kernel, {**window.window_meta(32, 4096, 128, True, False), "STATS": True}, {}),  # CAKE
     ]  # fmt: skip
     rows = []
     for fn, meta, pointers in builds:

@@ -245,6 +245,12 @@ def test_window_attention_sums_match_attention_received(dtype):
         queries, entry.keys, positions, entry.positions, entry.valid, mask.float(), sliding_window=5
     )
     torch.testing.assert_close(windowed, ref, atol=TOL[dtype] * 10, rtol=0)
+    # CAKE's statistics from the same pass: sums of p, p^2 and the entropy terms -p log(p + 1e-10)
+    args = (queries[:, :, -w:], entry.keys, positions[:, -w:], entry.positions, entry.valid, mask[:, -w:].float())
+    got, ref = kernels.window_attention_stats(*args, use_kernels=True), kernels.window_attention_stats(*args)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=TOL[dtype] * 10, rtol=0)
+    assert float(got[2].sum()) > 1.0 and bool((got[1] <= got[0] + 1e-6).all())
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -7,12 +7,15 @@
         ...
     out = kernels.decode_attention(q, entry, positions, index=idx, count=n, use_kernels=True)
 
-One file per family: `decode.py` (attention over per-head variable-length caches: `cached_attention`,
-`visibility`, `gather_slots`, `decode_attention`), `window.py` (`attention_probs`, `window_attention_sums`),
-`scores.py` (`page_bound`, `approx_similarity`, `token_key_norms`, `channel_scores`). The model and the methods
-call these functions; the kernels import nothing from them. Every function computes the torch reference unless
-called with `use_kernels=True`, and then runs its Triton kernel only where `runs_on` its tensors (a CUDA device, or
-the CPU under the interpreter); the model asks for the decode kernel when `enable`d.
+One file per family: `decode.py` (decode attention over per-head variable-length caches, slot lists and block
+tables, optionally with every slot's probability: `cached_attention`, `visibility`, `attention_probs`,
+`decode_attention`, `decode_attention_probs`, `concat_layers`), `compact.py` (`gather_slots`), `merge.py`
+(`merge_into`, `merge_kv`), `compressed.py` (MiKV's low-bit store and ThinK's pruned keys inside attention),
+`paged.py` (`paged_attention`), `window.py` (`window_attention_sums`, `window_attention_stats`), `scores.py`
+(`page_bound`, `approx_similarity`, `token_key_norms`, `channel_scores`). The model and the methods call these
+functions; the kernels import nothing from them. Every function computes the torch reference unless called with
+`use_kernels=True`, and then runs its Triton kernel only where `runs_on` its tensors (a CUDA device, or the CPU
+under the interpreter); callers decide with the switch, `wanted` (runtime.py).
 
 `TRITON_INTERPRET=1` must be in the environment before this package is first imported (mpcache.kernels.runtime).
 The interpreter is for correctness tests only (~0.5 ms per program, ~1000x slower than torch); no timing from it
@@ -39,7 +42,7 @@ from mpcache.kernels.scores import (
     page_bound,
     token_key_norms,
 )
-from mpcache.kernels.window import window_attention_sums
+from mpcache.kernels.window import window_attention_stats, window_attention_sums
 
 __all__ = [
     "INTERPRET",
@@ -63,5 +66,6 @@ __all__ = [
     "token_key_norms",
     "visibility",
     "wanted",
+    "window_attention_stats",
     "window_attention_sums",
 ]

@@ -35,36 +35,39 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mpcache.kernels import attention_probs
+from mpcache.kernels import wanted
+from mpcache.kernels.window import window_attention_stats
 from mpcache.methods.base import Budget, PolicyCache, pool_scores, recency_rank, split_bounded
 
 
-def window_attention(cache: PolicyCache, layer: int, queries: Tensor, query_positions: Tensor, w: int) -> Tensor:
-    """Softmax attention [B, Hkv, G, w, L] of the step's last `w` queries (padding queries: zeros).
-    Only the window, so the [w, L] probabilities per head stay small for long prompts."""
+def window_stats(
+    cache: PolicyCache, layer: int, queries: Tensor, query_positions: Tensor, w: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per slot and query head [B, Hkv, G, L] over the step's last `w` queries (padding queries count nothing):
+    the sums of p, p^2 and -p log(p + 1e-10) of their softmax attention (`window_attention_stats`, one kernel pass
+    where the switch wants kernels), so the [w, L] probabilities are never all in memory."""
     entry = cache.layers[layer]
     assert entry is not None and cache.step_valid is not None
-    p = attention_probs(
-        queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions, entry.valid, cache.sliding_window
-    )
-    return p * cache.step_valid[:, None, None, -w:, None]
+    return window_attention_stats(
+        queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions, entry.valid,
+        cache.step_valid[:, -w:].float(), cache.sliding_window, use_kernels=wanted(queries),
+    )  # fmt: skip
 
 
-def window_statistics(probs: Tensor, older: Tensor, n_queries: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased variance over the window queries [B, Hkv, G, L] of probs [B, Hkv, G, w, L],
+def window_statistics(total: Tensor, squares: Tensor, older: Tensor, n_queries: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance over the window queries [B, Hkv, G, L] from the sums of p and p^2 over them,
     zero outside the `older` [B, Hkv, L] keys; `n_queries` [B]: valid window queries per row."""
     n = n_queries.double()[:, None, None, None].clamp(min=1)
-    total, squares = probs.double().sum(3), probs.double().pow(2).sum(3)
-    mean = total / n
-    var = ((squares - n * mean.pow(2)) / (n - 1).clamp(min=1)).clamp(min=0.0)
+    mean = total.double() / n
+    var = ((squares.double() - n * mean.pow(2)) / (n - 1).clamp(min=1)).clamp(min=0.0)
     keep = older[:, :, None, :]
     return mean.masked_fill(~keep, 0.0), var.masked_fill(~keep, 0.0)
 
 
-def layer_preference(probs: Tensor, var: Tensor, older: Tensor, tau1: float, tau2: float) -> Tensor:
-    """CAKE's P = H^(1/tau1) V^(1/tau2) per batch row [B] (entropy and variance summed over heads)."""
-    a = probs.double().masked_fill(~older[:, :, None, None, :], 0.0)
-    entropy = -(a * torch.log(a + 1e-10)).sum((1, 2, 3, 4))
+def layer_preference(entropy_terms: Tensor, var: Tensor, older: Tensor, tau1: float, tau2: float) -> Tensor:
+    """CAKE's P = H^(1/tau1) V^(1/tau2) per batch row [B]: H sums the entropy terms -p log(p + 1e-10) of the older
+    keys [B, Hkv, G, L] over heads, V the variances."""
+    entropy = entropy_terms.double().masked_fill(~older[:, :, None, :], 0.0).sum((1, 2, 3))
     shift = var.sum((1, 2, 3))
     return entropy.clamp(min=0.0).pow(1.0 / tau1) * shift.pow(1.0 / tau2)
 
@@ -130,10 +133,10 @@ class CAKE(PolicyCache):
         entry = self.layers[layer]
         assert entry is not None and self.step_valid is not None and self.budget_tokens is not None
         w = min(self.window, queries.shape[2])
-        probs = window_attention(self, layer, queries, query_positions, w)
+        total, squares, entropy = window_stats(self, layer, queries, query_positions, w)
         older = entry.valid & (recency_rank(entry.valid) >= w)
-        mean, var = window_statistics(probs, older, self.step_valid[:, -w:].sum(-1))
-        self.preference[layer] = layer_preference(probs, var, older, self.tau1, self.tau2)
+        mean, var = window_statistics(total, squares, older, self.step_valid[:, -w:].sum(-1))
+        self.preference[layer] = layer_preference(entropy, var, older, self.tau1, self.tau2)
         self.state[layer]["indicator"] = eviction_indicator(mean, var, self.gamma, self.kernel)
         last = len(self.layers) - 1
         if self.cascading or layer == last:

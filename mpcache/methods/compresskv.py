@@ -45,7 +45,7 @@ def error_aware_budgets(errors: Tensor, budget: Tensor, low: int, max_factor: fl
     n_layer = errors.shape[-1]
     floor = torch.clamp(budget, max=low)[:, None]
     cap = (budget.double() * max_factor).floor().long().clamp(min=1)[:, None] - floor
-    weights = errors.double().expand(budget.shape[0], n_layer)
+    weights = errors.double().to(budget.device).expand(budget.shape[0], n_layer)
     return floor + split_bounded(n_layer * (budget - floor[:, 0]), weights, cap.expand(-1, n_layer))
 
 

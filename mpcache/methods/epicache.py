@@ -118,7 +118,7 @@ def allocate_layer_budget(similarity: Tensor, budget: Tensor, alpha: float) -> T
     spread = similarity.max() - similarity.min()
     if alpha == 0 or spread <= 0:
         return budget[:, None].expand(-1, n).clone()
-    weight = (1 - (similarity.double() - similarity.min()) / spread) ** alpha
+    weight = (1 - (similarity.double().to(budget.device) - similarity.min()) / spread) ** alpha
     share = (weight / weight.sum())[None] * (n * budget.double())[:, None]
     return torch.maximum(share.floor().long(), (budget // 4).clamp(min=1)[:, None])
 

@@ -87,7 +87,7 @@ def window_sum(scores: Tensor, kernel: int) -> Tensor:
     if kernel <= 1:
         return scores
     length, r = scores.shape[-1], kernel // 2
-    index = torch.arange(length)
+    index = torch.arange(length, device=scores.device if isinstance(scores, Tensor) else None)  # shares: CPU
     upper, lower = (index + r).clamp(max=length - 1), (index - r).clamp(min=0)
     csum = scores.cumsum(-1)  # sum over [lower, upper] = csum[upper] - csum[lower] + scores[lower]
     return csum.index_select(-1, upper) - csum.index_select(-1, lower) + scores.index_select(-1, lower)
@@ -174,7 +174,7 @@ def _bucket_levels(
     for i in range(b):
         for j in range(h):
             n1, n2 = int(nonempty1[i, j].sum()), int(nonempty2[i, j].sum())
-            parents = torch.ones(n1, dtype=torch.bool)
+            parents = torch.ones(n1, dtype=torch.bool, device=child_scores.device)
             if n1 > 2:
                 parents[1:-1] = bucket_top(parent_scores[i, j, 1 : n1 - 1], int(n_parent[i, j]) - 2)
             eligible = parents.repeat_interleave(r)[:n2]
