@@ -50,6 +50,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from bench.kernels import time_ms  # noqa: E402
 from mpcache import kernels  # noqa: E402
 from mpcache.kernels import compressed, paged  # noqa: E402
 from mpcache.methods import METHODS, make_policy  # noqa: E402
@@ -73,31 +74,6 @@ class Deadline:
 
     def left(self) -> float:
         return self.end - time.perf_counter()
-
-
-def timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
-    """Median milliseconds of `fn` over `iters` calls after 3 warm-ups: CUDA events on a GPU, perf_counter on the
-    CPU (the smoke run, where the numbers mean nothing)."""
-
-    def run(fn: Callable[[], Any], iters: int) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(iters):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(1000 * (time.perf_counter() - t0))
-        return statistics.median(times)
-
-    return run
 
 
 def sync(device: torch.device) -> None:
@@ -216,7 +192,6 @@ def bandwidth(device: torch.device, shapes: list[tuple[str, int, int, int, int, 
 
 def bandwidth_row(device: torch.device, name: str, b: int, hq: int, hkv: int, length: int, d: int, iters: int) -> dict:
     """One shape of `bandwidth` (its tensors are freed on return)."""
-    time_ms = timer(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     slots = torch.arange(length, device=device)
     entry = LayerKV(
@@ -230,11 +205,11 @@ def bandwidth_row(device: torch.device, name: str, b: int, hq: int, hkv: int, le
     nbytes = sum(t.numel() * t.element_size() for t in (entry.keys, entry.values, entry.positions, entry.valid))
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    kernel_ms = time_ms(lambda: kernels.decode_attention(q, entry, qpos, use_kernels=True), iters)
+    kernel_ms = time_ms(lambda: kernels.decode_attention(q, entry, qpos, use_kernels=True), iters, device)
     torch_ms = time_ms(
-        lambda: kernels.cached_attention(q, entry.keys, entry.values, qpos, entry.positions, entry.valid), iters
+        lambda: kernels.cached_attention(q, entry.keys, entry.values, qpos, entry.positions, entry.valid), iters, device
     )
-    copy_ms = time_ms(lambda: dst.copy_(src), iters)
+    copy_ms = time_ms(lambda: dst.copy_(src), iters, device)
     copy_gbps, kernel_gbps = 2 * nbytes / copy_ms / 1e6, nbytes / kernel_ms / 1e6
     row = dict(shape=name, batch=b, q_heads=hq, kv_heads=hkv, tokens=length, head_dim=d, dtype=str(dtype),
                bytes_read=nbytes, kernel_ms=kernel_ms, torch_ms=torch_ms, copy_ms=copy_ms,

@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 if "--compile" in sys.argv:  # build without a GPU: the kernels must be defined for real (mpcache.kernels.runtime)
     os.environ["MPCACHE_TRITON_COMPILE"] = "1"
@@ -62,18 +63,25 @@ def select_pages(entry: LayerKV, budget: int, page: int) -> tuple[torch.Tensor, 
     return index, count
 
 
-def cuda_time_ms(fn, iters: int) -> float:
+def time_ms(fn, iters: int, device: str | torch.device = "cuda") -> float:
+    """Median milliseconds of `fn` over `iters` calls after 3 warm-ups: CUDA events on a GPU, perf_counter on the
+    CPU (where, under the interpreter, the numbers mean nothing)."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
@@ -247,7 +255,7 @@ def main() -> None:
             err = (fast().float() - slow().float()).abs().max().item()
             row = dict(shape=list(shape), op=name, dtype=str(dtype), max_abs_err=err, triton_ms=None, torch_ms=None)
             if gpu:
-                row["triton_ms"], row["torch_ms"] = cuda_time_ms(fast, args.iters), cuda_time_ms(slow, args.iters)
+                row["triton_ms"], row["torch_ms"] = time_ms(fast, args.iters), time_ms(slow, args.iters)
                 row["triton_gbps"] = nbytes / row["triton_ms"] / 1e6
                 timing = (
                     f"{row['triton_ms']:.4f} | {row['torch_ms']:.4f} | {row['torch_ms'] / row['triton_ms']:.2f}x | "

@@ -30,6 +30,7 @@ from torch import Tensor
 from mpcache.kernels.compact import CacheLayer
 from mpcache.kernels.decode import (
     Partials,
+    _empty_state,
     _online_block,
     _pow2,
     _store_partial,
@@ -188,9 +189,7 @@ def _lowbit_split_kernel(
     meta_row = bh * length
     lo = split * split_size
     hi = tl.minimum(lo + split_size, length)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = _empty_state(BLOCK_G, BLOCK_DV)
     for start in range(lo, hi, BLOCK):
         slot = start + tl.arange(0, BLOCK)
         live = slot < hi

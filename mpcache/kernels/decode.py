@@ -144,6 +144,15 @@ def _online_block(q, k, v, visible, m_i, l_i, acc, scale_log2):
 
 
 @helper
+def _empty_state(BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """An online softmax that has seen nothing: running max, sum and weighted values of G query heads."""
+    return (
+        tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
+        tl.zeros([BLOCK_G, BLOCK_DV], tl.float32),
+    )  # fmt: skip
+
+
+@helper
 def _store_partial(
     PART, LSE, b, heads, live, part, n_parts, n_head, m_i, l_i, acc,
     stride_ob, stride_oh, stride_os, stride_od,
@@ -204,10 +213,7 @@ def _decode_split_kernel(
         n = tl.minimum(tl.load(LENGTHS + bh), capacity)
     lo = split * split_size
     hi = tl.minimum(lo + split_size, n)
-
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = _empty_state(BLOCK_G, BLOCK_DV)
     for start in range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         live = offs < hi
