@@ -340,8 +340,8 @@ def tiny_models(device: torch.device) -> tuple[Transformer, Any]:
 def smollm2(device: torch.device) -> tuple[Transformer, Any]:
     from mpcache.model import checkpoint_folder, load_model
 
-    model, _ = load_model("smollm2")
-    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    model, _ = load_model("smollm2", dtype=torch.bfloat16)  # weights in bf16, RoPE frequencies stay float32
+    model = model.to(device).eval()
     try:
         import transformers
     except ImportError:

@@ -48,6 +48,24 @@ def test_kernels_run_under_the_interpreter():
     assert kernels.runs_on(torch.zeros(1))
 
 
+def test_one_switch_auto_on_cuda_torch_on_cpu():
+    """"auto" (the default) never runs the interpreter: CPU tensors take the torch references unless forced."""
+    x = torch.zeros(2)
+    assert kernels.mode() == "auto" and not kernels.wanted(x)
+    with kernels.forced():
+        assert kernels.mode() == "on" and kernels.wanted(x)
+        with kernels.forced(False):
+            assert not kernels.wanted(x)
+        assert kernels.wanted(x)
+    assert kernels.mode() == "auto"
+    with pytest.raises(ValueError, match="kernel mode"):
+        kernels.set_mode("fast")
+    env = {**os.environ, "MPCACHE_KERNELS": "sometimes"}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, "-c", "import mpcache.kernels"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "MPCACHE_KERNELS must be one of" in run.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_matches_cached_attention(dtype):
     b, hkv, group, length, d = 2, 2, 3, 150, 20

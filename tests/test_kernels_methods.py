@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from mpcache import kernels  # noqa: E402
-from mpcache.kernels import compact, decode  # noqa: E402
+from mpcache.kernels import compact, compressed, decode, merge, scores, window  # noqa: E402
 from mpcache.methods import METHODS, make_policy  # noqa: E402
 from mpcache.model import ModelConfig, Transformer  # noqa: E402
 
@@ -41,6 +41,18 @@ KNOBS = {
     "epicache": {"segment_size": 4, "question_tokens": 4, "n_medoid": 2},
 }
 PROMPT, BUDGET, STEPS = 24, 8, 3
+# Kernels a method's run must launch besides decode attention (a fallback to torch would skip them).
+EXPECTED = {
+    "h2o": ["_probs_kernel", "_compact_kernel"], "tova": ["_probs_kernel", "_compact_kernel"],
+    "cake": ["_probs_kernel", "_compact_kernel", "_column_sum_kernel"],
+    "d2o": ["_probs_kernel", "_merge_scatter_kernel"],
+    "kvmerger": ["_probs_kernel", "_merge_scatter_kernel"], "ems": ["_probs_kernel", "_merge_scatter_kernel"],
+    "lazyeviction": ["_probs_kernel", "_compact_kernel"], "elastic_cache": ["_merge_scatter_kernel", "_compact_kernel"],
+    "mikv": ["_lowbit_split_kernel", "_compact_kernel"], "quest": ["_chunk_score_kernel"],
+    "streamingllm": ["_compact_kernel"], "snapkv": ["_column_sum_kernel", "_compact_kernel"],
+    "think": ["_channel_norm_kernel", "_compact_kernel"], "mpcache": ["_column_sum_kernel", "_compact_kernel"],
+}  # fmt: skip
+MODULES = (decode, compact, compressed, merge, scores, window)
 
 
 class Launches:
@@ -90,12 +102,16 @@ def test_the_matrix_covers_every_method():
 def test_method_decodes_the_same_with_kernels(model, method, monkeypatch):
     with kernels.forced(False):
         ref_logits, ref_kept, _ = run(model, method)
-    split, gathers = Launches(decode._decode_split_kernel), Launches(compact._compact_kernel)
-    monkeypatch.setattr(decode, "_decode_split_kernel", split)
-    monkeypatch.setattr(compact, "_compact_kernel", gathers)
+    launches = {}
+    for module in MODULES:
+        for name in ["_decode_split_kernel", *EXPECTED.get(method, [])]:
+            if hasattr(module, name):
+                launches[name] = Launches(getattr(module, name))
+                monkeypatch.setattr(module, name, launches[name])
     with kernels.forced():
         logits, kept, cache = run(model, method)
-    assert split.count >= STEPS * model.config.n_layer, "decode steps did not run the attention kernel"
+    assert launches["_decode_split_kernel"].count >= STEPS * model.config.n_layer, "decode steps ran torch"
+    assert [name for name, count in launches.items() if count.count == 0] == [], "kernels that never ran"
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
     for layer, (a, b) in enumerate(zip(kept, ref_kept, strict=True)):
         assert torch.equal(a, b), f"layer {layer} keeps other tokens with kernels"

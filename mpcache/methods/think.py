@@ -68,7 +68,8 @@ class ThinK(SnapKV):
         w = min(self.channel_queries, queries.shape[2])
         window = group_queries(queries[:, :, -w:] * self.step_valid[:, None, -w:, None], entry.keys.shape[1])
         window = window.flatten(2, 3)  # [B, Hkv, G * w, D]
-        channels = prune_channels(channel_scores(window, entry.keys, entry.valid), n_prune)
+        scores = channel_scores(window, entry.keys, entry.valid, use_kernels=wanted(entry.keys))
+        channels = prune_channels(scores, n_prune)
         old = entry.valid & (recency_rank(entry.valid) >= self.recent)
         if not bool(old.any()):
             return  # every kept prompt token is recent: nothing to prune
