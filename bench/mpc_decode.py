@@ -246,7 +246,7 @@ def party(rank: int, args: dict) -> None:
                 # cache against fresh dealer masks (full: the keys/values; mpcache: the gather's middle children)
                 token = L.greedy_token(pm(token, cache, last_only=True))
                 comm.barrier()
-                with Ledger(comm.get_communication_stats) as ledger:
+                with Ledger(N.counters) as ledger:
                     for _ in range(args["steps"]):
                         ledger.begin_step("decode")
                         token = L.greedy_token(pm(token, cache, last_only=True))

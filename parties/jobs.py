@@ -95,15 +95,14 @@ def generate(ctx: JobContext, inputs: list, params: dict) -> list:
     [1, steps, V] (and, with return_logits, the first step's logits [1, 1, V] for equivalence tests); the cost of
     every step per layer and operation class goes to ctx.report. kv_cache (optional, public): the private KV cache
     policy, e.g. {"method": "mpcache", "budget": 64} (caches.private_cache)."""
+    from mpcache.mpc.arith import numerics
     from mpcache.mpc.arith.accounting import Ledger
-    from mpcache.mpc.arith.crypten_compat import import_crypten
     from mpcache.mpc.caches import private_cache
     from mpcache.mpc.nn import decoder
 
-    crypten = import_crypten()
-    comm = crypten.communicator.get()
+    crypten = numerics.crypten
     cache = private_cache(ctx.decoder.config.n_layer, params.get("kv_cache"))
-    with Ledger(comm.get_communication_stats) as ledger:
+    with Ledger(numerics.counters) as ledger:
         steps = params.get("max_new_tokens", 16)
         tokens, logits = decoder.generate(ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger)
     ctx.report = {"steps": ledger.steps}

@@ -224,7 +224,7 @@ class Party:
         self.comm = comm
         self.crypten.cfg.communicator.verbose = True  # CrypTen counts rounds and bytes only when verbose
         fetch = self.dealer.get_tuples if self.rank == 0 else None
-        self.session = provider.DealerSession(args.session, self.rank, seed, fetch)
+        self.session = provider.DealerSession(args.session, self.rank, seed, fetch, self.dealer.get_keys)
         provider.attach(self.session)
         numerics.install(provider.PROVIDER_NAME)  # exact truncation (dealer EXACT_TRUNCATION tuples) for every product
         log.info("step=connect joined party %d at %s", 1 - self.rank, args.peers[1 - self.rank])

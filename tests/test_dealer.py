@@ -212,12 +212,17 @@ def _start(require_roles, credentials, party_timeout=30.0, sessions=None):
     return service, server, port, ended
 
 
+def _registered(port: int, session: str):
+    """Both parties' dealer clients, registered: (client 0, client 1, seed 0, seed 1)."""
+    c0 = dealer.DealerClient(f"127.0.0.1:{port}", session, 0, None, timeout=10)
+    c1 = dealer.DealerClient(f"127.0.0.1:{port}", session, 1, None, timeout=10)
+    return c0, c1, c0.register(), c1.register()
+
+
 def test_service_serves_party0_corrections_and_nothing_to_party1():
     service, server, port, ended = _start(False, None)
     try:
-        c0 = dealer.DealerClient(f"127.0.0.1:{port}", "sess", 0, None, timeout=10)
-        c1 = dealer.DealerClient(f"127.0.0.1:{port}", "sess", 1, None, timeout=10)
-        s0, s1 = c0.register(), c1.register()
+        c0, c1, s0, s1 = _registered(port, "sess")
         p0 = DealerSession("sess", 0, s0, c0.get_tuples)
         p1 = DealerSession("sess", 1, s1)
         for spec in SPECS:  # over the wire: Spec -> TupleSpec -> Spec -> correction
@@ -255,6 +260,133 @@ def test_service_serves_party0_corrections_and_nothing_to_party1():
     finally:
         server.stop(None)
         service.stop()
+
+
+def _compare_with(keys0, keys1, x: torch.Tensor, n: int) -> torch.Tensor:
+    """[x < 0] from two parties' chunked comparison keys: shares, masked openings, evaluation (what
+    arith.compare does over the communicator)."""
+    import numpy as np
+
+    from mpcache.mpc import fss
+    from mpcache.mpc.fss import batch as fss_batch
+
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(-(1 << 62), 1 << 62, x.shape, generator=g)
+    shares = [x0.numpy(), (x - x0).numpy()]
+    ys = [np.concatenate([fss.compare_mask(k, v) for k, v in zip(ks, fss_batch.split(s, ks))])
+          for ks, s in zip((keys0, keys1), shares)]  # fmt: skip
+    y = fss.reconstruct(*ys, n)
+    out = [np.concatenate([fss.compare_eval(k, v) for k, v in zip(ks, fss_batch.split(y, ks))])
+           for ks in (keys0, keys1)]  # fmt: skip
+    return torch.from_numpy(out[0] + out[1])
+
+
+def test_service_streams_the_same_fss_key_corrections_to_both_parties():
+    from mpcache.mpc.dealer import keys as fss_keys
+    from mpcache.mpc.fss import batch as fss_batch
+
+    service, server, port, ended = _start(False, None)
+    try:
+        c0, c1, s0, s1 = _registered(port, "fss")
+        p0 = DealerSession("fss", 0, s0, c0.get_tuples, c0.get_keys)
+        p1 = DealerSession("fss", 1, s1, None, c1.get_keys)
+        count = 2 * fss_batch.CHUNK + 5  # three chunks, the last one short
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(-(1 << 31), 1 << 31, (count,), generator=g)
+        x[:4] = torch.tensor([0, -1, (1 << 31) - 1, -(1 << 31)])  # the 32-bit range's edges
+        k0, k1 = p0.compare_keys(32, count), p1.compare_keys(32, count)
+        assert [k.count for k in k0] == [fss_batch.CHUNK, fss_batch.CHUNK, 5] and [k.party for k in k1] == [1] * 3
+        assert all(a.key.cw.equals(b.key.cw) for a, b in zip(k0, k1))  # the same corrections to both parties
+        assert torch.equal(_compare_with(k0, k1, x, 32), (x < 0).long())
+        # a second batch of another width: numbered 1 at both parties, fresh randomness
+        k0, k1 = p0.compare_keys(12, 300), p1.compare_keys(12, 300)
+        small = torch.arange(-150, 150)
+        assert torch.equal(_compare_with(k0, k1, small, 12), (small < 0).long())
+        assert p0.key_batches == p1.key_batches == 2
+        want = fss_batch.batch_bytes("compare", 32, count) + fss_batch.batch_bytes("compare", 12, 300)
+        assert p0.correction_bytes == p1.correction_bytes == want
+        assert service.sessions["fss"].chunks.size == 0  # every chunk made once, taken by the other party
+        spec = fss_keys.compare_spec(32, 10)
+        with pytest.raises(dealer.DealerUnavailable, match="FAILED_PRECONDITION.*out of step"):
+            list(c1.get_keys(0, spec))  # batch 0 was served to party 1 already: never twice
+        with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*GetKeys"):
+            c0.get_tuples(0, [spec])
+        for bad, why in ((fss_keys.compare_spec(1, 10), "width"), (fss_keys.compare_spec(32, 0), "1..")):
+            with pytest.raises(dealer.DealerUnavailable, match=f"INVALID_ARGUMENT.*{why}"):
+                list(c0.get_keys(2, bad))
+        with pytest.raises(dealer.DealerUnavailable, match="INVALID_ARGUMENT.*FSS_COMPARE"):
+            list(c0.get_keys(2, SPECS[0]))
+        r1 = c1.close()
+        c0.close()
+        assert r1.bytes_served == c1.bytes_received > want  # party 1 now gets key corrections (and its seed)
+    finally:
+        server.stop(None)
+        service.stop()
+
+
+def test_a_malformed_key_chunk_is_refused():
+    from mpcache.mpc.dealer import keys as fss_keys
+    from mpcache.mpc.fss import batch as fss_batch
+
+    seeds = tuple(fss_keys.fss_seed(tuples.party_key(s, "k", r)) for r, s in enumerate((3, 4)))
+
+    def chunks(n, count, batch=0, shift=0, width=None, drop=0, extra=0):
+        def fetch(b, spec):
+            bounds = fss_batch.chunk_bounds(count)
+            bounds = bounds[: len(bounds) - drop] + [bounds[-1]] * extra
+            for j, (c0, c1) in enumerate(bounds):
+                data = fss_keys.chunk_corrections(seeds, width or n, batch, j, c1 - c0)
+                yield pb.KeyChunk(batch=b, chunk=j + shift, count=c1 - c0, corrections=data)
+
+        return fetch
+
+    def session(fetch):
+        return DealerSession("k", 1, 4, None, fetch)
+
+    assert len(session(chunks(16, 10)).compare_keys(16, 10)) == 1  # well formed
+    with pytest.raises(ValueError, match="expected batch 0 chunk 0 of 10 comparisons, got batch 0 chunk 1"):
+        session(chunks(16, 10, shift=1)).compare_keys(16, 10)
+    with pytest.raises(ValueError, match="malformed.*got nothing"):
+        session(chunks(16, fss_batch.CHUNK + 1, drop=1)).compare_keys(16, fss_batch.CHUNK + 1)  # a chunk missing
+    with pytest.raises(ValueError, match="more than the 1 chunks"):
+        session(chunks(16, 10, extra=1)).compare_keys(16, 10)
+    with pytest.raises(ValueError, match="malformed.*needs a 15-bit dcf key, got a 19-bit"):
+        session(chunks(16, 10, width=20)).compare_keys(16, 10)
+    with pytest.raises(RuntimeError, match="no fetch_keys"):
+        DealerSession("k", 1, 4).compare_keys(16, 10)
+
+
+def test_chunk_cache_makes_each_chunk_once_within_its_budget():
+    import threading
+
+    from mpcache.mpc.dealer.keys import ChunkCache
+
+    made = []
+
+    def make(tag):
+        def run():
+            made.append(tag)
+            time.sleep(0.05)  # the other party asks while this one is being made
+            return bytes(100)
+
+        return run
+
+    cache = ChunkCache(budget=1000)
+    got = {}
+    threads = [threading.Thread(target=lambda r=r: got.setdefault(r, cache.take((0, 0), r, make(r)))) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and got[0] == got[1] and cache.size == 0  # made once, handed over, forgotten
+    tight = ChunkCache(budget=50)  # no room: each party makes its own
+    tight.take((0, 0), 0, make("a")), tight.take((0, 0), 1, make("b"))
+    assert made[1:] == ["a", "b"] and tight.size == 0
+    kept = ChunkCache(budget=1000)
+    kept.take((0, 0), 0, make("c")), kept.take((1, 0), 0, make("d"))
+    assert kept.size == 200
+    kept.drop_before(1)  # both parties are past batch 0
+    assert kept.size == 100
 
 
 def test_mutual_tls_roles_are_enforced(certs):
@@ -428,7 +560,7 @@ PARTY = textwrap.dedent(
     def fetch(request_id, specs):
         fetches.append(len(specs))
         return client.get_tuples(request_id, specs)
-    session = provider.DealerSession("prod", rank, client.register(), fetch if rank == 0 else None)
+    session = provider.DealerSession("prod", rank, client.register(), fetch if rank == 0 else None, client.get_keys)
     crypten.init()
     provider.attach(session)
     g = torch.Generator().manual_seed(0)
@@ -473,6 +605,13 @@ PARTY = textwrap.dedent(
         out["growing_err"].abs().max().item(),
         (numerics.decode(numerics.matmul(ex, grow)) - x.double() @ w.double()).abs().max().item(),
     )
+    # One-round comparisons from the dealer's FSS keys (both parties fetch the corrections)
+    with numerics.comparisons("fss"):
+        before = session.correction_bytes
+        bits = numerics.less_than(ex - ey, [0.0, 0.5], 2.0**15)
+    d = numerics.decode(ex - ey)
+    out["fss_err"] = (numerics.decode(bits) - torch.stack([(d < 0).double(), (d < 0.5).double()])).abs().max().item()
+    out["fss_key_bytes"] = session.correction_bytes - before
     out["consumed"] = session.consumed
     out["fetch_calls"] = len(fetches)
     out["closed"] = [client.close().bytes_served]
@@ -520,7 +659,12 @@ def test_crypten_products_with_dealer_tuples_are_correct():
     assert r0["consumed"] == r1["consumed"] > 10
     assert r0["batched_fetches"] == [2]  # the two traced triples came in one GetTuples call
     assert r1["fetch_calls"] == 0
-    assert r1["closed"][0] < 64  # party 1 received a 32-byte seed, never a tuple
+    from mpcache.mpc.fss import batch as fss_batch
+
+    assert r0["fss_err"] == r1["fss_err"] == 0.0
+    assert r0["fss_key_bytes"] == r1["fss_key_bytes"] == fss_batch.batch_bytes("compare", 32, 48)
+    # party 1 received a 32-byte seed and FSS key corrections, never a Beaver-style tuple
+    assert r1["fss_key_bytes"] < r1["closed"][0] < r1["fss_key_bytes"] + 128
     assert ended == [("prod", "")]
 
 

@@ -421,7 +421,6 @@ def _held_decode(ids: torch.Tensor, steps: list[int], keep: torch.Tensor, held: 
 
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True
-    comm = crypten.communicator.get()
     m = tiny("llama", n_layer=2)
     pm = L.PrivateTransformer.from_plain(m, lambda t: crypten.cryptensor(t, src=0))
     cache = (L.PrivateKVCache if held else _BeaverCache)(2)
@@ -429,7 +428,7 @@ def _held_decode(ids: torch.Tensor, steps: list[int], keep: torch.Tensor, held: 
     capacity, N.growing_capacity = N.growing_capacity, lambda n: n + 2
     masks = [None, None]
     try:
-        with Ledger(comm.get_communication_stats) as ledger:
+        with Ledger(N.counters) as ledger:
             for step, token_ids in enumerate([ids] + [torch.tensor([[t]]) for t in steps]):
                 tokens = crypten.cryptensor(L.one_hot(token_ids, 40), src=1, precision=0)
                 ledger.begin_step("decode")

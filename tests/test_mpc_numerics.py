@@ -279,13 +279,18 @@ def test_mpc_matches_reference_and_simulator(parties, name, x, kwargs, ref, boun
     assert rounds <= max_rounds
 
 
-def _softmax(scores, mask, bound):
+# rounds of one comparison batch with each protocol (arith/compare.py)
+COMPARE_ROUNDS = {"fss": 1, "crypten": 8}
+
+
+def _softmax(scores, mask, bound, mode="fss"):
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True
     x = crypten.cryptensor(scores, src=0)
     before = N.decode(x)
     crypten.reset_communication_stats()
-    out = N.softmax(x, mask, bound)
+    with N.comparisons(mode):
+        out = N.softmax(x, mask, bound)
     rounds = crypten.communicator.get().get_communication_stats()["rounds"]
     crypten.cfg.communicator.verbose = False
     assert torch.equal(N.decode(x), before), "softmax changed its input"
@@ -293,21 +298,23 @@ def _softmax(scores, mask, bound):
 
 
 @pytest.mark.timeout(300)
-def test_mpc_softmax_with_mask_max_and_bound(parties):
+@pytest.mark.parametrize("mode", ["fss", "crypten"])
+def test_mpc_softmax_with_mask_max_and_bound(parties, mode):
     g = torch.Generator().manual_seed(4)
     scores = torch.randn(6, 3, 96, generator=g, dtype=torch.float64) * 4
     mask = torch.rand(6, 1, 96, generator=g) > 0.3
     mask[0] = False  # a row with nothing to attend to gives zeros
     mask[1, :, 1:] = False  # a single valid key gets probability 1
     ref = torch.softmax(scores.masked_fill(~mask, -float("inf")), -1).nan_to_num(0.0)
-    out, rounds = parties.run(_softmax, scores, mask, None)[0]
+    out, rounds = parties.run(_softmax, scores, mask, None, mode)[0]
     assert (out - ref).abs().max() < 3e-4 + 96 * 2**-17
     assert (out - N.softmax(scores, mask)).abs().max() < 2e-4
     assert out[0].abs().max() == 0 and (out[1, :, 0] - 1).abs().max() < 1e-3
     bound = scores.masked_fill(~mask, -1e9).amax(-1, keepdim=True).clamp(min=0) + 1.0  # public, 1 above the max
-    out_b, rounds_b = parties.run(_softmax, scores, mask, bound)[0]
+    out_b, rounds_b = parties.run(_softmax, scores, mask, bound, mode)[0]
     assert (out_b - ref).abs().max() < (3e-4 + 96 * 2**-17) * math.e
-    assert rounds_b < rounds / 2  # no comparison tree
+    # no max tree (7 levels of a comparison batch and a select), one product more (exp's clip at the top)
+    assert rounds_b == rounds - 7 * (COMPARE_ROUNDS[mode] + 1) + 1
 
 
 def test_softmax_rejects_a_mask_of_the_wrong_shape():
@@ -317,13 +324,16 @@ def test_softmax_rejects_a_mask_of_the_wrong_shape():
         N.softmax(torch.zeros(2, 5), score_range=N.RANGE_EXP_SAFE + 1)
 
 
-def _shared_then(name: str, x: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _shared_then(
+    name: str, x: torch.Tensor, kwargs: dict, mode: str = "fss"
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(the input as shared, numerics.<name> of it, rounds, bytes)."""
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True
     ex = crypten.cryptensor(x, src=0)
     crypten.reset_communication_stats()
-    out = getattr(N, name)(ex, **kwargs)
+    with N.comparisons(mode):
+        out = getattr(N, name)(ex, **kwargs)
     stats = crypten.communicator.get().get_communication_stats()
     crypten.cfg.communicator.verbose = False
     return N.decode(ex), N.decode(out), stats["rounds"], stats["bytes"]
@@ -339,15 +349,19 @@ def test_mpc_exp_range_extrapolates_above_zero(parties):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["fss", "crypten"])
 @pytest.mark.parametrize("n", [1, 2, 5, 96, 1023])
-def test_mpc_row_max_is_exact_and_a_tournament(parties, n):
+def test_mpc_row_max_is_exact_and_a_tournament(parties, n, mode):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(3, 2, n, generator=g, dtype=torch.float64) * 20
     x[0, 0, n // 2] = x[0, 0, -1] = 500.0  # a tie
-    xs, out, rounds, nbytes = parties.run(_shared_then, "row_max", x, {})[0]
+    xs, out, rounds, nbytes = parties.run(_shared_then, "row_max", x, {}, mode)[0]
     assert torch.equal(out, xs.amax(-1, keepdim=True))
     levels = math.ceil(math.log2(n))
-    assert rounds <= 9 * levels and nbytes <= 470 * x.numel()  # CrypTen's x.max(dim): ~1.25 kB per element
+    # a comparison batch and a select per level; per pair 8 bytes of FSS opening (n = 32) + 32 of the select's
+    # Beaver product, CrypTen ~430 for its comparison (CrypTen's x.max(dim): ~1.25 kB per element)
+    assert rounds == (COMPARE_ROUNDS[mode] + 1) * levels
+    assert nbytes <= {"fss": 40, "crypten": 470}[mode] * x.numel()
 
 
 def _scores_with_outliers(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,32 +379,44 @@ def _scores_with_outliers(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, mask
 
 
-def _softmax_modes(scores, mask, bound, score_range):
+def _softmax_modes(scores, mask, bound, score_range, mode="fss"):
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True
     x = crypten.cryptensor(scores, src=0)
     crypten.reset_communication_stats()
-    out = N.softmax(x, mask, bound, score_range)
+    with N.comparisons(mode):
+        out = N.softmax(x, mask, bound, score_range)
     stats = crypten.communicator.get().get_communication_stats()
     crypten.cfg.communicator.verbose = False
     return N.decode(out), stats["rounds"], stats["bytes"]
 
 
 @pytest.mark.timeout(300)
-def test_mpc_softmax_with_comparison_free_exp(parties):
+@pytest.mark.parametrize("mode", ["fss", "crypten"])
+def test_mpc_softmax_with_comparison_free_exp(parties, mode):
     scores, mask = _scores_with_outliers(5)
     ref = torch.softmax(scores.masked_fill(~mask, -float("inf")), -1).nan_to_num(0.0)
     tol = 2**-15 + 96 * 2**-17
-    clipped, rounds_clip, bytes_clip = parties.run(_softmax_modes, scores, mask, None, None)[0]
-    out, rounds, nbytes = parties.run(_softmax_modes, scores, mask, None, 64.0)[0]
+    c = COMPARE_ROUNDS[mode]
+    clipped, rounds_clip, bytes_clip = parties.run(_softmax_modes, scores, mask, None, None, mode)[0]
+    out, rounds, nbytes = parties.run(_softmax_modes, scores, mask, None, 64.0, mode)[0]
     assert (out - ref).abs().max() < tol
     assert (out - N.softmax(scores, mask, score_range=64.0)).abs().max() < 2e-4
     assert out[0].abs().max() == 0 and (out[1, :, 0] - 1).abs().max() < 1e-3
-    assert rounds == rounds_clip - 6 and nbytes < bytes_clip - 380 * scores.numel()  # no clip, fewer products
+    # no clip (a comparison batch and a select) but 3 more product rounds. With CrypTen comparisons that saves
+    # bytes too (the clip's comparison is 432 per score); with FSS ones (8 bytes) the clip is cheaper than the
+    # comparison-free exp's extra products, which stays the default for its precision (2^-16 vs 3e-4)
+    assert rounds == rounds_clip - (c + 1) + 3
+    if mode == "crypten":
+        assert nbytes < bytes_clip - 380 * scores.numel()
+    else:
+        assert bytes_clip < nbytes < bytes_clip + 60 * scores.numel()
     # a public bound 1 above each row's max: no max, no comparison in exp
     bound = scores.masked_fill(~mask, -1e9).amax(-1, keepdim=True).clamp(min=0) + 1.0
-    out_b, rounds_b, bytes_b = parties.run(_softmax_modes, scores, mask, bound, 64.0)[0]
+    out_b, rounds_b, bytes_b = parties.run(_softmax_modes, scores, mask, bound, 64.0, mode)[0]
     assert (out_b - ref).abs().max() < tol * math.e
     assert (out_b - N.softmax(scores, mask, bound, 64.0)).abs().max() < 2e-4 * math.e
-    # the max's 7 levels are gone (~460 bytes per score; the reciprocal's wider range, from 2^-10, takes back 160)
-    assert rounds_b == rounds - 9 * 7 and bytes_b < nbytes - 250 * scores.numel()
+    # the max's 7 levels are gone (CrypTen: ~460 bytes per score, the reciprocal's wider range from 2^-10 takes
+    # back 160; FSS: ~40 bytes per score)
+    saved = {"fss": 25, "crypten": 250}[mode]
+    assert rounds_b == rounds - (c + 1) * 7 and bytes_b < nbytes - saved * scores.numel()

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mpcache.mpc.arith import compare
+from mpcache.mpc.arith.compare import comparisons  # noqa: F401  (re-exported: the protocol switch)
 from mpcache.mpc.arith.crypten_compat import import_crypten
 from mpcache.mpc.arith.ring import (
     TRUNC_OFFSET,
@@ -42,6 +44,7 @@ from mpcache.mpc.arith.ring import (
     truncation_tuple,
     unsigned_floordiv,
 )
+from mpcache.mpc.fss import batch as fss_batch
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
@@ -85,14 +88,65 @@ def exact_truncate_(xs: Sequence[ArithmeticSharedTensor], divisors: Sequence[int
 
 
 class LocalDealer(TrustedFirstParty):
-    """In-process tuple provider for tests: CrypTen's trusted first party plus exact-truncation tuples.
+    """In-process tuple provider for tests and benchmarks: CrypTen's trusted first party plus exact-truncation
+    tuples, weight-stationary masks and FSS comparison keys, with no dealer process.
 
-    INSECURE like TFP: party 0 draws every tuple (from a seed, via `truncation_tuple`) and secret-shares it
-    with pseudo-random zero shares, so it knows all masks. A dealer service serves the same tuple kind by
-    computing `truncation_derived` from its own stream of r.
+    INSECURE like TFP, by design: party 0 draws every tuple (from a seed, via `truncation_tuple`) and
+    secret-shares it with pseudo-random zero shares, so it knows all masks; for FSS keys (`compare_keys`) BOTH
+    parties draw the same two dealer seeds from CrypTen's global generator (a seed they share) and each runs the
+    dealer's key generation (fss.batch.gen_chunks, exactly what the dealer service runs) keeping its own key, so
+    each knows both keys. The dealer service serves the same tuple kinds from seeds only it and one party know.
+
+    `dealer_bytes`: what a dealer process would have sent THIS party for the tuples used so far (party 0: one
+    ring element per derived element of every Beaver-style tuple, as mpcache/mpc/dealer sends its corrections;
+    both parties: every FSS key's corrections), so benchmarks report the dealer's traffic without running one.
     """
 
     NAME = PROVIDER_NAME
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._masks: list[Tensor] = []
+        self.dealer_bytes = 0
+
+    def _sent(self, *derived) -> None:
+        """Count what the dealer sends party 0 for a tuple with these derived tensors (nothing to party 1)."""
+        if comm.get().get_rank() == 0:
+            self.dealer_bytes += 8 * sum(t.share.numel() for t in derived)
+
+    def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
+        a, b, c = super().generate_additive_triple(size0, size1, op, device, *args, **kwargs)
+        self._sent(c)
+        return a, b, c
+
+    def square(self, size, device=None):
+        r, r2 = super().square(size, device)
+        self._sent(r2)
+        return r, r2
+
+    def generate_binary_triple(self, size0, size1, device=None):
+        a, b, c = super().generate_binary_triple(size0, size1, device)
+        self._sent(c)
+        return a, b, c
+
+    def wrap_rng(self, size, device=None):
+        r, theta = super().wrap_rng(size, device)
+        self._sent(theta)
+        return r, theta
+
+    def B2A_rng(self, size, device=None):
+        r_arith, r_bin = super().B2A_rng(size, device)
+        self._sent(r_arith)
+        return r_arith, r_bin
+
+    def compare_keys(self, n: int, count: int) -> list:
+        """This party's keys of `count` comparisons on n-bit masked values (fss.CompareKey chunks, in order)."""
+        g = crypten.generators["global"][torch.device("cpu")]
+        seed = torch.randint(-(1 << 63), (1 << 63) - 1, (4,), generator=g, dtype=torch.long).numpy().tobytes()
+        rank = comm.get().get_rank()
+        keys = [pair[rank] for _, *pair in fss_batch.gen_chunks("compare", n, count, (seed[:16], seed[16:]), 0)]
+        self.dealer_bytes += fss_batch.batch_bytes("compare", n, count)
+        return keys
 
     def exact_truncation_tuple(self, size, divisor, device=None) -> tuple[ArithmeticSharedTensor, ...]:
         size = tuple(size)
@@ -105,15 +159,12 @@ class LocalDealer(TrustedFirstParty):
             shared = ArithmeticSharedTensor(None, size=(3, *size), precision=0, src=0, device=device)
         r = ArithmeticSharedTensor.from_shares(shared.share[0], precision=0)
         derived = ArithmeticSharedTensor.from_shares(shared.share[1:], precision=0)
+        self._sent(derived)
         return r, derived
 
     # Weight-stationary Beaver tuples (see `FixedOperand`): a mask B drawn once per weight, then per product a
     # fresh A with C = op(A, B). Party 0 keeps B in the clear (as TFP knows every mask); the other parties keep
     # its shape only.
-    def __init__(self) -> None:
-        super().__init__()
-        self._masks: list[Tensor] = []
-
     def fixed_mask(self, size, device=None) -> tuple[int, ArithmeticSharedTensor]:
         size = tuple(size)
         first = comm.get().get_rank() == 0
@@ -127,12 +178,15 @@ class LocalDealer(TrustedFirstParty):
         b = b if block is None else mask_block(b, block)
         if comm.get().get_rank() == 0:
             a = generate_random_ring_element(size, device=device)
-            return ArithmeticSharedTensor(a, precision=0, src=0), ArithmeticSharedTensor(
+            a, c = ArithmeticSharedTensor(a, precision=0, src=0), ArithmeticSharedTensor(
                 getattr(torch, op)(a, b), precision=0, src=0
             )
-        c_size = getattr(torch, op)(torch.empty(size, device="meta"), b).shape
-        a = ArithmeticSharedTensor(None, size=size, precision=0, src=0)
-        return a, ArithmeticSharedTensor(None, size=c_size, precision=0, src=0)
+        else:
+            c_size = getattr(torch, op)(torch.empty(size, device="meta"), b).shape
+            a = ArithmeticSharedTensor(None, size=size, precision=0, src=0)
+            c = ArithmeticSharedTensor(None, size=c_size, precision=0, src=0)
+        self._sent(c)
+        return a, c
 
 
 _original_div_ = ArithmeticSharedTensor.div_
@@ -176,9 +230,13 @@ def install(provider: str = PROVIDER_NAME) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Values are torch tensors (the simulator) or MPCTensors. MPCTensors carry a fixed-point scale: 2^16 for reals,
 # 1 for the 0/1 bits that comparisons return; products of a bit and a real need no truncation. Every helper
-# truncates at most once, so its rounds are: products 1 (Beaver) + 1 (truncation), comparisons 8 per batch.
+# truncates at most once, so its rounds are: products 1 (Beaver) + 1 (truncation), comparisons 1 per batch with
+# FSS keys (arith/compare.py; 8 with CrypTen's adder, `comparisons("crypten")`).
 
 Value = Tensor | MPCTensor
+
+# Comparison ranges (arith/compare.py: every comparison states |x - t| < bound; FSS's ring width follows from it).
+VALUE_BOUND = 2.0**15  # activations, queries, keys, logits and their pairwise differences: FSS n = 32 on reals
 
 
 def is_private(x: object) -> bool:
@@ -431,14 +489,54 @@ def divide(x: Value, d: int) -> Value:
     return out
 
 
-def less_than(x: Value, thresholds: Sequence[float]) -> Value:
-    """Bits [x < t] for every public threshold t, stacked on a new leading dim; all in one comparison batch
-    (MPC: one arithmetic-to-binary conversion of the stacked differences: 8 rounds whatever the count, 432
-    bytes per element and threshold)."""
+def less_than(x: Value, thresholds: Sequence[float], bound: float) -> Value:
+    """Bits [x < t] for every public threshold t, stacked on a new leading dim; all in one comparison batch.
+
+    `bound`: the caller's public statement that |x - t| < bound for every element and threshold (arith/compare.py:
+    it sets the FSS ring width n = ceil(log2(bound x scale)) + 1; the simulator refuses a value outside it). MPC
+    with comparisons "fss": 1 round, ceil(n/8) bytes sent per party, element and threshold (n = 32 for a bound of
+    2^15 on reals); "crypten": 8 rounds, 432 bytes in CrypTen's counter. The bits are arithmetic shares (scale 1)."""
     t = on_grid(list(thresholds))
     if not is_private(x):
+        for ti in t:
+            compare.check_range(x - ti, bound)
         return torch.stack([(x < ti).to(x.dtype) for ti in t])
-    return stack([x - float(ti) for ti in t])._ltz()
+    return compare.negative(stack([x - float(ti) for ti in t]), bound)
+
+
+def lt(x: Value, y: Value | float, bound: float) -> Value:
+    """[x < y] elementwise (scale-1 shares in MPC), for |x - y| < bound: one comparison round."""
+    return less_than(x - y, [0.0], bound)[0]
+
+
+def gt(x: Value, y: Value | float, bound: float) -> Value:
+    """[x > y] = [y - x < 0]."""
+    return less_than(y - x, [0.0], bound)[0]
+
+
+def ge(x: Value, y: Value | float, bound: float) -> Value:
+    """[x >= y] = 1 - [x < y] (no equality test: local)."""
+    return 1 - lt(x, y, bound)
+
+
+def sign(x: Value, bound: float) -> Value:
+    """+1 where x >= 0, -1 where x < 0 (scale 1), for |x| < bound: one comparison, the rest local."""
+    return 1 - 2 * less_than(x, [0.0], bound)[0]
+
+
+def select(bit: Value, a: Value, b: Value | float) -> Value:
+    """bit ? a : b for a 0/1 `bit` (a comparison's scale-1 share): b + bit (a - b), one Beaver product and no
+    truncation (a bit times a real is exact)."""
+    return b + mul(bit, a - b)
+
+
+def counters() -> dict[str, float]:
+    """This party's cost counters for arith.accounting.Ledger: CrypTen's rounds and bytes between the parties
+    (counted while cfg.communicator.verbose) and the bytes of correlated randomness its tuple provider got from
+    the dealer (`dealer_bytes`: LocalDealer counts what a dealer would send; 0 for providers without it)."""
+    stats = comm.get().get_communication_stats()
+    dealer = getattr(crypten.mpc.get_default_provider(), "dealer_bytes", 0)
+    return {"rounds": stats["rounds"], "bytes": stats["bytes"], "dealer_bytes": dealer}
 
 
 def mask_multiply(x: Value, mask: Tensor) -> Value:
@@ -602,15 +700,17 @@ SILU = TailTable(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def exp_neg(x: Value, clip_top: bool = False) -> Value:
-    """exp(x) for x <= 0, any magnitude: exp(max(x, -14)) via a degree-6 polynomial of x/8, squared 3 times.
+def exp_neg(x: Value, clip_top: bool = False, bound: float = VALUE_BOUND) -> Value:
+    """exp(x) for x <= 0 down to -bound (2^15 by default): exp(max(x, -14)) via a degree-6 polynomial of x/8,
+    squared 3 times.
 
     clip_top also clips at 0 (exp(x) := 1 for x > 0) in the same comparison batch, for callers that only have
-    an upper bound on x. Max abs error on x <= 0: 3e-4 in MPC (fixed point), 1e-6 in the simulator; relative
-    error ~1.2e-4 + 2^-16/e^x. Cost: 23 rounds, 800 bytes per element (the clip's comparison is 432 of them;
-    CrypTen's exp, wrong below -512: 17 rounds, 272 bytes).
+    an upper bound on x. `bound`: |x + 14| and |x| stay below it (the clip's comparison range; less_than). Max
+    abs error on x <= 0: 3e-4 in MPC (fixed point), 1e-6 in the simulator; relative error ~1.2e-4 + 2^-16/e^x.
+    Cost (CrypTen comparisons): 23 rounds, 800 bytes per element, the clip's comparison 432 of them; with FSS
+    comparisons the clip is 1 round and 8 bytes (CrypTen's exp, wrong below -512: 17 rounds, 272 bytes).
     """
-    bits = less_than(x, [-EXP.clip, 0.0] if clip_top else [-EXP.clip])
+    bits = less_than(x, [-EXP.clip, 0.0] if clip_top else [-EXP.clip], bound)
     x = x + mul(bits[0], -EXP.clip - x)  # below -clip -> -clip
     if clip_top:
         x = x - mul(1 - bits[1], x)  # above 0 -> 0
@@ -644,6 +744,12 @@ def exp_range(x: Value) -> Value:
 MIN_DOMAIN = 2.0**-10  # 64 units of the 2^-16 grid: thresholds below this cannot be resolved
 
 
+def domain_bound(hi: float) -> float:
+    """Comparison range of a guess ladder on a domain [lo, hi] of x >= 0: |x - t| < 2 hi for x up to twice the
+    domain's top (such x still get the top segment's guess, as with 64-bit comparisons)."""
+    return 2.0 * hi
+
+
 def _ladder(lo: float, hi: float, steps_per_octave: int) -> Tensor:
     """Thresholds lo * rho^i (i = 1..n, rho = 2^(1/steps)) covering [lo, hi]."""
     if not (MIN_DOMAIN <= lo < hi):
@@ -652,10 +758,10 @@ def _ladder(lo: float, hi: float, steps_per_octave: int) -> Tensor:
     return lo * 2.0 ** (torch.arange(1, n + 1, dtype=torch.float64) / steps_per_octave)
 
 
-def _piecewise_constant(x: Value, thresholds: Tensor, values: Tensor) -> Value:
+def _piecewise_constant(x: Value, thresholds: Tensor, values: Tensor, bound: float) -> Value:
     """values[i] on [thresholds[i-1], thresholds[i]) (values[0] below thresholds[0], values[-1] above the last):
-    one comparison batch; the sum of bits times public constants is exact and free."""
-    below = less_than(x, thresholds.tolist())  # [x < t_i]
+    one comparison batch (|x - t| < bound); the sum of bits times public constants is exact and free."""
+    below = less_than(x, thresholds.tolist(), bound)  # [x < t_i]
     # start from the top segment and step down one segment for every threshold x is below
     return combine(below, values[:-1] - values[1:], float(values[-1]))
 
@@ -675,7 +781,7 @@ def reciprocal(x: Value, lo: float, hi: float, scale_bits: int = 0, steps_per_oc
     edges = torch.cat([torch.tensor([lo], dtype=torch.float64), t])  # left edge of each segment
     rho = 2.0 ** (1 / steps_per_octave)
     values = (1 << scale_bits) * 2 / (1 + rho) / edges  # x y0 in [2/(1+rho), 2 rho/(1+rho)) on each segment
-    y = _piecewise_constant(x, t, on_grid(values))
+    y = _piecewise_constant(x, t, on_grid(values), domain_bound(hi))
     for _ in range(iterations):
         y = mul(y, 2 - mul(x, y, shift=scale_bits))
     return y
@@ -695,19 +801,20 @@ def inv_sqrt(x: Value, lo: float, hi: float, scale_bits: int = 0, steps_per_octa
     edges = torch.cat([torch.tensor([lo], dtype=torch.float64), t])
     rho = 2.0 ** (1 / steps_per_octave)
     values = (1 << scale_bits) * math.sqrt(2 / (1 + rho)) / edges.sqrt()
-    y = _piecewise_constant(x, t, on_grid(values))
+    y = _piecewise_constant(x, t, on_grid(values), domain_bound(hi))
     for _ in range(iterations):
         half_xyy = mul(mul(x, y), y, shift=2 * scale_bits + 1)  # x y^2 / 2 in units of 2^(2 scale_bits)
         y = mul(y, 1.5 - half_xyy)
     return y
 
 
-def _relu_minus_tail(x: Value, table: TailTable) -> Value:
+def _relu_minus_tail(x: Value, table: TailTable, bound: float) -> Value:
     """relu(x) - k(|x|) with k piecewise polynomial (see TailTable): one comparison batch for the sign and the
-    piece boundaries, one product for |x| normalised per piece, the powers, and one product selecting pieces."""
+    piece boundaries (|x| + the last cut < bound), one product for |x| normalised per piece, the powers, and one
+    product selecting pieces."""
     cuts = table.cuts
     pieces = list(zip(cuts[:-1], cuts[1:]))
-    bits = less_than(x, [0.0] + [c for cut in cuts[1:] for c in (cut, -cut)])
+    bits = less_than(x, [0.0] + [c for cut in cuts[1:] for c in (cut, -cut)], bound)
     neg = bits[0]
     outside = [1 - bits[2 * i + 1] + bits[2 * i + 2] for i in range(len(cuts) - 1)]  # [|x| >= cut_i], i >= 1
     # t_j = (2|x| - lo - hi) / (hi - lo) = w_j x - 2 w_j neg x - b_j, with w_j = 2 / (hi - lo)
@@ -725,41 +832,46 @@ def _relu_minus_tail(x: Value, table: TailTable) -> Value:
     return selected[0] - selected[1:].sum(0)
 
 
-def relu(x: Value) -> Value:
-    """max(x, 0): one comparison and one bit-times-value product (exact)."""
-    return mul(1 - less_than(x, [0.0])[0], x)
+def relu(x: Value, bound: float = VALUE_BOUND) -> Value:
+    """max(x, 0) for |x| < bound: one comparison and one bit-times-value product (exact): `select`."""
+    return select(ge(x, 0.0, bound), x, 0.0)
 
 
-def gelu(x: Value) -> Value:
-    """GeLU (erf form) on all reals: relu(x) - k(|x|), k(a) = a Phi(-a) in two degree-6 pieces on [0, 5), zero
-    beyond. Max abs error 7e-5 in the simulator, 1e-4 in MPC (and within 5e-4 of the tanh form).
-    Cost: one comparison batch (5 thresholds) and 5 product rounds: 18 rounds, 2.8 kB per element."""
-    return _relu_minus_tail(x, GELU)
+def gelu(x: Value, bound: float = VALUE_BOUND) -> Value:
+    """GeLU (erf form) for |x| < bound - 5 (2^15 - 5 by default): relu(x) - k(|x|), k(a) = a Phi(-a) in two
+    degree-6 pieces on [0, 5), zero beyond. Max abs error 7e-5 in the simulator, 1e-4 in MPC (and within 5e-4 of
+    the tanh form). Cost: one comparison batch (5 thresholds) and 5 product rounds: 18 rounds, 2.8 kB per element
+    with CrypTen comparisons; 11 rounds with FSS comparisons (5 x 8 bytes of them)."""
+    return _relu_minus_tail(x, GELU, bound)
 
 
-def silu(x: Value) -> Value:
-    """SiLU on all reals: relu(x) - k(|x|), k(a) = a sigmoid(-a) in two degree-6 pieces on [0, 12), zero beyond.
-    Max abs error 2.2e-4 in the simulator, 2.5e-4 in MPC. Cost as `gelu`."""
-    return _relu_minus_tail(x, SILU)
+def silu(x: Value, bound: float = VALUE_BOUND) -> Value:
+    """SiLU for |x| < bound - 12: relu(x) - k(|x|), k(a) = a sigmoid(-a) in two degree-6 pieces on [0, 12), zero
+    beyond. Max abs error 2.2e-4 in the simulator, 2.5e-4 in MPC. Cost as `gelu`."""
+    return _relu_minus_tail(x, SILU, bound)
 
 
 MASK_FILL = 1.0e4  # masked scores before the max; any finite value below every real score works
+SCORE_LIMIT = 2.0**13  # softmax inputs: |score| < 2^13 (q.k / sqrt(d) of real models stays far below it)
+SOFTMAX_BOUND = 2.0**15  # > MASK_FILL + SCORE_LIMIT and 2 SCORE_LIMIT + EXP.clip: the softmax's comparison range
 
 
-def row_max(x: Value) -> Value:
-    """Max over the last dim (keepdim), exact. MPC: a tournament of ceil(log2 n) levels, each one comparison
-    batch and one bit-times-difference product (no truncation): n - 1 comparisons, 9 rounds per level; rows of
-    128: 63 rounds, 460 bytes per element. CrypTen's x.max(dim) also builds the argmax one-hot (an equality test
-    of every element against the max, a random tie break): 79 rounds, 1.34 kB per element."""
+def row_max(x: Value, bound: float = VALUE_BOUND) -> Value:
+    """Max over the last dim (keepdim), exact, for entries whose pairwise differences stay below `bound`.
+    MPC: a tournament of ceil(log2 n) levels, each one comparison batch and one select (a bit-times-difference
+    product, no truncation): n - 1 comparisons. CrypTen comparisons: 9 rounds per level, rows of 128: 63 rounds,
+    460 bytes per element; FSS: 2 rounds per level (CrypTen's x.max(dim) also builds the argmax one-hot, an
+    equality test of every element against the max and a random tie break: 79 rounds, 1.34 kB per element).
+    The simulator computes the max directly but checks the bound as every level would."""
     if not is_private(x):
+        if x.shape[-1] > 1:
+            compare.check_range(x.amax(-1) - x.amin(-1), bound)
         return x.amax(-1, keepdim=True)
     cur = x
     while cur.shape[-1] > 1:
         k = cur.shape[-1] // 2
         left, right, rest = cur[..., :k], cur[..., k : 2 * k], cur[..., 2 * k :]
-        diff = left - right
-        left_wins = 1 - less_than(diff, [0.0])[0]  # [left >= right]
-        cur = cat([right + mul(left_wins, diff), rest], dim=-1)
+        cur = cat([select(ge(left, right, bound), left, right), rest], dim=-1)
     return cur
 
 
@@ -777,8 +889,9 @@ def softmax(
       still right (e^x < 2^-16 there); deeper ones are garbage in their own entry, and with a bound, scores
       above it by more than ~9 overflow (exp_range's domain): calibrate the bound with a margin.
     Masked entries go to 0 before exp and are zeroed after it by exact public products (before the max they
-    are set to -1e4, far inside the fixed-point range). The normaliser 2^a / sum (a = ceil(log2 n)) keeps 16
-    significant bits for long rows.
+    are set to -1e4, far inside the fixed-point range). Comparison ranges: scores |x| < SCORE_LIMIT = 2^13 (and a
+    bound within it), so the max's differences and exp_neg's input stay below SOFTMAX_BOUND = 2^15 (FSS n = 32).
+    The normaliser 2^a / sum (a = ceil(log2 n)) keeps 16 significant bits for long rows.
 
     Error (max over entries, checked in tests): with the max, |p - p_ref| <= 3e-4 + n 2^-17 with exp_neg,
     2^-15 + n 2^-17 with exp_range (the n 2^-17 term is the sum of n rounded exps); with a bound, that times
@@ -801,13 +914,13 @@ def softmax(
     if bound is None:
         if mask is not None:
             x = mask_multiply(x, mask) - MASK_FILL * (~mask).double()
-        d = x - row_max(x)
+        d = x - row_max(x, SOFTMAX_BOUND)
         lo = 0.5  # the max's own term is e^0 = 1
     else:
         d = x - on_grid(bound).to(x.dtype if not is_private(x) else torch.float64)
         lo = 2.0**-10
     if score_range is None:
-        e = exp_neg(d, clip_top=bound is not None)
+        e = exp_neg(d, clip_top=bound is not None, bound=SOFTMAX_BOUND)
     else:
         e = exp_range(d if mask is None else mask_multiply(d, mask))  # masked: exp(0), zeroed below
     if mask is not None:
@@ -821,21 +934,23 @@ def softmax(
     return mul(e, reciprocal(total, lo, hi, scale_bits=a), shift=a)
 
 
-def argmax(x: Value) -> Value:
-    """One-hot of the first maximum over the last dim (ties go to the lower index, as torch.argmax).
+def argmax(x: Value, bound: float = VALUE_BOUND) -> Value:
+    """One-hot of the first maximum over the last dim (ties go to the lower index, as torch.argmax), for entries
+    whose pairwise differences stay below `bound`.
 
-    A tournament: ceil(log2 n) levels of pairwise comparisons (n - 1 in all) carry the larger value up; then
-    the one-hot is expanded top-down, each level multiplying the parent's bit by the comparison bit. MPC: ~10
-    rounds and one product round per level up, one product round per level down; bits are exact.
+    A tournament: ceil(log2 n) levels of pairwise comparisons (n - 1 in all) carry the larger value up (one
+    comparison round and one select round per level); then the one-hot is expanded top-down, each level
+    multiplying the parent's bit by the comparison bit (one product round per level). Bits are exact; the
+    one-hot is arithmetic shares of bits (scale 1), the gather matrix of a selection as it is.
     """
     levels = []
     cur = x
     while cur.shape[-1] > 1:
         k = cur.shape[-1] // 2
         left, right, rest = cur[..., 0 : 2 * k : 2], cur[..., 1 : 2 * k : 2], cur[..., 2 * k :]
-        left_wins = 1 - less_than(left - right, [0.0])[0]  # [left >= right]
+        left_wins = ge(left, right, bound)
         levels.append((left_wins, rest.shape[-1]))  # node i of the next level = winner of pair i, then rest
-        cur = cat([right + mul(left_wins, left - right), rest], dim=-1)
+        cur = cat([select(left_wins, left, right), rest], dim=-1)
     if not levels:  # a single candidate
         ones = torch.ones(tuple(x.shape))
         return crypten.cryptensor(ones, src=0, precision=0) if is_private(x) else ones.to(x.dtype)

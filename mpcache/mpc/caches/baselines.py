@@ -171,7 +171,10 @@ class PrivateH2O(PrivateKVCache):
             kvs = N.cat([entry.keys, entry.values, scores.unsqueeze(-1)], -1)  # one gather for all three
             parts = [kvs[:, :, :lo]] if lo else []
             if heavy:
-                chosen = top_k_mask(scores[..., lo:hi], heavy)
+                # a slot's score sums the probabilities (each <= 1) it got from every query head of its group and
+                # every query so far: at most G x (queries seen), plus slack for fixed-point error
+                bound = queries.shape[1] // entry.keys.shape[1] * (int(query_positions.max()) + 1) + 1.0
+                chosen = top_k_mask(scores[..., lo:hi], heavy, bound)
                 parts.append(N.matmul(compaction_matrix(chosen, heavy), kvs[:, :, lo:hi]))
             if recent:
                 parts.append(kvs[:, :, hi:])

@@ -61,6 +61,11 @@ from mpcache.mpc.arith.numerics import Value
 from mpcache.mpc.nn.layers import SCORE_RANGE, PrivateKVCache, PrivateLayerKV, cached_attention
 
 LIFT = 1.0e4  # pushes an ineligible cluster's score below every real score (|q . r| stays far below it)
+# Comparison ranges (numerics.less_than; arith/compare.py: each sets the FSS ring width and is checked by the
+# simulator). Keys, queries and their pairwise differences: numerics.VALUE_BOUND (2^15, n = 32). Cluster scores
+# (|q . r| < 2^14 summed over a group) minus a LIFT penalty, or the bucket padding at -3 LIFT: differences below
+# 3 LIFT + 2^14 < 2^16 (n = 33). Ranks and prefix counts are integers at scale 1: bounded by the item count.
+SELECT_BOUND = 2.0**16
 
 
 # ----------------------------------------------------------------------------------------------- secret top-k
@@ -77,22 +82,24 @@ def _take(x: Value, index: Tensor) -> Value:
     return x.index_select(x.dim() - 1, index)
 
 
-def pairwise_rank(scores: Value) -> Value:
+def pairwise_rank(scores: Value, bound: float) -> Value:
     """Rank of every entry of each row [..., n] (0 = best; ties go to the lower index, as a stable sort): one
-    comparison batch of the n(n-1)/2 pairwise differences, the rest is local. Integers at scale 1."""
+    comparison batch of the n(n-1)/2 pairwise differences (each below `bound`), the rest is local. Integers at
+    scale 1."""
     n = scores.shape[-1]
     i, j = torch.triu_indices(n, n, 1)
-    lower = N.less_than(_take(scores, i) - _take(scores, j), [0.0])[0]  # [s_i < s_j] for every i < j
+    lower = N.lt(_take(scores, i), _take(scores, j), bound)  # [s_i < s_j] for every i < j
     # i is beaten by a later j when s_j > s_i, and by an earlier j unless s_j < s_i
     return _index_add(lower, i, n) - _index_add(lower, j, n) + torch.arange(n, dtype=torch.float64)
 
 
-def top_k_mask(scores: Value, k: int) -> Value:
-    """Secret bits [..., n] of the k best entries of each row (public k, 0 < k < n): rank, then [rank < k]."""
+def top_k_mask(scores: Value, k: int, bound: float) -> Value:
+    """Secret bits [..., n] of the k best entries of each row (public k, 0 < k < n; score differences below
+    `bound`): rank, then [rank < k] (ranks are integers in [0, n): that comparison is on log2(n) + 2 bits)."""
     n = scores.shape[-1]
     if not 0 < k < n:
         raise ValueError(f"top-k needs 0 < k < n, got k={k}, n={n}")
-    return N.less_than(pairwise_rank(scores), [float(k)])[0]
+    return N.less_than(pairwise_rank(scores, bound), [float(k)], float(n))[0]
 
 
 def compaction_matrix(chosen: Value, k: int) -> Value:
@@ -102,7 +109,8 @@ def compaction_matrix(chosen: Value, k: int) -> Value:
     before = chosen.cumsum(-1) - chosen  # chosen items before i (exclusive prefix count)
     lifted = before + (1 - chosen) * (n + 1)  # an integer multiple of bits: local, exact
     diff = lifted.unsqueeze(-2) - torch.arange(k, dtype=torch.float64)[:, None]  # [..., k, n]
-    bits = N.less_than(diff, [1.0, 0.0])  # [v - j < 1], [v - j < 0]: v == j for integers
+    # integers in [-(k - 1), n + 1 + k]: the comparison range is n + k + 2 at scale 1 (a few bits)
+    bits = N.less_than(diff, [1.0, 0.0], float(n + k + 2))  # [v - j < 1], [v - j < 0]: v == j for integers
     return bits[0] - bits[1]
 
 
@@ -150,14 +158,14 @@ def window_scores(queries: Value, keys: Value, query_positions: Tensor, key_posi
     return N.divide(received.sum(1).sum(1), hq)  # static_scores' head mean, exactly
 
 
-def static_keep(scores: Value, keep: int, sink: int, window: int) -> StaticKeep:
-    """Keep-set of a fixed public size from per-slot scores [B, L]: sinks and window publicly, the best `keep -
-    sink - window` of the rest secretly."""
+def static_keep(scores: Value, keep: int, sink: int, window: int, bound: float) -> StaticKeep:
+    """Keep-set of a fixed public size from per-slot scores [B, L] (non-negative, below `bound`): sinks and window
+    publicly, the best `keep - sink - window` of the rest secretly."""
     length = scores.shape[-1]
     sink, window, picks = static_plan(length, keep, sink, window)
     if picks == 0 or picks == length - sink - window:
         return StaticKeep(sink, window, picks, None)
-    chosen = top_k_mask(_mid_rows(scores, sink, length - window, -1), picks)
+    chosen = top_k_mask(_mid_rows(scores, sink, length - window, -1), picks, bound)
     return StaticKeep(sink, window, picks, compaction_matrix(chosen, picks).unsqueeze(1))
 
 
@@ -179,19 +187,20 @@ def compact(entry: PrivateLayerKV, plan: StaticKeep) -> PrivateLayerKV:
 
 
 # ------------------------------------------------------------------------------------ 2. clustering
-def _extrema_tree(xmax: Value, xmin: Value, same: bool) -> tuple[Value, Value]:
-    """Max and min over dim -2 of [..., s, D] by pairwise levels; each level one comparison batch and one bit x
-    real product for both (one comparison serves both when `same`, i.e. xmax is xmin)."""
+def _extrema_tree(xmax: Value, xmin: Value, same: bool, bound: float = N.VALUE_BOUND) -> tuple[Value, Value]:
+    """Max and min over dim -2 of [..., s, D] by pairwise levels (differences below `bound`); each level one
+    comparison batch and one bit x real product for both (one comparison serves both when `same`, i.e. xmax is
+    xmin)."""
     while xmax.shape[-2] > 1:
         k = xmax.shape[-2] // 2
         a_max, b_max, rest_max = xmax[..., 0 : 2 * k : 2, :], xmax[..., 1 : 2 * k : 2, :], xmax[..., 2 * k :, :]
         a_min, b_min, rest_min = xmin[..., 0 : 2 * k : 2, :], xmin[..., 1 : 2 * k : 2, :], xmin[..., 2 * k :, :]
         if same:
-            bit = N.less_than(a_max - b_max, [0.0])[0]  # [a < b]
+            bit = N.lt(a_max, b_max, bound)  # [a < b]
             step = N.mul(bit, b_max - a_max)
             new_max, new_min = a_max + step, b_max - step
         else:
-            bits = N.less_than(N.stack([a_max - b_max, a_min - b_min]), [0.0])[0]
+            bits = N.lt(N.stack([a_max, a_min]), N.stack([b_max, b_min]), bound)
             step = N.mul(bits, N.stack([b_max - a_max, b_min - a_min]))
             new_max, new_min = a_max + step[0], b_min - step[1]
         xmax, xmin = N.cat([new_max, rest_max], -2), N.cat([new_min, rest_min], -2)
@@ -247,7 +256,7 @@ class ClusterSummary:
                 updates.append(name)
         if updates:
             last = [getattr(self, f"{n}_{m}")[:, :, -1:] for n in updates for m in ("max", "min")]
-            bits = N.less_than(N.stack([v - key for v in last]), [0.0])[0]  # [v < key]
+            bits = N.lt(N.stack(last), key, N.VALUE_BOUND)  # [v < key]
             moved = N.mul(bits, N.stack([key - v for v in last]))  # max: v + moved; min: key - moved
             for i, n in enumerate(updates):
                 new_max, new_min = last[2 * i] + moved[2 * i], key - moved[2 * i + 1]
@@ -319,7 +328,7 @@ class Selection:
 def sign_split(queries: Value) -> Value:
     """Private twin of mpcache.methods.mpcache.sign_split: [sum_g q_g, sum_g q_g [q_g >= 0]] -> [B, H, 2, D]; one
     comparison batch over the query channels (Hq x D per layer, not per token) and a bit x real product (exact)."""
-    positive = 1 - N.less_than(queries, [0.0])[0]
+    positive = N.ge(queries, 0.0, N.VALUE_BOUND)
     return N.stack([queries.sum(2), N.mul(positive, queries).sum(2)], 2)
 
 
@@ -347,7 +356,7 @@ def bucket_one_hot(scores: Value, k: int) -> Value:
     if s * k > m:
         low = N.mask_multiply(scores[..., :1], torch.zeros(1)) - 3 * LIFT
         scores = N.cat([scores, *([low] * (s * k - m))], -1)
-    hot = N.argmax(scores.reshape(*scores.shape[:-1], s, k).transpose(-1, -2))  # [..., k, s]: bucket b, entry j
+    hot = N.argmax(scores.reshape(*scores.shape[:-1], s, k).transpose(-1, -2), SELECT_BOUND)  # [..., k, s]
     bucket, j = torch.meshgrid(torch.arange(k), torch.arange(s), indexing="ij")
     index = bucket * m + (j * k + bucket)  # flat position of entry j*k + b in row b of [k, m]
     index = torch.where(j * k + bucket < m, index, k * m)  # padding goes to a spare slot, dropped
@@ -414,7 +423,7 @@ def select(
         if topk == "bucket":
             chosen = bucket_one_hot(parent_scores[..., 1 : c1 - 1], n_parent - 2).sum(-2)
         else:
-            chosen = top_k_mask(parent_scores[..., 1 : c1 - 1], n_parent - 2)  # the ends are always chosen
+            chosen = top_k_mask(parent_scores[..., 1 : c1 - 1], n_parent - 2, SELECT_BOUND)  # ends: always chosen
         lifted = N.mul(1 - chosen, LIFT)
         zero = N.mask_multiply(lifted[..., :1], torch.zeros(1))
         penalty = N.cat([zero, lifted, zero], -1)
@@ -424,7 +433,7 @@ def select(
         return Selection(None, c2)
     if topk == "bucket":
         return Selection(bucket_one_hot(middle, k), c2)
-    return Selection(compaction_matrix(top_k_mask(middle, k), k), c2)
+    return Selection(compaction_matrix(top_k_mask(middle, k, SELECT_BOUND), k), c2)
 
 
 def middle_clusters(entry: PrivateLayerKV, n_child: int, sub: int) -> Value:
@@ -531,7 +540,9 @@ class PrivateMPCache(PrivateKVCache):
                     w = observation_window(length, k.window_ratio, k.long_prompt, k.long_window_ratio)
                     scores = window_scores(queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions)
                     scores = window_sum(scores, k.static_pool)
-                    plan = static_keep(scores, keep, self.knobs.sink, self.knobs.window)
+                    # each query's probabilities sum to 1: a slot's window score is at most w, pooled k.static_pool
+                    # (+1) times; the slack covers fixed-point error
+                    plan = static_keep(scores, keep, self.knobs.sink, self.knobs.window, w * (k.static_pool + 1) + 1.0)
                 self.static[layer] = plan
                 self.layers[layer] = entry = compact(entry, plan)
             self.summary[layer] = ClusterSummary.build(entry.keys, self.knobs.cluster_size, self.knobs.subcluster_size)
@@ -597,17 +608,15 @@ def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0, knobs
 
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True
-    comm = crypten.communicator.get()
     g = torch.Generator().manual_seed(seed)
     hkv, hq, d = 4, 8, 32
     rows = []
 
     def cost(fn, *args):
-        crypten.reset_communication_stats()
-        start = time.perf_counter()
+        before, start = N.counters(), time.perf_counter()
         out = fn(*args)
-        stats = comm.get_communication_stats()
-        return out, {"rounds": int(stats["rounds"]), "bytes": int(stats["bytes"]), "s": time.perf_counter() - start}
+        spent = {k: int(v - before[k]) for k, v in N.counters().items()}
+        return out, {**spent, "s": time.perf_counter() - start}
 
     def shared(*shape: int, src: int = 0, scale: float = 1.0) -> Value:
         return crypten.cryptensor(torch.randn(*shape, generator=g, dtype=torch.float64) * scale, src=src)
@@ -636,13 +645,13 @@ def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0, knobs
         _, attend = cost(full_attention, q, view, qpos)
         row = {"length": length, "read": view.capacity, "full": full, "select": sel, "attend": attend}
         row["update"] = update
-        row["mpcache"] = {k: sel[k] + attend[k] + update[k] for k in ("rounds", "bytes", "s")}
+        row["mpcache"] = {k: sel[k] + attend[k] + update[k] for k in ("rounds", "bytes", "dealer_bytes", "s")}
         rows.append(row)
     for length in static_lengths:
         scores = crypten.cryptensor(torch.rand(1, length, generator=g, dtype=torch.float64), src=0)
         kv = shared(1, hkv, length, 2 * d)
         entry = PrivateLayerKV(kv, kv, torch.arange(length).expand(1, hkv, length), torch.ones(1, hkv, length) > 0)
-        plan, top = cost(static_keep, scores, length // 2, 16, 16)
+        plan, top = cost(static_keep, scores, length // 2, 16, 16, 2.0)
         _, gather = cost(compact, entry, plan)
         rows.append({"length": length, "top": top, "gather": gather})
     crypten.cfg.communicator.verbose = False
@@ -681,7 +690,7 @@ def _measure_model(lengths: list[int], steps: int = 2) -> list[dict]:
                 cache = PrivateMPCache.adopt(cache, n // 5)
             token = crypten.cryptensor(one_hot(torch.tensor([[1]]), config.vocab_size), src=1, precision=0)
             token = greedy_token(pm(token, cache, last_only=True))  # warm-up step, not counted
-            with Ledger(comm.get_communication_stats) as ledger:
+            with Ledger(N.counters) as ledger:
                 for _ in range(steps):
                     ledger.begin_step("decode")
                     token = greedy_token(pm(token, cache, last_only=True))

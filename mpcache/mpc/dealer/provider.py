@@ -2,7 +2,10 @@
 
 Every CrypTen party makes the same sequence of tuple requests (CrypTen is SPMD), so both parties number tuples
 0, 1, 2, ... identically: party i derives its random shares from its own seed and the tuple number, party 1 also
-derives its share of the derived value, and party 0 gets its correction share from the dealer. Batching: CrypTen's
+derives its share of the derived value, and party 0 gets its correction share from the dealer. FSS comparison keys
+(`compare_keys`, for mpcache.mpc.arith.compare) are numbered the same way in their own sequence of key batches:
+each party derives its roots and mask shares from its FSS seed and both receive the batch's correction words
+(mpcache/mpc/dealer/keys.py). Batching: CrypTen's
 `trace()` / `fill_cache()` records a computation's tuple requests; `fill_cache` here fetches all of party 0's
 corrections in as few GetTuples calls as the message size allows, instead of one call per tuple.
 
@@ -20,7 +23,8 @@ import torch
 
 from mpcache.mpc.arith import ring
 from mpcache.mpc.arith.crypten_compat import import_crypten
-from mpcache.mpc.dealer import tuples
+from mpcache.mpc.dealer import keys, tuples
+from mpcache.mpc.fss import batch as fss_batch
 from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 
 crypten = import_crypten()
@@ -38,19 +42,24 @@ class DealerSession:
 
     `fetch(request_id, specs)` returns party 0's corrections; it is DealerClient.get_tuples in a deployment and
     any equivalent function in tests. Ranks >= 1 need no fetch: everything they use comes from their seed.
+    `fetch_keys(batch, spec)` yields the KeyChunks of an FSS key batch (DealerClient.get_keys), for both ranks;
+    without it the session serves no comparison keys.
     """
 
-    def __init__(self, session: str, rank: int, seed: bytes | int, fetch=None) -> None:
+    def __init__(self, session: str, rank: int, seed: bytes | int, fetch=None, fetch_keys=None) -> None:
         if rank not in range(tuples.WORLD_SIZE):
             raise ValueError(f"rank {rank} is not a computing party")
         if rank == 0 and fetch is None:
             raise ValueError("party 0 needs a way to fetch corrections from the dealer")
         self.session, self.rank = session, rank
         self.key = tuples.party_key(seed, session, rank)
+        self.fss_seed = keys.fss_seed(self.key)
         self.fetch = fetch if rank == 0 else None
+        self.fetch_keys = fetch_keys
         self.consumed = 0  # tuples used so far (= index of the next tuple)
         self.fetched = 0  # party 0: tuples whose corrections have arrived
-        self.correction_bytes = 0
+        self.key_batches = 0  # FSS key batches received so far (= number of the next one)
+        self.correction_bytes = 0  # everything received from the dealer for the tuples and keys used
         self.masks: dict[int, tuple[int, ...]] = {}  # FIXED_MASK tuple number -> shape of B
         self._ready: collections.deque[tuple[int, tuples.Spec, torch.Tensor]] = collections.deque()
 
@@ -92,6 +101,34 @@ class DealerSession:
         self.consumed += 1
         return randoms, derived
 
+    def compare_keys(self, n: int, count: int) -> list:
+        """This party's keys of the next key batch, `count` comparisons on n-bit masked values (fss.CompareKey per
+        chunk, in order), derived chunk by chunk as the dealer streams the corrections; a chunk of the wrong
+        number, size, kind or width is refused (ValueError naming it)."""
+        if self.fetch_keys is None:
+            raise RuntimeError("this dealer session cannot fetch FSS keys (no fetch_keys)")
+        spec = keys.compare_spec(n, count)
+        keys.check_spec(spec)  # refused here, before any traffic, as the dealer would
+        batch, bounds = self.key_batches, fss_batch.chunk_bounds(count)
+        self.key_batches += 1
+        out = []
+        stream = iter(self.fetch_keys(batch, spec))
+        for j, (c0, c1) in enumerate(bounds):
+            chunk = next(stream, None)
+            try:
+                if chunk is None or (chunk.batch, chunk.chunk, chunk.count) != (batch, j, c1 - c0):
+                    got = "nothing" if chunk is None else f"batch {chunk.batch} chunk {chunk.chunk} of {chunk.count}"
+                    raise ValueError(f"expected batch {batch} chunk {j} of {c1 - c0} comparisons, got {got}")
+                out.append(
+                    fss_batch.derive_chunk(keys.KIND, self.rank, n, self.fss_seed, batch, j, c1 - c0, chunk.corrections)
+                )
+            except ValueError as e:
+                raise ValueError(f"the dealer sent a malformed FSS key chunk: {e}") from None
+            self.correction_bytes += len(chunk.corrections)
+        if next(stream, None) is not None:
+            raise ValueError(f"the dealer sent more than the {len(bounds)} chunks of key batch {batch}")
+        return out
+
 
 def _cpu(device) -> None:
     if device is not None and torch.device(device).type != "cpu":
@@ -115,6 +152,15 @@ class DealerProvider(TupleProvider):
     def _next(self, spec: tuples.Spec, device) -> tuple[list[torch.Tensor], torch.Tensor]:
         _cpu(device)
         return self._session().next(spec)
+
+    @property
+    def dealer_bytes(self) -> int:
+        """Bytes this party received from the dealer for what it used (numerics.counters)."""
+        return 0 if self.session is None else self.session.correction_bytes
+
+    def compare_keys(self, n: int, count: int) -> list:
+        """FSS comparison keys for mpcache.mpc.arith.compare (DealerSession.compare_keys)."""
+        return self._session().compare_keys(n, count)
 
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
         if args:

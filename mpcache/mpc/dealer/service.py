@@ -5,9 +5,11 @@ masks and could unmask party 1's data. Here a third process, trusted to not coll
 
 `Register` gives each party a fresh random 256-bit seed for the session, once; the parties expand their seeds
 locally and the dealer replays the streams to send party 0 only its correction shares (mpcache/mpc/dealer/tuples.py:
-the seed scheme and the tuple math). Party 1 talks to the dealer only to register, heartbeat and close. The dealer
-serves every tuple index at most once, in increasing order (a request below the tuples already served is refused,
-so a replayed request never reuses a mask; numbers a failed job skipped are never served).
+the seed scheme and the tuple math). The dealer serves every tuple index at most once, in increasing order (a
+request below the tuples already served is refused, so a replayed request never reuses a mask; numbers a failed job
+skipped are never served). FSS keys (`GetKeys`, mpcache/mpc/dealer/keys.py) go to BOTH parties: the correction words
+of each key batch, streamed in chunks, each batch number served at most once per party and in increasing order;
+otherwise party 1 only registers, heartbeats and closes.
 
 Sessions are isolated: one session's abort ends that session only (never the dealer or another session), a second
 registration of a rank is refused (its seed is never sent twice), and a request for a session the dealer does not
@@ -26,13 +28,14 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
 from mpcache.mpc.arith.ring import check_mask_block
+from mpcache.mpc.dealer import keys as fss_keys
 from mpcache.mpc.dealer.tuples import (
     FIXED_OPS,
     SEED_BYTES,
@@ -44,6 +47,7 @@ from mpcache.mpc.dealer.tuples import (
     int64_to_pb,
     party_key,
 )
+from mpcache.mpc.fss import batch as fss_batch
 from mpcache.mpc.transport import tls
 from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 from mpcache.mpc.transport.proto import mpcache_pb2_grpc as pb_grpc
@@ -98,6 +102,12 @@ class _Session:
     bytes_to: dict[int, int] = field(default_factory=dict)
     aborted: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    key_batches: dict[int, int] = field(default_factory=dict)  # rank -> FSS key batches it asked for so far
+    chunks: fss_keys.ChunkCache | None = None  # FSS key chunks made for one party, until the other takes them
+
+    @property
+    def fss_seeds(self) -> tuple[bytes, bytes]:
+        return fss_keys.fss_seed(self.keys[0]), fss_keys.fss_seed(self.keys[1])
 
     @property
     def done(self) -> bool:
@@ -128,10 +138,12 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
         dealer_id: str = "dealer",
         mask_cache_bytes: int = 1 << 30,
         sessions: Sequence[str] | None = None,
+        key_cache_bytes: int = 1 << 29,
     ) -> None:
         self.require_roles = require_roles
         self.allowed = None if sessions is None else frozenset(sessions)
         self.mask_cache_bytes = mask_cache_bytes
+        self.key_cache_bytes = key_cache_bytes
         self.party_timeout = party_timeout
         self.on_session_end = on_session_end
         self.dealer_id = dealer_id
@@ -254,6 +266,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
                 seeds = [secrets.token_bytes(SEED_BYTES) for _ in range(WORLD_SIZE)]
                 keys = [party_key(seed, request.session, r) for r, seed in enumerate(seeds)]
                 s = self.sessions[request.session] = _Session(request.session, seeds, keys, time.monotonic())
+                s.chunks = fss_keys.ChunkCache(self.key_cache_bytes, wait_s=self.party_timeout)
         with s.lock:
             if s.done:
                 context.abort(
@@ -285,6 +298,8 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             specs = [(Spec.from_pb(m), m.count or 1) for m in request.specs]
             total = 0
             for spec, count in specs:
+                if spec.kind == pb.FSS_COMPARE:
+                    raise ValueError("FSS_COMPARE keys go to both parties: ask GetKeys")
                 spec.check_size()
                 if count > 1 << 20:
                     raise ValueError(f"count {count} too large")
@@ -327,6 +342,37 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             reply = pb.TupleResponse(request_id=request.request_id, corrections=out)
             s.bytes_to[0] = s.bytes_to.get(0, 0) + reply.ByteSize()
         return reply
+
+    def GetKeys(self, request: pb.KeyRequest, context: grpc.ServicerContext):
+        """Stream a key batch's correction words to either party, chunk by chunk (keys.py)."""
+        self._caller(context, request.rank)
+        s = self._session(context, request.session, request.rank)
+        try:
+            n, count = fss_keys.check_spec(Spec.from_pb(request.spec))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rank, batch = request.rank, request.batch
+        with s.lock:
+            expected = s.key_batches.get(rank, 0)
+            if batch < expected:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"party {rank} is out of step: it asks for key batch {batch}, the dealer served it up to "
+                    f"{expected}; key batches are never served twice",
+                )
+            s.key_batches[rank] = batch + 1
+            s.chunks.drop_before(min(s.key_batches.get(r, 0) for r in range(WORLD_SIZE)) - 1)
+        seeds = s.fss_seeds
+        for j, (c0, c1) in enumerate(fss_batch.chunk_bounds(count)):
+            if s.aborted:
+                context.abort(grpc.StatusCode.ABORTED, f"session {s.name!r} aborted: {s.aborted}")
+            data = s.chunks.take((batch, j), rank, lambda j=j, size=c1 - c0: fss_keys.chunk_corrections(
+                seeds, n, batch, j, size))  # fmt: skip
+            reply = pb.KeyChunk(batch=batch, chunk=j, count=c1 - c0, corrections=data)
+            with s.lock:
+                s.bytes_to[rank] = s.bytes_to.get(rank, 0) + reply.ByteSize()
+                s.last_seen[rank] = time.monotonic()
+            yield reply
 
     # --- DealerControl ---
 
@@ -516,6 +562,18 @@ class DealerClient:
         if len(reply.seed) < 16:
             raise DealerUnavailable(f"dealer at {self.address} sent a {len(reply.seed)}-byte seed; at least 16 needed")
         return reply.seed
+
+    def get_keys(self, batch: int, spec: Spec) -> Iterator[pb.KeyChunk]:
+        """This party's key batch number `batch` (spec: keys.compare_spec), chunk by chunk as the dealer streams it.
+        The deadline grows with the batch (the dealer generates as it streams: at least 50k comparisons a second)."""
+        request = pb.KeyRequest(session=self.session, rank=self.rank, batch=batch, spec=spec.to_pb())
+        timeout = self.timeout + spec.shape_a[0] / 50_000
+        try:
+            for chunk in self.stub.GetKeys(request, timeout=timeout):
+                self.bytes_received += chunk.ByteSize()
+                yield chunk
+        except grpc.RpcError as e:
+            raise self._error(f"GetKeys (key batch {batch})", e, timeout) from None
 
     def get_tuples(self, request_id: int, specs: Sequence[Spec]) -> list[torch.Tensor]:
         """Party 0's corrections for `specs`, the first being tuple number `request_id` of the session."""

@@ -80,7 +80,7 @@ def generate(
         if ledger is not None:
             ledger.begin_step("prefill" if step == 0 else "decode")
         logits = model(tokens, cache, last_only=True)
-        tokens = L.greedy_token(logits)
+        tokens = L.greedy_token(logits, model.options)
         if ledger is not None:
             ledger.end_step()
         if first_logits is None:

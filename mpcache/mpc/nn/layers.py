@@ -52,6 +52,12 @@ class PrivateOptions:
     # comparison-free exp (numerics.exp_range), None the exp clipped by a comparison (numerics.exp_neg).
     score_bound: float | tuple[float, ...] | None = None
     score_range: float | None = SCORE_RANGE
+    # Secret comparisons (numerics.less_than, arith/compare.py): "fss" = one round from dealer DCF keys on the
+    # bit width each call site declares; "crypten" = CrypTen's 64-bit A2B adder (~8 rounds), kept for comparison.
+    comparisons: str = "crypten"
+
+    def __post_init__(self) -> None:
+        N.compare.check_mode(self.comparisons)
 
     def layer_bound(self, layer: int) -> float | None:
         """The score bound of block `layer` (None: subtract the row max)."""
@@ -492,24 +498,28 @@ class PrivateTransformer:
         if positions is None:
             positions = torch.arange(cache.seen_tokens, cache.seen_tokens + t).expand(b, t)
         valid = torch.ones(b, t, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        with layer("embed"):
-            x = self.tok_emb(tokens)
-        if self.pos_emb is not None:
-            if int(positions.max()) >= self.config.max_position:
-                raise ValueError(f"position {int(positions.max())} exceeds max_position {self.config.max_position}")
-            x = x + self.pos_emb[positions]
-        for i, block in enumerate(self.blocks):
-            with layer(i):
-                x = block(x, positions, valid, cache)
-        cache.seen_tokens = int(positions.max()) + 1
-        if last_only:
-            x = x[:, -1:]
-        with layer("head"):
-            return self.lm_head(self.norm(x))
+        with N.comparisons(self.options.comparisons):  # the cache's hooks (eviction) run inside too
+            with layer("embed"):
+                x = self.tok_emb(tokens)
+            if self.pos_emb is not None:
+                if int(positions.max()) >= self.config.max_position:
+                    raise ValueError(f"position {int(positions.max())} exceeds max_position {self.config.max_position}")
+                x = x + self.pos_emb[positions]
+            for i, block in enumerate(self.blocks):
+                with layer(i):
+                    x = block(x, positions, valid, cache)
+            cache.seen_tokens = int(positions.max()) + 1
+            if last_only:
+                x = x[:, -1:]
+            with layer("head"):
+                return self.lm_head(self.norm(x))
 
 
-def greedy_token(logits: Value) -> Value:
+def greedy_token(logits: Value, options: PrivateOptions | None = None) -> Value:
     """Secret one-hot of the argmax of the last position's logits [B, T, V] -> [B, 1, V] (first index on ties);
-    it feeds the next step's embedding directly, so the token is revealed to no one until the client opens it."""
-    with layer("head"), span("selection"):
-        return N.argmax(logits[:, -1:])
+    it feeds the next step's embedding directly, so the token is revealed to no one until the client opens it.
+    Logits |l| < 2^14, so their differences stay within numerics.VALUE_BOUND; `options`: the model's (its
+    comparison protocol; default: the active one)."""
+    mode = N.compare.mode() if options is None else options.comparisons
+    with layer("head"), span("selection"), N.comparisons(mode):
+        return N.argmax(logits[:, -1:], N.VALUE_BOUND)

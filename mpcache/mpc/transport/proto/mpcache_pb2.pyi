@@ -66,6 +66,7 @@ class TupleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FIXED_MASK: _ClassVar[TupleKind]
     FIXED_MUL: _ClassVar[TupleKind]
     FIXED_MATMUL: _ClassVar[TupleKind]
+    FSS_COMPARE: _ClassVar[TupleKind]
 
 class ShareEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -130,6 +131,7 @@ EXACT_TRUNCATION: TupleKind
 FIXED_MASK: TupleKind
 FIXED_MUL: TupleKind
 FIXED_MATMUL: TupleKind
+FSS_COMPARE: TupleKind
 SHARE_ENCODING_UNSPECIFIED: ShareEncoding
 TOKEN_IDS: ShareEncoding
 ONE_HOT: ShareEncoding
@@ -272,6 +274,30 @@ class TupleResponse(_message.Message):
     request_id: int
     corrections: _containers.RepeatedCompositeFieldContainer[Tensor]
     def __init__(self, request_id: _Optional[int] = ..., corrections: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class KeyRequest(_message.Message):
+    __slots__ = ("session", "rank", "batch", "spec")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    rank: int
+    batch: int
+    spec: TupleSpec
+    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., batch: _Optional[int] = ..., spec: _Optional[_Union[TupleSpec, _Mapping]] = ...) -> None: ...
+
+class KeyChunk(_message.Message):
+    __slots__ = ("batch", "chunk", "count", "corrections")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    chunk: int
+    count: int
+    corrections: bytes
+    def __init__(self, batch: _Optional[int] = ..., chunk: _Optional[int] = ..., count: _Optional[int] = ..., corrections: _Optional[bytes] = ...) -> None: ...
 
 class SecretShare(_message.Message):
     __slots__ = ("encoding", "precision_bits", "share")

@@ -167,6 +167,11 @@ class DealerStub:
                 request_serializer=mpcache__pb2.TupleRequest.SerializeToString,
                 response_deserializer=mpcache__pb2.TupleResponse.FromString,
                 _registered_method=True)
+        self.GetKeys = channel.unary_stream(
+                '/mpcache.v1.Dealer/GetKeys',
+                request_serializer=mpcache__pb2.KeyRequest.SerializeToString,
+                response_deserializer=mpcache__pb2.KeyChunk.FromString,
+                _registered_method=True)
 
 
 class DealerServicer:
@@ -188,6 +193,14 @@ class DealerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKeys(self, request, context):
+        """Both parties: the correction words of a batch of FSS keys, streamed chunk by chunk (bounded memory at both
+        ends whatever the batch size).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DealerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +213,11 @@ def add_DealerServicer_to_server(servicer, server):
                     servicer.GetTuples,
                     request_deserializer=mpcache__pb2.TupleRequest.FromString,
                     response_serializer=mpcache__pb2.TupleResponse.SerializeToString,
+            ),
+            'GetKeys': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetKeys,
+                    request_deserializer=mpcache__pb2.KeyRequest.FromString,
+                    response_serializer=mpcache__pb2.KeyChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -257,6 +275,33 @@ class Dealer:
             '/mpcache.v1.Dealer/GetTuples',
             mpcache__pb2.TupleRequest.SerializeToString,
             mpcache__pb2.TupleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mpcache.v1.Dealer/GetKeys',
+            mpcache__pb2.KeyRequest.SerializeToString,
+            mpcache__pb2.KeyChunk.FromString,
             options,
             channel_credentials,
             insecure,
