@@ -30,12 +30,12 @@ demo-plain: install
 # Debian packages where Docker Hub is unreachable) and runs the stack. Needs a Docker engine and Compose v2
 # (README "Docker"); standard library only, no venv (a venv's docker-compose is found too).
 compose-demo:
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) docker/demo.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTHON) docker/demo.py
 
 # The same with SmolLM2-135M-Instruct (docker-compose.smollm2.yml): the venv converts the GGUF once, on the host.
 compose-demo-smollm2: install
-	MPCACHE_SMOLLM2_DIR="$$($(PY) -c 'from mpcache.model.loading import checkpoint_folder; print(checkpoint_folder("smollm2"))')" \
-		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) docker/demo.py --smollm2
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTHON) docker/demo.py \
+		--smollm2 "$$($(PY) -c 'from mpcache.model.loading import checkpoint_folder as f; print(f("smollm2"))')"
 
 lint: install
 	$(PY) -m ruff check .
@@ -48,7 +48,7 @@ test-slow: install
 
 # The real stack with a Docker engine (tests marked `docker`; skipped when no daemon answers).
 test-docker: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m docker
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m docker
 
 train: install
 	$(PY) -m mpcache.train --minutes 85

@@ -1,6 +1,6 @@
 """`make compose-demo`: build the image and run docker-compose.yml's private LLM demo; print the answer and timings.
 
-    python3 docker/demo.py [--route auto|hub|offline] [--smollm2] [--keep] [--json PATH]
+    python3 docker/demo.py [--route auto|hub|offline] [--smollm2 FOLDER] [--keep] [--json PATH]
     python3 docker/demo.py wheels        # only fill docker/wheels (the offline route's packages)
 
 Routes (README "Docker"): `hub` builds the Dockerfile as it is (python:3.11-slim from Docker Hub, CPU torch from
@@ -126,6 +126,25 @@ def prepare_offline() -> None:
     fill_wheels()
 
 
+def stage_model(source: Path) -> Path:
+    """A copy of checkpoint folder `source` that the image's unprivileged user (uid 10001) can read, in build/
+    (refreshed when a file changed): mpcache's converted SmolLM2 folder is private to its owner (0700, weights 0600),
+    and party 0 must not run as root to read it."""
+    if not (source / "config.json").is_file():
+        raise Failure(f"{source} is not a checkpoint folder (no config.json)")
+    out = REPO / "build" / "compose-models" / source.name
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o755)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        src, dst = source / name, out / name
+        if not src.exists():
+            continue
+        if not dst.exists() or (dst.stat().st_size, dst.stat().st_mtime) != (src.stat().st_size, src.stat().st_mtime):
+            shutil.copy2(src, dst)
+        dst.chmod(0o644)
+    return out
+
+
 def service_exit_codes(compose: list[str]) -> dict[str, int | None]:
     listing = run([*compose, "ps", "--all", "--format", "json"], capture_output=True, timeout=60)
     rows = [json.loads(line) for line in listing.stdout.splitlines() if line.strip().startswith("{")]
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 docker/demo.py", description=__doc__.splitlines()[0])
     p.add_argument("what", nargs="?", choices=("demo", "wheels"), default="demo")
     p.add_argument("--route", choices=("auto", "hub", "offline"), default=os.environ.get("MPCACHE_ROUTE", "auto"))
-    p.add_argument("--smollm2", action="store_true", help="add docker-compose.smollm2.yml (MPCACHE_MODEL_DIR)")
+    p.add_argument("--smollm2", metavar="FOLDER", default=None, help="docker-compose.smollm2.yml with this folder")
     p.add_argument("--keep", action="store_true", help="keep containers and volumes (default: compose down -v)")
     p.add_argument("--json", default=None, help="write the measured times, image size and exit codes here")
     args = p.parse_args(argv)
@@ -152,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     files += [SMOLLM2] if args.smollm2 else []
     if route == "offline":
         prepare_offline()
+    if args.smollm2:
+        os.environ["MPCACHE_SMOLLM2_DIR"] = str(stage_model(Path(args.smollm2)))
     compose += [arg for f in files for arg in ("-f", str(f))]
     t0 = time.perf_counter()
     if run([*compose, "build"]).returncode != 0:
@@ -164,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         up = run([*compose, "up", "--abort-on-container-failure"]).returncode
         up_s = time.perf_counter() - t0
         codes = service_exit_codes(compose)
+        client = run([*compose, "logs", "--no-log-prefix", "client"], capture_output=True, timeout=60).stdout
+        result = [json.loads(line[7:]) for line in client.splitlines() if line.startswith("RESULT ")]
     finally:
         if not args.keep:
             run([*compose, "down", "--volumes", "--timeout", "5"], capture_output=True)
@@ -171,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compose-demo: compose up {up_s:.0f} s, exit codes {codes}: {'OK' if ok else 'FAILED'}")
     if args.json:
         record = {"route": route, "build_s": round(build_s, 1), "image_bytes": size, "up_s": round(up_s, 1),
-                  "up_exit": up, "exit_codes": codes, "files": [str(f.relative_to(REPO)) for f in files]}  # fmt: skip
+                  "up_exit": up, "exit_codes": codes, "files": [str(f.relative_to(REPO)) for f in files],
+                  "client": result[0] if result else None, "load_average": os.getloadavg()}  # fmt: skip
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     return 0 if ok else 1
 
