@@ -29,7 +29,7 @@ ROLES = ("dealer", "party0", "party1", "client")
 
 
 def prepare(workdir: Path, insecure: bool) -> None:
-    """Development certificates (unless insecure) and the demo model file, as docker-compose's setup step does."""
+    """Development certificates (unless insecure) and the demo jobs' model file."""
     from safetensors.torch import save_file
 
     from mpcache.mpc.transport.tls import make_dev_pki
@@ -175,12 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0, help="deadline for the whole run, seconds")
     p.add_argument("--step-timeout", type=float, default=30.0, help="silence allowed from a peer or the dealer")
     p.add_argument("--workdir", default=None, help="where certificates, model and logs go (default: a temp dir)")
-    p.add_argument("--prepare", metavar="DIR", default=None, help="only write certificates and the demo model to DIR")
     args = p.parse_args(argv)
-    if args.prepare:  # docker-compose's one-shot setup service
-        prepare(Path(args.prepare), args.insecure)
-        print(f"launcher: certificates and demo model in {args.prepare}")
-        return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mpcache-launch-"))
     client_args = ["--job", args.job, "--timeout", str(args.timeout)]
     if args.input is not None:
