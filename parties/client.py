@@ -30,7 +30,8 @@ from mpcache.mpc.dealer import tuples
 from mpcache.mpc.transport import wire
 from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 from mpcache.mpc.transport.proto import mpcache_pb2_grpc as pb_grpc
-from parties.common import Credentials, Fatal, Parser, add_common_flags, run_main, setup_logging
+from parties import jobs
+from parties.common import Credentials, Fatal, Parser, add_common_flags, parse_json, run_main, setup_logging
 
 log = logging.getLogger("mpcache.client")
 PRECISION_BITS = 16  # CrypTen's default fixed-point precision (cfg.encoder.precision_bits)
@@ -56,35 +57,42 @@ def parse(argv: list[str] | None):
     args.parties = [a.strip() for a in args.parties.split(",") if a.strip()]
     if len(args.parties) != 2:
         p.error(f"--parties needs 2 addresses (party 0, party 1), got {args.parties}")
+    try:
+        args.params = parse_json(args.params, "--params")
+    except ValueError as e:
+        p.error(str(e))
+    if not isinstance(args.params, dict):
+        p.error("--params must be a JSON object")
     if args.job == "generate":
         try:
-            args.prompt = open(args.prompt_file).read() if args.prompt_file else args.prompt
+            args.prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+            args.prompt and args.prompt.encode("utf-8")  # a command-line argument may hold undecodable bytes
         except OSError as e:
             p.error(f"cannot read --prompt-file: {e}")
+        except UnicodeError:
+            p.error("the prompt is not valid UTF-8 text")
         if not args.prompt:
             p.error("--job generate needs --prompt or --prompt-file")
+        return args
     try:
-        text = open(args.input_file).read() if args.input_file else args.input
+        text = Path(args.input_file).read_text(encoding="utf-8") if args.input_file else args.input
+        args.x = torch.tensor(parse_json(text, "the input", max_bytes=None, max_depth=32), dtype=torch.float64)
     except OSError as e:
         p.error(f"cannot read --input-file: {e}")
-    try:
-        args.x = torch.tensor(json.loads(text), dtype=torch.float64)
-    except (json.JSONDecodeError, TypeError, ValueError, RuntimeError) as e:
+    except (UnicodeError, TypeError, ValueError, RuntimeError) as e:
         p.error(f"the input must be a JSON (nested) list of numbers: {e}")
     try:
-        params = json.loads(args.params)
-    except json.JSONDecodeError as e:
-        p.error(f"--params must be a JSON object: {e}")
-    if not isinstance(params, dict):
-        p.error("--params must be a JSON object")
+        jobs.client_check(args.job, args.x, args.params)
+    except ValueError as e:
+        p.error(f"{args.job}: {e}")
     return args
 
 
 def share(x: torch.Tensor, bits: int = PRECISION_BITS) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-point encode x and split it into two additive shares mod 2^64 (r from the OS's CSPRNG)."""
     limit = 2.0 ** (62 - bits)
-    if not torch.isfinite(x).all() or x.abs().max() >= limit:
-        raise ValueError(f"inputs must be finite with |x| < 2^{62 - bits} to fit the fixed-point encoding")
+    if not torch.isfinite(x).all() or (x.numel() and x.abs().max() >= limit):
+        raise Fatal(f"inputs must be finite with |x| < 2^{62 - bits} to fit the fixed-point encoding")
     encoded = torch.round(x * (1 << bits)).to(torch.int64)
     r = torch.frombuffer(bytearray(os.urandom(8 * encoded.numel())), dtype=torch.int64).reshape(encoded.shape)
     return encoded - r, r
@@ -110,14 +118,16 @@ class Client:
         deadline = time.monotonic() + timeout
         for i, channel in enumerate(self.channels):
             health = pb_grpc.HealthStub(channel)
+            last = "it did not answer"
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise Fatal(f"party {i} at {self.addresses[i]} not ready within {timeout:g} s")
+                    raise Fatal(f"party {i} at {self.addresses[i]} not ready within {timeout:g} s ({last})")
                 try:
                     reply = health.Check(pb.HealthRequest(), timeout=min(left, 5.0), wait_for_ready=True)
                     if reply.status == pb.HealthResponse.SERVING:
                         break
+                    last = f"NOT_SERVING: {reply.reason}" if reply.reason else "NOT_SERVING"
                 except grpc.RpcError as e:
                     if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                         raise Fatal(
@@ -153,10 +163,17 @@ class Client:
         return outs[0], results
 
     def run_all(
-        self, kind: str, x: torch.Tensor, params: dict, timeout: float, bits: int = PRECISION_BITS
+        self,
+        kind: str,
+        x: torch.Tensor,
+        params: dict,
+        timeout: float,
+        bits: int = PRECISION_BITS,
+        job_id: str | None = None,
     ) -> tuple[list[torch.Tensor], list[pb.JobResult]]:
-        """Share x with `bits` fractional bits, run job `kind`, reconstruct every output."""
-        job_id = uuid.uuid4().hex[:12]
+        """Share x with `bits` fractional bits, run job `kind` (`job_id`: default a fresh random id), reconstruct
+        every output."""
+        job_id = job_id or uuid.uuid4().hex[:12]
         s0, s1 = share(x, bits)
         requests = [
             pb.JobRequest(
@@ -187,13 +204,15 @@ class Client:
         timeout: float,
         return_logits: bool = False,
         kv_cache: dict | None = None,
+        params: dict | None = None,
     ) -> tuple[list[int], torch.Tensor | None, list[pb.JobResult]]:
         """The private decoder: greedy tokens after prompt `ids` (and the first step's logits if asked); kv_cache:
-        the parties' KV-cache policy, e.g. {"method": "mpcache", "budget": 64} (public)."""
+        the parties' KV-cache policy, e.g. {"method": "mpcache", "budget": 64} (public); `params`: any other job
+        parameters, passed on as they are (the parties refuse unknown ones by name)."""
         from mpcache.mpc.nn.layers import one_hot
 
         x = one_hot(torch.tensor([ids]), vocab_size)
-        params = {"max_new_tokens": max_new_tokens, "return_logits": return_logits}
+        params = {**(params or {}), "max_new_tokens": max_new_tokens, "return_logits": return_logits}
         if kv_cache is not None:
             params["kv_cache"] = kv_cache
         outs, results = self.run_all("generate", x, params, timeout, bits=0)
@@ -201,9 +220,21 @@ class Client:
         return tokens, (outs[1] if return_logits else None), results
 
     def shutdown(self, reason: str, timeout: float) -> None:
-        request = pb.ShutdownRequest(reason=reason)
+        request = pb.ShutdownRequest(reason=reason, request_id=uuid.uuid4().hex[:12])
         calls = [lambda i=i: self.stubs[i].Shutdown.future(request, timeout=timeout) for i in range(2)]
         self._both("shutdown", calls, timeout)
+
+    def status(self, job_id: str, timeout: float = 10.0) -> list[pb.StatusResponse]:
+        """Each party's view of a job (QUEUED, RUNNING, DONE, CANCELLED or FAILED)."""
+        calls = [lambda i=i: self.stubs[i].Status.future(pb.StatusRequest(request_id=job_id), timeout=timeout)
+                 for i in range(2)]  # fmt: skip
+        return self._both(f"status of job {job_id}", calls, timeout)
+
+    def cancel(self, job_id: str, timeout: float = 10.0) -> list[pb.CancelResponse]:
+        """Stop a job at both parties (a waiting one at once, a running one at its next checkpoint)."""
+        calls = [lambda i=i: self.stubs[i].Cancel.future(pb.CancelRequest(request_id=job_id), timeout=timeout)
+                 for i in range(2)]  # fmt: skip
+        return self._both(f"cancel of job {job_id}", calls, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.job == "generate":
         return _generate(client, args)
     t0 = time.perf_counter()
-    y, results = client.run(args.job, args.x, json.loads(args.params), args.timeout)
+    y, results = client.run(args.job, args.x, args.params, args.timeout)
     latency = time.perf_counter() - t0
     if args.shutdown:
         client.shutdown("client done", args.timeout)
@@ -249,11 +280,11 @@ def _generate(client: Client, args) -> int:
     raw = read_config(folder)
     config = ModelConfig.from_dict(raw) if is_mpcache_config(raw) else config_from_hf(raw)
     tokenizer = load_tokenizer(folder)
-    params = json.loads(args.params)
+    params = dict(args.params)
     ids = tokenizer.encode(args.prompt)
     t0 = time.perf_counter()
-    steps = params.get("max_new_tokens", 16)
-    tokens, _, results = client.generate(ids, config.vocab_size, steps, args.timeout, kv_cache=params.get("kv_cache"))
+    steps = params.pop("max_new_tokens", 16)
+    tokens, _, results = client.generate(ids, config.vocab_size, steps, args.timeout, params=params)
     latency = time.perf_counter() - t0
     if args.shutdown:
         client.shutdown("client done", args.timeout)

@@ -7,18 +7,24 @@ entry points serve a shell, the local launcher and docker-compose.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from mpcache.mpc.transport import tls
 
 ENV_PREFIX = "MPCACHE_"
+MAX_JSON_BYTES = 64 << 10  # job parameters: public knobs, never data
+MAX_JSON_DEPTH = 16
 
 
 class Fatal(Exception):
@@ -60,12 +66,18 @@ def add_tls_flags(p: Parser) -> None:
     p.add("--insecure", default=False, type=bool, help="plaintext gRPC, no authentication (development only)")
 
 
+class Terminated(Exception):
+    """SIGTERM arrived where the role stops at once (start-up): a clean exit 0."""
+
+
 class Termination:
     """SIGTERM as a flag that the role's threads poll: the handler only assigns an attribute, because a handler that
-    takes a lock can deadlock the main thread it interrupts (it may hold that very lock)."""
+    takes a lock can deadlock the main thread it interrupts (it may hold that very lock). Inside `raising()` (start-
+    up, nothing to close gracefully yet) it raises Terminated in the main thread instead."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self._raise = False
 
     def install(self) -> Termination:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -73,6 +85,18 @@ class Termination:
 
     def _on_signal(self, signum: int, frame) -> None:
         self.signal = signal.Signals(signum).name
+        if self._raise:
+            raise Terminated(f"stopped by {self.signal}")
+
+    @contextlib.contextmanager
+    def raising(self):
+        self._raise = True
+        try:
+            if self.signal:
+                raise Terminated(f"stopped by {self.signal}")
+            yield
+        finally:
+            self._raise = False
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -81,6 +105,54 @@ class Termination:
 def host_of(address: str) -> str:
     """'host' of 'host:port' (brackets kept for IPv6)."""
     return address.rpartition(":")[0]
+
+
+def parse_json(text: str, what: str, *, max_bytes: int | None = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH):
+    """json.loads for text from outside: size and nesting limits checked before parsing (a deep document would
+    exhaust the parser's recursion), only finite numbers (no NaN, Infinity or 1e400), integers of at most 64 bits.
+    Raises ValueError naming `what` and the problem."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be text, got {type(text).__name__}")
+    if max_bytes is not None and len(text) > max_bytes:
+        raise ValueError(f"{what} is {len(text)} characters long; at most {max_bytes} are accepted")
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:  # brackets outside strings; the parser itself would recurse once per level
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                raise ValueError(f"{what} is nested more than {max_depth} levels deep")
+        elif ch in "]}":
+            depth -= 1
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{what} contains {name}; only finite numbers are accepted")
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{what} contains {text}, beyond the range of finite numbers")
+        return value
+
+    def integer(text: str) -> int:
+        if len(text.lstrip("-")) > 19 or not -(2**63) <= int(text) < 2**63:
+            raise ValueError(f"{what} contains the integer {text[:30]}, beyond 64 bits")
+        return int(text)
+
+    try:
+        return json.loads(text, parse_constant=constant, parse_float=number, parse_int=integer)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
 
 
 def add_common_flags(p: Parser) -> None:
@@ -157,6 +229,9 @@ def run_main(role: str, main: Callable[[list[str] | None], int], argv: list[str]
     """Run a role's main; expected failures become one line `<role>: error: <why>` and a non-zero exit code."""
     try:
         return main(argv)
+    except Terminated as e:
+        print(f"{role}: {e}", file=sys.stderr, flush=True)
+        return 0
     except KeyboardInterrupt:
         print(f"{role}: interrupted", file=sys.stderr, flush=True)
         return 130

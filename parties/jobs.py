@@ -3,8 +3,11 @@
 A job takes the client's secret-shared inputs (CrypTen MPCTensors), public parameters (a JSON object) and the
 party's context (rank, the model's secret-shared weights), and returns secret-shared outputs; the party sends its
 share of each output back to the client. Parameters are validated before any communication, so a bad request fails
-identically at both parties without desynchronising them. The private decoder is the job "generate"
-(mpcache/mpc/nn/decoder.py says who sees what).
+identically at both parties without desynchronising them: types, ranges, finite numbers, unknown keys by name, and
+numbers that would leave the fixed-point range (refused, never wrapped). What only the client can check (its own
+secret input against a job's range) is `client_check`, run by parties/client.py before it shares anything. A job
+calls `ctx.checkpoint()` where both parties may stop it together (a cancelled client; parties/party.py). The
+private decoder is the job "generate" (mpcache/mpc/nn/decoder.py says who sees what).
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ from typing import Any
 
 import torch
 
+FRACTION_BITS = 16  # CrypTen's fixed-point precision: the inputs' and every product's
+ENCODE_LIMIT = 2.0 ** (62 - FRACTION_BITS)  # a value's magnitude must stay below this to be encoded
+PRODUCT_LIMIT = 2.0 ** (62 - 2 * FRACTION_BITS)  # |a * b| below this: the product fits before its exact truncation
+
+
+def no_checkpoint() -> None:
+    """Outside a running job there is nothing to stop."""
+
 
 @dataclass
 class JobContext:
@@ -25,17 +36,25 @@ class JobContext:
     weights: dict[str, Any] = field(default_factory=dict)  # name -> crypten MPCTensor
     decoder: Any = None  # mpcache.mpc.nn.layers.PrivateTransformer when the party serves a language model
     report: Any = None  # the last job's public cost report (JSON-able), sent to the client with the job's stats
+    checkpoint: Callable[[], None] = no_checkpoint  # both parties stop the job here if either client cancelled
 
 
 JobFn = Callable[[JobContext, list, dict], list]
 JOBS: dict[str, tuple[JobFn, Callable[[dict, list[tuple[int, ...]], JobContext], None]]] = {}
 INPUT_BITS: dict[str, int] = {}  # jobs whose inputs use another fixed-point precision than CrypTen's
+CLIENT_CHECKS: dict[str, Callable[[torch.Tensor, dict], None]] = {}  # name -> check of the client's own input
 
 
-def job(name: str, validate: Callable[[dict, list[tuple[int, ...]], JobContext], None], input_bits: int | None = None):
+def job(
+    name: str,
+    validate: Callable[[dict, list[tuple[int, ...]], JobContext], None],
+    input_bits: int | None = None,
+    client_check: Callable[[torch.Tensor, dict], None] | None = None,
+):
     """Register `fn(ctx, inputs, params) -> outputs` under `name`; `validate(params, input_shapes, ctx)` raises
     ValueError for a request the job cannot run (it sees only public information: both parties agree on it).
-    `input_bits`: the fixed-point precision the inputs must have (default: CrypTen's)."""
+    `input_bits`: the fixed-point precision the inputs must have (default: CrypTen's). `client_check(x, params)`:
+    raises ValueError if the client's plaintext input would leave the job's fixed-point range."""
 
     def register(fn: JobFn) -> JobFn:
         if name in JOBS:
@@ -43,9 +62,33 @@ def job(name: str, validate: Callable[[dict, list[tuple[int, ...]], JobContext],
         JOBS[name] = (fn, validate)
         if input_bits is not None:
             INPUT_BITS[name] = input_bits
+        if client_check is not None:
+            CLIENT_CHECKS[name] = client_check
         return fn
 
     return register
+
+
+def client_check(kind: str, x: torch.Tensor, params: dict) -> None:
+    """The client's check of its own input (finite, encodable, the job's range); raises ValueError."""
+    bits = INPUT_BITS.get(kind, FRACTION_BITS)
+    limit = 2.0 ** (62 - bits)
+    if not torch.isfinite(x).all():
+        raise ValueError("the input has NaN or infinite values; only finite numbers can be secret-shared")
+    if x.numel() and x.abs().max() >= limit:
+        raise ValueError(
+            f"the input reaches |x| = {x.abs().max().item():.4g}; fixed point with {bits} fractional bits holds "
+            f"|x| < 2^{62 - bits} = {limit:.4g}"
+        )
+    if kind in CLIENT_CHECKS:
+        CLIENT_CHECKS[kind](x, params)
+
+
+def check_weights(weights: dict[str, torch.Tensor]) -> None:
+    """A model file's weights must be finite and encodable (raises ValueError naming the tensor)."""
+    for name, w in weights.items():
+        if not torch.isfinite(w).all() or (w.numel() and w.abs().max() >= ENCODE_LIMIT):
+            raise ValueError(f"weight {name} has values that are not finite or beyond |w| < 2^{62 - FRACTION_BITS}")
 
 
 def check(kind: str, params: Any, shapes: list[tuple[int, ...]], ctx: JobContext) -> None:
@@ -72,11 +115,11 @@ def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext
     if ctx.decoder is None:
         raise ValueError("generate needs a language model (start party 0 with --model DIR, a checkpoint folder)")
     config = ctx.decoder.config
-    if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][0] != 1 or shapes[0][2] != config.vocab_size:
-        raise ValueError(f"generate takes one one-hot prompt of shape [1, T, {config.vocab_size}], got {shapes}")
     unknown = set(params) - {"max_new_tokens", "return_logits", "kv_cache"}
     if unknown:
         raise ValueError(f"unknown generate parameters {sorted(unknown)}")
+    if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][0] != 1 or shapes[0][2] != config.vocab_size:
+        raise ValueError(f"generate takes one one-hot prompt of shape [1, T, {config.vocab_size}], got {shapes}")
     steps = params.get("max_new_tokens", 16)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_NEW_TOKENS:
         raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {steps!r}")
@@ -104,7 +147,9 @@ def generate(ctx: JobContext, inputs: list, params: dict) -> list:
     cache = private_cache(ctx.decoder.config.n_layer, params.get("kv_cache"))
     with Ledger(numerics.counters) as ledger:
         steps = params.get("max_new_tokens", 16)
-        tokens, logits = decoder.generate(ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger)
+        tokens, logits = decoder.generate(
+            ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger, on_step=ctx.checkpoint
+        )
     ctx.report = {"steps": ledger.steps}
     out = [crypten.cat(tokens, dim=1)]
     return out + [logits] if params.get("return_logits", False) else out
@@ -125,22 +170,44 @@ def _one_input(shapes: list[tuple[int, ...]], kind: str) -> tuple[int, ...]:
 
 def _check_poly(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext) -> None:
     _one_input(shapes, "poly")
+    if set(params) - {"coeffs"}:
+        raise ValueError(f"unknown poly parameters {sorted(set(params) - {'coeffs'})}")
     coeffs = params.get("coeffs")
     if not isinstance(coeffs, list) or not 1 <= len(coeffs) <= 16:
         raise ValueError("poly needs params {'coeffs': [c0, c1, ...]} with 1..16 numbers")
-    if not all(isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c) for c in coeffs):
-        raise ValueError(f"poly coefficients must be finite numbers, got {coeffs}")
-    if set(params) - {"coeffs"}:
-        raise ValueError(f"unknown poly parameters {sorted(set(params) - {'coeffs'})}")
+    for i, c in enumerate(coeffs):
+        if not isinstance(c, int | float) or isinstance(c, bool) or not math.isfinite(c):
+            raise ValueError(f"poly coefficient coeffs[{i}] must be a finite number, got {c!r}")
+        if abs(c) >= ENCODE_LIMIT:
+            raise ValueError(
+                f"poly coefficient coeffs[{i}] = {c:g} is beyond the fixed-point range (|c| < 2^{62 - FRACTION_BITS})"
+            )
 
 
-@job("poly", _check_poly)
+def _client_check_poly(x: torch.Tensor, params: dict) -> None:
+    """Horner's intermediate values on the client's own input: every product and sum must fit the fixed point."""
+    coeffs = params.get("coeffs") or [0.0]
+    acc = torch.full_like(x, float(coeffs[-1]), dtype=torch.float64)
+    for c in reversed(coeffs[:-1]):
+        product = acc * x
+        if product.numel() and product.abs().max() >= PRODUCT_LIMIT:
+            raise ValueError(
+                f"poly would leave the fixed-point range: a Horner product reaches {product.abs().max().item():.4g}, "
+                f"and products must stay below 2^{62 - 2 * FRACTION_BITS} = {PRODUCT_LIMIT:.4g} with "
+                f"{FRACTION_BITS} fractional bits (it would wrap around); scale the input or the coefficients down"
+            )
+        acc = product + float(c)
+
+
+@job("poly", _check_poly, client_check=_client_check_poly)
 def poly(ctx: JobContext, inputs: list, params: dict) -> list:
-    """Elementwise c0 + c1 x + ... + cn x^n of a secret x with public coefficients (Horner: n Beaver products)."""
+    """Elementwise c0 + c1 x + ... + cn x^n of a secret x with public coefficients (Horner: n Beaver products, a
+    checkpoint after each)."""
     (x,) = inputs
     coeffs = params["coeffs"]
     acc = x * 0 + float(coeffs[-1])
     for c in reversed(coeffs[:-1]):
+        ctx.checkpoint()
         acc = acc * x + float(c)
     return [acc]
 

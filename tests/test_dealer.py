@@ -250,9 +250,10 @@ def test_service_serves_party0_corrections_and_nothing_to_party1():
         r1, r0 = c1.close(), c0.close()
         assert r0.tuples_served == len(SPECS) + 2 and r1.tuples_served == 0
         # Party 1 got its Register reply (a seed) and no tuple payload at all.
-        assert r1.bytes_served == c1.bytes_received == pb.RegisterResponse(seed=s1, dealer_id="dealer").ByteSize()
+        reply = pb.RegisterResponse(seed=s1, dealer_id="dealer", token=c1.token)
+        assert r1.bytes_served == c1.bytes_received == reply.ByteSize()
         payload = sum(8 * torch.Size(s.derived_shape()).numel() for s in SPECS)
-        assert r1.bytes_served < 64 and r0.bytes_served > payload  # a 32-byte seed and the dealer's name
+        assert r1.bytes_served < 80 and r0.bytes_served > payload  # a 32-byte seed, a 16-byte token, the dealer's name
         assert ended == [("sess", "")]
         again = dealer.DealerClient(f"127.0.0.1:{port}", "sess", 0, None, timeout=10)
         with pytest.raises(dealer.DealerUnavailable, match="never reused"):
@@ -437,6 +438,11 @@ def test_seeds_are_256_bits_handed_out_once_per_session_and_rank():
             with pytest.raises(dealer.DealerUnavailable, match=f"ALREADY_EXISTS: party {rank} already registered"):
                 dealer.DealerClient(address, "live", rank, None, timeout=5).register()
         assert c0.heartbeat() == c1.heartbeat() == ""  # the live session is untouched
+        imposter = dealer.DealerClient(address, "live", 0, None, timeout=5)  # same identity, not the registered process
+        for call in (imposter.heartbeat, lambda: imposter.get_tuples(0, [SPECS[0]]), lambda: imposter.close("x")):
+            with pytest.raises(dealer.DealerUnavailable, match="PERMISSION_DENIED: .*not come from the process"):
+                call()
+        assert c0.heartbeat() == ""  # the imposter's Close did not end the session
         served = [p for p in service.sessions["live"].bytes_to.values()]
         assert served == [c0.bytes_received, c1.bytes_received]  # nothing more went to either rank
     finally:

@@ -26,10 +26,13 @@ from torch.distributed import ReduceOp
 from mpcache.mpc.transport import wire
 from mpcache.mpc.transport.grpc_comm import (
     GrpcCommunicator,
+    JobAbortedError,
+    JobCancelledError,
     LinkModel,
     PartyConfig,
     PeerAbortedError,
     PeerLostError,
+    PeerTimeoutError,
     PortInUseError,
     ProtocolError,
 )
@@ -322,9 +325,12 @@ def _inject(comm: GrpcCommunicator, dst: int, msg: pb.PeerMessage, skip: int = 0
 
 def test_out_of_order_message_is_rejected_and_fails_the_session(pair):
     _inject(pair[1], 0, tensor_msg("s", 1, 0), skip=4)
+    deadline = time.monotonic() + 10  # rank 0 refuses the stream; rank 1 hears it (rejection or OP_ABORT) at once
+    while (pair[0].failure is None or pair[1].failure is None) and time.monotonic() < deadline:
+        time.sleep(0.01)
     results = run_all(pair, lambda c: c.all_reduce(torch.ones(2, dtype=torch.long)))
     assert isinstance(results[0], ProtocolError) and "out of order, expected seq 1" in str(results[0])
-    assert isinstance(results[1], ProtocolError | PeerAbortedError), results[1]  # told, not timed out
+    assert isinstance(results[1], ProtocolError | PeerAbortedError), results[1]
     assert "out of order" in str(results[1])
 
 
@@ -346,6 +352,67 @@ def test_unparseable_bytes_are_rejected_and_harmless(pair):
     assert caught.value.code() == grpc.StatusCode.INTERNAL and "deserializing" in caught.value.details()
     x = torch.tensor([1, 2, 3])
     assert [t.tolist() for t in run_all(pair, lambda c: c.all_reduce(x))] == [[2, 4, 6]] * 2
+
+
+def test_a_job_that_ends_half_way_leaves_the_session_in_step(pair):
+    """Issue #13: rank 1 gives job 1 up after sending more than rank 0 read; rank 0's pending call ends at once;
+    job 2 starts from the larger tuple position and reads none of job 1's leftovers."""
+    x = torch.tensor([1, 2, 3])
+
+    def job1(comm):
+        comm.begin_job(1, position=(10 * (comm.rank + 1), 3 - comm.rank), digest=b"d1")
+        if comm.rank == 1:
+            comm.send(x, 0)
+            comm.send(x, 0)  # rank 0 never reads this one
+            comm.abort_job("rank 1 failed")
+            return "aborted"
+        comm.recv(torch.zeros(3, dtype=torch.long), 1)
+        comm.recv(torch.zeros(2, dtype=torch.long), 1)  # the wrong size: divergence ends the job, not the session
+        return "unreachable"
+
+    results = run_all(pair, job1)
+    assert results[1] == "aborted"
+    assert isinstance(results[0], ProtocolError | JobAbortedError), results[0]
+    assert pair[0].failure is None and pair[1].failure is None
+
+    def job2(comm):
+        position = comm.begin_job(2, position=(10 * (comm.rank + 1) + 5, 7 * comm.rank), digest=b"d2")
+        return position, comm.all_reduce(x).tolist()
+
+    assert run_all(pair, job2) == [((25, 7), [2, 4, 6])] * 2
+    assert run_all(pair, lambda c: c.end_job()) == [None, None]
+
+
+def test_job_timeouts_cancels_and_interrupts_end_the_job_only():
+    comms = make_parties(2, timeout_s=1.0)
+    try:
+
+        def begin(n):
+            return run_all(comms, lambda c: c.begin_job(n, (0,), b"d"))
+
+        begin(1)  # rank 1 stays silent: rank 0 times out, the session survives
+        with pytest.raises(PeerTimeoutError):
+            comms[0].recv(torch.zeros(1, dtype=torch.long), 1)
+        comms[0].abort_job("rank 0 timed out")
+        assert comms[0].failure is None
+        begin(2)  # a cancelled client: every party stops at the checkpoint
+        results = run_all(comms, lambda c: c.checkpoint("the client left" if c.rank == 1 else ""))
+        assert all(isinstance(r, JobCancelledError) and "the client left" in str(r) for r in results), results
+        begin(3)  # SIGTERM from another thread: the pending call ends at once, with the reason
+        threading.Timer(0.2, comms[1].interrupt, args=("party 1 is shutting down",)).start()
+        with pytest.raises(JobAbortedError, match="shutting down"):
+            comms[1].recv(torch.zeros(1, dtype=torch.long), 0)
+        comms[1].abort_job("party 1 is shutting down")
+        with pytest.raises(JobAbortedError, match="gave job 3 up: party 1 is shutting down"):
+            comms[0].recv(torch.zeros(1, dtype=torch.long), 1)
+        begin(4)
+        assert [t.tolist() for t in run_all(comms, lambda c: c.all_reduce(torch.ones(2, dtype=torch.long)))] == [
+            [2, 2]
+        ] * 2
+        run_all(comms, lambda c: c.end_job())
+        assert comms[0].ping(timeout=5) == "" and comms[0].peer_status() == {1: ""}
+    finally:
+        run_all(comms, lambda c: c.close())
 
 
 def test_recv_from_any_source(pair):

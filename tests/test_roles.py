@@ -30,9 +30,9 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def _ready(dep: Deployment) -> None:
+def _ready(dep: Deployment, timeout: float = 90) -> None:
     for role in ("party0", "party1"):
-        _wait_for(lambda role=role: "step=ready" in dep.log(role), 90, f"{role} to be ready")
+        _wait_for(lambda role=role: "step=ready" in dep.log(role), timeout, f"{role} to be ready")
 
 
 def _error_line(dep: Deployment, role: str) -> str:
@@ -107,12 +107,18 @@ def test_a_dead_party_makes_the_dealer_and_the_other_party_exit_naming_it(tmp_pa
     # party timeout + the survivor's grace, plus slack: measured up to ~11 s with both cores busy, and
     # still far below the 30 s default timeouts, so a hang cannot pass.
     assert elapsed < 3.0 + 3.0 + 15
-    assert "party 1 silent" in _error_line(dep, "dealer")
-    assert "party0: error:" in _error_line(dep, "party0") and "party 1" in _error_line(dep, "party0")
+    # the dealer hears it from party 1's silence or from party 0, which sees the broken link at once
+    assert any(f"{who} 1" in _error_line(dep, "dealer") for who in ("party", "rank"))
+    line = _error_line(dep, "party0")
+    assert line.startswith("party0: error:") and ("party 1" in line or "rank 1" in line), line
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_a_party_that_stalls_mid_job_fails_it_and_everyone_names_it(tmp_path):
+    """Party 1 stops (SIGSTOP) mid-job for good. Defined outcome: the job fails (party 0 waits --timeout for it, or
+    hears first that the dealer gave the session up); the dealer gives the session up after --party-timeout of
+    silence; party 0 ends the session. Each exits 1 naming party 1, within the timeouts plus slack, whichever of
+    the two clocks runs out first. (A stall shorter than --party-timeout fails the job only: test_reliability.)"""
     dep = Deployment(tmp_path, **FAST)
     (tmp_path / "x.json").write_text(json.dumps(torch.rand(200_000).tolist()))  # a job long enough to stall in
     try:
@@ -121,15 +127,22 @@ def test_a_party_that_stalls_mid_job_fails_it_and_everyone_names_it(tmp_path):
         _ready(dep)
         coeffs = json.dumps({"coeffs": [0.5] * 16})
         dep.start("client", "--job", "poly", "--input-file", str(tmp_path / "x.json"), "--params", coeffs)
-        _wait_for(lambda: "step=job" in dep.log("party1"), 60, "the job to start")
+        _wait_for(lambda: "step=job" in dep.log("party1"), 90, "the job to start")
         dep.signal("party1", signal.SIGSTOP)
-        codes = {role: dep.wait(role, 30) for role in ("client", "party0", "dealer")}
+        t0 = time.monotonic()
+        codes, elapsed = {}, {}
+        for role in ("client", "party0", "dealer"):
+            codes[role] = dep.wait(role, max(60 - (time.monotonic() - t0), 1))
+            elapsed[role] = time.monotonic() - t0
     finally:
         dep.stop_all()
     assert codes == {"client": 1, "party0": 1, "dealer": 1}, codes
+    # --timeout (3 s) or --party-timeout (3 s) + a heartbeat + closing: ~7 s; slack for a loaded machine
+    assert max(elapsed.values()) < 3.0 + 3.0 + 30, elapsed
     for role in ("client", "party0", "dealer"):
         line = _error_line(dep, role)
         assert line.startswith(f"{role}: error:") and ("rank 1" in line or "party 1" in line), line
+    assert "job" in _error_line(dep, "client")  # the client hears about its job, not a broken connection
 
 
 @pytest.mark.timeout(120)
@@ -148,9 +161,9 @@ def test_a_dealer_that_dies_or_stalls_makes_both_parties_exit_naming_it(tmp_path
         dep.stop_all()
     assert codes == [1, 1]
     assert elapsed < 0.5 + 3.0 + 3.0 + 15  # a heartbeat, its deadline, close timeouts, slack (see above)
-    for role in ("party0", "party1"):
+    for role in ("party0", "party1"):  # its own heartbeat, or the other party's abort, names the dealer
         line = _error_line(dep, role)
-        assert line.startswith(f"{role}: error: dealer at 127.0.0.1:{dep.ports['dealer']}"), line
+        assert line.startswith(f"{role}: error:") and f"dealer at 127.0.0.1:{dep.ports['dealer']}" in line, line
 
 
 @pytest.mark.timeout(90)
@@ -189,7 +202,7 @@ def test_bad_requests_get_clear_errors_and_the_parties_stay_in_step(tmp_path):
 
     def creds(role):
         return Credentials(
-            role, Namespace(insecure=False, certs=str(tmp_path / "certs"), tls_ca=None, tls_cert=None, tls_key=None)
+            role, Namespace(insecure=False, certs=str(dep.certs_dir(role)), tls_ca=None, tls_cert=None, tls_key=None)
         )
 
     try:

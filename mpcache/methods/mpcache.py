@@ -50,6 +50,7 @@ mpcache --tasks passkey,niah --lengths 1024,2048 --budgets 0.1 --samples 8 --met
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -262,6 +263,15 @@ class MPCacheKnobs:
     window: int = 16  # last prompt tokens always kept by static eviction
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a knob from a request (a private job's JSON) must have its field's exact type
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            else:  # int must not be a float (32.0) or a bool; bool and str as they are
+                ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"knob {f.name} must be {'a finite number' if kind is float else kind.__name__}, "
+                                 f"got {value!r}")  # fmt: skip
         for label in ("static_ratio", "window_ratio", "long_window_ratio", "ratio1"):
             value = getattr(self, label)
             if not 0.0 < value <= 1.0:

@@ -63,6 +63,23 @@ class DealerSession:
         self.masks: dict[int, tuple[int, ...]] = {}  # FIXED_MASK tuple number -> shape of B
         self._ready: collections.deque[tuple[int, tuples.Spec, torch.Tensor]] = collections.deque()
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """The next tuple number this party may use (party 0: also past every correction it fetched) and the next
+        FSS key batch number."""
+        return max(self.consumed, self.fetched), self.key_batches
+
+    def align(self, position: tuple[int, int]) -> None:
+        """Continue from tuple number position[0] and key batch position[1]. The parties agree on the largest of
+        their positions before each job, so a job that stopped half-way (one party drew more than the other)
+        leaves no offset between them; the numbers skipped are never used (the dealer never serves them)."""
+        tuple_number, key_batch = position
+        if tuple_number < self.position[0] or key_batch < self.key_batches:
+            raise ValueError(f"cannot go back from {self.position} to {tuple(position)}: tuples are never reused")
+        self._ready.clear()
+        self.consumed = self.fetched = tuple_number
+        self.key_batches = key_batch
+
     def prefetch(self, specs: list[tuples.Spec]) -> None:
         """Party 0: fetch corrections for the next tuples (in the order they will be used). No-op elsewhere."""
         if self.rank != 0 or not specs:

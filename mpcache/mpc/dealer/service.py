@@ -76,6 +76,7 @@ class _Session:
     seeds: list[bytes]
     keys: list[bytes]
     created: float
+    tokens: dict[int, bytes] = field(default_factory=dict)  # rank -> its registration's token
     registered: set[int] = field(default_factory=set)
     closed: set[int] = field(default_factory=set)
     last_seen: dict[int, float] = field(default_factory=dict)
@@ -208,16 +209,25 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             return "; Register first"
         return f"; it serves {sorted(self.allowed)}"
 
-    def _session(self, context: grpc.ServicerContext, name: str, rank: int) -> _Session:
+    def _session(self, context: grpc.ServicerContext, name: str, rank: int, token: bytes) -> _Session:
         s = self._known(context, name)
-        if rank not in s.registered:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"party {rank} has not registered in session {name!r}")
+        self._registered(context, s, rank, token)
         if s.aborted:
             context.abort(grpc.StatusCode.ABORTED, f"session {name!r} aborted: {s.aborted}")
         if rank in s.closed:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"party {rank} already closed session {name!r}")
         s.last_seen[rank] = time.monotonic()
         return s
+
+    def _registered(self, context: grpc.ServicerContext, s: _Session, rank: int, token: bytes) -> None:
+        """The caller is the process that registered `rank` in `s` (its token), not another holder of the cert."""
+        if rank not in s.registered:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"party {rank} has not registered in session {s.name!r}")
+        if not secrets.compare_digest(token, s.tokens[rank]):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this call does not come from the process that registered party {rank} in session {s.name!r}",
+            )
 
     def _end(self, s: _Session, error: str) -> None:
         if error:
@@ -281,8 +291,11 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
                     "once (is another process running with this rank and session?)",
                 )
             s.registered.add(request.rank)
+            s.tokens[request.rank] = secrets.token_bytes(16)
             s.last_seen[request.rank] = time.monotonic()
-            reply = pb.RegisterResponse(seed=s.seeds[request.rank], dealer_id=self.dealer_id)
+            reply = pb.RegisterResponse(
+                seed=s.seeds[request.rank], dealer_id=self.dealer_id, token=s.tokens[request.rank]
+            )
             s.bytes_to[request.rank] = s.bytes_to.get(request.rank, 0) + reply.ByteSize()
         log.info("step=register session %s: party %d registered", request.session, request.rank)
         return reply
@@ -293,7 +306,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, "only party 0 fetches corrections; other parties use their seed"
             )
-        s = self._session(context, request.session, request.rank)
+        s = self._session(context, request.session, request.rank, request.token)
         try:
             specs = [(Spec.from_pb(m), m.count or 1) for m in request.specs]
             total = 0
@@ -346,7 +359,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
     def GetKeys(self, request: pb.KeyRequest, context: grpc.ServicerContext):
         """Stream a key batch's correction words to either party, chunk by chunk (keys.py)."""
         self._caller(context, request.rank)
-        s = self._session(context, request.session, request.rank)
+        s = self._session(context, request.session, request.rank, request.token)
         try:
             n, count = fss_keys.check_spec(Spec.from_pb(request.spec))
         except ValueError as e:
@@ -379,10 +392,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         self._caller(context, request.rank)
         s = self._known(context, request.session)
-        if request.rank not in s.registered:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"party {request.rank} is not registered in {request.session!r}"
-            )
+        self._registered(context, s, request.rank, request.token)
         if s.aborted:
             return pb.HeartbeatResponse(aborted=True, reason=s.aborted)
         s.last_seen[request.rank] = time.monotonic()
@@ -391,10 +401,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
     def Close(self, request: pb.CloseRequest, context: grpc.ServicerContext) -> pb.CloseResponse:
         self._caller(context, request.rank)
         s = self._known(context, request.session)
-        if request.rank not in s.registered:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"party {request.rank} is not registered in {request.session!r}"
-            )
+        self._registered(context, s, request.rank, request.token)
         with s.lock:
             was_done = s.done
             s.closed.add(request.rank)
@@ -517,6 +524,7 @@ class DealerClient:
         self.control = pb_grpc.DealerControlStub(self.channel)
         self.bytes_received = 0
         self.tuples_received = 0
+        self.token = b""  # from Register: names this process's registration in every later call
 
     def _call(self, what: str, fn, request, timeout: float | None = None):
         try:
@@ -559,6 +567,7 @@ class DealerClient:
                 raise DealerUnavailable(f"{error}; still not reachable after {wait:g} s") from None
         reply = self._call("Register", self.stub.Register, request)
         self.bytes_received += reply.ByteSize()
+        self.token = reply.token
         if len(reply.seed) < 16:
             raise DealerUnavailable(f"dealer at {self.address} sent a {len(reply.seed)}-byte seed; at least 16 needed")
         return reply.seed
@@ -566,7 +575,7 @@ class DealerClient:
     def get_keys(self, batch: int, spec: Spec) -> Iterator[pb.KeyChunk]:
         """This party's key batch number `batch` (spec: keys.compare_spec), chunk by chunk as the dealer streams it.
         The deadline grows with the batch (the dealer generates as it streams: at least 50k comparisons a second)."""
-        request = pb.KeyRequest(session=self.session, rank=self.rank, batch=batch, spec=spec.to_pb())
+        request = pb.KeyRequest(session=self.session, rank=self.rank, batch=batch, spec=spec.to_pb(), token=self.token)
         timeout = self.timeout + spec.shape_a[0] / 50_000
         try:
             for chunk in self.stub.GetKeys(request, timeout=timeout):
@@ -578,7 +587,8 @@ class DealerClient:
     def get_tuples(self, request_id: int, specs: Sequence[Spec]) -> list[torch.Tensor]:
         """Party 0's corrections for `specs`, the first being tuple number `request_id` of the session."""
         request = pb.TupleRequest(
-            session=self.session, rank=self.rank, request_id=request_id, specs=[s.to_pb() for s in specs]
+            session=self.session, rank=self.rank, request_id=request_id, specs=[s.to_pb() for s in specs],
+            token=self.token,
         )
         reply = self._call("GetTuples", self.stub.GetTuples, request)
         self.bytes_received += reply.ByteSize()
@@ -591,14 +601,12 @@ class DealerClient:
 
     def heartbeat(self, timeout: float | None = None) -> str:
         """'' while the session is alive; the dealer's reason once it was aborted."""
-        reply = self._call(
-            "Heartbeat", self.control.Heartbeat, pb.HeartbeatRequest(session=self.session, rank=self.rank), timeout
-        )
+        request = pb.HeartbeatRequest(session=self.session, rank=self.rank, token=self.token)
+        reply = self._call("Heartbeat", self.control.Heartbeat, request, timeout)
         return reply.reason or ("aborted" if reply.aborted else "")
 
     def close(self, error: str = "", timeout: float | None = None) -> pb.CloseResponse:
-        reply = self._call(
-            "Close", self.control.Close, pb.CloseRequest(session=self.session, rank=self.rank, error=error), timeout
-        )
+        request = pb.CloseRequest(session=self.session, rank=self.rank, error=error, token=self.token)
+        reply = self._call("Close", self.control.Close, request, timeout)
         self.channel.close()
         return reply

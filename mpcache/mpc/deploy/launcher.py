@@ -29,17 +29,21 @@ ROLES = ("dealer", "party0", "party1", "client")
 
 
 def prepare(workdir: Path, insecure: bool) -> None:
-    """Development certificates (unless insecure) and the demo jobs' model file."""
+    """As docker-compose's volumes: development certificates (unless insecure) with each role's key and certificate
+    alone in workdir/pki/<role> and the CA key in workdir/pki/ca (what `mpcache-certs --per-role` writes), and the
+    demo model in party 0's directory only (workdir/party0)."""
     from safetensors.torch import save_file
 
-    from mpcache.mpc.transport.tls import make_dev_pki
+    from mpcache.mpc.transport.tls import make_role_dirs
     from parties.jobs import demo_model
 
     workdir.mkdir(parents=True, exist_ok=True)
-    if not insecure and not (workdir / "certs" / "ca.pem").exists():
-        make_dev_pki(workdir / "certs")
-    if not (workdir / "model.safetensors").exists():
-        save_file(demo_model(), str(workdir / "model.safetensors"))
+    if not insecure and not (workdir / "pki" / "ca" / "ca.pem").exists():
+        make_role_dirs(workdir / "pki")
+    model = workdir / "party0" / "model.safetensors"
+    if not model.exists():
+        model.parent.mkdir(exist_ok=True)
+        save_file(demo_model(), str(model))
 
 
 @dataclass
@@ -51,8 +55,10 @@ class Deployment:
     timeout: float = 30.0  # peer / dealer silence allowed mid-step
     party_timeout: float = 30.0  # dealer: a party silent this long aborts the session
     heartbeat: float = 2.0
+    agree_timeout: float = 5.0  # a job waits this long for the other party's copy of the request
     session: str = "local"
     model: Path | None = None  # party 0's --model (default: the demo weights file in workdir)
+    party_command: tuple[str, ...] | None = None  # instead of `python -m parties.party` (bench.faults in tests)
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -64,25 +70,31 @@ class Deployment:
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
+    def certs_dir(self, role: str) -> Path:
+        """Where `role`'s TLS files are (its --certs): its own certificate and key, the CA's certificate."""
+        return self.workdir / "pki" / role
+
     def command(self, role: str, *extra: str) -> list[str]:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
         peers = f"{self.address('peer0')},{self.address('peer1')}"
         connect = ["--connect-timeout", str(max(60.0, 2 * self.timeout))]
         party = ["--peers", peers, "--dealer", self.address("dealer"), "--timeout", str(self.timeout), *connect]
-        party += ["--heartbeat", str(self.heartbeat)]
+        party += ["--heartbeat", str(self.heartbeat), "--agree-timeout", str(self.agree_timeout)]
         if role == "dealer":
             args = ["--listen", self.address("dealer"), "--sessions", "1", "--party-timeout", str(self.party_timeout)]
         elif role == "party0":
             args = ["--rank", "0", "--api-listen", self.address("api0"), *party]
-            args += ["--model", str(self.model or self.workdir / "model.safetensors")]
+            args += ["--model", str(self.model or self.workdir / "party0" / "model.safetensors")]
         elif role == "party1":
             args = ["--rank", "1", "--api-listen", self.address("api1"), *party]
         else:
             args = ["--parties", f"{self.address('api0')},{self.address('api1')}", "--shutdown", *connect]
-        common = ["--session", self.session, "--certs", str(self.workdir / "certs")]
+        common = ["--session", self.session, "--certs", str(self.certs_dir(role))]
         if self.insecure:
             common.append("--insecure")
+        if role.startswith("party") and self.party_command:
+            return [*self.party_command, *common, *args, *extra]
         module = "parties.party" if role.startswith("party") else f"parties.{role}"
         return [sys.executable, "-m", module, *common, *args, *extra]
 

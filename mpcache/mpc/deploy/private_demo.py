@@ -122,7 +122,7 @@ def run(args) -> int:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="mpcache-private-demo-"))
         dep = Deployment(work, insecure=args.insecure, model=folder, timeout=120.0, party_timeout=120.0)
         print(f"roles: dealer, party 0 (model owner), party 1 on 127.0.0.1; logs in {work}", flush=True)
-        args.certs, args.parties = str(work / "certs"), [dep.address("api0"), dep.address("api1")]
+        args.certs, args.parties = str(dep.certs_dir("client")), [dep.address("api0"), dep.address("api1")]
     try:
         if dep is not None:
             for role in ("dealer", "party0", "party1"):

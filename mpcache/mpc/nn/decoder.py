@@ -65,11 +65,13 @@ def generate(
     steps: int,
     cache: L.PrivateKVCache | None = None,
     ledger: Ledger | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[list[Value], Value]:
     """Greedy decoding: one-hot prompt [B, T, V] -> (`steps` secret one-hots [B, 1, V], first step's logits [B, 1, V]).
 
     Step 0 is the prefill (the whole prompt), each later step feeds the previous secret one-hot. With a ledger,
-    every step is recorded as "prefill" / "decode" with its per-layer, per-operation costs.
+    every step is recorded as "prefill" / "decode" with its per-layer, per-operation costs. `on_step()` runs after
+    each step (outside the ledger): a deployment's job checkpoint, where a cancelled job stops at both parties.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -86,6 +88,8 @@ def generate(
         if first_logits is None:
             first_logits = logits
         out.append(tokens)
+        if on_step is not None and step + 1 < steps:
+            on_step()
     return out, first_logits
 
 

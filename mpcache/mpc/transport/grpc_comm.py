@@ -19,6 +19,12 @@ Matching and failure rules (the reason this module exists rather than a bare soc
   without a message. Either way the waiting call raises an error naming the peer, and this party tells the others
   (OP_ABORT) so a 3-party run fails everywhere, fast.
 
+Jobs (a deployment's client requests, parties/party.py): `begin_job(n, ...)` .. `end_job()` bracket job n at every
+party and every message carries its job number. Inside a job a stalled peer, diverged calls or a local exception
+end that job only: `abort_job(reason)` tells the peers (OP_JOB_ABORT), whose calls in that job then raise
+`JobAbortedError` at once; leftovers of an ended job are dropped, never read by the next one. `checkpoint()` lets
+both parties stop a job together (a cancelled client). A broken stream or a malformed message still ends the session.
+
 Install into CrypTen with `init_party(rank, world_size, peers, session)`, which rebinds
 `crypten.communicator.DistributedCommunicator` (the name `crypten.init()` looks up at call time) and calls
 `crypten.init()`; `crypten.uninit()` flushes and closes. Statistics: CrypTen's own counters (rounds, bytes as
@@ -35,6 +41,7 @@ rtt/2 + bytes/bandwidth on top of the real loopback time, and a request-response
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import logging
@@ -92,6 +99,7 @@ _REJECTION_CODES = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ALREADY_EXISTS,  # our stream arrived second: another process holds our rank there
 )
+_JOB_OPS = (pb.OP_JOB_BEGIN, pb.OP_JOB_CHECK, pb.OP_JOB_END, pb.OP_JOB_ABORT)
 _TTP_UNSUPPORTED = (
     "CrypTen's TTP provider talks to torch.distributed directly (TTPClient._setup_generators) and cannot run over "
     "GrpcCommunicator; keep cfg.mpc.provider='TFP' or register a dealer TupleProvider (service mpcache.v1.Dealer)"
@@ -116,6 +124,14 @@ class PeerAbortedError(CommError):
 
 class ProtocolError(CommError):
     """A message that breaks the protocol: wrong session, out of order, malformed, or not what this call expects."""
+
+
+class JobAbortedError(CommError):
+    """The current job ended early: a peer gave it up, or this party was interrupted. The session goes on."""
+
+
+class JobCancelledError(CommError):
+    """A party's client cancelled the current job; every party stops it at the same checkpoint."""
 
 
 class PortInUseError(OSError):
@@ -166,6 +182,7 @@ class PartyConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     link: LinkModel | None = None
     tls_files: tls.TlsFiles | None = None  # mutual TLS between parties (certificate role "party<rank>"); None = plain
+    services: tuple = ()  # callables add(grpc.Server): more services on this party's server (e.g. job agreement)
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size", "max_message_bytes"):
@@ -324,6 +341,10 @@ class GrpcCommunicator(Communicator):
         self._failure: CommError | None = None
         self._closing = False
         self._closed = False
+        self._job = 0  # the current (or last) job's number; 0 = the session itself (start-up)
+        self._in_job = False
+        self._aborted: dict[int, str] = {}  # job number -> why it ended early (a peer's OP_JOB_ABORT, interrupt())
+        self._patience: float | None = None  # a longer wait than timeout_s for the next calls (see patience())
         self._inbox = {src: _Inbox() for src in self._peers}
         self._links: dict[int, _Link] = {}
         self.reset_communication_stats()
@@ -370,11 +391,13 @@ class GrpcCommunicator(Communicator):
 
     def _start_server(self) -> grpc.Server:
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2 * self.world_size + 4, thread_name_prefix=f"mpc-r{self.rank}"),
+            futures.ThreadPoolExecutor(max_workers=2 * self.world_size + 8, thread_name_prefix=f"mpc-r{self.rank}"),
             options=self._options,
         )
         pb_grpc.add_PeerServicer_to_server(_PeerServicer(self), server)
         pb_grpc.add_HealthServicer_to_server(_HealthServicer(self), server)
+        for add in self.config.services:
+            add(server)
         address = self.config.listen or self.config.peers[self.rank]
         try:
             if self.config.tls_files is None:
@@ -538,9 +561,12 @@ class GrpcCommunicator(Communicator):
                 inbox.closed = True
             elif msg.op == pb.OP_ABORT:
                 self._fail_locked(PeerAbortedError(f"rank {src} aborted the session: {msg.error.message}"))
+            elif msg.op == pb.OP_JOB_ABORT:
+                self._aborted.setdefault(msg.job, f"rank {src} gave job {msg.job} up: {msg.control.error}")
             else:
-                self.wire_bytes_received += nbytes
-                self.wire_messages_received += 1
+                if msg.op not in _JOB_OPS:  # job control, like teardown, is not counted
+                    self.wire_bytes_received += nbytes
+                    self.wire_messages_received += 1
                 deliver_at = now
                 if self.config.link is not None:
                     inbox.link_free_at = max(now, inbox.link_free_at) + self.config.link.transmit_s(nbytes)
@@ -624,6 +650,7 @@ class GrpcCommunicator(Communicator):
         obj: bytes = b"",
     ) -> None:
         self._raise_failure()
+        self._raise_job_ended()
         inbox = self._inbox[dst]
         if inbox.closed or inbox.lost:
             raise PeerLostError(
@@ -633,6 +660,7 @@ class GrpcCommunicator(Communicator):
         msg = pb.PeerMessage(
             session=self.config.session,
             src=self.rank,
+            job=self._job,
             op=op,
             root=root,
             reduce_op=reduce_op,
@@ -649,14 +677,23 @@ class GrpcCommunicator(Communicator):
     ) -> tuple[int, pb.PeerMessage, list[torch.Tensor]]:
         """Wait for the next message from `src` (any peer if None), check it is `op`; returns (src, msg, tensors)."""
         sources = self._peers if src is None else [src]
-        timeout = self.config.timeout_s
+        timeout = self._patience or self.config.timeout_s
         deadline = time.monotonic() + timeout
         with self._cv:
             while True:
                 self._raise_failure()
-                ready = [s for s in sources if self._inbox[s].messages]
+                self._raise_job_ended()
+                ready = [s for s in sources if self._drop_stale(s)]
                 if ready:
                     src = ready[0]
+                    ahead = self._inbox[src].messages[0][0].job
+                    if ahead > self._job:  # the peer left our job (it sends nothing more for it)
+                        raise self._job_failure(
+                            JobAbortedError(
+                                f"rank {src} moved on to job {ahead} while rank {self.rank} waited for {what} in "
+                                f"job {self._job}"
+                            )
+                        )
                     msg, tensors, deliver_at = self._inbox[src].messages.popleft()
                     break
                 for s in sources:
@@ -674,7 +711,7 @@ class GrpcCommunicator(Communicator):
                         f"rank {self.rank} waited {timeout:g} s for {what} from {who}, which sent nothing: it has "
                         f"stalled, crashed or taken another code path (timeout_s={timeout:g})"
                     )
-                    raise self._fail_locked(error)
+                    raise self._job_failure(error)
                 self._cv.wait(remaining)
         delay = deliver_at - time.monotonic()
         if delay > 0:
@@ -688,8 +725,26 @@ class GrpcCommunicator(Communicator):
                 f"rank {self.rank} expected {_op_text(op, root, reduce_op)} from rank {src} for {what} but got "
                 f"{_op_text(msg.op, msg.root, msg.reduce_op)} (seq {msg.seq}): the parties' programs have diverged"
             )
-            raise self._fail(error)
+            with self._cv:
+                raise self._job_failure(error)
         return src, msg, tensors
+
+    def _drop_stale(self, src: int) -> bool:
+        """Drop the messages of jobs this party has left from the front of src's inbox (under _cv); True if a
+        message is left to read."""
+        messages = self._inbox[src].messages
+        while messages and messages[0][0].job < self._job:
+            messages.popleft()
+        return bool(messages)
+
+    def _raise_job_ended(self) -> None:
+        if self._in_job and self._job in self._aborted:
+            raise JobAbortedError(self._aborted[self._job])
+
+    def _job_failure(self, error: CommError) -> CommError:
+        """Inside a job a stall or divergence ends the job only (the caller tells the peers with abort_job);
+        outside one (start-up) it ends the session. Call under _cv."""
+        return error if self._in_job else self._fail_locked(error)
 
     def _expect_like(
         self, got: list[torch.Tensor], like: Sequence[torch.Tensor], src: int, what: str, same_shape: bool = True
@@ -707,7 +762,8 @@ class GrpcCommunicator(Communicator):
                 if problem:
                     break
         if problem:
-            raise self._fail(ProtocolError(f"rank {src} sent {problem} for {what} to rank {self.rank}"))
+            with self._cv:
+                raise self._job_failure(ProtocolError(f"rank {src} sent {problem} for {what} to rank {self.rank}"))
 
     @staticmethod
     def _as_list(input: Any, batched: bool, what: str) -> list[torch.Tensor]:
@@ -739,6 +795,141 @@ class GrpcCommunicator(Communicator):
             return wire.loads(msg.object)
         except (wire.UnsafePickleError, wire.WireFormatError) as e:
             raise self._fail(ProtocolError(f"rank {src} sent an object for {what} that was refused: {e}")) from e
+
+    # ------------------------------------------------------------------------------------------------- jobs
+
+    def begin_job(self, job: int, position: Sequence[int], digest: bytes) -> tuple[int, ...]:
+        """Start job number `job` (larger than any before) at every party: each says where its dealer randomness
+        stands (`position`: counters, e.g. the next tuple and key batch numbers) and what it runs (`digest`);
+        returns the largest position of each counter, where every party continues. Raises JobAbortedError if the
+        parties are about to run different requests or a peer gave the job up."""
+        with self._cv:
+            if job <= self._job:
+                raise ValueError(f"job number {job} does not follow job {self._job}")
+            self._job, self._in_job = job, True
+            self._aborted = {n: why for n, why in self._aborted.items() if n >= job}
+            for src in self._peers:
+                self._drop_stale(src)
+        position = tuple(position)
+        self._control(pb.OP_JOB_BEGIN, positions=position, digest=digest)
+        agreed = position
+        for src in self._peers:
+            _, msg, _ = self._recv(src, pb.OP_JOB_BEGIN, f"the start of job {job}")
+            if msg.control.digest != digest or len(msg.control.positions) != len(position):
+                raise JobAbortedError(f"rank {src} started job {job} with another request (its digest differs)")
+            agreed = tuple(max(a, b) for a, b in zip(agreed, msg.control.positions))
+        return agreed
+
+    def checkpoint(self, cancel: str = "") -> None:
+        """A point where every party may stop the job: raises JobCancelledError at every party if one of them
+        asks (`cancel`: why; "" = go on). One message each way, not counted in the statistics."""
+        self._checkpoint(pb.OP_JOB_CHECK, cancel)
+
+    def end_job(self, cancel: str = "") -> None:
+        """The job's last checkpoint: once it returns at every party, every party's answer stands."""
+        try:
+            self._checkpoint(pb.OP_JOB_END, cancel)
+        finally:
+            with self._cv:
+                self._in_job = False
+
+    def _checkpoint(self, op: int, cancel: str) -> None:
+        self._control(op, cancel=cancel)
+        reasons = [cancel] if cancel else []
+        for src in self._peers:
+            _, msg, _ = self._recv(src, op, f"a checkpoint of job {self._job}")
+            if msg.control.cancel:
+                reasons.append(msg.control.cancel)
+        if reasons:
+            with self._cv:
+                self._in_job = False
+            raise JobCancelledError(reasons[0])
+
+    def abort_job(self, reason: str, job: int | None = None) -> None:
+        """Leave the current job (or give up `job`, one this party has not begun) and tell the peers why; their
+        calls in it raise JobAbortedError. The session goes on (unless it has failed anyway)."""
+        with self._cv:
+            if job is None or job == self._job:
+                self._in_job, job = False, self._job
+        if self._failure is not None or self._closing:
+            return
+        for dst in self._peers:
+            if not (self._inbox[dst].closed or self._inbox[dst].lost):
+                try:
+                    self._put_control(dst, pb.OP_JOB_ABORT, job, error=reason[:4000])
+                except CommError:
+                    pass
+
+    def abort_session(self, reason: str) -> None:
+        """End the session for every party (they get OP_ABORT with `reason`); close() then stops at once."""
+        self._fail(CommError(reason))
+
+    def interrupt(self, reason: str) -> None:
+        """From another thread: the current job's pending or next call raises JobAbortedError(reason)."""
+        with self._cv:
+            if self._in_job:
+                self._aborted.setdefault(self._job, reason)
+            self._cv.notify_all()
+
+    def _control(self, op: int, **control) -> None:
+        self._raise_failure()
+        with self._cv:
+            self._raise_job_ended()
+        for dst in self._peers:
+            inbox = self._inbox[dst]
+            if inbox.closed or inbox.lost:
+                raise PeerLostError(f"rank {dst} ({self.config.peers[dst]}): {inbox.lost or 'it has shut down'}")
+            self._put_control(dst, op, self._job, **control)
+
+    def _put_control(self, dst: int, op: int, job: int, **control) -> None:
+        msg = pb.PeerMessage(
+            session=self.config.session, src=self.rank, op=op, job=job, control=pb.JobControl(**control)
+        )
+        self._links[dst].put(msg, self.config.max_message_bytes)
+
+    @contextlib.contextmanager
+    def patience(self, seconds: float):
+        """Wait up to `seconds` instead of timeout_s for the peers inside this block (a party loading a large
+        model before it answers)."""
+        previous, self._patience = self._patience, max(seconds, self.config.timeout_s)
+        try:
+            yield
+        finally:
+            self._patience = previous
+
+    # ----------------------------------------------------------------------------------------------- liveness
+
+    @property
+    def failure(self) -> CommError | None:
+        """The error that ended the session, if any."""
+        return self._failure
+
+    def peer_status(self) -> dict[int, str]:
+        """Each peer's state: "" (connected), "closed" (it ended the session cleanly) or why it is lost."""
+        with self._cv:
+            return {src: "closed" if b.closed else (b.lost or "") for src, b in self._inbox.items()}
+
+    def ping(self, timeout: float) -> str:
+        """'' if every peer answers a handshake on its channel within `timeout`, else why not (the idle-link
+        heartbeat: a peer that is stopped or cut off answers nothing, though its stream looks open)."""
+        cfg = self.config
+        hello = pb.PeerHello(session=cfg.session, rank=self.rank, world_size=self.world_size,
+                             protocol_version=PROTOCOL_VERSION)  # fmt: skip
+        for dst, link in self._links.items():
+            try:
+                link.stub.Hello(hello, timeout=timeout)
+            except grpc.RpcError as e:
+                what = (
+                    f"did not answer within {timeout:g} s"
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    else (f"refused: {e.code().name}: {e.details()}")
+                )
+                return f"rank {dst} at {link.address} {what}"
+        return ""
+
+    def peer_channel(self, dst: int) -> grpc.Channel:
+        """The channel of this party's stream to `dst` (other services of the peer's server use it too)."""
+        return self._links[self._peer_rank(dst, "dst")].channel
 
     # ------------------------------------------------------------------------------------ the CrypTen interface
 
@@ -1054,12 +1245,14 @@ def init_party(
     rtt_ms: float | None = None,
     bandwidth_mbps: float | None = None,
     tls_files: tls.TlsFiles | None = None,
+    services: Sequence = (),
 ) -> GrpcCommunicator:
     """Join `session` as `rank` and initialise CrypTen over gRPC; returns the communicator.
 
     Blocks until every peer is reachable (connect_timeout_s). Finish with `crypten.uninit()`, which flushes and
     waits for the peers to finish too. `rtt_ms`/`bandwidth_mbps` turn on link emulation (module docstring).
     `tls_files`: this party's certificate files for mutual TLS with the other parties (mpcache/mpc/transport/tls.py).
+    `services`: callables add(server) that put more services on this party's server (served from start-up on).
     """
     link = None
     if rtt_ms is not None or bandwidth_mbps is not None:
@@ -1075,6 +1268,7 @@ def init_party(
         max_message_bytes=max_message_bytes,
         link=link,
         tls_files=tls_files,
+        services=tuple(services),
     )
     if crypten.mpc.ttp_required():
         raise ValueError(_TTP_UNSUPPORTED)

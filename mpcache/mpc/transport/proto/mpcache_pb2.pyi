@@ -37,6 +37,10 @@ class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OP_ABORT: _ClassVar[Op]
     OP_CLOSE: _ClassVar[Op]
     OP_OPEN: _ClassVar[Op]
+    OP_JOB_BEGIN: _ClassVar[Op]
+    OP_JOB_CHECK: _ClassVar[Op]
+    OP_JOB_END: _ClassVar[Op]
+    OP_JOB_ABORT: _ClassVar[Op]
 
 class ReduceOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -108,6 +112,10 @@ OP_BROADCAST_OBJ: Op
 OP_ABORT: Op
 OP_CLOSE: Op
 OP_OPEN: Op
+OP_JOB_BEGIN: Op
+OP_JOB_CHECK: Op
+OP_JOB_END: Op
+OP_JOB_ABORT: Op
 REDUCE_OP_UNSPECIFIED: ReduceOp
 SUM: ReduceOp
 PRODUCT: ReduceOp
@@ -153,6 +161,18 @@ class Tensor(_message.Message):
     payload: bytes
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
+class JobControl(_message.Message):
+    __slots__ = ("positions", "digest", "cancel", "error")
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    digest: bytes
+    cancel: str
+    error: str
+    def __init__(self, positions: _Optional[_Iterable[int]] = ..., digest: _Optional[bytes] = ..., cancel: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
 class PeerError(_message.Message):
     __slots__ = ("rank", "message")
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -162,7 +182,7 @@ class PeerError(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class PeerMessage(_message.Message):
-    __slots__ = ("session", "src", "seq", "op", "root", "reduce_op", "tensors", "object", "error")
+    __slots__ = ("session", "src", "seq", "op", "root", "reduce_op", "tensors", "object", "error", "job", "control")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +192,8 @@ class PeerMessage(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OBJECT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
     session: str
     src: int
     seq: int
@@ -181,7 +203,9 @@ class PeerMessage(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     object: bytes
     error: PeerError
-    def __init__(self, session: _Optional[str] = ..., src: _Optional[int] = ..., seq: _Optional[int] = ..., op: _Optional[_Union[Op, str]] = ..., root: _Optional[int] = ..., reduce_op: _Optional[_Union[ReduceOp, str]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., object: _Optional[bytes] = ..., error: _Optional[_Union[PeerError, _Mapping]] = ...) -> None: ...
+    job: int
+    control: JobControl
+    def __init__(self, session: _Optional[str] = ..., src: _Optional[int] = ..., seq: _Optional[int] = ..., op: _Optional[_Union[Op, str]] = ..., root: _Optional[int] = ..., reduce_op: _Optional[_Union[ReduceOp, str]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., object: _Optional[bytes] = ..., error: _Optional[_Union[PeerError, _Mapping]] = ..., job: _Optional[int] = ..., control: _Optional[_Union[JobControl, _Mapping]] = ...) -> None: ...
 
 class PeerHello(_message.Message):
     __slots__ = ("session", "rank", "world_size", "protocol_version")
@@ -248,24 +272,28 @@ class RegisterRequest(_message.Message):
     def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("dealer_id", "seed")
+    __slots__ = ("dealer_id", "seed", "token")
     DEALER_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     dealer_id: str
     seed: bytes
-    def __init__(self, dealer_id: _Optional[str] = ..., seed: _Optional[bytes] = ...) -> None: ...
+    token: bytes
+    def __init__(self, dealer_id: _Optional[str] = ..., seed: _Optional[bytes] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class TupleRequest(_message.Message):
-    __slots__ = ("session", "rank", "request_id", "specs")
+    __slots__ = ("session", "rank", "request_id", "specs", "token")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPECS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     session: str
     rank: int
     request_id: int
     specs: _containers.RepeatedCompositeFieldContainer[TupleSpec]
-    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., request_id: _Optional[int] = ..., specs: _Optional[_Iterable[_Union[TupleSpec, _Mapping]]] = ...) -> None: ...
+    token: bytes
+    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., request_id: _Optional[int] = ..., specs: _Optional[_Iterable[_Union[TupleSpec, _Mapping]]] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class TupleResponse(_message.Message):
     __slots__ = ("request_id", "corrections")
@@ -276,16 +304,18 @@ class TupleResponse(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., corrections: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class KeyRequest(_message.Message):
-    __slots__ = ("session", "rank", "batch", "spec")
+    __slots__ = ("session", "rank", "batch", "spec", "token")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     session: str
     rank: int
     batch: int
     spec: TupleSpec
-    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., batch: _Optional[int] = ..., spec: _Optional[_Union[TupleSpec, _Mapping]] = ...) -> None: ...
+    token: bytes
+    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., batch: _Optional[int] = ..., spec: _Optional[_Union[TupleSpec, _Mapping]] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class KeyChunk(_message.Message):
     __slots__ = ("batch", "chunk", "count", "corrections")
@@ -431,12 +461,14 @@ class HealthResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[HealthResponse.ServingStatus, str]] = ..., role: _Optional[str] = ..., rank: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("session", "rank")
+    __slots__ = ("session", "rank", "token")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     session: str
     rank: int
-    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    token: bytes
+    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("aborted", "reason")
@@ -447,14 +479,16 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, aborted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
-    __slots__ = ("session", "rank", "error")
+    __slots__ = ("session", "rank", "error", "token")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     session: str
     rank: int
     error: str
-    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    token: bytes
+    def __init__(self, session: _Optional[str] = ..., rank: _Optional[int] = ..., error: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class CloseResponse(_message.Message):
     __slots__ = ("tuples_served", "bytes_served")
@@ -513,11 +547,53 @@ class JobResult(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[FixedPointShare, _Mapping]]] = ..., stats: _Optional[_Union[JobStats, _Mapping]] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "request_id")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ShutdownResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class JobProposal(_message.Message):
+    __slots__ = ("session", "job", "job_id", "kind", "digest")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    job: int
+    job_id: str
+    kind: str
+    digest: bytes
+    def __init__(self, session: _Optional[str] = ..., job: _Optional[int] = ..., job_id: _Optional[str] = ..., kind: _Optional[str] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
+class JobVerdict(_message.Message):
+    __slots__ = ("accepted", "reason", "state")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    state: JobState
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+
+class JobQuery(_message.Message):
+    __slots__ = ("session", "job_id")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    job_id: str
+    def __init__(self, session: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class JobQueryResponse(_message.Message):
+    __slots__ = ("state", "reason")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    state: JobState
+    reason: str
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -314,7 +314,8 @@ class Dealer:
 
 
 class InferenceStub:
-    """The client API, served by every computing party.
+    """A streaming client API (not served yet: the parties serve Jobs; a prompt is a Jobs.Run of kind "generate").
+    Its Status and Cancel are answered like the Jobs ones.
     """
 
     def __init__(self, channel):
@@ -341,7 +342,8 @@ class InferenceStub:
 
 
 class InferenceServicer:
-    """The client API, served by every computing party.
+    """A streaming client API (not served yet: the parties serve Jobs; a prompt is a Jobs.Run of kind "generate").
+    Its Status and Cancel are answered like the Jobs ones.
     """
 
     def SubmitPrompt(self, request, context):
@@ -392,7 +394,8 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """The client API, served by every computing party.
+    """A streaming client API (not served yet: the parties serve Jobs; a prompt is a Jobs.Run of kind "generate").
+    Its Status and Cancel are answered like the Jobs ones.
     """
 
     @staticmethod
@@ -669,7 +672,11 @@ class DealerControl:
 
 
 class JobsStub:
-    """Missing associated documentation comment in .proto file."""
+    """Errors of Run: INVALID_ARGUMENT (refused before any MPC, same at both parties), ALREADY_EXISTS (a job id used
+    before), ABORTED (the parties could not agree on the job, or it failed half-way at either party: the message
+    names the party and the cause), CANCELLED (Cancel, or the client's other call ended), UNAVAILABLE (the party is
+    starting or its session is ending). After any of them the parties serve the next job.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -687,10 +694,24 @@ class JobsStub:
                 request_serializer=mpcache__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=mpcache__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/mpcache.v1.Jobs/Status',
+                request_serializer=mpcache__pb2.StatusRequest.SerializeToString,
+                response_deserializer=mpcache__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/mpcache.v1.Jobs/Cancel',
+                request_serializer=mpcache__pb2.CancelRequest.SerializeToString,
+                response_deserializer=mpcache__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Errors of Run: INVALID_ARGUMENT (refused before any MPC, same at both parties), ALREADY_EXISTS (a job id used
+    before), ABORTED (the parties could not agree on the job, or it failed half-way at either party: the message
+    names the party and the cause), CANCELLED (Cancel, or the client's other call ended), UNAVAILABLE (the party is
+    starting or its session is ending). After any of them the parties serve the next job.
+    """
 
     def Run(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -700,6 +721,20 @@ class JobsServicer:
 
     def Shutdown(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """This party's view of a job (request_id = job_id): QUEUED, RUNNING, DONE, CANCELLED or FAILED with the error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Stop a job: a waiting one at once, a running one at its next checkpoint (at both parties).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -717,6 +752,16 @@ def add_JobsServicer_to_server(servicer, server):
                     request_deserializer=mpcache__pb2.ShutdownRequest.FromString,
                     response_serializer=mpcache__pb2.ShutdownResponse.SerializeToString,
             ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=mpcache__pb2.StatusRequest.FromString,
+                    response_serializer=mpcache__pb2.StatusResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=mpcache__pb2.CancelRequest.FromString,
+                    response_serializer=mpcache__pb2.CancelResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mpcache.v1.Jobs', rpc_method_handlers)
@@ -726,7 +771,11 @@ def add_JobsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Jobs:
-    """Missing associated documentation comment in .proto file."""
+    """Errors of Run: INVALID_ARGUMENT (refused before any MPC, same at both parties), ALREADY_EXISTS (a job id used
+    before), ABORTED (the parties could not agree on the job, or it failed half-way at either party: the message
+    names the party and the cause), CANCELLED (Cancel, or the client's other call ended), UNAVAILABLE (the party is
+    starting or its session is ending). After any of them the parties serve the next job.
+    """
 
     @staticmethod
     def Run(request,
@@ -772,6 +821,177 @@ class Jobs:
             '/mpcache.v1.Jobs/Shutdown',
             mpcache__pb2.ShutdownRequest.SerializeToString,
             mpcache__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpcache.v1.Jobs/Status',
+            mpcache__pb2.StatusRequest.SerializeToString,
+            mpcache__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpcache.v1.Jobs/Cancel',
+            mpcache__pb2.CancelRequest.SerializeToString,
+            mpcache__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class CoordinatorStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Propose = channel.unary_unary(
+                '/mpcache.v1.Coordinator/Propose',
+                request_serializer=mpcache__pb2.JobProposal.SerializeToString,
+                response_deserializer=mpcache__pb2.JobVerdict.FromString,
+                _registered_method=True)
+        self.Query = channel.unary_unary(
+                '/mpcache.v1.Coordinator/Query',
+                request_serializer=mpcache__pb2.JobQuery.SerializeToString,
+                response_deserializer=mpcache__pb2.JobQueryResponse.FromString,
+                _registered_method=True)
+
+
+class CoordinatorServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Propose(self, request, context):
+        """Party 0 -> party 1: run this job next. Party 1 waits briefly for its own copy of the request and checks it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Query(self, request, context):
+        """Party 1 -> party 0: what became of a job party 1 received but party 0 never proposed?
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CoordinatorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Propose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Propose,
+                    request_deserializer=mpcache__pb2.JobProposal.FromString,
+                    response_serializer=mpcache__pb2.JobVerdict.SerializeToString,
+            ),
+            'Query': grpc.unary_unary_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=mpcache__pb2.JobQuery.FromString,
+                    response_serializer=mpcache__pb2.JobQueryResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'mpcache.v1.Coordinator', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('mpcache.v1.Coordinator', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Coordinator:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Propose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpcache.v1.Coordinator/Propose',
+            mpcache__pb2.JobProposal.SerializeToString,
+            mpcache__pb2.JobVerdict.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpcache.v1.Coordinator/Query',
+            mpcache__pb2.JobQuery.SerializeToString,
+            mpcache__pb2.JobQueryResponse.FromString,
             options,
             channel_credentials,
             insecure,
