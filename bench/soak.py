@@ -7,8 +7,9 @@ fault-injection job; party 0 holds the demo weights file), then `clients` client
 channels, take jobs from one shuffled list (seeded): good `poly` and `linear_relu` jobs, whose answers are checked
 against plaintext, and bad ones, each of which must end with its own error: invalid parameters, an unknown kind,
 a wrong input shape (refused before any MPC), a mid-run exception or diverged calls at either party, a request that
-reaches one party only, a reused job id, a cancelled job. Every `sample_every` jobs it reads the resident memory
-(VmRSS) of the dealer and both parties; growth is the last sample over the first one taken after warm-up. At the end
+reaches one party only, a reused job id, a cancelled job. It reads the resident memory (VmRSS) of the dealer and both
+parties after the first `warmup` jobs and after the last one, both times with no job running (growth: the second
+over the first), and every `sample_every` jobs in between (the running jobs' buffers included). At the end
 a good job must still run and both parties must answer health checks SERVING. Prints a table and writes JSON;
 tests/test_reliability.py::test_soak runs it (slow) and asserts every outcome and growth <= 10%.
 """
@@ -191,9 +192,11 @@ def run(workdir: Path, jobs: int = 200, clients: int = 4, seed: int = 0, warmup:
                                                         tls_ca=None, tls_cert=None, tls_key=None))  # fmt: skip
         addresses = [dep.address("api0"), dep.address("api1")]
         pool = [Client(addresses, creds, connect_timeout=120) for _ in range(clients)]
-        queue = list(enumerate(kinds))
+        queue: list[tuple[int, str]] = []
         lock = threading.Lock()
-        started = time.perf_counter()
+
+        def sample(index: int) -> dict:
+            return {"job": index, **{r: rss_mb(dep.procs[r].pid) for r in ROLES}}
 
         def worker(c: Client, wrng: random.Random) -> None:
             while True:
@@ -201,23 +204,32 @@ def run(workdir: Path, jobs: int = 200, clients: int = 4, seed: int = 0, warmup:
                     if not queue:
                         return
                     index, kind = queue.pop(0)
-                    if index >= warmup and index % sample_every == 0:
-                        samples.append({"job": index, **{r: rss_mb(dep.procs[r].pid) for r in ROLES}})
+                    if index > warmup and index % sample_every == 0:
+                        samples.append(sample(index))  # mid-run: includes the running jobs' buffers
                 soak.run_one(c, kind, wrng)
 
-        threads = [threading.Thread(target=worker, args=(c, random.Random(seed + 1 + i))) for i, c in enumerate(pool)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        def phase(jobs_in_phase: list[tuple[int, str]]) -> None:
+            queue.extend(jobs_in_phase)
+            threads = [threading.Thread(target=worker, args=(c, random.Random(seed + 1 + i + len(queue))))
+                       for i, c in enumerate(pool)]  # fmt: skip
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        started = time.perf_counter()
+        phase(list(enumerate(kinds))[:warmup])
+        idle_after_warmup = sample(warmup)  # both growth samples are taken with no job running
+        samples.append(idle_after_warmup)
+        phase(list(enumerate(kinds))[warmup:])
         elapsed = time.perf_counter() - started
-        samples.append({"job": jobs, **{r: rss_mb(dep.procs[r].pid) for r in ROLES}})
+        samples.append(sample(jobs))
         final = soak._run(pool[0], "good_poly", torch.linspace(-2, 2, 8, dtype=torch.float64), rng)
         health = [pb_grpc.HealthStub(ch).Check(pb.HealthRequest(), timeout=10).status for ch in pool[0].channels]
         alive = {r: dep.procs[r].poll() is None for r in ROLES}
     finally:
         dep.stop_all()
-    first, last = samples[0], samples[-1]
+    first, last = idle_after_warmup, samples[-1]
     growth = {r: last[r] / first[r] - 1 for r in ROLES}
     return {
         "jobs": jobs,

@@ -17,9 +17,20 @@ import sys
 import time
 
 from mpcache.mpc.dealer import service as dealer
-from parties.common import Credentials, Fatal, Parser, Termination, add_common_flags, run_main, setup_logging
+from parties.common import (
+    Credentials,
+    Fatal,
+    Parser,
+    Termination,
+    add_common_flags,
+    bound_memory,
+    release_memory,
+    run_main,
+    setup_logging,
+)
 
 SETTLE_ON_TERM_S = 3.0  # at SIGTERM, how long the parties get to hear that their session ends
+TRIM_EVERY_S = 1.0  # how often freed memory goes back to the OS (common.release_memory)
 
 
 def parse(argv: list[str] | None) -> Parser:
@@ -33,6 +44,7 @@ def parse(argv: list[str] | None) -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    bound_memory()
     args = parse(argv)
     names = [n.strip() for n in args.session.split(",") if n.strip()]
     allowed = None if "*" in names else names
@@ -55,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     server, port = dealer.serve(args.listen, service, creds.server())
     log.info("step=serve listening on %s (%s)", args.listen, "plaintext, INSECURE" if args.insecure else "mutual TLS")
-    done, failures = 0, []
+    done, failures, trimmed = 0, [], time.monotonic()
     try:
         while args.sessions == 0 or done < args.sessions:
+            if time.monotonic() - trimmed > TRIM_EVERY_S:
+                release_memory()
+                trimmed = time.monotonic()
             try:
                 name, error = ended.get(timeout=0.2)
             except queue.Empty:

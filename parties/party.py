@@ -51,8 +51,10 @@ from parties.common import (
     Parser,
     Termination,
     add_common_flags,
+    bound_memory,
     host_of,
     parse_json,
+    release_memory,
     run_main,
     setup_logging,
 )
@@ -480,6 +482,7 @@ class Party:
                 self._run(job)
             finally:
                 self.running, idle_since = None, time.monotonic()
+                release_memory()
             if job.kind == SHUTDOWN and job.state == pb.DONE:
                 log.info("step=shutdown requested by the client")
                 return "shut down by the client"
@@ -616,6 +619,7 @@ def _model_bytes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    bound_memory()
     args = parse(argv)
     setup_logging(f"party{args.rank}", args.session, args.log_level)
     creds = Credentials(f"party{args.rank}", args)
