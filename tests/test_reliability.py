@@ -243,7 +243,7 @@ def test_item5_a_vanished_or_cancelling_client_stops_its_job_at_both_parties(liv
     assert [r.cancelled for r in client.cancel("cancel-me")] == [True, True]
     runner.join(120)
     assert "CANCELLED" in outcome.get("error", ""), outcome
-    assert [s.state for s in client.status("cancel-me")] == [pb.CANCELLED] * 2
+    wait_for(lambda: [s.state for s in client.status("cancel-me")] == [pb.CANCELLED] * 2, 30, "both to cancel it")
     good_job(client)
 
 
