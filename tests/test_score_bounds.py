@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-import mpcache.model.transformer as T
+import mpcache.kernels.decode as D
 from mpcache.kernels import visibility
 from mpcache.model.cache import KVCache
 from mpcache.model.config import ModelConfig
@@ -39,7 +39,7 @@ def reference_extremes(model: Transformer, prompts: list[torch.Tensor]) -> tuple
     """Largest visible score and largest row spread per layer, recorded where the plaintext model attends."""
     n = model.config.n_layer
     top, spread, calls = [-math.inf] * n, [0.0] * n, []
-    original = T.cached_attention
+    original = D.cached_attention
 
     def recording(q, keys, values, qpos, kpos, valid, window=None):
         layer = len(calls) % n
@@ -55,13 +55,13 @@ def reference_extremes(model: Transformer, prompts: list[torch.Tensor]) -> tuple
         spread[layer] = max(spread[layer], float((hi - lo)[ok].max()))
         return original(q, keys, values, qpos, kpos, valid, window)
 
-    T.cached_attention = recording
+    D.cached_attention = recording
     try:
         with torch.no_grad():
             for ids in prompts:
                 model(ids, KVCache(n))
     finally:
-        T.cached_attention = original
+        D.cached_attention = original
     return top, spread
 
 
