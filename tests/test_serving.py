@@ -56,6 +56,28 @@ def test_paged_attention_matches_dense_attention_over_scattered_blocks(window):
     assert torch.equal(out[2, 0:2], torch.zeros_like(out[2, 0:2]))  # KV head 0 of row 2 holds nothing
 
 
+def test_cascade_over_a_shared_prefix_equals_per_row_attention():
+    """Rows sharing their first blocks: scoring the shared blocks once for the group gives
+    the per-row result."""
+    g = torch.Generator().manual_seed(2)
+    b, hq, hkv, d, bs, n_blocks = 5, 4, 2, 8, 4, 30
+    k_pool, v_pool = torch.randn(n_blocks, hkv, bs, d, generator=g), torch.randn(n_blocks, hkv, bs, d, generator=g)
+    p_pool = torch.arange(n_blocks * bs, dtype=torch.int32).view(n_blocks, 1, bs).expand(n_blocks, hkv, bs) % 23
+    p_pool = p_pool.contiguous()
+    tables = torch.randint(0, n_blocks, (b, 5), generator=g)
+    tables[:3, :2] = tables[0, :2]  # rows 0-2 share two blocks
+    tables[3:, :1] = tables[3, :1]  # rows 3-4 share one
+    lengths = torch.tensor([[20, 9], [12, 17], [8, 8], [4, 19], [11, 6]])
+    q, qpos = torch.randn(b, hq, 2, d, generator=g), torch.randint(5, 30, (b, 2), generator=g)
+    args = (q, k_pool, v_pool, p_pool, tables, lengths, qpos)
+    groups = [(torch.tensor([0, 1, 2]), 2), (torch.tensor([3, 4]), 1)]
+    torch.testing.assert_close(paged_attention(*args, groups=groups), paged_attention(*args), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(paged_attention(*args, 5, groups=groups[:1]), paged_attention(*args, 5), atol=1e-6,
+                               rtol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="full in every row"):
+        paged_attention(*args, groups=[(torch.tensor([0, 3]), 3)])
+
+
 def test_paged_attention_rejects_bad_input():
     k = torch.zeros(4, 2, 4, 8)
     p = torch.zeros(4, 2, 4, dtype=torch.int32)

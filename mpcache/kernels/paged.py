@@ -8,11 +8,11 @@ different numbers of slots (per-head eviction compacts each head on its own), an
 slot carries the position its token had when RoPE rotated its key, so masking is by
 position: a query at p sees a slot at s <= p (and p - s < window with a sliding window).
 
-The torch reference gathers the table's blocks, then runs one fused attention. The kernel
-(`triton_paged_attention`, for decode steps) is stage 1 of `mpcache.kernels.decode` with
-`PAGED`: each program walks its head's slots, finds every slot's block in the request's table
-and reads keys, values and positions in place, so nothing is gathered; split ranges merge as
-for any cache.
+The torch reference gathers the table's blocks, then attends (rows that share leading
+blocks score them once, cascade-style). The kernel (`triton_paged_attention`, for decode
+steps) is stage 1 of `mpcache.kernels.decode` with `PAGED`: each program walks its head's
+slots, finds every slot's block in the request's table and reads keys, values and positions
+in place, so nothing is gathered; split ranges merge as for any cache.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mpcache.kernels.decode import Partials, default_splits, launch_split
@@ -32,10 +31,10 @@ def gather_blocks(pool: Tensor, block_tables: Tensor) -> Tensor:
     contiguous slots [B, H, M * bs, ...] (entries are clamped into [0, N): callers mask
     slots past each head's length)."""
     n, h, bs = pool.shape[:3]
-    index = block_tables.clamp(0, max(n - 1, 0)).long()
-    blocks = pool[index]  # [B, M, H, bs, ...]
-    blocks = blocks.transpose(1, 2)  # [B, H, M, bs, ...]
-    return blocks.reshape(blocks.shape[0], h, index.shape[1] * bs, *pool.shape[3:])
+    b, m = block_tables.shape
+    index = block_tables.reshape(-1).clamp(0, max(n - 1, 0)).long()
+    blocks = pool.index_select(0, index).view(b, m, h, bs, *pool.shape[3:])
+    return blocks.transpose(1, 2).reshape(b, h, m * bs, *pool.shape[3:])
 
 
 def paged_attention(
@@ -47,6 +46,7 @@ def paged_attention(
     lengths: Tensor,
     query_positions: Tensor,
     sliding_window: int | None = None,
+    groups: list[tuple[Tensor, int]] | None = None,
     use_kernels: bool = False,
 ) -> Tensor:
     """Attention of queries [B, Hq, T, D] over the slots their block tables list.
@@ -55,40 +55,37 @@ def paged_attention(
     slot_positions: [N, Hkv, bs] integer token position of every pooled slot.
     block_tables: [B, M] integer block ids (entries past a row's last used block are ignored).
     lengths: [B, Hkv] slots in use per head. query_positions: [B, T].
+    groups: optional (rows, c) pairs whose rows list the same first c blocks, all full
+        (a shared prefix): those blocks are gathered and scored once for the whole group,
+        the rest per row (cascade attention; same result). Rows in no group go per row.
     Returns [B, Hq, T, Dv] in the queries' dtype; a query that sees no slot gets zeros.
-    use_kernels: decode steps (T = 1) through `triton_paged_attention` where `runs_on`.
+    use_kernels: decode steps (T = 1) through `triton_paged_attention` where `runs_on` (groups
+        are not needed there: the kernel reads shared blocks in place).
     """
     _check(queries, key_cache, value_cache, slot_positions, block_tables, lengths, query_positions)
     if use_kernels and queries.shape[2] == 1 and runs_on(queries, key_cache, block_tables):
         return triton_paged_attention(
             queries, key_cache, value_cache, slot_positions, block_tables, lengths, query_positions, sliding_window
         )
-    b, hq, t, d = queries.shape
-    hkv = key_cache.shape[1]
-    g = hq // hkv
-    keys = gather_blocks(key_cache, block_tables)  # [B, Hkv, L, D]
-    values = gather_blocks(value_cache, block_tables)
-    positions = gather_blocks(slot_positions, block_tables)  # [B, Hkv, L]
-    length = keys.shape[2]
-    in_use = torch.arange(length, device=keys.device) < lengths[..., None]  # [B, Hkv, L]
-    qpos = query_positions[:, None, :, None]  # [B, 1, T, 1]
-    kpos = positions[:, :, None, :]  # [B, Hkv, 1, L]
-    visible = in_use[:, :, None, :] & (kpos <= qpos)  # [B, Hkv, T, L]
-    if sliding_window is not None:
-        visible = visible & (qpos - kpos < sliding_window)
-    if length == 0:
-        return queries.new_zeros(b, hq, t, value_cache.shape[-1])
-    q = queries.view(b, hkv, g, t, d)
-    mask = visible[:, :, None]  # [B, Hkv, 1, T, L], shared by the G query heads of a KV head
-    out = F.scaled_dot_product_attention(
-        q,
-        keys[:, :, None].expand(b, hkv, g, length, d),
-        values[:, :, None].expand(b, hkv, g, length, values.shape[-1]),
-        attn_mask=mask,
-        scale=1.0 / math.sqrt(d),
-    )
-    out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    return out.reshape(b, hq, t, values.shape[-1])
+    bs = key_cache.shape[2]
+    if not groups:
+        return _attend(queries, key_cache, value_cache, slot_positions, block_tables, lengths, query_positions,
+                       sliding_window, None)  # fmt: skip
+    out = queries.new_zeros(*queries.shape[:3], value_cache.shape[-1])
+    alone = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device)
+    for rows, c in groups:
+        if c < 1 or bool((lengths[rows] < c * bs).any()):
+            raise ValueError(f"a group's {c} shared blocks must be full in every row (c >= 1, lengths >= c * bs)")
+        prefix = block_tables[rows[0], :c]
+        out[rows] = _attend(queries[rows], key_cache, value_cache, slot_positions, block_tables[rows, c:],
+                            lengths[rows] - c * bs, query_positions[rows], sliding_window, prefix)  # fmt: skip
+        alone[rows] = False
+    if bool(alone.any()):
+        rows = alone.nonzero().squeeze(1)
+        out[rows] = _attend(queries[rows], key_cache, value_cache, slot_positions, block_tables[rows], lengths[rows],
+                            query_positions[rows], sliding_window, None)  # fmt: skip
+    return out
+
 
 
 def triton_paged_attention(
@@ -112,6 +109,60 @@ def triton_paged_attention(
         tables=block_tables.contiguous(), block_size=key_cache.shape[2],
     )  # fmt: skip
     return partials.merge(queries.dtype)[0]
+
+
+def _attend(queries, key_cache, value_cache, slot_positions, block_tables, lengths, query_positions, window, prefix):
+    """Attention over an optional shared prefix (its block ids, gathered once for all rows)
+    followed by each row's own blocks."""
+    parts = []
+    if prefix is not None:  # [1, Hkv, Lc, D]: broadcast over the group's rows
+        ids = prefix[None]
+        shared = (gather_blocks(key_cache, ids), gather_blocks(value_cache, ids), gather_blocks(slot_positions, ids))
+        parts.append((*shared, None))
+    if block_tables.shape[1]:
+        keys = gather_blocks(key_cache, block_tables)
+        in_use = torch.arange(keys.shape[2], device=keys.device) < lengths[..., None]
+        values, positions = gather_blocks(value_cache, block_tables), gather_blocks(slot_positions, block_tables)
+        parts.append((keys, values, positions, in_use))
+    if not parts:
+        return queries.new_zeros(*queries.shape[:3], value_cache.shape[-1])
+    return masked_attention(queries, parts, query_positions, window)
+
+
+def masked_attention(
+    queries: Tensor,
+    parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]],
+    query_positions: Tensor,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Softmax attention of queries [B, Hq, T, D] over the concatenation of `parts`, each
+    (keys [B or 1, Hkv, L, D], values [B or 1, Hkv, L, Dv], positions [B or 1, Hkv, L],
+    in_use [B, Hkv, L] or None); a slot is visible when in use and its position <= the
+    query's (and within the window). One softmax over all parts; a part with batch 1 is
+    shared by every row (scored once per row, gathered once). Zeros where nothing is seen."""
+    b, hq, t, d = queries.shape
+    hkv = parts[0][0].shape[1]
+    g = hq // hkv
+    q = queries.reshape(b, hkv, g * t, d) * (1.0 / math.sqrt(d))
+    qpos = query_positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    scores = []
+    for keys, _, positions, in_use in parts:
+        kpos = positions[:, :, None, None, :]  # [B or 1, Hkv, 1, 1, L]
+        visible = kpos <= qpos
+        if sliding_window is not None:
+            visible = visible & (qpos - kpos < sliding_window)
+        if in_use is not None:
+            visible = visible & in_use[:, :, None, None, :]
+        s = torch.matmul(q, keys.transpose(-1, -2)).view(b, hkv, g, t, -1).float()  # one matmul per KV head
+        scores.append(s.masked_fill(~visible, float("-inf")))
+    probs = torch.softmax(torch.cat(scores, -1), -1).nan_to_num(0.0)  # a query that sees nothing: zeros
+    out, start = 0, 0
+    for keys, values, _, _ in parts:
+        length = keys.shape[2]
+        p = probs[..., start : start + length].to(values.dtype).reshape(b, hkv, g * t, length)
+        out = out + torch.matmul(p, values)
+        start += length
+    return out.view(b, hq, t, parts[0][1].shape[-1])
 
 
 def _check(

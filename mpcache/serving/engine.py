@@ -217,8 +217,10 @@ class Engine:
             self.prefix.insert(request.prompt, seq.blocks)
 
     def _decode(self, running: list[Request], device: torch.device) -> None:
-        self.ensure_free(len(running))  # at most one new or copied block per request
-        cache = PagedKVCache(self.model.config.n_layer, self.pool, [r.seq for r in running if r.seq is not None])
+        bs, refs = self.pool.block_size, self.pool.refcount
+        seqs = [r.seq for r in running if r.seq is not None]
+        self.ensure_free(sum(s.max_length % bs == 0 or refs[s.blocks[-1]] > 1 for s in seqs))  # new or copied
+        cache = PagedKVCache(self.model.config.n_layer, self.pool, seqs)
         ids = torch.tensor([[r.output[-1]] for r in running], device=device)
         tokens = forward(self.model, cache, ids)[:, -1].argmax(-1).tolist()
         for request, token in zip(running, tokens):

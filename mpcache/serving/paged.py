@@ -113,6 +113,7 @@ class PagedKVCache(KVCache):
         self._lengths: Tensor | None = None  # [n_layer, B, Hkv] during a forward
         self._step_tokens = 0
         self._pending: list[bool] = []  # layers that have not written this forward's tokens yet
+        self._groups: list[tuple[Tensor, int]] | None = None  # rows sharing leading blocks (cascade attention)
         if pool is not None:
             self.attach(pool, seqs)
 
@@ -134,6 +135,7 @@ class PagedKVCache(KVCache):
             seq.reserve(n)
         self._step_tokens = n
         self._pending = [True] * len(self.layers)
+        self._groups = self._shared_prefixes()
         self._sync_tables()
         self._lengths = torch.stack([s.lengths for s in self.seqs], 1).to(self.pool.keys[0].device)
         start = torch.tensor([s.num_tokens for s in self.seqs], device=self._lengths.device)
@@ -147,6 +149,27 @@ class PagedKVCache(KVCache):
             seq.num_tokens += self._step_tokens
             seq.trim()
         self._lengths, self._step_tokens = None, 0
+
+    def _shared_prefixes(self) -> list[tuple[Tensor, int]] | None:
+        """Rows whose tables start with the same full blocks, and how many (after `reserve`:
+        a partly shared block was already copied)."""
+        bs = self.pool.block_size if self.pool is not None else 1
+        by_first: dict[int, list[int]] = {}
+        for i, seq in enumerate(self.seqs):
+            if seq.blocks:
+                by_first.setdefault(seq.blocks[0], []).append(i)
+        groups = []
+        for rows in by_first.values():
+            if len(rows) < 2:
+                continue
+            first = self.seqs[rows[0]].blocks
+            limit = min(int(self.seqs[i].lengths.min()) for i in rows) // bs
+            common = 0
+            while common < limit and all(self.seqs[i].blocks[common] == first[common] for i in rows):
+                common += 1
+            if common:
+                groups.append((torch.tensor(rows), common))
+        return groups or None
 
     def _sync_tables(self) -> None:
         width = max(len(s.blocks) for s in self.seqs)
@@ -195,6 +218,7 @@ class PagedKVCache(KVCache):
         k_pool, v_pool, p_pool = self.pool.layer_tensors(layer)
         return paged_attention(
             queries, k_pool, v_pool, p_pool, self._tables, self._lengths[layer], query_positions, sliding_window,
+            self._groups,
             use_kernels=wanted(queries),  # decode steps through the paged kernel (on CUDA by default)
         )  # fmt: skip
 

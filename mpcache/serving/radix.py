@@ -135,18 +135,34 @@ class PrefixCache:
             node.pinned += 1
         return path
 
-    def unpin(self, path: Sequence[Node], drop: bool = False) -> None:
-        """Undo `pin`; with `drop`, also remove those nodes no request holds at once (BatchLLM
-        frees a group's prefix when its last request finishes)."""
+    def unpin(self, path: Sequence[Node]) -> None:
+        """Undo `pin`."""
         for node in path:
             node.pinned -= 1
-        if drop:
-            for node in reversed(path):
-                parent = node.parent
-                if self._free_to_evict(node) and parent is not None and parent.children.get(node.key) is node:
-                    del parent.children[node.key]
-                    self.pool.decref(node.block)
-                    self.num_nodes -= 1
+
+    def drop(self, path: Sequence[Node]) -> int:
+        """Free what only the tree holds of `path` and of everything cached below it (e.g. the
+        requests that followed a group prefix), deepest first, stopping at the first node of
+        `path` still needed (held, pinned or with children left). Returns how many were freed."""
+        if not path:
+            return 0
+        freed = 0
+        stack, order = [path[-1]], []
+        while stack:  # the subtree below the path, parents before children
+            node = stack.pop()
+            order.append(node)
+            stack.extend(node.children.values())
+        for node in list(reversed(order[1:])) + list(reversed(path)):
+            parent = node.parent
+            if parent is None or parent.children.get(node.key) is not node or not self._free_to_evict(node):
+                if node in path:
+                    break
+                continue
+            del parent.children[node.key]
+            self.pool.decref(node.block)
+            self.num_nodes -= 1
+            freed += 1
+        return freed
 
     def clear(self) -> None:
         """Drop the tree's reference to every cached block (blocks requests still hold live on)."""
