@@ -43,11 +43,11 @@ def all_policies(train: Trace) -> list:
         DiscardBits(Oracle("discard", error=0.2, seed=1)),
         DiscardBits(Oracle("discard", adversarial=True)),
         DiscardBits(Oracle("discard", error=0.3, seed=2), robust=False),
-        DiscardBits(Learned("discard", train, steps=50)),
+        DiscardBits(Learned("discard", train)),
         PhaseBits(Oracle("phase")),
         PhaseBits(Oracle("phase", error=0.2, seed=3)),
         PhaseBits(Oracle("phase", adversarial=True)),
-        PhaseBits(Learned("phase", train, steps=50)),
+        PhaseBits(Learned("phase", train)),
     ]
 
 

@@ -8,6 +8,10 @@
   `paged_policy` (any `mpcache.methods` method on a request's own blocks).
 - `radix`: prefix sharing over token blocks with LRU eviction (the vLLM/SGLang baseline).
 - `engine`: continuous batching with memory-based admission.
+- `batchllm`: BatchLLM's offline-batch scheduler (global prefix groups, decode-heavy first).
+- `cachecraft`: Cache-Craft's chunk-cache reuse for RAG prompts (re-rotation + partial recompute).
+- `policies/`, `traces`, `predictors`, `simulator`: block eviction policies (LRU, Belady,
+  LSM-GNN, the one-bit policies of "Paging with Succinct Predictions") over numpy traces.
 """
 
 from mpcache.serving.engine import Engine, Request, RunStats, Scheduler

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from mpcache.kernels.paged import gather_blocks, masked_attention
 from mpcache.model.cache import KVCache
-from mpcache.model.transformer import Transformer, apply_rope, attention_probs
+from mpcache.model.transformer import Transformer, apply_rope
 from mpcache.serving.pool import BlockPool
 
 
@@ -166,11 +166,11 @@ class _Recorder(DenseCache):
         assert entry is not None
         for start, end in self.spans:
             pick = ((query_positions[0] >= start) & (query_positions[0] < end)).nonzero().squeeze(1)
-            probs = attention_probs(queries[:, :, pick], entry.keys, query_positions[:, pick], entry.positions,
-                                    entry.valid)  # fmt: skip  [1, Hkv, G, T, L]
-            before = (entry.positions[0] >= self.header) & (entry.positions[0] < start)  # [Hkv, L]
-            share = (probs[0] * before[:, None, None, :]).sum(-1).mean((0, 1))  # [T]
-            self.inter[start] = self.inter.get(start, 0) + share
+            before = ((entry.positions >= self.header) & (entry.positions < start)).to(entry.keys.dtype)
+            # attention "output" with values 1 on the preceding chunks' slots = the share they got
+            share = masked_attention(queries[:, :, pick], [(entry.keys, before[..., None], entry.positions,
+                                                             entry.valid)], query_positions[:, pick])  # fmt: skip
+            self.inter[start] = self.inter.get(start, 0) + share[0, :, :, 0].mean(0)
 
 
 class CacheCraft:

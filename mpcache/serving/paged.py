@@ -297,10 +297,6 @@ def forward(model: Transformer, cache: PagedKVCache, input_ids: Tensor, last_onl
     return logits
 
 
-def paged_cache(model: Transformer, pool: BlockPool, seqs: Seq[Sequence]) -> PagedKVCache:
-    return PagedKVCache(model.config.n_layer, pool, seqs)
-
-
 _PAGED_CLASSES: dict[type, type] = {}
 
 

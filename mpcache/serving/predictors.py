@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpcache.serving.policies.belady import belady
+from mpcache.serving.policies.lsm_gnn import served_before
 from mpcache.serving.traces import KIND_NAMES, Trace, previous_use
 
 _MEMO: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -110,11 +111,7 @@ def features(trace: Trace) -> np.ndarray:
     """What a server knows when a block is requested, one row per access (float32 [A, F])."""
     n = trace.num_accesses
     prev = previous_use(trace.blocks)
-    order = np.argsort(trace.blocks, kind="stable")
-    first = np.r_[True, trace.blocks[order[1:]] != trace.blocks[order[:-1]]]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
-    seen = np.empty(n, dtype=np.float64)
-    seen[order] = np.arange(n) - group_start  # earlier accesses of the block
+    seen = served_before(trace.blocks)  # earlier accesses of the block
     gap = np.where(prev >= 0, np.arange(n) - prev, 0)
     req = trace.requests_of()
     length = np.diff(trace.starts)[req]
@@ -126,28 +123,30 @@ def features(trace: Trace) -> np.ndarray:
 
 
 class Learned:
-    """Logistic regression from `features` to the `kind` labels, fitted per capacity on `train`."""
+    """Logistic regression from `features` to the `kind` labels, fitted per capacity on `train`
+    (Newton's method with a small ridge: a dozen features, a few iterations)."""
 
-    def __init__(self, kind: str, train: Trace, steps: int = 300, lr: float = 0.5) -> None:
+    def __init__(self, kind: str, train: Trace, steps: int = 8, ridge: float = 1e-3) -> None:
         if kind not in LABELS:
             raise ValueError(f"kind must be one of {sorted(LABELS)}, got {kind!r}")
-        self.kind, self.train, self.steps, self.lr = kind, train, steps, lr
+        self.kind, self.train, self.steps, self.ridge = kind, train, steps, ridge
         self._weights: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._x_train = features(train)
 
     def fit(self, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if capacity not in self._weights:
-            x, y = self._x_train, LABELS[self.kind](self.train, capacity).astype(np.float32)
+            x, y = self._x_train, LABELS[self.kind](self.train, capacity).astype(np.float64)
             mean, std = x.mean(0), x.std(0) + 1e-6
-            z = np.c_[(x - mean) / std, np.ones(len(x), np.float32)]
-            w = np.zeros(z.shape[1], dtype=np.float64)
-            for _ in range(self.steps):  # full-batch gradient descent on the log loss
-                p = 1.0 / (1.0 + np.exp(-(z @ w)))
-                w -= self.lr * (z.T @ (p - y)) / len(y)
+            z = np.c_[(x - mean) / std, np.ones(len(x))]
+            w = np.zeros(z.shape[1])
+            for _ in range(self.steps):
+                p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -30, 30)))
+                hessian = (z * (p * (1 - p))[:, None]).T @ z / len(y) + self.ridge * np.eye(len(w))
+                w -= np.linalg.solve(hessian, z.T @ (p - y) / len(y) + self.ridge * w)
             self._weights[capacity] = (w, mean, std)
         return self._weights[capacity]
 
     def __call__(self, trace: Trace, capacity: int) -> np.ndarray:
         w, mean, std = self.fit(capacity)
-        z = np.c_[(features(trace) - mean) / std, np.ones(trace.num_accesses, np.float32)]
+        z = np.c_[(features(trace) - mean) / std, np.ones(trace.num_accesses)]
         return z @ w > 0

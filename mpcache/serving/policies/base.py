@@ -94,6 +94,14 @@ class Policy:
         return self.name
 
 
+def predicted_bits(predictor, trace: Trace, capacity: int) -> np.ndarray:
+    """One predicted bit per access from `predictor(trace, capacity)`, checked."""
+    bits = np.asarray(predictor(trace, capacity), dtype=bool)
+    if bits.shape != trace.blocks.shape:
+        raise ValueError(f"the predictor gave {bits.shape} bits for {trace.num_accesses} accesses")
+    return bits
+
+
 def chunks(*arrays: np.ndarray, size: int = CHUNK) -> Iterator[tuple[list, ...]]:
     """Aligned slices of `arrays` as Python lists, `size` elements at a time."""
     n = len(arrays[0])

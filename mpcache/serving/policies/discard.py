@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from mpcache.serving.policies.base import Policy, SimResult, chunks
+from mpcache.serving.policies.base import Policy, SimResult, chunks, predicted_bits
 from mpcache.serving.traces import Trace
 
 Predictor = Callable[[Trace, int], np.ndarray]  # (trace, capacity) -> one bool per access
@@ -54,9 +54,7 @@ class DiscardBits(Policy):
         return f"{self.name}{'' if self.robust else '-follow'}{'[' + self.tag + ']' if self.tag else ''}"
 
     def run(self, trace: Trace, capacity: int) -> SimResult:
-        bits = np.asarray(self.predictor(trace, capacity), dtype=bool)
-        if bits.shape != trace.blocks.shape:
-            raise ValueError(f"the predictor gave {bits.shape} bits for {trace.num_accesses} accesses")
+        bits = predicted_bits(self.predictor, trace, capacity)
         ones: OrderedDict[int, None] = OrderedDict()  # F's cached blocks whose latest bit is 1
         zeros: OrderedDict[int, None] = OrderedDict()  # ... and 0
         lru: OrderedDict[int, None] = OrderedDict()  # the LRU run

@@ -24,8 +24,11 @@ the look-ahead queue -> the scheduler's waiting queue (its prompts are known):
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from typing import ClassVar
+
+import numpy as np
 
 from mpcache.serving.policies.base import Policy, SimResult
 from mpcache.serving.traces import Trace
@@ -49,61 +52,57 @@ class LSMGNN(Policy):
         room = capacity // 2 if self.victim is None else self.victim
         starts = trace.starts.tolist()
         n_req = trace.num_requests
-        far = 1 << 62
         levels = 4  # requests served (the static importance): 1, 2-3, 4-15, 16+ (log4 scale)
         bonus = [self.weight * capacity * 2 * level for level in range(levels)]  # weight * capacity * log2(served)
         level_of = [0, 0, 1, 1] + [2] * 12 + [3]  # by requests served, capped at 16
-        top = len(level_of) - 1
         probes = max(capacity // 4, 1)
-        lists: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(levels)]  # block -> last access, LRU order
+        blocks_all = trace.blocks
+        served_np = np.minimum(served_before(trace.blocks) + 1, 16)  # requests served, counting this one
+        # array.array: random lookups at eviction return Python ints fast (numpy scalars do not)
+        next_all = array("q", trace.next_use().astype(np.int64).tobytes())
+        served_all = array("q", served_np.astype(np.int64).tobytes())
+        lists: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(levels)]  # block -> last access, LRU
         where: dict[int, int] = {}  # cached block -> its level
-        served: dict[int, int] = {}  # block -> requests it served (capped)
-        next_of: dict[int, int] = {}  # block -> its next access (used only when inside the window)
         victims: OrderedDict[int, None] = OrderedDict()
         hits = misses = victim_hits = prefetches = 0
-        blocks_all, next_all = trace.blocks, trace.next_use()
         for r in range(n_req):
             lo, hi = starts[r], starts[r + 1]
             window_end = starts[min(r + self.lookahead, n_req)]  # accesses of the queue the policy sees
             protect_end = starts[min(r + self.protect, n_req)] if self.protect else -1
             end = starts[min(r + 1 + self.lead, n_req)] if room else hi
             # this request's accesses, then the prefetch of the next requests' blocks from the victim buffer
-            for t, b, nu in zip(range(lo, end), blocks_all[lo:end].tolist(), next_all[lo:end].tolist()):
+            for t, b, served in zip(range(lo, end), blocks_all[lo:end].tolist(), served_all[lo:end]):
+                level = where.get(b)
                 if t < hi:
-                    count = served.get(b, 0) + 1
-                    count = count if count < top else top
-                    served[b] = count
-                    next_of[b] = nu
-                    level = where.get(b)
                     if level is not None:
                         hits += 1
-                        new = level_of[count]
                         del lists[level][b]
-                        lists[new][b] = t
-                        where[b] = new
+                        level = where[b] = level_of[served]
+                        lists[level][b] = t
                         continue
                     if b in victims:
                         del victims[b]
                         victim_hits += 1
                     else:
                         misses += 1
-                elif b in victims and b not in where:
+                elif level is None and b in victims:
                     del victims[b]
                     prefetches += 1
-                    t = hi - 1
+                    t, served = hi - 1, served - 1  # not read yet
                 else:
                     continue
                 if len(where) >= capacity:  # evict the lowest last access + bonus(level), sparing soon-needed ones
                     spared = 0
                     while True:
                         best, best_p, best_level = -1, 0.0, 0
-                        for level in range(levels):
-                            cached = lists[level]
+                        for lv in range(levels):
+                            cached = lists[lv]
                             if cached:
                                 c, last = next(iter(cached.items()))
-                                if best < 0 or last + bonus[level] < best_p:
-                                    best, best_p, best_level = c, last + bonus[level], level
-                        if spared < probes and next_of.get(best, far) < protect_end:
+                                if best < 0 or last + bonus[lv] < best_p:
+                                    best, best_p, best_level = c, last + bonus[lv], lv
+                        last = lists[best_level][best]
+                        if spared < probes and next_all[last] < protect_end:
                             lists[best_level].move_to_end(best)  # a second chance, as the clock sweep skips it
                             lists[best_level][best] = t
                             spared += 1
@@ -111,11 +110,21 @@ class LSMGNN(Policy):
                         break
                     del lists[best_level][best]
                     del where[best]
-                    if room and (next_of.get(best, far) < window_end or served.get(best, 0) >= 2):
+                    if room and (next_all[last] < window_end or served_all[last] >= 2):
                         victims[best] = None
                         if len(victims) > room:
                             victims.popitem(last=False)
-                level = level_of[served.get(b, 0)]
+                level = where[b] = level_of[max(served, 1)]
                 lists[level][b] = t
-                where[b] = level
         return self.result(trace, capacity, hits, misses, victim_hits=victim_hits, prefetches=prefetches)
+
+
+def served_before(blocks: np.ndarray) -> np.ndarray:
+    """How many earlier accesses each access's block had (int64 [A])."""
+    n = len(blocks)
+    order = np.argsort(blocks, kind="stable")
+    first = np.r_[True, blocks[order[1:]] != blocks[order[:-1]]] if n else np.zeros(0, bool)
+    group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.arange(n) - group_start
+    return out

@@ -24,9 +24,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import ClassVar
 
-import numpy as np
-
-from mpcache.serving.policies.base import Policy, SimResult, chunks
+from mpcache.serving.policies.base import Policy, SimResult, chunks, predicted_bits
 from mpcache.serving.policies.discard import Predictor
 from mpcache.serving.traces import Trace
 
@@ -42,9 +40,7 @@ class PhaseBits(Policy):
         return f"{self.name}{'[' + self.tag + ']' if self.tag else ''}"
 
     def run(self, trace: Trace, capacity: int) -> SimResult:
-        bits = np.asarray(self.predictor(trace, capacity), dtype=bool)
-        if bits.shape != trace.blocks.shape:
-            raise ValueError(f"the predictor gave {bits.shape} bits for {trace.num_accesses} accesses")
+        bits = predicted_bits(self.predictor, trace, capacity)
         marked: dict[int, bool] = {}  # block -> latest bit, in order of latest request
         idle: OrderedDict[int, None] = OrderedDict()  # unmarked, predicted not needed this phase
         kept: OrderedDict[int, None] = OrderedDict()  # unmarked, predicted needed this phase
