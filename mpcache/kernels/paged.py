@@ -88,7 +88,6 @@ def paged_attention(
     return out
 
 
-
 def triton_paged_attention(
     queries: Tensor,
     key_cache: Tensor,
