@@ -74,11 +74,13 @@ def attention_probs(
     `visibility`. Rows that see nothing are zeros."""
     b, hq, t, d = queries.shape
     hkv = keys.shape[1]
-    q = queries.view(b, hkv, hq // hkv, t, d)
-    scores = torch.einsum("bhgtd,bhld->bhgtl", q, keys) / math.sqrt(d)
+    g = hq // hkv
+    # One batched matmul per KV head over its G x T queries; every later step works in place.
+    scores = torch.matmul(queries.reshape(b, hkv, g * t, d), keys.transpose(-1, -2)).view(b, hkv, g, t, -1)
+    scores = scores.div_(math.sqrt(d)).float()
     visible = visibility(query_positions, key_positions, key_valid, sliding_window)
-    scores = scores.float().masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    scores.masked_fill_(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
 
 
 def cached_attention(

@@ -520,17 +520,25 @@ class PolicyCache(KVCache):
             entry.capacity,
             dtype=torch.float32,
         )
+        slots = torch.arange(entry.capacity, device=entry.keys.device)
         for start in range(0, queries.shape[2], chunk):
             part = slice(start, start + chunk)
+            # Slots are kept in position order, so no query of this chunk sees past the last slot
+            # at or before its latest position: the causal upper triangle is never computed.
+            seen = entry.valid & (entry.positions <= query_positions[:, part].max())
+            cut = int(torch.where(seen, slots, -1).max()) + 1
+            if cut == 0:
+                continue
             p = attention_probs(
                 queries[:, :, part],
-                entry.keys,
+                entry.keys[:, :, :cut],
                 query_positions[:, part],
-                entry.positions,
-                entry.valid,
+                entry.positions[:, :, :cut],
+                entry.valid[:, :, :cut],
                 self.sliding_window,
             )
-            total += torch.einsum("bhgtl,bt->bhgl", p, w[:, part].float())
+            # [B, 1, 1, 1, T'] @ [B, Hkv, G, T', L]: a weighted sum over queries without permuting p
+            total[..., :cut] += torch.matmul(w[:, part].float()[:, None, None, None, :], p).squeeze(3)
         return total
 
     def kept_probs(self, layer: int, queries: Tensor) -> Tensor | None:
