@@ -136,6 +136,11 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [f"Exact-match accuracy, mean over prompt lengths {lengths} ({'/'.join(map(str, samples))} samples each):"]
     lines += ["", *format_summary(rows), "", "Per length:", ""]
     lines += _markdown_table(list(COLUMNS), [table_cells(row) for row in rows])
+    shared = {(r["task"], r["context_len"]): r["shared_prefill_seconds"] for r in rows}
+    total = sum(seconds for seconds in shared.values() if seconds)
+    if total:
+        lines += ["", "`s` is each method's own time (replaying the prefill and decoding); the prompts were "
+                  f"prefilled once per (task, length) for all methods, {total:.0f} s in all."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -293,14 +293,16 @@ def evaluate_many_samples(
     """Greedy-decode every sample with every spec and score it by exact match.
 
     With `share_prefill`, each batch's prompt is prefilled once (`PrefillRecord`) and every
-    spec whose cache `shares_prefill` starts from a replay of it; the others (and every spec
-    when a custom `generate_fn` stands in for `stream_generate`, as tests' oracles do) prefill
-    themselves. Returns per spec its results and own seconds (replay + decode, or its own
+    spec whose cache `shares_prefill` (when two or more do) starts from a replay of it; the
+    others (and every spec when a custom `generate_fn` stands in for `stream_generate`, as
+    tests' oracles do) prefill themselves. Returns per spec its results and own seconds (replay + decode, or its own
     prefill + decode), and the seconds of the shared prefills."""
     specs = [spec.checked() for spec in specs]
     policies = [spec.policy() for spec in specs]
     caches = [policy(model) if policy is not None else KVCache(model.config.n_layer) for policy in policies]
     sharing = [share_prefill and generate_fn is stream_generate and shares_prefill(c) for c in caches]
+    if sum(sharing) < 2:  # nothing to share: every spec prefills itself, as a single method always did
+        sharing = [False] * len(specs)
     keep_hidden = any(needs_hidden(c) for c, shared in zip(caches, sharing) if shared)
     del caches
     prompts, batches = make_batches(model, tokenizer, samples, batch_size, margin)
