@@ -10,12 +10,18 @@ emulated by the communicator (rtt/2 + bytes*8/bandwidth per message on top of lo
 Shortcut, stated in every row (`cache`: "plaintext prefill, then shared"): the cache of length n is built by a
 plaintext prefill of random tokens at party 0 and then secret-shared, because a private prefill of thousands of
 tokens takes too long on this machine; the decode steps measured after it are fully private (secret one-hot token,
-shared weights and cache). Rounds, bytes (party 0's CrypTen counters; the parties' traffic is symmetric; the
-dealer's traffic to party 0 is not included) and latency (wall time) are party 0's means over the `--steps` decode
-steps that follow one uncounted warm-up step at every length: the warm-up opens the adopted cache against fresh
-dealer masks, a one-time cost like the private prefill's (`per_step` keeps each step). Models: the bundled model
-and "paper", the MPCache paper's efficiency setting (1 layer, hidden 1024, 32 heads, SiLU, GPT-2 layout; random
-weights; byte vocabulary of 264 so the LM head stays small).
+shared weights and cache). Rounds, bytes (party 0's CrypTen counters: online, between the parties; their traffic is
+symmetric), dealer bytes (correlated randomness from the dealer: party 0's, and party 1's in `dealer_bytes_party1`;
+the in-process dealer counts what a dealer process would send) and latency (wall time) are party 0's means over the
+`--steps` decode steps that follow one uncounted warm-up step at every length: the warm-up opens the adopted cache
+against fresh dealer masks, a one-time cost like the private prefill's (`per_step` keeps each step). Models: the
+bundled model and "paper", the MPCache paper's efficiency setting (1 layer, hidden 1024, 32 heads, SiLU, GPT-2 layout;
+random weights; byte vocabulary of 264 so the LM head stays small).
+
+Comparisons: `--comparisons fss` (default; one round from FSS keys, PrivateOptions.comparisons) and/or `crypten`
+(CrypTen's adder), one row per protocol (`comparisons`; ratios to full within the same protocol). With FSS keys the
+in-process dealer generates both parties' keys inside each party, inline: that time is part of the latency, and
+`keygen_s` says how much of it (a dealer process would generate them once, ahead of the step).
 
 Methods plug in through METHODS: a name -> ((budget, **knobs) -> factory of the private cache for one decode run);
 "full" is the whole cache; "mpcache", "streamingllm" and "h2o" adopt the shared n-token cache through their private
@@ -38,6 +44,7 @@ matches rows written by `bench.accuracy --label` with the same label).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -149,12 +156,18 @@ def check_method(name: str, knobs: dict) -> None:
     METHODS[name](MIN_BUDGET, **knobs)(cache)
 
 
+def _protocol(row: dict) -> str:
+    """The row's comparison protocol (rows measured before the option existed used CrypTen's)."""
+    return row.get("comparisons", "crypten")
+
+
 def add_vs_full(rows: list[dict]) -> None:
-    """rows[i]["vs_full"] = full / method for latency, rounds and bytes at the same (model, link, seq_len), when
-    "full" ran too."""
-    full = {(r["model"], r["link"], r["seq_len"]): r for r in rows if r["method"] == "full"}
+    """rows[i]["vs_full"] = full / method for latency, rounds and bytes at the same (model, link, seq_len,
+    comparisons), when "full" ran too."""
+    key = lambda r: (r["model"], r["link"], r["seq_len"], _protocol(r))  # noqa: E731
+    full = {key(r): r for r in rows if r["method"] == "full"}
     for r in rows:
-        base = full.get((r["model"], r["link"], r["seq_len"]))
+        base = full.get(key(r))
         if base is None or r["method"] == "full":
             continue
         r["vs_full"] = {
@@ -205,6 +218,13 @@ def build_model(name: str, seed: int = 0):
 
 def party(rank: int, args: dict) -> None:
     """One party: for every link, join a fresh session; for every model and length, time the decode steps."""
+    from mpcache.mpc.arith import numerics as N
+
+    with N.comparisons(args["comparisons"]):  # adopting a cache (MPCache's cluster summaries) compares too
+        _party(rank, args)
+
+
+def _party(rank: int, args: dict) -> None:
     import torch
 
     from mpcache.model.cache import KVCache
@@ -229,7 +249,7 @@ def party(rank: int, args: dict) -> None:
         for model_name in args["models"]:
             model = build_model(model_name)
             config = model.config
-            pm = decoder.share_model(model, share)
+            pm = decoder.share_model(model, share, L.PrivateOptions(comparisons=args["comparisons"]))
             for n in args["seq_lens"]:
                 plain = None
                 if rank == 0:
@@ -244,22 +264,29 @@ def party(rank: int, args: dict) -> None:
                 token = crypten.cryptensor(L.one_hot(torch.tensor([[1]]), config.vocab_size), src=1, precision=0)
                 # warm-up step, not counted: first use of the code paths, and the one-time opening of the adopted
                 # cache against fresh dealer masks (full: the keys/values; mpcache: the gather's middle children)
-                token = L.greedy_token(pm(token, cache, last_only=True))
+                token = L.greedy_token(pm(token, cache, last_only=True), pm.options)
                 comm.barrier()
+                provider = crypten.mpc.get_default_provider()
+                keygen0 = getattr(provider, "keygen_seconds", 0.0)
                 with Ledger(N.counters) as ledger:
                     for _ in range(args["steps"]):
                         ledger.begin_step("decode")
-                        token = L.greedy_token(pm(token, cache, last_only=True))
+                        token = L.greedy_token(pm(token, cache, last_only=True), pm.options)
                         ledger.end_step()
+                keygen = (getattr(provider, "keygen_seconds", 0.0) - keygen0) / args["steps"]
                 steps = ledger.steps
                 by_op = {op: {k: v / len(steps) for k, v in c.items()} for op, c in summarize(steps).items()}
                 rows.append({
                     "method": args["label"], "seq_len": n, "link": link, "model": model_name,
+                    "comparisons": args["comparisons"],
                     "latency_s": statistics.mean(s["seconds"] for s in steps),
                     "rounds": round(statistics.mean(s["rounds"] for s in steps)),
-                    "bytes_per_party": round(statistics.mean(s["bytes"] for s in steps)), "budget": budget,
+                    "bytes_per_party": round(statistics.mean(s["bytes"] for s in steps)),
+                    "dealer_bytes_per_party": round(statistics.mean(s["dealer_bytes"] for s in steps)),
+                    "keygen_s": keygen, "budget": budget,
                     "budget_ratio": args["budget_ratio"], "cache": CACHE_NOTE, "steps": args["steps"],
-                    "per_step": [{k: s[k] for k in ("rounds", "bytes", "seconds")} for s in steps], "by_op": by_op,
+                    "per_step": [{k: s[k] for k in ("rounds", "bytes", "dealer_bytes", "seconds")} for s in steps],
+                    "by_op": by_op,
                 })  # fmt: skip
                 print(f"party {rank}: {link} {model_name} n={n}: {rows[-1]['latency_s']:.2f} s", flush=True)
         crypten.uninit()
@@ -292,11 +319,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def print_tables(rows: list[dict]) -> None:
     """The rows, then (when full ran) full / method ratios per (model, link, seq_len)."""
     w = max([8, *(len(r["method"]) for r in rows)])
-    order = sorted(rows, key=lambda r: (r["method"], r["model"], r["seq_len"], list(LINKS).index(r["link"])))
+    order = sorted(
+        rows, key=lambda r: (r["method"], r["model"], r["seq_len"], _protocol(r), list(LINKS).index(r["link"]))
+    )
     print(f"cache of length n: {CACHE_NOTE}; per decode step, party 0's counters; links {LINKS}")
     header = (
-        f"{'method':<{w}} {'model':<8} {'link':<9} {'seq_len':>7} {'budget':>6} {'latency s':>10} {'rounds':>7} "
-        f"{'MiB/party':>10} {'accuracy':>8}"
+        f"{'method':<{w}} {'model':<8} {'cmp':<7} {'link':<9} {'seq_len':>7} {'budget':>6} {'latency s':>10} "
+        f"{'rounds':>7} {'MiB/party':>10} {'dealer MiB p0/p1':>17} {'accuracy':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -304,33 +333,45 @@ def print_tables(rows: list[dict]) -> None:
         budget = "-" if r.get("budget") is None else str(r["budget"])
         acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
         print(
-            f"{r['method']:<{w}} {r['model']:<8} {r['link']:<9} {r['seq_len']:>7} {budget:>6} {r['latency_s']:>10.3f} "
-            f"{r['rounds']:>7} {r['bytes_per_party'] / 2**20:>10.2f} {acc:>8}"
+            f"{r['method']:<{w}} {r['model']:<8} {_protocol(r):<7} {r['link']:<9} {r['seq_len']:>7} {budget:>6} "
+            f"{r['latency_s']:>10.3f} {r['rounds']:>7} {r['bytes_per_party'] / 2**20:>10.2f} {_dealer(r):>17} {acc:>8}"
         )
     ratios = [r for r in order if "vs_full" in r]
     if ratios:
         print("\nfull / method (higher: the method is cheaper)")
-        header = f"{'method':<{w}} {'model':<8} {'link':<9} {'seq_len':>7} {'latency':>8} {'rounds':>7} {'bytes':>7}"
+        header = (
+            f"{'method':<{w}} {'model':<8} {'cmp':<7} {'link':<9} {'seq_len':>7} {'latency':>8} {'rounds':>7} "
+            f"{'bytes':>7}"
+        )
         print(header)
         print("-" * len(header))
         for r in ratios:
             v = r["vs_full"]
             print(
-                f"{r['method']:<{w}} {r['model']:<8} {r['link']:<9} {r['seq_len']:>7} {v['latency']:>8.2f} "
-                f"{v['rounds']:>7.2f} {v['bytes']:>7.2f}"
+                f"{r['method']:<{w}} {r['model']:<8} {_protocol(r):<7} {r['link']:<9} {r['seq_len']:>7} "
+                f"{v['latency']:>8.2f} {v['rounds']:>7.2f} {v['bytes']:>7.2f}"
             )
+
+
+def _dealer(row: dict) -> str:
+    """Dealer MiB per party and token, party 0 / party 1 ("-" for rows measured before it was counted)."""
+    if "dealer_bytes_per_party" not in row:
+        return "-"
+    return f"{row['dealer_bytes_per_party'] / 2**20:.2f} / {row.get('dealer_bytes_party1', 0) / 2**20:.2f}"
 
 
 def markdown(rows: list[dict]) -> str:
     """One markdown table: a row per (model, link, seq_len, method) with the ratios to full beside it."""
     order = sorted(
         rows,
-        key=lambda r: (r["model"], list(LINKS).index(r["link"]), r["seq_len"], r["method"] != "full", r["method"]),
-    )
+        key=lambda r: (
+            r["model"], _protocol(r), list(LINKS).index(r["link"]), r["seq_len"], r["method"] != "full", r["method"]
+        ),
+    )  # fmt: skip
     lines = [
-        "| model | link | n | method | budget | rounds | MiB/party | latency s | full/method bytes | full/method "
-        "rounds | full/method latency | accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | comparisons | link | n | method | budget | rounds | MiB/party | dealer MiB p0 / p1 | latency s | "
+        "full/method bytes | full/method rounds | full/method latency | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in order:
         v = r.get("vs_full")
@@ -338,8 +379,9 @@ def markdown(rows: list[dict]) -> str:
         acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
         budget = "-" if r.get("budget") is None else str(r["budget"])
         lines.append(
-            f"| {r['model']} | {r['link']} | {r['seq_len']} | {r['method']} | {budget} | {r['rounds']} | "
-            f"{r['bytes_per_party'] / 2**20:.2f} | {r['latency_s']:.2f} | " + " | ".join(ratios) + f" | {acc} |"
+            f"| {r['model']} | {_protocol(r)} | {r['link']} | {r['seq_len']} | {r['method']} | {budget} | "
+            f"{r['rounds']} | {r['bytes_per_party'] / 2**20:.2f} | {_dealer(r)} | {r['latency_s']:.2f} | "
+            + " | ".join(ratios) + f" | {acc} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -376,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-lens", default="512,1024", help="cached lengths, comma-separated")
     parser.add_argument("--link", default="lan,wan", help=f"comma-separated, from {sorted(LINKS)}; loopback always")
     parser.add_argument("--models", default="bundled,paper", help="bundled and/or paper")
+    parser.add_argument("--comparisons", default="fss", help="comma-separated comparison protocols: fss, crypten")
     parser.add_argument("--steps", type=int, default=2, help="decode steps timed per length")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--plot", type=Path, default=None, help="write a plot here (default: next to --json)")
@@ -400,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         methods = parse_methods(opts.method)
     except ValueError as error:
         parser.error(str(error))
+    protocols = [v for v in opts.comparisons.split(",") if v]
+    if not protocols or set(protocols) - {"fss", "crypten"}:
+        parser.error(f"--comparisons takes fss and/or crypten, got {opts.comparisons!r}")
     bad = [v for v in links if v not in LINKS] + [m for m in models if m not in ("bundled", "paper")]
     if bad or not methods:
         parser.error(f"unknown link/model {bad} or no method; links {sorted(LINKS)}, methods {sorted(METHODS)}")
@@ -444,13 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     from mpcache.mpc.transport.ports import free_ports
 
     rows = []
-    for label, method, knobs in methods:
+    for (label, method, knobs), protocol in itertools.product(methods, protocols):
         with tempfile.TemporaryDirectory() as tmp:
             ports = free_ports(2 * len(links))
             peers = [[f"127.0.0.1:{ports[2 * i]}", f"127.0.0.1:{ports[2 * i + 1]}"] for i in range(len(links))]
             budget, budget_ratio = (None, None) if method == "full" else (opts.budget, ratio)
             args = dict(links=links, peers=peers, models=models, seq_lens=seq_lens, steps=opts.steps, method=method,
-                        knobs=knobs, label=label, budget=budget, budget_ratio=budget_ratio,
+                        knobs=knobs, label=label, budget=budget, budget_ratio=budget_ratio, comparisons=protocol,
                         out=f"{tmp}/rank{{rank}}.json")  # fmt: skip
             Path(tmp, "args.json").write_text(json.dumps(args))
             cmd = [sys.executable, "-m", "bench.mpc_decode", "--args", f"{tmp}/args.json", "--party"]
@@ -459,8 +505,10 @@ def main(argv: list[str] | None = None) -> int:
             if any(p.wait() != 0 for p in procs):
                 print("a party failed; see its output above", file=sys.stderr)
                 return 1
-            rows += json.loads(Path(tmp, "rank0.json").read_text())
-            print(f"{label}: measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            party1 = json.loads(Path(tmp, "rank1.json").read_text())
+            for row, other in zip(json.loads(Path(tmp, "rank0.json").read_text()), party1, strict=True):
+                rows.append({**row, "dealer_bytes_party1": other["dealer_bytes_per_party"]})
+            print(f"{label} ({protocol}): measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     report(rows, opts, accuracy_rows)
     return 0

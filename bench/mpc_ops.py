@@ -1,12 +1,18 @@
-"""Rounds, bytes and time of the private numerics and layers, beside CrypTen's defaults.
+"""Rounds, bytes, dealer bytes and time of the private numerics and layers, beside CrypTen's defaults.
 
-    python -m bench.mpc_ops                 # markdown table on stdout
+    python -m bench.mpc_ops                 # markdown tables on stdout
     python -m bench.mpc_ops --json ops.json
 
-Two local parties (mpcache.mpc.transport.local, gRPC on loopback), exact truncation tuples from the in-process
-dealer. Counts are CrypTen's per-party counters (a round = one communicator call; bytes = elements x 8, both
-directions), read on party 0; "per elem" divides by the op's input elements. Times are one party's wall clock on
-this machine, with both parties sharing its cores.
+Two local parties (mpcache.mpc.transport.local, gRPC on loopback), tuples and FSS keys from the in-process dealer
+(numerics.LocalDealer, which counts what a dealer process would send each party). Counts are per party (a round =
+one communicator call; online bytes = CrypTen's counter, what the party sends plus what it receives; dealer bytes =
+correlated randomness the party gets from the dealer), read on party 0, party 1's dealer bytes beside; "per elem"
+divides by the op's input elements. Times are one party's wall clock on this machine, with both parties sharing its
+cores; with FSS comparisons they include the in-process key generation (each party runs the dealer's keygen for
+both parties' keys, as LocalDealer does; a dealer process would do it once, ahead of time).
+
+First table: the comparison-based protocols side by side with FSS keys ("fss") and CrypTen's adder ("crypten").
+Second: the rest of the numerics and layers (comparisons with FSS keys, the decoder's default).
 """
 
 from __future__ import annotations
@@ -24,18 +30,45 @@ from mpcache.mpc.nn import layers as L
 from mpcache.mpc.transport.local import LocalParties
 
 
-def _measure(name: str, fn, elements: int, exact: bool) -> dict:
+def _measure(name: str, fn, elements: int, exact: bool, **tags) -> dict:
     crypten = N.crypten
     crypten.cfg.mpc.provider = N.PROVIDER_NAME if exact else "TFP"
     crypten.cfg.communicator.verbose = True
-    crypten.reset_communication_stats()
+    before = N.counters()
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
-    stats = crypten.communicator.get().get_communication_stats()
+    cost = {k: v - before[k] for k, v in N.counters().items()}
     crypten.cfg.communicator.verbose = False
     crypten.cfg.mpc.provider = N.PROVIDER_NAME
-    return dict(op=name, elements=elements, rounds=stats["rounds"], bytes=stats["bytes"], seconds=seconds)
+    return dict(op=name, elements=elements, **cost, seconds=seconds, **tags)
+
+
+def _comparisons() -> list[dict]:
+    """Party function: the comparison-based protocols with each comparison protocol (same inputs, same order)."""
+    from mpcache.mpc.caches.mpcache import bucket_one_hot
+
+    crypten = N.crypten
+    g = torch.Generator().manual_seed(0)
+    enc = lambda t: crypten.cryptensor(t, src=0)  # noqa: E731
+    x = enc(torch.randn(4096, generator=g) * 4)
+    rows_of = {n: enc(torch.randn(8, n, generator=g) * 3) for n in (128, 1024, 4096)}
+    logits = enc(torch.randn(1, 264, generator=g) * 5)
+    clusters = enc(torch.randn(4, 256, generator=g) * 20)  # 4 KV heads' cluster scores
+    ops = [
+        ("one comparison (less_than)", lambda: N.less_than(x, [0.0], N.VALUE_BOUND), 4096),
+        ("ReLU (comparison + select)", lambda: N.relu(x), 4096),
+        *[(f"max over {n} (8 rows)", lambda v=v: N.row_max(v), v.numel()) for n, v in rows_of.items()],
+        ("argmax over 264 (one-hot)", lambda: N.argmax(logits), 264),
+        ("top-16 of 256 clusters (bucketed, 4 heads)", lambda: bucket_one_hot(clusters, 16), clusters.numel()),
+        ("SiLU", lambda: N.silu(x), 4096),
+    ]
+    rows = []
+    for name, fn, elements in ops:
+        for mode in ("fss", "crypten"):
+            with N.comparisons(mode):
+                rows.append(_measure(name, fn, elements, True, comparisons=mode))
+    return rows
 
 
 def _ops() -> list[dict]:
@@ -61,7 +94,7 @@ def _ops() -> list[dict]:
         ]
     rows += [
         _measure("truncation (x / 2^16)", lambda: N.rescale(x, 16), 4096, True),
-        _measure("less_than, 1 threshold", lambda: N.less_than(x, [0.0]), 4096, True),
+        _measure("less_than, 1 threshold", lambda: N.less_than(x, [0.0], N.VALUE_BOUND), 4096, True),
         _measure("exp_neg", lambda: N.exp_neg(neg), 4096, True),
         _measure("exp_range (no comparison)", lambda: N.exp_range(neg), 4096, True),
         _measure("CrypTen exp", lambda: neg.exp(), 4096, True),
@@ -106,8 +139,36 @@ def _bundled_like(prompt: int) -> list[dict]:
     attend = lambda: blk.attn(x, torch.tensor([[prompt]]), one, side)  # noqa: E731
     rows.append(_measure(f"attention decode, {prompt + 1} cached", attend, 8 * (prompt + 1), True))
     step = crypten.cryptensor(L.one_hot(ids[:, :1], 264), src=1, precision=0)
-    rows.append(_measure("decode step (logits + argmax)", lambda: L.greedy_token(pm(step, cache)), 1, True))
+    step_fn = lambda: L.greedy_token(pm(step, cache), pm.options)  # noqa: E731
+    rows.append(_measure("decode step (logits + argmax)", step_fn, 1, True))
     return rows
+
+
+def _both(parties: LocalParties, fn, *args) -> list[dict]:
+    """Party 0's rows, with party 1's dealer bytes beside each."""
+    p0, p1 = parties.run(fn, *args)
+    return [{**a, "dealer_bytes_party1": b["dealer_bytes"]} for a, b in zip(p0, p1)]
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """The comparison rows as one markdown table, FSS and CrypTen side by side (per element: online bytes, dealer
+    bytes of party 0 / party 1, microseconds)."""
+    head = "| op | elements |" + "".join(
+        f" {m} rounds | {m} online B | {m} dealer B (p0 / p1) | {m} us |" for m in ("fss", "crypten")
+    )
+    lines = [head, "|---|---:|" + "---:|" * 8]
+    by_op: dict[str, dict] = {}
+    for r in rows:
+        by_op.setdefault(r["op"], {})[r["comparisons"]] = r
+    for op, modes in by_op.items():
+        n = next(iter(modes.values()))["elements"]
+        cells = []
+        for m in ("fss", "crypten"):
+            r = modes[m]
+            dealer = f"{r['dealer_bytes'] / n:,.0f} / {r['dealer_bytes_party1'] / n:,.0f}"
+            cells += [str(int(r["rounds"])), f"{r['bytes'] / n:,.1f}", dealer, f"{1e6 * r['seconds'] / n:,.1f}"]
+        lines.append(f"| {op} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -115,16 +176,19 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32, help="prompt length of the bundled-shape model")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    with LocalParties(setup=N.install, timeout=1800) as parties:
-        rows = parties.run(_ops)[0] + parties.run(_bundled_like, args.prompt)[0]
-    print("| op | elements | rounds | bytes (party 0) | bytes per elem | seconds |")
-    print("|---|---:|---:|---:|---:|---:|")
+    with LocalParties(setup=N.install, timeout=3600) as parties:
+        compared = _both(parties, _comparisons)
+        rows = _both(parties, _ops) + _both(parties, _bundled_like, args.prompt)
+    print(comparison_table(compared) + "\n")
+    print("| op | elements | rounds | bytes (party 0) | bytes per elem | dealer bytes per elem (p0 / p1) | seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        per = r["bytes"] / r["elements"]
-        print(f"| {r['op']} | {r['elements']} | {r['rounds']} | {r['bytes']:,} | {per:,.0f} | {r['seconds']:.3f} |")
+        per, n = r["bytes"] / r["elements"], r["elements"]
+        dealer = f"{r['dealer_bytes'] / n:,.0f} / {r['dealer_bytes_party1'] / n:,.0f}"
+        print(f"| {r['op']} | {n} | {r['rounds']} | {r['bytes']:,} | {per:,.0f} | {dealer} | {r['seconds']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"comparisons": compared, "ops": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

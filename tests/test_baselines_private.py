@@ -176,11 +176,13 @@ def _private_baselines(ids: torch.Tensor, tokens: list[int]) -> dict:
     counts = _count_openings()
     try:
         logits = {"h2o": _run(h2o, ids, tokens, share), "streamingllm": _run(streaming, ids, tokens, share)}
-        opened = counts["opened"]
+        opened, masked, comparisons = counts["opened"], counts["masked"], counts["comparisons"]
     finally:
         _restore(counts)
     return {
         "opened": opened,
+        "masked": masked,
+        "comparisons": comparisons,
         "private": all(N.is_private(x) for x in (h2o.scores[0], h2o.layers[0].keys, streaming.layers[0].keys)),
         "logits": {k: [N.decode(x) for x in v] for k, v in logits.items()},
         "keys": {
@@ -198,6 +200,7 @@ def test_private_baselines_match_the_simulator_and_open_nothing(parties):
     ids, tokens = _prompt(20, 6), [5, 17, 30]
     got = parties.run(_private_baselines, ids, tokens)[0]
     assert got["opened"] == 0 and got["private"]
+    assert got["masked"] == got["comparisons"] > 0  # FSS comparisons: one masked, uniform message per batch
     sims = {"h2o": PrivateH2O(2, 8), "streamingllm": PrivateStreamingLLM(2, 8)}
     with torch.no_grad():
         for name, sim in sims.items():

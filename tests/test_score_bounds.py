@@ -116,8 +116,13 @@ def test_simulated_decoder_with_calibrated_bounds_matches_plaintext():
         tokens, logits = decoder.generate(pm, L.one_hot(ids, 40), 4)
         assert [int(t[0, -1].argmax()) for t in tokens] == want
         assert (logits - exact).abs().max() < 1e-3
-    # a bound below the scores by far more than exp_range's extrapolation covers is visibly wrong
+    # a bound below the scores by far more than exp_range's extrapolation covers is visibly wrong: the simulator
+    # refuses the overflowing normaliser (outside its comparisons' declared range) under FSS comparisons, ...
     low = ScoreStats(tuple(s - 30 for s in stats.max_score), stats.max_spread)
     pm = decoder.share_model(model, lambda t: t, L.PrivateOptions(score_bound=low.bounds(0.0)))
+    with pytest.raises(ValueError, match="outside the declared range"):
+        decoder.generate(pm, L.one_hot(ids, 40), 1)
+    # ... and computes garbage under CrypTen's 64-bit comparisons
+    pm = decoder.share_model(model, lambda t: t, L.PrivateOptions(score_bound=low.bounds(0.0), comparisons="crypten"))
     err = (decoder.generate(pm, L.one_hot(ids, 40), 1)[1] - exact).abs().max()
     assert not bool(err < 1e-2)  # far off, or NaN (the extrapolated exp overflows the float simulator's range)

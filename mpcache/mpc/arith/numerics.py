@@ -26,6 +26,7 @@ Each states its input domain and its measured maximum error; costs (rounds, byte
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -108,6 +109,7 @@ class LocalDealer(TrustedFirstParty):
         super().__init__()
         self._masks: list[Tensor] = []
         self.dealer_bytes = 0
+        self.keygen_seconds = 0.0
 
     def _sent(self, *derived) -> None:
         """Count what the dealer sends party 0 for a tuple with these derived tensors (nothing to party 1)."""
@@ -140,12 +142,15 @@ class LocalDealer(TrustedFirstParty):
         return r_arith, r_bin
 
     def compare_keys(self, n: int, count: int) -> list:
-        """This party's keys of `count` comparisons on n-bit masked values (fss.CompareKey chunks, in order)."""
+        """This party's keys of `count` comparisons on n-bit masked values (fss.CompareKey chunks, in order).
+        `keygen_seconds` adds up the time spent here (a dealer process's work, done inline)."""
+        start = time.perf_counter()
         g = crypten.generators["global"][torch.device("cpu")]
         seed = torch.randint(-(1 << 63), (1 << 63) - 1, (4,), generator=g, dtype=torch.long).numpy().tobytes()
         rank = comm.get().get_rank()
         keys = [pair[rank] for _, *pair in fss_batch.gen_chunks("compare", n, count, (seed[:16], seed[16:]), 0)]
         self.dealer_bytes += fss_batch.batch_bytes("compare", n, count)
+        self.keygen_seconds += time.perf_counter() - start
         return keys
 
     def exact_truncation_tuple(self, size, divisor, device=None) -> tuple[ArithmeticSharedTensor, ...]:

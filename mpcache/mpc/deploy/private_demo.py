@@ -138,12 +138,14 @@ def run(args) -> int:
     finally:
         if dep is not None:
             dep.stop_all()
-    report(tokenizer.decode(tokens), sample.answer, tokens, latency, json.loads(results[0].stats.report_json))
+    reports = [json.loads(r.stats.report_json) for r in results]
+    report(tokenizer.decode(tokens), sample.answer, tokens, latency, *reports)
     return 0 if exact_match(tokenizer.decode(tokens).split("\n")[0], sample.answer) else 3
 
 
-def report(text: str, expected: str, tokens: list[int], latency: float, party0: dict) -> None:
-    """What the client learned (text) and what the run cost (party 0's per-step report; party 1's is the same)."""
+def report(text: str, expected: str, tokens: list[int], latency: float, party0: dict, party1: dict) -> None:
+    """What the client learned (text) and what the run cost (party 0's per-step report; party 1's is the same but
+    for the dealer's traffic: party 0 also gets every Beaver-style correction)."""
     answer = text.split("\n")[0]
     steps = party0["steps"]
     decode = steps[1:]
@@ -155,9 +157,13 @@ def report(text: str, expected: str, tokens: list[int], latency: float, party0: 
           f"{sum(s['seconds'] for s in decode) / max(len(decode), 1):.1f} s per token")  # fmt: skip
     print(f"traffic:    prefill {steps[0]['bytes'] / 2**20:.1f} MiB in {steps[0]['rounds']} rounds, decode "
           f"{steps[-1]['bytes'] / 2**20:.1f} MiB in {steps[-1]['rounds']} rounds per party per token")  # fmt: skip
+    dealer = [(p["steps"][0]["dealer_bytes"] / 2**20, p["steps"][-1]["dealer_bytes"] / 2**20) for p in (party0, party1)]
+    print(f"dealer:     prefill {dealer[0][0]:.1f} / {dealer[1][0]:.1f} MiB, decode {dealer[0][1]:.1f} / "
+          f"{dealer[1][1]:.1f} MiB per token to party 0 / party 1")  # fmt: skip
     by_op = summarize(steps[-1:])
     print("last decode step by operation: " + ", ".join(
-        f"{op} {v['bytes'] / 2**20:.2f} MiB/{int(v['rounds'])} rounds/{v['seconds']:.2f} s" for op, v in by_op.items()
+        f"{op} {v['bytes'] / 2**20:.2f} MiB/{int(v['rounds'])} rounds/{v['dealer_bytes'] / 2**20:.2f} dealer MiB/"
+        f"{v['seconds']:.2f} s" for op, v in by_op.items()
     ))  # fmt: skip
     record = {
         "text": text,
@@ -168,7 +174,9 @@ def report(text: str, expected: str, tokens: list[int], latency: float, party0: 
         "decode_s_per_token": round(sum(s["seconds"] for s in decode) / max(len(decode), 1), 3),
         "decode_bytes_per_token": steps[-1]["bytes"],
         "decode_rounds_per_token": steps[-1]["rounds"],
-    }
+        "dealer_bytes": {"prefill": [p["steps"][0]["dealer_bytes"] for p in (party0, party1)],
+                         "decode_per_token": [p["steps"][-1]["dealer_bytes"] for p in (party0, party1)]},
+    }  # fmt: skip
     print("RESULT " + json.dumps(record), flush=True)
 
 

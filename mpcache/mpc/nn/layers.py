@@ -54,7 +54,7 @@ class PrivateOptions:
     score_range: float | None = SCORE_RANGE
     # Secret comparisons (numerics.less_than, arith/compare.py): "fss" = one round from dealer DCF keys on the
     # bit width each call site declares; "crypten" = CrypTen's 64-bit A2B adder (~8 rounds), kept for comparison.
-    comparisons: str = "crypten"
+    comparisons: str = "fss"
 
     def __post_init__(self) -> None:
         N.compare.check_mode(self.comparisons)
