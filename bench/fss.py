@@ -12,6 +12,9 @@ the party derives its root and mask share from its seed), `full key B` adds the 
 that ships whole keys, `online B` is one party's opening message per element (one round). AES blocks per element
 are counted from the construction (dealer: 8 per DCF level; party: 2 per DCF level, 1 per DPF level).
 
+Key generation before / after: the dealer's tree walk as numpy passes (tree.FUSED_WALK = False, the reference)
+and as one compiled pass per level (fss/fused.py, the default), same keys bit for bit.
+
 Sweeps: the DCF's early-termination width at n = 32 (why dcf.LEAF_BITS = 2), the full-domain DPF's at n = 8, 12,
 16 (why lut.LEAF_BITS), and the chunk size of the DCF walk (why tree.CHUNK).
 """
@@ -107,9 +110,22 @@ def lut_row(n: int, count: int, repeat: int, leaf_bits: int | None = None) -> di
     )
 
 
+def walk_rows(bits: list[int], count: int, repeat: int) -> list[dict]:
+    """Comparison rows with the numpy reference walk (before) and the compiled walk (after), side by side."""
+    rows, saved = [], tree.FUSED_WALK
+    try:
+        for n in bits:
+            for fused_walk in (False, True):
+                tree.FUSED_WALK = fused_walk
+                rows.append(dict(comparison_row(n, count, repeat), walk="compiled" if fused_walk else "numpy"))
+    finally:
+        tree.FUSED_WALK = saved
+    return rows
+
+
 def without_aes_row(n: int, count: int, repeat: int) -> dict:
     """The same comparison row with the AES calls replaced by a plain copy: what the numpy around AES costs."""
-    real = tree.permute, dcf.permute
+    real = tree.permute, dcf.permute  # the compiled walk calls AES through tree.permute
 
     def copy(blocks, key=SEED_KEY, out=None):
         out = np.empty(blocks.size + 2, np.uint64) if out is None else out
@@ -174,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     lut_sizes = list(map(int, args.lut_sizes.split(",")))
     rows += [lut_row(n, count, args.repeat) for n, count in zip(lut_bits, lut_sizes)]
     print(table(rows, "Comparisons and lookups (rates per CPU second, one thread)"))
-    out = dict(aes_blocks_per_s=aes, load_average_start=load, rows=rows, python=platform.python_version(),
+    walks = walk_rows(list(map(int, args.bits.split(","))), args.sweep_size, args.repeat)
+    print("\n" + table(walks, "Key generation: numpy passes (before) and the compiled walk (after)", extra="walk"))
+    out = dict(aes_blocks_per_s=aes, load_average_start=load, rows=rows, walks=walks, python=platform.python_version(),
                numpy=np.__version__, command="python -m bench.fss " + " ".join(argv or []))
     if not args.no_sweeps:
         sweep = args.sweep_size

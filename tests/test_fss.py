@@ -104,6 +104,22 @@ def test_chunked_batches_match_small_batches(monkeypatch):
     assert np.array_equal(_sum(dcf.dcf_eval(small0, x), dcf.dcf_eval(small1, x)), (x < alpha).astype(U64))
 
 
+@pytest.mark.parametrize("n,leaf_bits", [(1, 1), (2, 2), (7, 2), (16, 4), (33, 2), (64, 1), (64, 7)])
+def test_compiled_walk_gives_the_numpy_reference_keys(n, leaf_bits, monkeypatch):
+    """The dealer's fused walk (fss/fused.py) must produce the numpy reference walk's keys bit for bit."""
+    rng = np.random.default_rng(n)
+    count = 700
+    alpha = _edge_points(n, count, rng)
+    beta = rng.integers(-(2**63), 2**63 - 1, count, dtype=np.int64)
+    offset = rng.integers(-(2**63), 2**63 - 1, count, dtype=np.int64)
+    gens = [lambda: dcf.dcf_gen(n, alpha, *_seeds(count), beta=beta, offset=offset, leaf_bits=leaf_bits),
+            lambda: dpf.dpf_gen(n, alpha, *_seeds(count), beta=beta, leaf_bits=leaf_bits)]  # fmt: skip
+    fused = [gen()[0].cw for gen in gens]
+    monkeypatch.setattr(tree, "FUSED_WALK", False)
+    for got, gen in zip(fused, gens):
+        assert got.equals(gen()[0].cw)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # comparison gate
 

@@ -1,12 +1,14 @@
 """Batched function secret sharing for 2PC with a dealer: DCF comparisons and DPF table lookups in one round.
 
-Self-contained (numpy + `cryptography` only; nothing else from mpcache), so the dealer, the parties and the
-simulator can all import it. Who learns what, in every gate: the dealer generates keys from its own randomness
+Self-contained (numpy, `cryptography` and numba only; nothing else from mpcache), so the dealer, the parties and
+the simulator can all import it. Who learns what, in every gate: the dealer generates keys from its own randomness
 (it never sees inputs or opened values); each party sees its own shares, its key (root seed + correction words
 that look random on their own) and the opened masked values, which are uniform whatever the inputs are.
 
     prg.py      fixed-key AES-128 MMO PRG (one AES-ECB call per tree level per batch), seeded AES-CTR stream
     tree.py     correction words shared by DCF and DPF, serialization, the batched tree walks
+    fused.py    the dealer's walk, one compiled (numba) pass per tree level besides the AES calls
+    batch.py    key batches in bounded chunks with per-chunk party streams (what a dealer ships, what a party derives)
     dcf.py      distributed comparison functions: beta * [x < alpha] + offset
     dpf.py      distributed point functions: beta * [x == alpha], point and full-domain evaluation
     masked.py   the online message: (x_b + r_b) mod 2^n, ceil(n/8) bytes; what a party derives from its seed

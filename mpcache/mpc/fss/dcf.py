@@ -62,28 +62,10 @@ def dcf_gen(n: int, alpha, root0, root1, beta=1, offset=0, leaf_bits: int = LEAF
 
 
 def _gen_chunk(cw: Corrections, c0: int, c1: int, roots, alpha, beta, offset) -> None:
-    """The seed walk (tree.gen_walk) plus, per level, the output words of both children under VALUE_KEY.
-
-    acc is the sum of the parties' signed outputs along alpha's path so far; leaving the path to the lose side
-    at level i must total target_i = beta * [the lose child is the left one] + offset."""
-    bits = path_bits(alpha, cw.n, cw.depth)
-    target = (beta & -bits) + offset
-    acc = np.zeros(c1 - c0, dtype=np.uint64)
-    value_buf, signed = np.empty(8 * (c1 - c0) + 2, np.uint64), np.empty(c1 - c0, np.uint64)
-
-    def values(i: int, inp: np.ndarray, tm: np.ndarray) -> None:
-        value = permute(inp, VALUE_KEY, value_buf)
-        value ^= inp
-        np.subtract(value[1, :, 1, 0], value[0, :, 1, 0], out=signed)
-        np.subtract(signed, acc, out=signed)
-        np.add(signed, target[i], out=signed)
-        np.add(acc, value[0, :, 0, 0], out=acc)
-        np.subtract(acc, value[1, :, 0, 0], out=acc)
-        np.add(acc, signed, out=acc)
-        np.bitwise_xor(signed, tm[1], out=cw.values[i, c0:c1])
-        cw.values[i, c0:c1] -= tm[1]  # (-1)^t1 * signed
-
-    lo, hi = gen_walk(cw, c0, c1, roots, bits, values)
+    """The seed walk with, per level, the output words of both children under VALUE_KEY (tree.gen_walk): leaving
+    alpha's path to the lose side at level i must total target_i = beta * [the lose child is the left one] +
+    offset; then the leaf corrections, against the sum `acc` of the outputs along the path."""
+    lo, hi, acc = gen_walk(cw, c0, c1, roots, alpha, (beta, offset))
     index = np.arange(1 << cw.leaf_bits, dtype=np.uint64)
     below = (index[None, :] < (alpha & np.uint64(index.size - 1))[:, None]).astype(np.uint64)
     cw.leaves[c0:c1] = leaf_corrections(lo, hi, cw.leaf_bits, (beta[:, None] & -below) + offset[:, None] - acc[:, None])

@@ -49,7 +49,7 @@ def dpf_gen(n: int, alpha, root0, root1, beta=1, leaf_bits: int = LEAF_BITS) -> 
     index = np.arange(1 << cw.leaf_bits, dtype=np.uint64)
     for c0, c1 in chunks(alpha.size):
         a = alpha[c0:c1]
-        lo, hi = gen_walk(cw, c0, c1, roots[:, c0:c1], path_bits(a, n, cw.depth))
+        lo, hi, _ = gen_walk(cw, c0, c1, roots[:, c0:c1], a)
         hit = (index[None, :] == (a & np.uint64(index.size - 1))[:, None]).astype(np.uint64)
         cw.leaves[c0:c1] = leaf_corrections(lo, hi, cw.leaf_bits, beta[c0:c1, None] & -hit)
     return Key(0, roots[0], cw), Key(1, roots[1], cw)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpcache.mpc.fss import fused
 from mpcache.mpc.fss.prg import SEED_KEY, VALUE_KEY, as_seeds, permute
 
 MAX_LEAF_BITS = 7
@@ -85,21 +86,51 @@ def leaf_word(lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> np.ndarray:
     return out[:, 0] ^ ((out[:, 0] ^ out[:, 1]) & -(index & ONE))
 
 
-def gen_walk(cw: Corrections, c0: int, c1: int, roots: np.ndarray, bits: np.ndarray, on_level=None):
-    """The dealer's walk down the secret path for elements c0..c1-1: both parties' trees at once (axis 0 = party).
+FUSED_WALK = True  # the compiled walk (fused.py); False: the numpy reference below (tests compare the two)
 
-    roots: (2, C, 2) uint64 seeds with a clear lsb. bits: (depth, C) path bits. Fills cw.seeds and cw.delta and
-    returns the two parties' leaf blocks (lo, hi), each (2, C). The AES inputs are ordered (keep, lose) per
-    element (keep = the child on the path), so nothing needs selecting after the PRG. `on_level(i, inp, tm)` lets
-    the DCF add its output words: inp (2, C, 2, 2) = the level's AES input blocks (party, element, keep/lose,
-    word), tm (2, C) = all-ones where a party applies corrections.
-    Hot loop: in-place numpy ops on preallocated buffers, 1-D (strided) views only (see the module docstring)."""
+
+def gen_walk(cw: Corrections, c0: int, c1: int, roots: np.ndarray, alpha: np.ndarray, payload=None):
+    """The dealer's walk down the secret paths `alpha` (C,) for elements c0..c1-1: both parties' trees at once
+    (axis 0 = party).
+
+    roots: (2, C, 2) uint64 seeds with a clear lsb. Fills cw.seeds and cw.delta and returns the two parties' leaf
+    blocks (lo, hi), each (2, C), and acc (C,). With `payload` = (beta, offset) (a DCF), also each level's output
+    correction cw.values so that leaving the path to the lose side at level i totals beta * [the lose child is
+    the left one] + offset; acc is then the sum of the parties' signed outputs along the path (the leaf
+    corrections need it). The AES inputs are ordered (keep, lose) per element (keep = the child on the path), so
+    nothing needs selecting after the PRG. One AES-ECB call per key and level, then the level's arithmetic in one
+    compiled pass (fused.py)."""
     size = c1 - c0
     lo = roots[:, :, 0] | np.array([[0], [1]], dtype=np.uint64)  # t = party at the root
     hi = roots[:, :, 1].copy()
+    acc = np.zeros(size, dtype=np.uint64)
+    if not FUSED_WALK or cw.depth == 0:
+        return (*_reference_walk(cw, c0, c1, lo, hi, alpha, payload, acc), acc)
+    dcf = payload is not None
+    beta, offset = payload if dcf else (acc, acc)  # a DPF has no per-level outputs
     inp = np.empty((2, size, 2, 2), dtype=np.uint64)
-    child_buf = np.empty(inp.size + 2, np.uint64)
+    child_buf, value_buf = np.empty(inp.size + 2, np.uint64), np.empty(inp.size + 2 if dcf else 0, np.uint64)
+    fused.first_input(lo, hi, alpha, cw.n - 1, inp)
+    for i in range(cw.depth):
+        child = permute(inp, SEED_KEY, child_buf)
+        value = permute(inp, VALUE_KEY, value_buf) if dcf else child
+        fused.level(
+            inp, child, value, lo, hi, alpha, cw.n - 1 - i, beta, offset, acc, cw.seeds[i, 0, c0:c1],
+            cw.seeds[i, 1, c0:c1], cw.delta[i, c0:c1], cw.values[i, c0:c1] if dcf else acc, i + 1 == cw.depth, dcf,
+        )  # fmt: skip
+    return lo, hi, acc
+
+
+def _reference_walk(cw: Corrections, c0: int, c1: int, lo, hi, alpha, payload, acc):
+    """gen_walk in numpy passes (the reference the compiled walk is tested against): in-place ops on
+    preallocated buffers, 1-D (strided) views only (see the module docstring)."""
+    size = c1 - c0
+    bits = path_bits(alpha, cw.n, cw.depth)
+    target = None if payload is None else (payload[0] & -bits) + payload[1]
+    inp = np.empty((2, size, 2, 2), dtype=np.uint64)
+    child_buf, value_buf = np.empty(inp.size + 2, np.uint64), np.empty(inp.size + 2, np.uint64)
     tm, scw_lo, delta = np.empty_like(lo), np.empty(size, np.uint64), np.empty(size, np.uint64)
+    signed = np.empty(size, np.uint64)
     for i in range(cw.depth):
         a, seeds = bits[i], cw.seeds[i, :, c0:c1]
         np.bitwise_and(lo, ONE, out=tm)
@@ -118,8 +149,17 @@ def gen_walk(cw: Corrections, c0: int, c1: int, roots: np.ndarray, bits: np.ndar
         delta ^= ONE  # the keep child's t correction xor the lose child's
         cw.delta[i, c0:c1] = delta
         np.bitwise_xor(scw_lo, delta & (a ^ ONE), out=seeds[0])  # lsb := the left child's t correction
-        if on_level is not None:
-            on_level(i, inp, tm)
+        if target is not None:  # both children's output words under VALUE_KEY
+            value = permute(inp, VALUE_KEY, value_buf)
+            value ^= inp
+            np.subtract(value[1, :, 1, 0], value[0, :, 1, 0], out=signed)
+            np.subtract(signed, acc, out=signed)
+            np.add(signed, target[i], out=signed)
+            np.add(acc, value[0, :, 0, 0], out=acc)
+            np.subtract(acc, value[1, :, 0, 0], out=acc)
+            np.add(acc, signed, out=acc)
+            np.bitwise_xor(signed, tm[1], out=cw.values[i, c0:c1])
+            cw.values[i, c0:c1] -= tm[1]  # (-1)^t1 * signed
         scw_lo ^= delta  # the keep child's correction
         np.bitwise_and(scw_lo, tm, out=lo)
         lo ^= child[:, :, 0, 0]
