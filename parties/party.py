@@ -75,6 +75,8 @@ def parse(argv: list[str] | None):
           "50702 + 10*rank)")  # fmt: skip
     p.add("--dealer", default="127.0.0.1:50700", help="dealer address")
     p.add("--model", default=None, help="party 0: safetensors file with weights, or a checkpoint folder (decoder)")
+    p.add("--comparisons", default="fss", choices=("fss", "crypten"),
+          help="party 0: the decoder's secret comparisons (FSS keys, or CrypTen's adder); party 1 follows it")
     p.add("--timeout", default=30.0, type=float, help="seconds a peer or the dealer may stay silent mid-step")
     p.add("--connect-timeout", default=60.0, type=float, help="seconds to wait for the dealer and the other party")
     p.add("--heartbeat", default=2.0, type=float, help="seconds between heartbeats to the dealer and the other party")
@@ -358,15 +360,19 @@ class Party:
             except (OSError, ValueError) as e:
                 raise Fatal(f"cannot load the model folder {path}: {e}") from None
             config = model.config.to_dict()
-        config = self.comm.broadcast_obj(config, 0)
+        # the architecture and the comparison protocol are public: party 1 takes party 0's
+        config, comparisons = self.comm.broadcast_obj((config, self.args.comparisons), 0)
         if config is not None:
             from mpcache.model.config import ModelConfig
             from mpcache.mpc.nn import decoder
+            from mpcache.mpc.nn.layers import PrivateOptions
 
             if self.rank == 1:
                 model = decoder.architecture_only(ModelConfig.from_dict(config))
-            self.ctx.decoder = decoder.share_model(model, lambda t: self.crypten.cryptensor(t, src=0))
-            log.info("step=model shared the decoder (%s, %d layers)", config["family"], config["n_layer"])
+            options = PrivateOptions(comparisons=comparisons)
+            self.ctx.decoder = decoder.share_model(model, lambda t: self.crypten.cryptensor(t, src=0), options)
+            log.info("step=model shared the decoder (%s, %d layers, %s comparisons)", config["family"],
+                     config["n_layer"], comparisons)  # fmt: skip
             return
         weights = {}
         if path is not None:

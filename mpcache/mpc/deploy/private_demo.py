@@ -52,6 +52,8 @@ def parse(argv: list[str] | None):
     p.add("--kv-cache", default="full", help="private KV cache: full, mpcache, streamingllm or h2o")
     p.add("--budget", default=None, type=optional_int, help="KV-cache budget, tokens per KV head (not for full)")
     p.add("--knobs", default="", help="KV-cache knobs as a JSON object (e.g. '{\"cluster_size\": 16}')")
+    p.add("--comparisons", default="fss", choices=("fss", "crypten"),
+          help="without --parties: the parties' secret comparisons (FSS keys, or CrypTen's adder for comparison)")
     p.add("--connect-timeout", default=300.0, type=float, help="seconds to wait for both parties to serve")
     p.add("--job-timeout", default=3000.0, type=float, help="seconds to wait for the generated tokens")
     p.add("--workdir", default=None, help="without --parties: certificates and logs (default: a temp dir)")
@@ -126,7 +128,7 @@ def run(args) -> int:
     try:
         if dep is not None:
             for role in ("dealer", "party0", "party1"):
-                dep.start(role)
+                dep.start(role, *(["--comparisons", args.comparisons] if role == "party0" else []))
         client = Client(args.parties, Credentials("client", args), connect_timeout=args.connect_timeout)
         t0 = time.perf_counter()
         tokens, _, results = client.generate(
