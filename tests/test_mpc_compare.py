@@ -73,6 +73,7 @@ def _protocols(x: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, keys: tor
         "silu": lambda: N.silu(ex),
         "row_max": lambda: N.row_max(es),
         "argmax": lambda: N.argmax(es),
+        "argmax_27": lambda: N.argmax(es[..., :27]),  # unpaired entries at two levels (27 -> 14 -> 7 -> 4 -> 2)
         "bucket_top": lambda: M.bucket_one_hot(es, 4),
         "rank_top": lambda: M.top_k_mask(es, 5, M.SELECT_BOUND),
         "cluster": lambda: N.stack(list(M._extrema_tree(ek, ek, True))),
@@ -237,6 +238,7 @@ def test_protocols_match_simulator_and_plaintext(parties):
         "relu": xq.clamp(min=0),
         "row_max": sq.amax(-1, keepdim=True),
         "argmax": F.one_hot(sq.argmax(-1), sq.shape[-1]).double(),
+        "argmax_27": F.one_hot(sq[..., :27].argmax(-1), 27).double(),
         "rank_top": torch.zeros_like(sq).scatter(-1, sq.topk(5, -1).indices, 1.0),
         "cluster": torch.stack([kq.amax(-2), kq.amin(-2)]),
     }
@@ -253,9 +255,19 @@ def test_protocols_match_simulator_and_plaintext(parties):
     # one round per comparison batch; a select is one Beaver product; max: 2 rounds per level (5 levels of 32)
     assert rounds["lt"] == rounds["gt"] == rounds["ge"] == rounds["sign"] == 1, rounds
     assert rounds["select"] == rounds["relu"] == 2 and rounds["row_max"] == 10
-    assert rounds["argmax"] == 10 + 4  # + one product per level down, the last level's bit is used as it is
+    # 5 levels up (no select after the final pair), then the 5 levels' bits multiplied in a tree of 3 rounds
+    assert rounds["argmax"] == rounds["argmax_27"] == 2 * 5 - 1 + 3
     assert rounds["rank_top"] == 2  # all pairwise comparisons in one batch, then [rank < k]
     assert rounds["cluster"] == 2 * 2  # 4 rows: 2 levels
+
+
+def test_simulator_argmax_is_the_first_maximum_for_every_length():
+    # the tournament's bookkeeping (unpaired entries carried up, the product tree of per-level bits) on floats
+    g = torch.Generator().manual_seed(3)
+    for n in range(1, 41):
+        x = torch.randint(-3, 4, (64, n), generator=g).double()  # many ties: the lower index must win
+        want = F.one_hot(x.argmax(-1), n).double()
+        assert torch.equal(N.argmax(x), want), n
 
 
 @pytest.mark.timeout(300)
