@@ -949,33 +949,38 @@ def argmax(x: Value, bound: float = VALUE_BOUND) -> Value:
 
     A tournament: L = ceil(log2 n) levels of pairwise comparisons (n - 1 in all) carry the larger value up (one
     comparison round and one select round per level, no select after the final pair). Entry i is the argmax when
-    it won at every level: its one-hot bit is the product, over the levels, of its ancestor's comparison bit (or
-    its complement, or 1 where it passed a level unpaired), gathered locally and multiplied in a balanced tree:
-    ceil(log2 L) product rounds of 0/1 bits (exact, no truncation). MPC: 2 L - 1 + ceil(log2 L) rounds (264
-    logits: 21). The one-hot is arithmetic shares of bits (scale 1), the gather matrix of a selection as it is.
+    it won at every level: its one-hot bit is the product, over the levels, of its ancestor's factor there (the
+    pair's comparison bit, its complement, or 1 where the node passed the level unpaired). The product over a run
+    of levels a..b depends only on the node at level a, so runs are multiplied pairwise in a balanced tree, each
+    at its first level's node count (public gathers are local): ceil(log2 L) product rounds of 0/1 bits (exact,
+    no truncation), ~n per round. MPC: 2 L - 1 + ceil(log2 L) rounds (264 logits: 21). The one-hot is
+    arithmetic shares of bits (scale 1), the gather matrix of a selection as it is.
     """
     n = x.shape[-1]
     if n == 1:  # a single candidate
         ones = torch.ones(tuple(x.shape))
         return crypten.cryptensor(ones, src=0, precision=0) if is_private(x) else ones.to(x.dtype)
-    factors = []  # per level, each entry's factor: its ancestor's bit, the bit's complement, or 1
-    node = torch.arange(n)  # each entry's node at the current level
+    runs = []  # per run of levels: (factor per node of its first level, that node's node after the run)
     cur = x
     while cur.shape[-1] > 1:
         m, k = cur.shape[-1], cur.shape[-1] // 2
         left, right, rest = cur[..., 0 : 2 * k : 2], cur[..., 1 : 2 * k : 2], cur[..., 2 * k :]
         left_wins = ge(left, right, bound)
         one = mask_multiply(left_wins[..., :1], torch.zeros(1)) + 1
+        node = torch.arange(m)
         paired = node < 2 * k
         index = torch.where(paired, node // 2 + k * (node % 2), 2 * k)  # into [bits, 1 - bits, 1]
-        factors.append(cat([left_wins, 1 - left_wins, one], dim=-1).index_select(-1, index))
-        node = torch.where(paired, node // 2, node - k)  # pair p -> node p, unpaired 2k + r -> node k + r
-        if m > 2:  # the final pair's winner is not needed
-            cur = cat([select(left_wins, left, right), rest], dim=-1)
-        else:
-            cur = left
-    while len(factors) > 1:  # balanced product tree: one batched product per round
-        half = len(factors) // 2
-        products = mul(stack(factors[:half]), stack(factors[half : 2 * half]))
-        factors = [products[i] for i in range(half)] + factors[2 * half :]
-    return factors[0]
+        parent = torch.where(paired, node // 2, node - k)  # pair p -> node p, unpaired 2k + r -> node k + r
+        runs.append((cat([left_wins, 1 - left_wins, one], dim=-1).index_select(-1, index), parent))
+        cur = cat([select(left_wins, left, right), rest], dim=-1) if m > 2 else left  # the final winner: unused
+    while len(runs) > 1:  # adjacent runs (a, b): a's factor times b's at a's nodes' ancestors, one product round
+        pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+        firsts = cat([fa for (fa, _), _ in pairs], dim=-1)
+        seconds = cat([fb.index_select(-1, up_a) for (_, up_a), (fb, _) in pairs], dim=-1)
+        products, start = mul(firsts, seconds), 0
+        merged = []
+        for (fa, up_a), (_, up_b) in pairs:
+            merged.append((products[..., start : start + fa.shape[-1]], up_b[up_a]))
+            start += fa.shape[-1]
+        runs = merged + runs[2 * len(pairs) :]
+    return runs[0][0]
