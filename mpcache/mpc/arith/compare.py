@@ -108,10 +108,23 @@ def negative(d: MPCTensor, bound: float) -> MPCTensor:
 
 
 def open_masked(own: np.ndarray, n: int) -> np.ndarray:
-    """Both parties' n-bit messages y_b exchanged in one round, ceil(n/8) bytes each (packed into int64 words so
-    CrypTen's counter, 8 bytes per element, counts what is sent); returns y = y_0 + y_1 mod 2^n."""
-    data = fss.open_bytes(own, n)
+    """Both parties' n-bit messages y_b exchanged in one round, ceil(n/8) bytes each; returns y = y_0 + y_1 mod
+    2^n (`open_many` with one message)."""
+    return open_many([(own, n)])[0]
+
+
+def open_many(messages: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+    """Several masked messages (own y_b, width n) exchanged in ONE round, each packed to ceil(n/8) bytes per element
+    (into int64 words so CrypTen's counter, 8 bytes per element, counts what is sent); returns each y mod 2^n."""
+    datas = [fss.open_bytes(own, n) for own, n in messages]
+    data = b"".join(datas)
+    if not data:
+        return [np.zeros(0, dtype=np.uint64) for _ in messages]
     words = torch.frombuffer(bytearray(data + bytes(-len(data) % 8)), dtype=torch.int64)
-    parts = comm.get().all_gather(words)
-    y0, y1 = (fss.from_open_bytes(p.numpy().tobytes()[: len(data)], n, own.size) for p in parts)
-    return fss.reconstruct(y0, y1, n)
+    parts = [p.numpy().tobytes() for p in comm.get().all_gather(words)]
+    out, start = [], 0
+    for (own, n), d in zip(messages, datas):
+        y0, y1 = (fss.from_open_bytes(p[start : start + len(d)], n, own.size) for p in parts)
+        out.append(fss.reconstruct(y0, y1, n))
+        start += len(d)
+    return out

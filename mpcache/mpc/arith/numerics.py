@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,14 +142,21 @@ class LocalDealer(TrustedFirstParty):
         return r_arith, r_bin
 
     def compare_keys(self, n: int, count: int) -> list:
-        """This party's keys of `count` comparisons on n-bit masked values (fss.CompareKey chunks, in order).
-        `keygen_seconds` adds up the time spent here (a dealer process's work, done inline)."""
+        """This party's keys of `count` comparisons on n-bit masked values (fss.CompareKey chunks, in order)."""
+        return self._gate_keys("compare", n, count)
+
+    def lut_keys(self, n: int, count: int) -> list:
+        """This party's keys of `count` table lookups on n-bit masked values (fss.LutKey chunks, in order)."""
+        return self._gate_keys("lut", n, count)
+
+    def _gate_keys(self, kind: str, n: int, count: int) -> list:
+        """`keygen_seconds` adds up the time spent here (a dealer process's work, done inline)."""
         start = time.perf_counter()
         g = crypten.generators["global"][torch.device("cpu")]
         seed = torch.randint(-(1 << 63), (1 << 63) - 1, (4,), generator=g, dtype=torch.long).numpy().tobytes()
         rank = comm.get().get_rank()
-        keys = [pair[rank] for _, *pair in fss_batch.gen_chunks("compare", n, count, (seed[:16], seed[16:]), 0)]
-        self.dealer_bytes += fss_batch.batch_bytes("compare", n, count)
+        keys = [pair[rank] for _, *pair in fss_batch.gen_chunks(kind, n, count, (seed[:16], seed[16:]), 0)]
+        self.dealer_bytes += fss_batch.batch_bytes(kind, n, count)
         self.keygen_seconds += time.perf_counter() - start
         return keys
 
@@ -881,7 +888,11 @@ def row_max(x: Value, bound: float = VALUE_BOUND) -> Value:
 
 
 def softmax(
-    x: Value, mask: Tensor | None = None, bound: float | Tensor | None = None, score_range: float | None = None
+    x: Value,
+    mask: Tensor | None = None,
+    bound: float | Tensor | None = None,
+    score_range: float | None = None,
+    exp_fn: Callable[[Value], Value] | None = None,
 ) -> Value:
     """Softmax over the last dim with a public 0/1 `mask` (False = excluded; rows with nothing valid give 0).
 
@@ -924,7 +935,9 @@ def softmax(
     else:
         d = x - on_grid(bound).to(x.dtype if not is_private(x) else torch.float64)
         lo = 2.0**-10
-    if score_range is None:
+    if exp_fn is not None:  # a caller's exp of d <= 0 (arith.lut.exp); masked entries: exp(0), zeroed below
+        e = exp_fn(d if mask is None else mask_multiply(d, mask))
+    elif score_range is None:
         e = exp_neg(d, clip_top=bound is not None, bound=SOFTMAX_BOUND)
     else:
         e = exp_range(d if mask is None else mask_multiply(d, mask))  # masked: exp(0), zeroed below
