@@ -10,11 +10,15 @@ step never runs out of blocks and nothing is preempted.
 
 With prefix caching on, a prompt's full blocks enter the radix tree right after its
 prefill (so requests admitted later in the same batch share them) and the generated
-tokens' blocks when the request finishes (a follow-up turn can reuse the answer).
+tokens' blocks when the request finishes (a follow-up turn can reuse the answer). The
+tree's eviction sees the prompts of the next `lookahead` waiting requests, and with a
+victim tier the head of the queue has its demoted blocks restored before its admission
+(preemptive prefetch, into blocks no running request may still claim).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -89,6 +93,8 @@ class RunStats:
     mean_decode_batch: float
     cow_copies: int
     evicted_blocks: int
+    demoted_blocks: int = 0  # evicted into the victim tier (counted in evicted_blocks)
+    restored_blocks: int = 0  # brought back from the tier instead of recomputed (prefetched included)
 
     @property
     def tokens_per_s(self) -> float:
@@ -110,23 +116,33 @@ class Engine:
         prefix_caching: bool = True,
         prefill_chunk: int = 1024,
         eos_id: int | None = None,
+        prefix: PrefixCache | None = None,
+        lookahead: int = 32,
     ) -> None:
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        """prefix: the radix tree to use (eviction rule, victim tier); default an LRU one
+        when `prefix_caching`. lookahead: waiting requests whose prompts eviction sees."""
+        if prefill_chunk < 1 or lookahead < 0:
+            raise ValueError(f"need prefill_chunk >= 1 and lookahead >= 0, got {prefill_chunk}, {lookahead}")
+        if prefix is not None and prefix.pool is not pool:
+            raise ValueError("the prefix cache must be built on the engine's pool")
         self.model, self.pool = model.eval(), pool
-        self.prefix = PrefixCache(pool) if prefix_caching else None
-        self.prefill_chunk, self.eos_id = prefill_chunk, eos_id
+        self.prefix = prefix if prefix is not None else PrefixCache(pool) if prefix_caching else None
+        self.prefill_chunk, self.eos_id, self.lookahead = prefill_chunk, eos_id, lookahead
         self.evicted = 0
+        self._waiting: deque[Request] = deque()
 
     # ----------------------------------------------------------------- memory
     def _blocks_needed(self, request: Request) -> int:
         return -(-(len(request.prompt) + request.max_new_tokens) // self.pool.block_size)
 
+    def _owed(self, running: Iterable[Request]) -> int:
+        """Blocks running requests may still claim."""
+        return sum(max(self._blocks_needed(r) - len(r.seq.blocks), 0) for r in running if r.seq is not None)
+
     def _claimable(self, running: Iterable[Request]) -> int:
         """Blocks an admission may take: free + evictable, minus what running requests may still claim."""
-        owed = sum(max(self._blocks_needed(r) - len(r.seq.blocks), 0) for r in running if r.seq is not None)
         evictable = self.prefix.evictable() if self.prefix is not None else 0
-        return self.pool.num_free + evictable - owed
+        return self.pool.num_free + evictable - self._owed(running)
 
     def ensure_free(self, n: int) -> None:
         if self.pool.num_free < n and self.prefix is not None:
@@ -136,7 +152,10 @@ class Engine:
 
     def _try_admit(self, request: Request, running: list[Request]) -> bool:
         """Share the request's cached prefix and check that the rest fits; undo if not."""
-        blocks, matched = self.prefix.match(request.prompt) if self.prefix is not None else ([], 0)
+        blocks, matched = [], 0
+        if self.prefix is not None:
+            self.prefix.upcoming = [r.prompt for r in itertools.islice(self._waiting, self.lookahead)]
+            blocks, matched = self.prefix.match(request.prompt)
         matched = min(matched, len(request.prompt) - 1)  # the last prompt token is always computed
         need = self._blocks_needed(request) - matched // self.pool.block_size + 1  # +1: copy of a shared block
         if need > self._claimable(running):
@@ -156,7 +175,9 @@ class Engine:
         device = next(self.model.parameters()).device
         self.pool.reset_peak()
         copies0, self.evicted = self.pool.copies, 0
-        waiting = deque(scheduler.order(requests))
+        prefix = self.prefix
+        demoted0, restored0 = (prefix.demotions, prefix.restores) if prefix is not None else (0, 0)
+        waiting = self._waiting = deque(scheduler.order(requests))
         running: list[Request] = []
         steps = batch_sum = 0
         start = time.perf_counter()
@@ -176,6 +197,8 @@ class Engine:
                 if waiting:
                     raise PoolExhausted("no request fits the pool even with nothing running")
                 break
+            if waiting and prefix is not None and prefix.tier is not None:
+                prefix.prefetch(waiting[0].prompt, self.pool.num_free - self._owed(running))
             self._decode(running, device)
             steps, batch_sum = steps + 1, batch_sum + len(running)
             for request in [r for r in running if r.done]:
@@ -197,6 +220,8 @@ class Engine:
             mean_decode_batch=batch_sum / max(steps, 1),
             cow_copies=self.pool.copies - copies0,
             evicted_blocks=self.evicted,
+            demoted_blocks=prefix.demotions - demoted0 if prefix is not None else 0,
+            restored_blocks=prefix.restores - restored0 if prefix is not None else 0,
         )
 
     def _prefill(self, request: Request, device: torch.device, start: float) -> None:

@@ -33,6 +33,13 @@ import numpy as np
 from mpcache.serving.policies.base import Policy, SimResult
 from mpcache.serving.traces import Trace
 
+LEVEL_OF = [0, 0, 1, 1] + [2] * 12 + [3]  # importance level by requests served (capped at 16): 1, 2-3, 4-15, 16+
+
+
+def importance(weight: float, capacity: int, level: int) -> float:
+    """The static part of the priority, in units of recency: weight * capacity * log2(requests served)."""
+    return weight * capacity * 2 * level
+
 
 class LSMGNN(Policy):
     name: ClassVar[str] = "lsm-gnn"
@@ -52,9 +59,9 @@ class LSMGNN(Policy):
         room = capacity // 2 if self.victim is None else self.victim
         starts = trace.starts.tolist()
         n_req = trace.num_requests
-        levels = 4  # requests served (the static importance): 1, 2-3, 4-15, 16+ (log4 scale)
-        bonus = [self.weight * capacity * 2 * level for level in range(levels)]  # weight * capacity * log2(served)
-        level_of = [0, 0, 1, 1] + [2] * 12 + [3]  # by requests served, capped at 16
+        levels = len(set(LEVEL_OF))
+        bonus = [importance(self.weight, capacity, level) for level in range(levels)]
+        level_of = LEVEL_OF
         probes = max(capacity // 4, 1)
         blocks_all = trace.blocks
         served_np = np.minimum(served_before(trace.blocks) + 1, 16)  # requests served, counting this one
