@@ -1,7 +1,7 @@
 """Serving many requests from one paged KV block store (mpcache.serving): simulator and real model.
 
-    python -m bench.serving                        # every section (~15-25 min on 1 CPU thread)
-    python -m bench.serving --sections policies    # one section: throughput, policies, share, batchllm, cachecraft
+    python -m bench.serving                        # every section (~30-60 min on 1 CPU thread)
+    python -m bench.serving --sections policies    # one section (names below)
     python -m bench.serving --quick                # small sizes, a smoke run (~2 min)
 
 Sections (tables on stdout, in bench/results/serving_<section>.md and joined in serving.md;
@@ -17,9 +17,14 @@ rows in serving_<section>.json; plots serving_sim.png, serving_errors.png, servi
 - batchllm: a mixed offline batch (8 few-shot prefixes, prefill- and decode-heavy requests,
   shuffled): first-come-first-served with LRU prefix caching vs BatchLLM's ordering (same
   batch cap) vs BatchLLM with memory-based batching.
+- tiers: the real engine's prefix cache under memory pressure (Zipf few-shot prefixes): LRU
+  vs LSM-GNN's hybrid, without and with a victim tier (int8 or exact), and LRU given the
+  tier's bytes as extra pool blocks: prompt tokens computed, tokens/s, same tokens.
 - cachecraft: RAG prompts (header, 4 chunks drawn Zipf from a corpus, a question) on the
   bundled model: prompt tokens computed by prefix caching vs Cache-Craft at several
   recompute fractions, and answer agreement with full recomputation.
+- ranking: which tokens Cache-Craft recomputes (its inter-attention ranking vs random and
+  reversed rankings with the same budgets), by the last logits' error.
 
 Every timed run uses one torch thread; run it with `nice -n 10` on a shared machine.
 """
@@ -45,9 +50,10 @@ from mpcache.serving.cachecraft import CacheCraft, ChunkStore, DenseCache
 from mpcache.serving.policies import LRU, LSMGNN, Belady, DiscardBits, PhaseBits
 from mpcache.serving.predictors import Oracle
 from mpcache.serving.simulator import prepare, standard_policies, sweep
+from mpcache.serving.tiers import VictimTier
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("throughput", "policies", "share", "batchllm", "cachecraft")
+SECTIONS = ("throughput", "policies", "share", "batchllm", "tiers", "cachecraft", "ranking")
 
 
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
@@ -345,6 +351,74 @@ def bench_batchllm(model, tok, quick: bool) -> tuple[dict, str]:
     return {"rows": rows, "same_tokens": same}, "\n".join(md)
 
 
+def zipf_few_shot(tok, quick: bool) -> list[Request]:
+    """A shared system prompt, then one of 12 few-shot prefixes of ~256 tokens drawn Zipf(1), a
+    question, 8 new tokens: more distinct prefixes than the pool can keep."""
+    rng = random.Random(5)
+    system = tok.encode("You are a helpful assistant. " + _text(rng, 6))[:64]
+    shots = [tok.encode(f"\nTask {g}: " + _text(rng, 25))[:256] for g in range(12)]
+    weights = [1.0 / (g + 1) for g in range(12)]
+    requests = []
+    for i in range(48 if quick else 96):
+        g = rng.choices(range(12), weights)[0]
+        requests.append(Request(system + shots[g] + tok.encode(f"\nQ{i}: " + _text(rng, 1))[:32], 8, rid=i))
+    return requests
+
+
+def bench_tiers(model, tok, quick: bool) -> tuple[dict, str]:
+    """The prefix cache's eviction rules on the real engine: LRU vs LSM-GNN's hybrid, without
+    and with a victim tier (int8, or exact), and LRU given the tier's bytes as pool blocks."""
+    pool_blocks, tier_blocks, cap = 112, 128, 8
+    probe = BlockPool.for_model(model, 1)
+    tier_as_pool = round(VictimTier(probe, tier_blocks, compress=True).bytes / probe.block_bytes)
+    setups = [  # name, pool blocks, weight, tier blocks, int8
+        ("LRU", pool_blocks, 0.0, 0, True),
+        (f"LRU, pool + {tier_as_pool} blocks (the int8 tier's bytes)", pool_blocks + tier_as_pool, 0.0, 0, True),
+        ("LRU + victim tier (int8)", pool_blocks, 0.0, tier_blocks, True),
+        ("LSM-GNN hybrid", pool_blocks, 0.5, 0, True),
+        ("LSM-GNN hybrid + victim tier (int8)", pool_blocks, 0.5, tier_blocks, True),
+        ("LSM-GNN hybrid + victim tier (exact)", pool_blocks, 0.5, tier_blocks, False),
+    ]
+    reference = zipf_few_shot(tok, quick)  # every prefix cached: the tokens with nothing evicted
+    Engine(model, BlockPool.for_model(model, 4096)).run(reference, Scheduler(cap))
+    rows = []
+    for name, blocks, weight, victims, int8 in setups:
+        requests = zipf_few_shot(tok, quick)
+        pool = BlockPool.for_model(model, blocks)
+        tier = VictimTier(pool, victims, compress=int8) if victims else None
+        stats = Engine(model, pool, prefix=PrefixCache(pool, weight=weight, tier=tier)).run(requests, Scheduler(cap))
+        same = sum(r.output == ref.output for r, ref in zip(requests, reference)) / len(requests)
+        rows.append(dict(setup=name, **stats.row(), tier_mib=tier.bytes / 2**20 if tier else 0.0,
+                         pool_mib=pool.num_blocks * pool.block_bytes / 2**20, same_tokens=same))  # fmt: skip
+        print(f"  {name}: computed {stats.computed_prompt_tokens}, {stats.tokens_per_s:.1f} tok/s", flush=True)
+    base = rows[0]["computed_prompt_tokens"]
+    for row in rows:
+        row["vs_lru"] = row["computed_prompt_tokens"] / base
+    n = len(reference)
+    md = [
+        f"### Eviction rules and victim tier in the real engine ({n} requests: 64-token system prompt + one of 12 "
+        f"few-shot prefixes of 256 tokens drawn Zipf(1) + a question, 8 new tokens; {pool_blocks}-block pool, batch "
+        f"cap {cap}, look-ahead = the waiting queue)",
+        "",
+        table(
+            rows,
+            [
+                ("setup", "setup", ""),
+                ("computed_prompt_tokens", "prompt tokens computed", ","),
+                ("vs_lru", "x LRU", ".2f"),
+                ("restored_blocks", "blocks restored", ""),
+                ("demoted_blocks", "blocks demoted", ""),
+                ("tokens_per_s", "tokens/s", ".1f"),
+                ("pool_mib", "pool MiB", ".1f"),
+                ("tier_mib", "tier MiB", ".1f"),
+                ("same_tokens", "tokens = no eviction", ".3f"),
+            ],
+        ),
+        "",
+    ]
+    return {"rows": rows}, "\n".join(md)
+
+
 def rag_workload(tok, n_requests: int, needles_per_prompt: int, seed: int):
     """RAG prompts: a header, 4 chunks (Zipf over a corpus; `needles_per_prompt` of them hold a
     magic number), and a question about the first needle."""
@@ -510,6 +584,61 @@ def bench_cachecraft(
     return {"rows": rows}, "\n".join(md)
 
 
+@torch.no_grad()
+def bench_ranking(model, tok, quick: bool) -> tuple[dict, str]:
+    """Which tokens Cache-Craft recomputes: its inter-attention ranking vs a random and a
+    reversed ranking with the same per-chunk budgets (each stored chunk's scores permuted or
+    mirrored, which keeps its CCI), on 4-chunk prompts reused in another order."""
+    rng_seeds = range(3 if quick else 6)
+    rows = []
+    for seed in rng_seeds:
+        rng = random.Random(seed)
+        header = tok.encode("Some special magic numbers are hidden in the text below. Memorize them.\n")
+        chunks = [tok.encode(_text(rng, 2) + " ") for _ in range(4)]
+        question = tok.encode("\nWhat is the magic number? The special magic number is: ")
+        moved = [chunks[i] for i in (3, 1, 0, 2)]
+        ref = model(torch.tensor([header + [t for c in moved for t in c] + question]),
+                    cache=DenseCache(model.config.n_layer), last_only=True)  # fmt: skip
+        for fraction in (0.1, 0.25):
+            row = dict(seed=seed, fraction=fraction)
+            for ranking in ("inter-attention", "random", "reversed"):
+                store = ChunkStore(BlockPool.for_model(model, 256))
+                CacheCraft(model, store, 0.0).prefill(header, chunks, question)
+                g = torch.Generator().manual_seed(seed)
+                for c in store.chunks.values():
+                    if ranking == "random":
+                        c.inter = c.inter[torch.randperm(c.length, generator=g)]
+                    elif ranking == "reversed":
+                        c.inter = c.inter.max() + c.inter.min() - c.inter
+                _, logits, _ = CacheCraft(model, store, fraction).prefill(header, moved, question)
+                row[ranking] = float((logits - ref).abs().max())
+            rows.append(row)
+            print(f"  ranking seed {seed} fraction {fraction}: {row}", flush=True)
+    rankings = ("inter-attention", "random", "reversed")
+    totals = []
+    for f in (0.1, 0.25):
+        some = [r for r in rows if r["fraction"] == f]
+        totals.append(dict(fraction=f, **{k: sum(r[k] for r in some) for k in rankings},
+                           wins=sum(r["inter-attention"] < r["random"] for r in some)))  # fmt: skip
+    md = [
+        f"### Cache-Craft's recompute ranking vs random / reversed ({len(rng_seeds)} prompts of 4 chunks, reused in "
+        "another order; max |dlogit| of the last prompt token vs full recomputation, summed over prompts)",
+        "",
+        table(
+            totals,
+            [
+                ("fraction", "recomputed", ".0%"),
+                ("inter-attention", "inter-attention", ".3f"),
+                ("random", "random", ".3f"),
+                ("reversed", "reversed", ".3f"),
+                ("wins", "prompts where inter-attention < random", ""),
+            ],
+        ),
+        "",
+    ]
+    return {"rows": rows, "totals": totals}, "\n".join(md)
+
+
 def _plot_cachecraft(rows, path: str) -> None:
     import matplotlib
 
@@ -560,6 +689,10 @@ def main() -> None:
             data, md = bench_share(model, tok, args.quick)
         elif section == "batchllm":
             data, md = bench_batchllm(model, tok, args.quick)
+        elif section == "tiers":
+            data, md = bench_tiers(model, tok, args.quick)
+        elif section == "ranking":
+            data, md = bench_ranking(model, tok, args.quick)
         else:
             fractions = None if args.fractions is None else [float(f) for f in args.fractions.split(",")]
             data, md = bench_cachecraft(
