@@ -805,22 +805,25 @@ def test_mpcache_static_eviction_keeps_top_window_attention(model: Transformer) 
             assert_top_set(kept[row][0], scores, protected, max(budget, lengths[row] // 2))
 
 
-def _reference_selection(q, keys, valid, n_sub, alpha, size1, size2, ratio1, similarity="linear", topk="rank"):
+def _reference_selection(
+    q, keys, valid, n_sub, alpha, size1, size2, ratio1, similarity="linear", topk="rank", group="sum"
+):
     """Loop-by-loop MPCache selection for one head: (parents, children) as sets of cluster indices. q: the group's
-    query heads [G, D] (or one query [D])."""
+    query heads [G, D] (or one query [D]); group: "sum" or "max" of the query heads' scores."""
     k = keys[valid]
     q = q.reshape(-1, q.shape[-1])
+    combine = sum if group == "sum" else max
 
     def summaries(size):
         out = []
         for start in range(0, len(k), size):
             hi, lo = k[start : start + size].amax(0), k[start : start + size].amin(0)
-            if similarity == "linear":
-                out.append(float(q.sum(0) @ (alpha * hi + (1 - alpha) * lo)))
-            elif similarity == "exact":  # each query head's best key in the chunk, summed over the heads
-                out.append(float(sum((k[start : start + size] @ qh).max() for qh in q)))
-            else:  # Quest's bound of every query head, summed
-                out.append(float(sum(torch.maximum(qh * hi, qh * lo).sum() for qh in q)))
+            if similarity == "linear":  # each query head's score of the blend (summed: the summed query's score)
+                out.append(float(combine(qh @ (alpha * hi + (1 - alpha) * lo) for qh in q)))
+            elif similarity == "exact":  # each query head's best key in the chunk
+                out.append(float(combine((k[start : start + size] @ qh).max() for qh in q)))
+            else:  # Quest's bound of every query head
+                out.append(float(combine(torch.maximum(qh * hi, qh * lo).sum() for qh in q)))
         return out
 
     def best(scores, candidates, count):
@@ -872,12 +875,21 @@ def test_mpcache_cluster_selection_picks_top_approximate_similarity() -> None:
 
 
 @pytest.mark.parametrize(
-    "similarity,topk", [("linear", "rank"), ("bound", "bucket"), ("bound", "rank"), ("exact", "bucket")]
+    "similarity,topk,group",
+    [
+        ("linear", "rank", "sum"),
+        ("bound", "bucket", "sum"),
+        ("bound", "rank", "sum"),
+        ("exact", "bucket", "sum"),
+        ("linear", "rank", "max"),
+        ("bound", "bucket", "max"),
+        ("exact", "rank", "max"),
+    ],
 )
-def test_mpcache_decode_reads_the_selected_clusters(model: Transformer, similarity: str, topk: str) -> None:
+def test_mpcache_decode_reads_the_selected_clusters(model: Transformer, similarity: str, topk: str, group: str) -> None:
     ids, mask = batch()
     budget = 20
-    knobs = {**SMALL["mpcache"], "own_first": 3, "similarity": similarity, "topk": topk}  # no sharing in 3 layers
+    knobs = {**SMALL["mpcache"], "own_first": 3, "similarity": similarity, "topk": topk, "group": group}
     cache = spy(MPCache, model, budget, **knobs)
 
     def check(step: int) -> None:
@@ -891,8 +903,9 @@ def test_mpcache_decode_reads_the_selected_clusters(model: Transformer, similari
                 for head in range(hkv):
                     valid = snap["valid"][row, head]
                     _, children, _ = _reference_selection(
-                        query[row, head], snap["keys"][row, head], valid, budget // 4, 0.6, 8, 4, 0.5, similarity, topk
-                    )
+                        query[row, head], snap["keys"][row, head], valid, budget // 4, 0.6, 8, 4, 0.5, similarity,
+                        topk, group,
+                    )  # fmt: skip
                     pos = snap["pos"][row, head][valid].tolist()
                     assert len(children) == budget // 4 < -(-len(pos) // 4)  # a real choice among the children
                     expected = {pos[i] for i in range(len(pos)) if i // 4 in children}

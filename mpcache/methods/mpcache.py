@@ -110,19 +110,31 @@ def bound_similarity(split: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
 
 
 SIMILARITIES = ("linear", "bound", "exact")
+GROUPS = ("sum", "max")
 
 
-def exact_similarity(queries: Tensor, keys: Tensor, valid: Tensor, size: int) -> Tensor:
-    """The ablation without approximation: max over each chunk's keys of q . k, summed over the group's query heads:
-    queries [B, H, G, D], keys [B, H, L, D] -> [B, H, C]. Under MPC: the product over every cached key (as full
-    attention's scores) plus a comparison tree per chunk."""
+def exact_similarity(queries: Tensor, keys: Tensor, valid: Tensor, size: int, group: str = "sum") -> Tensor:
+    """The ablation without approximation: max over each chunk's keys of q . k, summed (group "sum") or maxed
+    ("max") over the group's query heads: queries [B, H, G, D], keys [B, H, L, D] -> [B, H, C]. Under MPC: the
+    product over every cached key (as full attention's scores) plus a comparison tree per chunk."""
     scores = torch.einsum("bhgd,bhld->bhlg", queries, keys)
-    return chunk_min_max(scores, valid, size)[0].sum(-1)
+    per_head = chunk_min_max(scores, valid, size)[0]
+    return per_head.sum(-1) if group == "sum" else per_head.amax(-1)
 
 
-def cluster_similarity(queries: Tensor, kmax: Tensor, kmin: Tensor, alpha: float, similarity: str) -> Tensor:
-    """Cluster scores [B, H, C] of a group of queries [B, H, G, D] (the group's sum: both scores are linear in the
-    query, or in its sign split). "exact" needs the keys: see exact_similarity."""
+def cluster_similarity(
+    queries: Tensor, kmax: Tensor, kmin: Tensor, alpha: float, similarity: str, group: str = "sum"
+) -> Tensor:
+    """Cluster scores [B, H, C] of a group of queries [B, H, G, D]. group "sum": the score of the group's summed
+    query (both scores are linear in the query, or in its sign split), one product. "max": every query head scores
+    on its own and the best head counts (a cluster matters if one head needs it, as Quest takes it): G products
+    and G - 1 comparisons per cluster under MPC. "exact" needs the keys: see exact_similarity."""
+    if group == "max":
+        b, h, g, d = queries.shape
+        alone = queries.reshape(b, h * g, 1, d)
+        spread = lambda x: x.repeat_interleave(g, 1)  # noqa: E731  KV head h serves query heads h*g .. h*g + g - 1
+        scores = cluster_similarity(alone, spread(kmax), spread(kmin), alpha, similarity)
+        return scores.unflatten(1, (h, g)).amax(2)
     if similarity == "linear":
         return approx_similarity(queries.sum(2), kmax, kmin, alpha)
     return bound_similarity(sign_split(queries), kmax, kmin)
@@ -166,27 +178,73 @@ def _bucket_levels(
     n_parent: Tensor,
     n_sub: Tensor,
     r: int,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """select_clusters' two levels with bucket_top (per row and head: the public counts may differ per row). The
     first and last cluster are always chosen at both levels; children of unchosen parents are lowered by LIFT. r:
-    children per parent."""
+    children per parent. Returns the chosen parents [B, H, C1] and children [B, H, C2]."""
     b, h, _ = child_scores.shape
+    parents = torch.zeros_like(parent_scores, dtype=torch.bool)
     children = torch.zeros_like(child_scores, dtype=torch.bool)
     for i in range(b):
         for j in range(h):
             n1, n2 = int(nonempty1[i, j].sum()), int(nonempty2[i, j].sum())
-            parents = torch.ones(n1, dtype=torch.bool, device=child_scores.device)
+            parents[i, j, :n1] = True
             if n1 > 2:
-                parents[1:-1] = bucket_top(parent_scores[i, j, 1 : n1 - 1], int(n_parent[i, j]) - 2)
-            eligible = parents.repeat_interleave(r)[:n2]
+                parents[i, j, 1 : n1 - 1] = bucket_top(parent_scores[i, j, 1 : n1 - 1], int(n_parent[i, j]) - 2)
+            eligible = parents[i, j, :n1].repeat_interleave(r)[:n2]
             lowered = child_scores[i, j, :n2] - LIFT * (~eligible).to(child_scores.dtype)
             children[i, j, :n2] = True
             if n2 > 2:
                 children[i, j, 1 : n2 - 1] = bucket_top(lowered[1:-1], int(n_sub[i, j]) - 2)
-    return children
+    return parents, children
 
 
 TOPKS = ("rank", "bucket")
+
+
+def cluster_levels(
+    queries: Tensor,
+    keys: Tensor,
+    valid: Tensor,
+    tokens: Tensor,
+    alpha: float = 0.6,
+    cluster_size: int = 32,
+    subcluster_size: int = 16,
+    ratio1: float = 0.5,
+    similarity: str = "linear",
+    topk: str = "rank",
+    group: str = "sum",
+) -> tuple[Tensor, Tensor]:
+    """Two-level query-aware selection: the chosen parent clusters [B, H, C1] and sub-clusters [B, H, C2] (bool;
+    `select_clusters` turns the sub-clusters into slots).
+
+    queries [B, H, G, D] (the query heads of each KV head); keys [B, H, L, D] with `valid` [B, H, L]; tokens [B]:
+    per-head budget, so budget // subcluster_size (>= 2) sub-clusters are read. topk "rank": the exact top
+    entries at both levels; "bucket": `bucket_top` at both levels. group: how the query heads of a KV head
+    combine their cluster scores (`cluster_similarity`).
+    """
+    b, h = keys.shape[:2]
+    n_sub = (tokens // subcluster_size).clamp(min=2)[:, None].expand(b, h)
+    kmax, kmin, nonempty = chunk_min_max(keys, valid, cluster_size)
+    def score(kmax: Tensor, kmin: Tensor, size: int) -> Tensor:
+        if similarity == "exact":
+            return exact_similarity(queries, keys, valid, size, group)
+        return cluster_similarity(queries, kmax, kmin, alpha, similarity, group)
+
+    parent_scores = force_ends(score(kmax, kmin, cluster_size), nonempty)
+    at_least = -(-(n_sub + 1) // 2)  # enough parents to hold n_sub children
+    n_parent = torch.maximum(at_least, (ratio1 * nonempty.sum(-1)).floor().long())
+    if topk == "bucket":
+        kmax2, kmin2, nonempty2 = chunk_min_max(keys, valid, subcluster_size)
+        child_scores = score(kmax2, kmin2, subcluster_size)
+        n_sub = torch.minimum(n_sub, nonempty2.sum(-1))
+        r = cluster_size // subcluster_size
+        return _bucket_levels(parent_scores, child_scores, nonempty, nonempty2, n_parent, n_sub, r)
+    parents = top_mask(parent_scores, n_parent)
+    kmax, kmin, nonempty = chunk_min_max(keys, valid, subcluster_size)
+    eligible = parents.repeat_interleave(cluster_size // subcluster_size, -1)[..., : nonempty.shape[-1]]
+    child_scores = force_ends(score(kmax, kmin, subcluster_size), nonempty)
+    return parents, top_mask(child_scores.masked_fill(~eligible, float("-inf")), n_sub)
 
 
 def select_clusters(
@@ -200,36 +258,12 @@ def select_clusters(
     ratio1: float = 0.5,
     similarity: str = "linear",
     topk: str = "rank",
+    group: str = "sum",
 ) -> Tensor:
-    """Two-level query-aware selection; returns the slots attention reads [B, H, L] (bool).
-
-    queries [B, H, G, D] (the query heads of each KV head); keys [B, H, L, D] with `valid` [B, H, L]; tokens [B]:
-    per-head budget, so budget // subcluster_size (>= 2) sub-clusters are read. topk "rank": the exact top
-    entries at both levels; "bucket": `bucket_top` at both levels.
-    """
-    b, h = keys.shape[:2]
-    n_sub = (tokens // subcluster_size).clamp(min=2)[:, None].expand(b, h)
-    kmax, kmin, nonempty = chunk_min_max(keys, valid, cluster_size)
-    def score(kmax: Tensor, kmin: Tensor, size: int) -> Tensor:
-        if similarity == "exact":
-            return exact_similarity(queries, keys, valid, size)
-        return cluster_similarity(queries, kmax, kmin, alpha, similarity)
-
-    parent_scores = force_ends(score(kmax, kmin, cluster_size), nonempty)
-    at_least = -(-(n_sub + 1) // 2)  # enough parents to hold n_sub children
-    n_parent = torch.maximum(at_least, (ratio1 * nonempty.sum(-1)).floor().long())
-    if topk == "bucket":
-        kmax2, kmin2, nonempty2 = chunk_min_max(keys, valid, subcluster_size)
-        child_scores = score(kmax2, kmin2, subcluster_size)
-        n_sub = torch.minimum(n_sub, nonempty2.sum(-1))
-        r = cluster_size // subcluster_size
-        children = _bucket_levels(parent_scores, child_scores, nonempty, nonempty2, n_parent, n_sub, r)
-        return chunks_to_slots(children, valid, subcluster_size)
-    parents = top_mask(parent_scores, n_parent)
-    kmax, kmin, nonempty = chunk_min_max(keys, valid, subcluster_size)
-    eligible = parents.repeat_interleave(cluster_size // subcluster_size, -1)[..., : nonempty.shape[-1]]
-    child_scores = force_ends(score(kmax, kmin, subcluster_size), nonempty)
-    children = top_mask(child_scores.masked_fill(~eligible, float("-inf")), n_sub)
+    """The slots [B, H, L] (bool) of the sub-clusters `cluster_levels` chooses: what attention reads."""
+    _, children = cluster_levels(
+        queries, keys, valid, tokens, alpha, cluster_size, subcluster_size, ratio1, similarity, topk, group
+    )
     return chunks_to_slots(children, valid, subcluster_size)
 
 
@@ -253,6 +287,7 @@ class MPCacheKnobs:
     alpha: float = 0.6  # blend of the linearised similarity: alpha r_max + (1 - alpha) r_min
     similarity: str = "bound"  # "bound" (Quest's box bound via the sign split) or "linear" (the paper's blend)
     topk: str = "bucket"  # "bucket" (best of k strided buckets: linear cost) or "rank" (exact top-k, the paper)
+    group: str = "sum"  # query heads of a KV head: "sum" their cluster scores (the paper) or take the "max"
     cluster_size: int = 32  # parent clusters (tokens)
     subcluster_size: int = 16  # child clusters (tokens): the unit attention reads
     ratio1: float = 0.5  # share of parents kept at level 1
@@ -282,6 +317,8 @@ class MPCacheKnobs:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.topk not in TOPKS:
             raise ValueError(f"topk must be one of {TOPKS}, got {self.topk!r}")
+        if self.group not in GROUPS:
+            raise ValueError(f"group must be one of {GROUPS}, got {self.group!r}")
         if self.subcluster_size < 1 or self.cluster_size % self.subcluster_size:
             raise ValueError(
                 f"cluster_size ({self.cluster_size}) must be a multiple of subcluster_size ({self.subcluster_size})"
@@ -391,5 +428,6 @@ class MPCache(PolicyCache):
                 k.ratio1,
                 k.similarity,
                 k.topk,
+                k.group,
             )
         self.selected[layer] = mask_to_index(mask | (entry.valid & fits[..., None]))
