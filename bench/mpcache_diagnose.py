@@ -19,7 +19,7 @@ attention read (with cross-layer sharing an odd layer reads the even layer's):
 
 It prints the survival rates over the (step, layer, head) cells that need the target, per stage and per layer,
 and the teacher-forced probability of each correct digit under both caches. The prefill is recorded once per
-prompt (bench.prefill_replay) and shared by every run of the script.
+prompt and kept in --store (mpcache.methods.shared_prefill.PrefillStore), shared with bench.mpcache_real.
 """
 
 from __future__ import annotations
@@ -34,11 +34,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.prefill_replay import PrefillStore, replay_prefill
-from mpcache.eval.runner import load_model, parse_budget
-from mpcache.eval.tasks import make_samples
-from mpcache.methods.base import chunk_ids, chunk_min_max, group_queries, mask_to_index, resolve_budget, top_mask
+from mpcache.eval.runner import load_model, parse_budget, prompt_text, task_samples
+from mpcache.methods.base import (
+    chunk_ids,
+    chunk_min_max,
+    chunks_to_slots,
+    group_queries,
+    mask_to_index,
+    resolve_budget,
+    top_mask,
+)
 from mpcache.methods.mpcache import MPCache, cluster_levels, cluster_similarity, exact_similarity
+from mpcache.methods.shared_prefill import PrefillRecord, PrefillStore, replay_prefill
 from mpcache.model.cache import KVCache
 from mpcache.model.transformer import Transformer, attention_probs
 
@@ -78,6 +85,7 @@ class MPCacheProbe(MPCache):
 
     targets: list[int]
     log: list[dict[str, Any]]
+    own_picks: dict[int, list[set[int]]] = {}  # this step's own choice (positions per KV head) of the last layers
 
     def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
         super().observe(layer, queries, query_positions)
@@ -106,10 +114,16 @@ class MPCacheProbe(MPCache):
         ids1 = chunk_ids(entry.valid, k.cluster_size)
         ids2 = chunk_ids(entry.valid, k.subcluster_size)
         attention = target_attention(queries, entry, query_positions, self.targets)
+        own = chunks_to_slots(children, entry.valid, k.subcluster_size)
+        picked = [set(entry.positions[0, h][own[0, h]].tolist()) for h in range(own.shape[1])]
+        before = self.own_picks.get(layer - 1)
+        self.own_picks = {layer: picked} | ({} if layer == 0 else {layer - 1: before})
         for h in range(entry.keys.shape[1]):
             slots = hit[0, h].nonzero().flatten()
             cell: dict[str, Any] = {"layer": layer, "head": h, "static": bool(len(slots))}
             cell["attn_kept"] = float(attention[h])
+            if before is not None:  # adjacent layers' own choices: the share of this one the previous one also read
+                cell["overlap_prev"] = len(picked[h] & before[h]) / max(len(picked[h]), 1)
             if len(slots):
                 c1, c2 = ids1[0, h, slots], ids2[0, h, slots]
                 valid_children = int((ids2[0, h] >= 0).any()) and int(ids2[0, h].max()) + 1
@@ -175,11 +189,14 @@ class OracleMPCache(MPCache):
 
 
 @torch.no_grad()
-def teacher_forced(model: Transformer, cache: KVCache, prefill, answer: list[int], targets: list[list[int]]) -> list:
+def teacher_forced(
+    model: Transformer, cache: KVCache, prefill: tuple[PrefillRecord, Tensor], answer: list[int], targets: list
+) -> list[float]:
     """Feed the correct answer; returns the probability of each answer token. Sets cache.targets per step."""
-    logits = replay_prefill(prefill, cache)
+    record, logits = prefill
+    replay_prefill(cache, record)
     probs = [float(logits[0, -1].softmax(-1)[answer[0]])]
-    position = prefill.length
+    position = cache.seen_tokens
     for j in range(1, len(answer)):
         cache.targets = targets[j]
         token, at = torch.tensor([[answer[j - 1]]]), torch.tensor([[position]])
@@ -192,13 +209,12 @@ def teacher_forced(model: Transformer, cache: KVCache, prefill, answer: list[int
 def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = load_model(args.model)
     store = PrefillStore(args.store)
-    count = lambda text: len(tok.encode(text, add_bos=False))
     cells, steps = [], []
     for task in args.tasks:
         for length in args.lengths:
-            for index, sample in enumerate(make_samples(task, length, args.samples, count, seed=args.seed)):
+            for index, sample in enumerate(task_samples(tok, task, length, args.samples, seed=args.seed)):
                 start = time.perf_counter()
-                prompt, answer = tok.encode(sample.prompt), tok.encode(sample.answer, add_bos=False)
+                prompt, answer = tok.encode(prompt_text(tok, sample)), tok.encode(sample.answer, add_bos=False)
                 targets = needle_positions(prompt, answer)
                 prefill = store.get(model, torch.tensor([prompt]))
                 full = FullProbe(model.config.n_layer)
@@ -244,6 +260,10 @@ def summary(result: dict[str, Any], threshold: float, n_layer: int) -> str:
             stages = ("static", "level1", "level2", "read")
             rates = " / ".join(f"{sum(c[s] for c in mine) / len(mine):.2f}" for s in stages)
             lines.append(f"  layer {layer:2d} ({len(mine):3d}): {rates}")
+    overlap = [[c["overlap_prev"] for c in result["cells"] if c["layer"] == layer and "overlap_prev" in c]
+               for layer in range(n_layer)]  # fmt: skip
+    lines.append("overlap of each layer's own choice with the previous layer's (all cells), layers 1..:")
+    lines.append("  " + " ".join(f"{sum(o) / len(o):.2f}" if o else "-" for o in overlap[1:]))
     probs_full = [p for s in result["steps"] for p in s["full_probs"][1:]]
     probs_mp = [p for s in result["steps"] for p in s["mpcache_probs"][1:]]
     lines.append(f"mean P(correct digit), steps >= 1: full {sum(probs_full) / len(probs_full):.2f}, "
@@ -257,21 +277,20 @@ def static_sweep(args: argparse.Namespace, variants: dict[str, dict[str, Any]]) 
     the prompts' attention is replayed (no decoding), so many variants cost little."""
     model, tok = load_model(args.model)
     store = PrefillStore(args.store)
-    count = lambda text: len(tok.encode(text, add_bos=False))
     cells = [c for c in json.loads(args.cells.read_text())["cells"] if c["full"] >= args.head_threshold]
     kept = {name: [] for name in variants}
     for task in args.tasks:
         for length in args.lengths:
-            for index, sample in enumerate(make_samples(task, length, args.samples, count, seed=args.seed)):
+            for index, sample in enumerate(task_samples(tok, task, length, args.samples, seed=args.seed)):
                 mine = [c for c in cells if (c["task"], c["length"], c["sample"]) == (task, length, index)]
                 if not mine:
                     continue
-                prompt, answer = tok.encode(sample.prompt), tok.encode(sample.answer, add_bos=False)
+                prompt, answer = tok.encode(prompt_text(tok, sample)), tok.encode(sample.answer, add_bos=False)
                 targets = needle_positions(prompt, answer)
                 prefill = store.get(model, torch.tensor([prompt]))
                 for name, options in variants.items():
                     cache = MPCache(model.config.n_layer, args.budget, **{**args.method_kwargs, **options})
-                    replay_prefill(prefill, cache)
+                    replay_prefill(cache, prefill[0])
                     for c in mine:
                         entry = cache.layers[c["layer"]]
                         assert entry is not None

@@ -1,4 +1,4 @@
-"""MPCache variants and baselines on a real model, each prompt prefilled once (bench.prefill_replay).
+"""MPCache variants and baselines on a real model, each prompt prefilled once for all of them and all runs.
 
     python -m bench.mpcache_real --model smollm2 --variants full,quest,mpcache,mpcache:paper \\
         --tasks passkey,niah --lengths 1024,2048 --samples 10 --budgets 0.1 --store /tmp/prefills \\
@@ -6,8 +6,8 @@
 
 A variant is a name from VARIANTS (a method and its options) or `method:{"json": "options"}`; rows are labelled
 with the variant's name. Accuracy is exact match of greedy decoding, as bench.accuracy measures it (the same
-`evaluate`, batch size 1). Every prompt's full-cache prefill is recorded in --store on first use and replayed
-for every variant, so a variant costs only its decoding; the store may be shared by several runs.
+`evaluate_many`): every prompt's prefill is recorded once (mpcache.methods.shared_prefill), kept in --store and
+replayed into every variant, so a variant costs only its decoding, in this run and in later ones.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from bench.accuracy import budget_list, comma_list, format_markdown, format_table, length_list, plot
-from bench.prefill_replay import PrefillStore
-from mpcache.eval.runner import evaluate, load_model
+from mpcache.eval.runner import MethodSpec, evaluate_many, load_model
 from mpcache.methods import METHODS
+from mpcache.methods.shared_prefill import PrefillStore
 
 # name -> (method, options). The MPCache rows ablate one knob at a time from the defaults (or the paper preset).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -58,30 +58,25 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     METHODS.setdefault(OracleMPCache.name, OracleMPCache)  # the diagnostic upper bound, by name in this bench only
     model, tokenizer = load_model(args.model)
     store = PrefillStore(args.store)
-    rows = []
+    specs, labels = [], []
     for label, method, options in args.variants:
         for budget in [None] if method == "full" else args.budgets:
+            specs.append(MethodSpec(method, budget, options or None))
+            labels.append(label)
+    rows = []
+    for task in args.tasks:  # one task and length at a time, so partial results are written as they come
+        for length in args.lengths:
             start = time.perf_counter()
-            found = evaluate(
-                model,
-                tokenizer,
-                method,
-                budget,
-                tasks=args.tasks,
-                lengths=args.lengths,
-                samples=args.samples,
-                seed=args.seed,
-                batch_size=1,
-                method_kwargs=options,
-                generate_fn=store.generate_fn(),
-                progress=False,
-            )
-            for row in found:
-                row["method"], row["options"] = label, options
+            found = evaluate_many(
+                model, tokenizer, specs, tasks=[task], lengths=[length], samples=args.samples, seed=args.seed,
+                batch_size=args.batch_size, progress=False, prefill_store=store,
+            )  # fmt: skip
+            for row, label, spec in zip(found, labels, specs):
+                row["method"], row["options"] = label, spec.options or {}
+                print(f"{label} @{row['budget']} {task}@{length}: {row['accuracy']:.2f} ({row['seconds']:.0f} s)")
             rows += found
-            summary = ", ".join(f"{r['task']}@{r['context_len']} {r['accuracy']:.2f}" for r in found)
-            print(f"{label} @{budget}: {summary} ({time.perf_counter() - start:.0f} s)", flush=True)
-            if args.json is not None:  # partial results survive an interrupted run
+            print(f"-- {task}@{length}: {time.perf_counter() - start:.0f} s", flush=True)
+            if args.json is not None:
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
@@ -96,6 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--budgets", type=budget_list, default=[0.1])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per batch and stored prefill record "
+                        "(1: the records bench.mpcache_diagnose reads too)")
     parser.add_argument("--store", type=Path, required=True, help="folder of recorded prefills (shared by runs)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     start = time.perf_counter()
     rows = run(args)
     print(format_table(rows))
-    print(f"({time.perf_counter() - start:.0f} s, {PrefillStore(args.store).folder} holds the prefills)")
+    print(f"({time.perf_counter() - start:.0f} s; {args.store} holds the prefills)")
     if args.markdown is not None:
         args.markdown.write_text(format_markdown(rows))
     if args.plot is not None and len(args.budgets) > 1:

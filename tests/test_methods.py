@@ -779,30 +779,41 @@ def test_mikv_balancer_tames_key_outlier_channels() -> None:
     assert logit_error(b) < 0.5 * logit_error(torch.ones_like(b))
 
 
-def test_mpcache_static_eviction_keeps_top_window_attention(model: Transformer) -> None:
+@pytest.mark.parametrize("window_queries,static_heads", [(0, "layer"), (5, "layer"), (0, "kv"), (3, "kv")])
+def test_mpcache_static_eviction_keeps_top_window_attention(
+    model: Transformer, window_queries: int, static_heads: str
+) -> None:
     ids, mask = batch()
     budget, sink, window = 10, 4, 4
     pool = 5  # each slot's vote is summed with its 2 neighbours on either side
-    cache = spy(MPCache, model, budget, **{**SMALL["mpcache"], "own_first": 3, "static_pool": pool})
+    knobs = {"own_first": 3, "static_pool": pool, "window_queries": window_queries, "static_heads": static_heads}
+    cache = spy(MPCache, model, budget, **{**SMALL["mpcache"], **knobs})
     run(model, cache, ids, mask, steps=0)
     lengths = mask.sum(-1).tolist()
     for layer, seen in enumerate(cache.seen):
         snap = seen[0]
         kept = kept_positions(cache, layer)
+        hkv = snap["keys"].shape[1]
         for row in range(2):
-            w = int(0.2 * lengths[row])  # the row's last 20% of prompt queries vote
+            w = int(0.2 * lengths[row])  # the row's last 20% of prompt queries vote ...
+            w = min(w, window_queries) if window_queries else w  # ... or at most window_queries of them
             probs = manual_probs(
                 snap["q"][:, :, -w:], snap["keys"], positions_of(mask)[:, -w:], snap["pos"], snap["valid"]
             )
-            votes = probs.mean((1, 2)).sum(1)  # [B, L]: head-averaged, summed over the window
+            if static_heads == "layer":  # head-averaged, summed over the window: one keep-set for the layer
+                votes = probs.mean((1, 2)).sum(1)[:, None].expand(-1, hkv, -1)
+            else:  # averaged over each KV head's query heads: a keep-set per KV head
+                votes = probs.mean(2).sum(2)
             r = pool // 2
-            score = torch.stack([votes[:, max(i - r, 0) : i + r + 1].sum(-1) for i in range(votes.shape[-1])], -1)
-            valid = snap["valid"][row, 0]
-            pos = snap["pos"][row, 0][valid].tolist()
-            scores = dict(zip(pos, score[row][valid].tolist(), strict=True))
-            protected = set(pos[:sink]) | set(pos[-window:])
-            assert all(h == kept[row][0] for h in kept[row])  # one keep-set per layer
-            assert_top_set(kept[row][0], scores, protected, max(budget, lengths[row] // 2))
+            score = torch.stack([votes[..., max(i - r, 0) : i + r + 1].sum(-1) for i in range(votes.shape[-1])], -1)
+            for head in range(hkv):
+                valid = snap["valid"][row, head]
+                pos = snap["pos"][row, head][valid].tolist()
+                scores = dict(zip(pos, score[row, head][valid].tolist(), strict=True))
+                protected = set(pos[:sink]) | set(pos[-window:])
+                assert_top_set(kept[row][head], scores, protected, max(budget, lengths[row] // 2))
+            if static_heads == "layer":
+                assert all(h == kept[row][0] for h in kept[row])  # one keep-set per layer
 
 
 def _reference_selection(

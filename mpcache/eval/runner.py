@@ -34,7 +34,13 @@ from mpcache.eval.tasks import TASKS, Sample, exact_match, make_samples
 from mpcache.generate import CacheFactory, continue_generation, prompt_positions, stream_generate
 from mpcache.methods import make_policy
 from mpcache.methods.base import Budget, check_budget, resolve_budget
-from mpcache.methods.shared_prefill import PrefillRecord, needs_hidden, replay_prefill, shares_prefill
+from mpcache.methods.shared_prefill import (
+    PrefillStore,
+    needs_hidden,
+    record_prefill,
+    replay_prefill,
+    shares_prefill,
+)
 from mpcache.model.cache import KVCache
 from mpcache.model.tokenizer import Tokenizer
 from mpcache.model.transformer import Transformer
@@ -289,19 +295,21 @@ def evaluate_many_samples(
     generate_fn: GenerateFn = stream_generate,
     share_prefill: bool = True,
     progress: tqdm | None = None,
+    prefill_store: PrefillStore | None = None,
 ) -> tuple[list[Evaluated], float]:
     """Greedy-decode every sample with every spec and score it by exact match.
 
     With `share_prefill`, each batch's prompt is prefilled once (`PrefillRecord`) and every
     spec whose cache `shares_prefill` (when two or more do) starts from a replay of it; the
     others (and every spec when a custom `generate_fn` stands in for `stream_generate`, as
-    tests' oracles do) prefill themselves. Returns per spec its results and own seconds (replay + decode, or its own
-    prefill + decode), and the seconds of the shared prefills."""
+    tests' oracles do) prefill themselves. `prefill_store`: shared prefills are read from / written to this disk
+    store (then even one spec replays). Returns per spec its results and own seconds (replay + decode, or its own
+    prefill + decode), and the seconds of the shared prefills (or of loading them)."""
     specs = [spec.checked() for spec in specs]
     policies = [spec.policy() for spec in specs]
     caches = [policy(model) if policy is not None else KVCache(model.config.n_layer) for policy in policies]
     sharing = [share_prefill and generate_fn is stream_generate and shares_prefill(c) for c in caches]
-    if sum(sharing) < 2:  # nothing to share: every spec prefills itself, as a single method always did
+    if sum(sharing) < 2 and prefill_store is None:  # nothing to share: every spec prefills itself
         sharing = [False] * len(specs)
     keep_hidden = any(needs_hidden(c) for c, shared in zip(caches, sharing) if shared)
     del caches
@@ -312,12 +320,11 @@ def evaluate_many_samples(
         record = logits = next_position = None
         if any(sharing):
             start = time.perf_counter()
-            record = PrefillRecord(model.config.n_layer, keep_hidden)
-            positions, next_position = prompt_positions(batch.input_ids, batch.mask)
-            with torch.no_grad():
-                logits = model(batch.input_ids, cache=record, positions=positions, attention_mask=batch.mask,
-                               last_only=True)  # fmt: skip
-            record.release()
+            _, next_position = prompt_positions(batch.input_ids, batch.mask)
+            if prefill_store is not None:
+                record, logits = prefill_store.get(model, batch.input_ids, batch.mask, keep_hidden)
+            else:
+                record, logits = record_prefill(model, batch.input_ids, batch.mask, keep_hidden)
             prefill_seconds += time.perf_counter() - start
         for spec, policy, done in zip(specs, policies, out):
             start = time.perf_counter()
@@ -378,6 +385,7 @@ def evaluate_many(
     generate_fn: GenerateFn = stream_generate,
     share_prefill: bool = True,
     progress: bool = True,
+    prefill_store: PrefillStore | None = None,
 ) -> list[dict[str, Any]]:
     """Rows {method, task, context_len, budget, accuracy, samples, seconds, shared_prefill_seconds,
     cache_tokens, cache_bytes, full_cache_bytes} for every spec (outer), task and length, all
@@ -398,7 +406,7 @@ def evaluate_many(
             bar.set_postfix(task=task, len=length)
             group = task_samples(tokenizer, task, length, samples, seed=seed)
             done, prefill = evaluate_many_samples(
-                model, tokenizer, group, specs, batch_size, margin, generate_fn, share_prefill, bar
+                model, tokenizer, group, specs, batch_size, margin, generate_fn, share_prefill, bar, prefill_store
             )
             for spec, evaluated, mine in zip(specs, done, rows):
                 results = evaluated.results

@@ -70,15 +70,19 @@ from mpcache.methods.base import (
 
 
 def observation_window(
-    prompt_length: int, ratio: float = 0.2, long_prompt: int = 24_000, long_ratio: float = 0.1
+    prompt_length: int, ratio: float = 0.2, long_prompt: int = 24_000, long_ratio: float = 0.1, most: int = 0
 ) -> int:
-    """Number of the prompt's last queries that vote in static eviction (>= 1)."""
-    return max(1, int(prompt_length * (long_ratio if prompt_length > long_prompt else ratio)))
+    """Number of the prompt's last queries that vote in static eviction (>= 1): a share of the prompt, at most
+    `most` queries when `most` > 0 (a public count either way)."""
+    w = max(1, int(prompt_length * (long_ratio if prompt_length > long_prompt else ratio)))
+    return min(w, most) if most > 0 else w
 
 
-def static_scores(received: Tensor) -> Tensor:
-    """Head-averaged attention [B, L] from the window's attention summed per head [B, Hkv, G, L]."""
-    return received.mean((1, 2))
+def static_scores(received: Tensor, per_head: bool = False) -> Tensor:
+    """Head-averaged attention [B, L] from the window's attention summed per head [B, Hkv, G, L] (one keep-set per
+    layer), or with `per_head` averaged over each KV head's query heads only, [B, Hkv, L] (a keep-set per KV
+    head)."""
+    return received.mean(2) if per_head else received.mean((1, 2))
 
 
 def window_sum(scores: Tensor, kernel: int) -> Tensor:
@@ -200,6 +204,7 @@ def _bucket_levels(
 
 
 TOPKS = ("rank", "bucket")
+STATIC_HEADS = ("layer", "kv")
 
 
 def cluster_levels(
@@ -281,6 +286,8 @@ class MPCacheKnobs:
 
     static_ratio: float = 0.5  # prompt share kept by look-once static eviction (at least the budget)
     window_ratio: float = 0.2  # share of the prompt's last queries that vote in static eviction
+    window_queries: int = 0  # at most this many of them vote (0: no cap)
+    static_heads: str = "layer"  # one static keep-set per "layer" (the paper) or per "kv" head
     static_pool: int = 15  # votes summed over this many neighbouring slots (odd; the paper: 1, per token)
     long_prompt: int = 24_000  # above this prompt length the window share is long_window_ratio
     long_window_ratio: float = 0.1
@@ -327,6 +334,10 @@ class MPCacheKnobs:
             raise ValueError("own_first, own_last, sink and window must be >= 0")
         if self.static_pool < 1 or self.static_pool % 2 == 0:
             raise ValueError(f"static_pool must be an odd int >= 1, got {self.static_pool}")
+        if self.window_queries < 0:
+            raise ValueError(f"window_queries must be >= 0, got {self.window_queries}")
+        if self.static_heads not in STATIC_HEADS:
+            raise ValueError(f"static_heads must be one of {STATIC_HEADS}, got {self.static_heads!r}")
         if self.long_prompt < 1:
             raise ValueError(f"long_prompt must be >= 1, got {self.long_prompt}")
 
@@ -375,7 +386,7 @@ class MPCache(PolicyCache):
         k = self.knobs
         windows = torch.tensor(
             [
-                observation_window(int(n), k.window_ratio, k.long_prompt, k.long_window_ratio)
+                observation_window(int(n), k.window_ratio, k.long_prompt, k.long_window_ratio, k.window_queries)
                 for n in self.prompt_lengths.tolist()
             ],
             device=queries.device,
@@ -383,8 +394,8 @@ class MPCache(PolicyCache):
         w = min(int(windows.max()), queries.shape[2])
         own = torch.arange(w, device=queries.device) >= w - windows[:, None]  # [B, W]: each row's own window
         received = self.attention_received(layer, queries, query_positions, last=w, weights=own.float())
-        pooled = window_sum(static_scores(received), k.static_pool)
-        return pooled[:, None, :].expand(-1, received.shape[1], -1)
+        pooled = window_sum(static_scores(received, k.static_heads == "kv"), k.static_pool)
+        return pooled if pooled.dim() == 3 else pooled[:, None, :].expand(-1, received.shape[1], -1)
 
     def compress(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
         source = self.shared_from.get(layer)

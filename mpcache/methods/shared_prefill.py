@@ -20,14 +20,21 @@ what the prefill's attention reads (`timing="before"`, a subset or a dequantized
 says so, and `replay_prefill` checks, layer by layer, that attention would have read the
 untouched stored layer. `tests/test_shared_prefill.py` checks that every
 method claiming to share gives exactly the tokens and cache of its own prefill.
+
+`PrefillStore` keeps records on disk, so runs over the same prompts (ablations, reruns of a
+table) prefill each prompt once in all: `bench.accuracy --prefill-store DIR`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import torch
 from torch import Tensor
 
+from mpcache.generate import prompt_positions
 from mpcache.model.cache import KVCache, LayerKV
 
 
@@ -78,6 +85,18 @@ class PrefillRecord(KVCache):
         self.layers = [None] * len(self.layers)
 
 
+@torch.no_grad()
+def record_prefill(
+    model: torch.nn.Module, input_ids: Tensor, mask: Tensor | None = None, keep_hidden: bool = False
+) -> tuple[PrefillRecord, Tensor]:
+    """Prefill `input_ids` [B, T] (left padding marked 0 in `mask`) once: the record and the last logits [B, 1, V]."""
+    record = PrefillRecord(model.config.n_layer, keep_hidden)
+    positions, _ = prompt_positions(input_ids, mask)
+    logits = model(input_ids, cache=record, positions=positions, attention_mask=mask, last_only=True)
+    record.release()
+    return record, logits
+
+
 def shares_prefill(cache: KVCache) -> bool:
     """Whether `cache` can start from a recorded prefill instead of running its own: its class
     says so, it acts after attention, and it does not compute the prefill's attention itself (`attend`,
@@ -122,3 +141,62 @@ def replay_prefill(cache: KVCache, record: PrefillRecord) -> None:
             )
         cache.after_attention(layer, call.queries, positions)
     cache.seen_tokens = int(positions.max()) + 1
+
+
+class PrefillStore:
+    """Prefill records and their last logits on disk, one file per prompt batch (named by a hash of the model's
+    config, its first weights and the input), written once and read by every later run over the same prompts.
+    A record kept without hidden states is recomputed when a method needs them."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.loaded = self.saved = 0
+
+    def path(self, model: torch.nn.Module, input_ids: Tensor, mask: Tensor | None) -> Path:
+        digest = hashlib.sha1(repr(getattr(model, "config", None)).encode())
+        first = next(model.parameters()).detach().flatten()[:64]
+        for tensor in (first, input_ids, mask if mask is not None else torch.ones_like(input_ids)):
+            digest.update(tensor.cpu().contiguous().numpy().tobytes())
+        return self.folder / f"{digest.hexdigest()[:24]}.pt"
+
+    def get(
+        self, model: torch.nn.Module, input_ids: Tensor, mask: Tensor | None = None, keep_hidden: bool = False
+    ) -> tuple[PrefillRecord, Tensor]:
+        """(record, logits) of this prompt batch: loaded when stored, else recorded and stored."""
+        stored = self.load(model, input_ids, mask, keep_hidden)
+        if stored is not None:
+            return stored
+        record, logits = record_prefill(model, input_ids, mask, keep_hidden)
+        self.save(model, input_ids, mask, record, logits)
+        return record, logits
+
+    def load(
+        self, model: torch.nn.Module, input_ids: Tensor, mask: Tensor | None, keep_hidden: bool
+    ) -> tuple[PrefillRecord, Tensor] | None:
+        """(record, logits [B, 1, V]) when stored (with hidden states if `keep_hidden`), else None."""
+        path = self.path(model, input_ids, mask)
+        if not path.exists():
+            return None
+        saved = torch.load(path, weights_only=True)
+        if keep_hidden and not saved["keep_hidden"]:
+            return None
+        record = PrefillRecord(len(saved["calls"]), saved["keep_hidden"])
+        record.calls = [LayerCall(**call) for call in saved["calls"]]
+        record.positions, record.valid = saved["positions"], saved["valid"]
+        self.loaded += 1
+        return record, saved["logits"]
+
+    def save(
+        self, model: torch.nn.Module, input_ids: Tensor, mask: Tensor | None, record: PrefillRecord, logits: Tensor
+    ) -> None:
+        calls = [asdict(call) for call in record.calls if call is not None]
+        if len(calls) != len(record.calls):
+            raise ValueError("the PrefillRecord holds no complete prefill")
+        saved = {"calls": calls, "positions": record.positions, "valid": record.valid, "logits": logits,
+                 "keep_hidden": record.keep_hidden}  # fmt: skip
+        path = self.path(model, input_ids, mask)
+        partial = path.with_suffix(".part")
+        torch.save(saved, partial)
+        partial.replace(path)  # a run killed mid-write leaves no truncated record
+        self.saved += 1
