@@ -108,9 +108,9 @@ class MPCacheProbe(MPCache):
             index, count = chosen
             used = torch.arange(index.shape[-1]) < count[..., None]
             read.scatter_(2, index, used)
-        kmax, kmin, _ = chunk_min_max(entry.keys, entry.valid, k.subcluster_size)
-        child_scores = cluster_similarity(grouped, kmax, kmin, k.alpha, k.similarity, k.group)
-        exact = exact_similarity(grouped, entry.keys, entry.valid, k.subcluster_size, k.group)
+        kmax, kmin, nonempty = chunk_min_max(entry.keys, entry.valid, k.subcluster_size)
+        child_scores = cluster_similarity(grouped, kmax, kmin, k.alpha, k.similarity, k.group, nonempty)
+        exact = exact_similarity(grouped, entry.keys, entry.valid, k.subcluster_size, k.group, nonempty)
         ids1 = chunk_ids(entry.valid, k.cluster_size)
         ids2 = chunk_ids(entry.valid, k.subcluster_size)
         attention = target_attention(queries, entry, query_positions, self.targets)

@@ -823,19 +823,23 @@ def _reference_selection(
     query heads [G, D] (or one query [D]); group: "sum" or "max" of the query heads' scores."""
     k = keys[valid]
     q = q.reshape(-1, q.shape[-1])
-    combine = sum if group == "sum" else max
 
     def summaries(size):
-        out = []
+        heads = []  # per cluster: each query head's score
         for start in range(0, len(k), size):
             hi, lo = k[start : start + size].amax(0), k[start : start + size].amin(0)
             if similarity == "linear":  # each query head's score of the blend (summed: the summed query's score)
-                out.append(float(combine(qh @ (alpha * hi + (1 - alpha) * lo) for qh in q)))
+                heads.append([float(qh @ (alpha * hi + (1 - alpha) * lo)) for qh in q])
             elif similarity == "exact":  # each query head's best key in the chunk
-                out.append(float(combine((k[start : start + size] @ qh).max() for qh in q)))
+                heads.append([float((k[start : start + size] @ qh).max()) for qh in q])
             else:  # Quest's bound of every query head
-                out.append(float(combine(torch.maximum(qh * hi, qh * lo).sum() for qh in q)))
-        return out
+                heads.append([float(torch.maximum(qh * hi, qh * lo).sum()) for qh in q])
+        if group == "sum":
+            return [sum(h) for h in heads]
+        if group == "centered":  # each head's score below its own best cluster's
+            peaks = [max(h[g] for h in heads) for g in range(len(q))]
+            heads = [[v - p for v, p in zip(h, peaks)] for h in heads]
+        return [max(h) for h in heads]
 
     def best(scores, candidates, count):
         if topk == "rank":
@@ -895,6 +899,9 @@ def test_mpcache_cluster_selection_picks_top_approximate_similarity() -> None:
         ("linear", "rank", "max"),
         ("bound", "bucket", "max"),
         ("exact", "rank", "max"),
+        ("bound", "bucket", "centered"),
+        ("linear", "rank", "centered"),
+        ("exact", "bucket", "centered"),
     ],
 )
 def test_mpcache_decode_reads_the_selected_clusters(model: Transformer, similarity: str, topk: str, group: str) -> None:

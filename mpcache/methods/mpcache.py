@@ -114,31 +114,55 @@ def bound_similarity(split: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
 
 
 SIMILARITIES = ("linear", "bound", "exact")
-GROUPS = ("sum", "max")
+GROUPS = ("sum", "max", "centered")
 
 
-def exact_similarity(queries: Tensor, keys: Tensor, valid: Tensor, size: int, group: str = "sum") -> Tensor:
-    """The ablation without approximation: max over each chunk's keys of q . k, summed (group "sum") or maxed
-    ("max") over the group's query heads: queries [B, H, G, D], keys [B, H, L, D] -> [B, H, C]. Under MPC: the
-    product over every cached key (as full attention's scores) plus a comparison tree per chunk."""
+def combine_heads(scores: Tensor, group: str, nonempty: Tensor) -> Tensor:
+    """One score per cluster [B, H, C] from each query head's [B, H, G, C]: "sum", "max" (a cluster matters if one
+    head needs it, as Quest takes it), or "centered": the max over heads of each head's score minus that head's
+    best score over the non-empty clusters `nonempty` [B, H, C], so heads of different logit scales compete on
+    how close a cluster comes to their own best (each head's best cluster scores 0). Under MPC "max" costs G - 1
+    comparisons per cluster, "centered" another C per head."""
+    if group == "sum":
+        return scores.sum(2)
+    if group == "centered":
+        peak = scores.masked_fill(~nonempty[:, :, None], float("-inf")).amax(-1, keepdim=True)
+        scores = scores - peak.clamp(min=torch.finfo(scores.dtype).min)
+    return scores.amax(2)
+
+
+def exact_similarity(
+    queries: Tensor, keys: Tensor, valid: Tensor, size: int, group: str = "sum", nonempty: Tensor | None = None
+) -> Tensor:
+    """The ablation without approximation: max over each chunk's keys of q . k per query head, combined over the
+    group's heads (`combine_heads`): queries [B, H, G, D], keys [B, H, L, D] -> [B, H, C]. Under MPC: the product
+    over every cached key (as full attention's scores) plus a comparison tree per chunk."""
     scores = torch.einsum("bhgd,bhld->bhlg", queries, keys)
-    per_head = chunk_min_max(scores, valid, size)[0]
-    return per_head.sum(-1) if group == "sum" else per_head.amax(-1)
+    per_head, _, chunks = chunk_min_max(scores, valid, size)
+    return combine_heads(per_head.transpose(-1, -2), group, chunks if nonempty is None else nonempty)
 
 
 def cluster_similarity(
-    queries: Tensor, kmax: Tensor, kmin: Tensor, alpha: float, similarity: str, group: str = "sum"
+    queries: Tensor,
+    kmax: Tensor,
+    kmin: Tensor,
+    alpha: float,
+    similarity: str,
+    group: str = "sum",
+    nonempty: Tensor | None = None,
 ) -> Tensor:
     """Cluster scores [B, H, C] of a group of queries [B, H, G, D]. group "sum": the score of the group's summed
-    query (both scores are linear in the query, or in its sign split), one product. "max": every query head scores
-    on its own and the best head counts (a cluster matters if one head needs it, as Quest takes it): G products
-    and G - 1 comparisons per cluster under MPC. "exact" needs the keys: see exact_similarity."""
-    if group == "max":
+    query (both scores are linear in the query, or in its sign split), one product. Otherwise every query head
+    scores on its own (G products) and `combine_heads` combines them; "centered" needs the clusters' `nonempty`
+    [B, H, C]. "exact" needs the keys: see exact_similarity."""
+    if group != "sum":
         b, h, g, d = queries.shape
         alone = queries.reshape(b, h * g, 1, d)
         spread = lambda x: x.repeat_interleave(g, 1)  # noqa: E731  KV head h serves query heads h*g .. h*g + g - 1
-        scores = cluster_similarity(alone, spread(kmax), spread(kmin), alpha, similarity)
-        return scores.unflatten(1, (h, g)).amax(2)
+        scores = cluster_similarity(alone, spread(kmax), spread(kmin), alpha, similarity).unflatten(1, (h, g))
+        if nonempty is None:
+            nonempty = torch.ones_like(scores[:, :, 0], dtype=torch.bool)
+        return combine_heads(scores, group, nonempty)
     if similarity == "linear":
         return approx_similarity(queries.sum(2), kmax, kmin, alpha)
     return bound_similarity(sign_split(queries), kmax, kmin)
@@ -231,24 +255,25 @@ def cluster_levels(
     b, h = keys.shape[:2]
     n_sub = (tokens // subcluster_size).clamp(min=2)[:, None].expand(b, h)
     kmax, kmin, nonempty = chunk_min_max(keys, valid, cluster_size)
-    def score(kmax: Tensor, kmin: Tensor, size: int) -> Tensor:
-        if similarity == "exact":
-            return exact_similarity(queries, keys, valid, size, group)
-        return cluster_similarity(queries, kmax, kmin, alpha, similarity, group)
 
-    parent_scores = force_ends(score(kmax, kmin, cluster_size), nonempty)
+    def score(kmax: Tensor, kmin: Tensor, size: int, nonempty: Tensor) -> Tensor:
+        if similarity == "exact":
+            return exact_similarity(queries, keys, valid, size, group, nonempty)
+        return cluster_similarity(queries, kmax, kmin, alpha, similarity, group, nonempty)
+
+    parent_scores = force_ends(score(kmax, kmin, cluster_size, nonempty), nonempty)
     at_least = -(-(n_sub + 1) // 2)  # enough parents to hold n_sub children
     n_parent = torch.maximum(at_least, (ratio1 * nonempty.sum(-1)).floor().long())
     if topk == "bucket":
         kmax2, kmin2, nonempty2 = chunk_min_max(keys, valid, subcluster_size)
-        child_scores = score(kmax2, kmin2, subcluster_size)
+        child_scores = score(kmax2, kmin2, subcluster_size, nonempty2)
         n_sub = torch.minimum(n_sub, nonempty2.sum(-1))
         r = cluster_size // subcluster_size
         return _bucket_levels(parent_scores, child_scores, nonempty, nonempty2, n_parent, n_sub, r)
     parents = top_mask(parent_scores, n_parent)
     kmax, kmin, nonempty = chunk_min_max(keys, valid, subcluster_size)
     eligible = parents.repeat_interleave(cluster_size // subcluster_size, -1)[..., : nonempty.shape[-1]]
-    child_scores = force_ends(score(kmax, kmin, subcluster_size), nonempty)
+    child_scores = force_ends(score(kmax, kmin, subcluster_size, nonempty), nonempty)
     return parents, top_mask(child_scores.masked_fill(~eligible, float("-inf")), n_sub)
 
 
@@ -294,7 +319,7 @@ class MPCacheKnobs:
     alpha: float = 0.6  # blend of the linearised similarity: alpha r_max + (1 - alpha) r_min
     similarity: str = "bound"  # "bound" (Quest's box bound via the sign split) or "linear" (the paper's blend)
     topk: str = "bucket"  # "bucket" (best of k strided buckets: linear cost) or "rank" (exact top-k, the paper)
-    group: str = "sum"  # query heads of a KV head: "sum" their cluster scores (the paper) or take the "max"
+    group: str = "sum"  # query heads of a KV head: "sum" their cluster scores (the paper), "max" or "centered"
     cluster_size: int = 32  # parent clusters (tokens)
     subcluster_size: int = 16  # child clusters (tokens): the unit attention reads
     ratio1: float = 0.5  # share of parents kept at level 1
