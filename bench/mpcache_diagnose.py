@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from mpcache.eval.runner import load_model, parse_budget, prompt_text, task_samples
+from mpcache.kernels import attention_probs
 from mpcache.methods.base import (
     chunk_ids,
     chunk_min_max,
@@ -44,10 +45,10 @@ from mpcache.methods.base import (
     resolve_budget,
     top_mask,
 )
-from mpcache.methods.mpcache import MPCache, cluster_levels, cluster_similarity, exact_similarity
+from mpcache.methods.mpcache import MPCache, cluster_levels, cluster_similarity, exact_similarity, middle
 from mpcache.methods.shared_prefill import PrefillRecord, PrefillStore, replay_prefill
 from mpcache.model.cache import KVCache
-from mpcache.model.transformer import Transformer, attention_probs
+from mpcache.model.transformer import Transformer
 
 
 def needle_positions(prompt: list[int], answer: list[int]) -> list[list[int]]:
@@ -109,8 +110,8 @@ class MPCacheProbe(MPCache):
             used = torch.arange(index.shape[-1]) < count[..., None]
             read.scatter_(2, index, used)
         kmax, kmin, nonempty = chunk_min_max(entry.keys, entry.valid, k.subcluster_size)
-        child_scores = cluster_similarity(grouped, kmax, kmin, k.alpha, k.similarity, k.group, nonempty)
-        exact = exact_similarity(grouped, entry.keys, entry.valid, k.subcluster_size, k.group, nonempty)
+        child_scores = cluster_similarity(grouped, kmax, kmin, k.alpha, k.similarity, k.group, middle(nonempty))
+        exact = exact_similarity(grouped, entry.keys, entry.valid, k.subcluster_size, k.group, middle(nonempty))
         ids1 = chunk_ids(entry.valid, k.cluster_size)
         ids2 = chunk_ids(entry.valid, k.subcluster_size)
         attention = target_attention(queries, entry, query_positions, self.targets)

@@ -836,8 +836,8 @@ def _reference_selection(
                 heads.append([float(torch.maximum(qh * hi, qh * lo).sum()) for qh in q])
         if group == "sum":
             return [sum(h) for h in heads]
-        if group == "centered":  # each head's score below its own best cluster's
-            peaks = [max(h[g] for h in heads) for g in range(len(q))]
+        if group == "centered":  # each head's score below its own best middle cluster's (the ends are forced)
+            peaks = [max(h[g] for h in heads[1:-1]) for g in range(len(q))]
             heads = [[v - p for v, p in zip(h, peaks)] for h in heads]
         return [max(h) for h in heads]
 

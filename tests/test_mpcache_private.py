@@ -17,7 +17,9 @@ from mpcache.methods.mpcache import (
     MPCache,
     bound_similarity,
     bucket_top,
+    cluster_similarity,
     exact_similarity,
+    middle,
     select_clusters,
     sign_split,
     static_scores,
@@ -91,24 +93,41 @@ def test_cluster_summary_matches_chunk_min_max_and_updates_on_append(length):
         M.ClusterSummary.build(keys, 32, 12)
 
 
-def _plain_selection(queries, keys, budget, similarity="bound", topk="rank"):
+def _plain_selection(queries, keys, budget, similarity="bound", topk="rank", group="sum"):
     """queries [B, H, G, D]: the query heads of each KV head."""
     valid = torch.ones(keys.shape[:3], dtype=torch.bool)
     budgets = torch.tensor([budget] * keys.shape[0])
-    return select_clusters(queries, keys, valid, budgets, alpha=ALPHA, similarity=similarity, topk=topk)
+    return select_clusters(queries, keys, valid, budgets, alpha=ALPHA, similarity=similarity, topk=topk, group=group)
 
 
-@pytest.mark.parametrize(
-    "similarity,topk", [("linear", "rank"), ("bound", "rank"), ("bound", "bucket"), ("exact", "bucket")]
-)
+MODES = [  # (similarity, topk, group): every selection mode the 2PC side must reproduce
+    ("linear", "rank", "sum"),
+    ("bound", "rank", "sum"),
+    ("bound", "bucket", "sum"),
+    ("exact", "bucket", "sum"),
+    ("bound", "bucket", "max"),
+    ("bound", "rank", "centered"),
+    ("linear", "bucket", "centered"),
+    ("exact", "bucket", "max"),
+    ("exact", "rank", "centered"),
+]
+
+
+@pytest.mark.parametrize("similarity,topk,group", MODES)
 @pytest.mark.parametrize("length,budget", [(100, 32), (203, 48), (203, 64), (256, 17), (130, 100), (400, 120)])
-def test_simulated_selection_matches_select_clusters(length, budget, similarity, topk):
-    keys, queries = randn(2, 3, length, 8, seed=length), randn(2, 3, 2, 8, seed=budget)
+def test_simulated_selection_matches_select_clusters(length, budget, similarity, topk, group):
+    keys, queries = randn(2, 3, length, 8, seed=length), randn(2, 3, 3, 8, seed=budget)
     summary = M.ClusterSummary.build(keys)
-    chosen = M.select(queries, summary, budget, ALPHA, similarity=similarity, topk=topk, keys=keys)
+    scores = None
+    if similarity != "exact":  # as PrivateMPCache scores: from the append-only representatives
+        scores = M.ClusterReps(ALPHA, similarity, group).scores(queries, summary)
+    chosen = M.select(queries, summary, budget, ALPHA, similarity=similarity, topk=topk, keys=keys, group=group)
     assert chosen is not None
+    if scores is not None:
+        again = M.select(queries, summary, budget, ALPHA, similarity=similarity, topk=topk, scores=scores, group=group)
+        assert chosen.matrix is again.matrix is None or torch.equal(again.matrix, chosen.matrix)
     view = M.gather_view(entry_of(keys, slot_ids(2, 3, length)), chosen, 16)
-    want = _plain_selection(queries, keys, budget, similarity, topk)
+    want = _plain_selection(queries, keys, budget, similarity, topk, group)
     assert torch.equal(read_mask(view.values, length), want)
     assert view.capacity == int(want.sum(-1).max())  # a public size: every head reads the same count
     assert M.select(queries, summary, 16 * summary.child_max.shape[2], ALPHA) is None  # everything fits
@@ -167,7 +186,7 @@ def test_bound_similarity_is_the_quest_bound_of_each_query_head_summed():
     kmax, kmin, _ = chunk_min_max(keys, torch.ones(1, 2, 64, dtype=torch.bool), 16)
     want = page_bound(queries, kmax, kmin).sum(2)  # Quest's bound per query head, summed over the group
     torch.testing.assert_close(bound_similarity(sign_split(queries), kmax, kmin), want)
-    torch.testing.assert_close(M.cluster_scores(queries, kmax, kmin, ALPHA, "bound"), want)  # the simulator
+    torch.testing.assert_close(M.cluster_scores(queries, kmax, kmin, ALPHA, "bound")[:, :, 0], want)  # simulator
     # an upper bound of every key's score in its cluster, for each head's query
     exact = torch.einsum("bhgd,bhld->bhgl", queries, keys).reshape(1, 2, 3, 4, 16).amax(-1)
     assert bool((page_bound(queries, kmax, kmin) >= exact - 1e-6).all())
@@ -490,19 +509,79 @@ def test_gather_operand_grows_by_one_child_instead_of_reopening():
     assert lengths[0] == 120 // 16 + 1 - 2 and lengths[-1] == lengths[0] + 1  # one middle child appended
 
 
-@pytest.mark.parametrize("similarity", ["bound", "linear"])
-def test_cluster_reps_score_like_cluster_scores_and_append_only_completed_clusters(similarity):
+@pytest.mark.parametrize(
+    "similarity,group", [("bound", "sum"), ("linear", "sum"), ("bound", "max"), ("bound", "centered")]
+)
+def test_cluster_reps_score_like_cluster_scores_and_append_only_completed_clusters(similarity, group):
     keys, queries = randn(1, 2, 95, 8, seed=21), randn(1, 2, 2, 8, seed=22)
     summary = M.ClusterSummary.build(keys)
-    reps = M.ClusterReps(ALPHA, similarity)
+    reps = M.ClusterReps(ALPHA, similarity, group)
     kmax, kmin = N.cat([summary.parent_max, summary.child_max], 2), N.cat([summary.parent_min, summary.child_min], 2)
-    want = M.cluster_scores(queries, kmax, kmin, ALPHA, similarity)
-    parent, child = reps.scores(queries, summary)
     c1, c2 = summary.parent_max.shape[2], summary.child_max.shape[2]  # 3, 6: children 0-4 and parents 0-1 complete
-    torch.testing.assert_close(parent[..., 1 : c1 - 1], want[..., 1 : c1 - 1])
-    torch.testing.assert_close(child[..., 1 : c2 - 1], want[..., c1 + 1 : c1 + c2 - 1])
+    per_head = M.cluster_scores(queries, kmax, kmin, ALPHA, similarity, group)
+    want = (M.combine_heads(per_head[..., :c1], group), M.combine_heads(per_head[..., c1:], group))
+    plain = [  # the plaintext reference's scores of each level's middle clusters
+        cluster_similarity(queries, *chunk_min_max(keys, torch.ones(1, 2, 95, dtype=torch.bool), size)[:2], ALPHA,
+                           similarity, group, middle(torch.ones(1, 2, n, dtype=torch.bool)))[..., 1 : n - 1]
+        for size, n in ((32, c1), (16, c2))
+    ]  # fmt: skip
+    parent, child = reps.scores(queries, summary)
+    torch.testing.assert_close(parent[..., 1 : c1 - 1], want[0][..., 1 : c1 - 1])
+    torch.testing.assert_close(child[..., 1 : c2 - 1], want[1][..., 1 : c2 - 1])
+    torch.testing.assert_close(parent[..., 1 : c1 - 1], plain[0])
+    torch.testing.assert_close(child[..., 1 : c2 - 1], plain[1])
     operand, columns = reps.held.operand, reps.held.length
     assert columns == 5 + 2
     summary.append(randn(1, 2, 1, 8, seed=23))  # token 96 completes child 5 and parent 2
     reps.scores(queries, summary)
     assert reps.held.operand is operand and reps.held.length == columns + 2
+
+
+def _private_modes(keys, query, budget, modes, queries, keep) -> dict:
+    """Selections of every mode and a per-KV-head static keep-set on shares; decoded after counting openings."""
+    crypten = N.crypten
+    share = lambda t, src=0: crypten.cryptensor(t, src=src)  # noqa: E731
+    k, q = share(keys), share(query, 1)
+    b, h, length, _ = keys.shape
+    counts = _count_openings()
+    try:
+        views = []
+        for similarity, topk, group in modes:
+            summary = M.ClusterSummary.build(k)
+            scores = None if similarity == "exact" else M.ClusterReps(ALPHA, similarity, group).scores(q, summary)
+            chosen = M.select(q, summary, budget, ALPHA, 0.5, similarity, topk, k, scores, group)
+            views.append(M.gather_view(entry_of(k, share(slot_ids(b, h, length))), chosen, 16).values)
+        w = queries.shape[2]
+        scores = M.window_scores(
+            share(queries, 1), k, torch.arange(length - w, length).expand(b, -1), torch.arange(length).expand(b, h, -1),
+            per_head=True,
+        )  # fmt: skip
+        kept = M.compact(entry_of(k, share(slot_ids(b, h, length))), M.static_keep(scores, keep, 4, 6)).values
+        opened = counts["opened"]
+    finally:
+        _restore(counts)
+    return {"opened": opened, "reads": [N.decode(v) for v in views], "scores": N.decode(scores),
+            "kept": N.decode(kept)}  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_private_head_modes_and_per_head_static_keep_match_plaintext_and_open_nothing(parties):
+    b, h, length, d, budget, keep = 1, 2, 150, 8, 48, 60
+    keys, query = randn(b, h, length, d, seed=31), randn(b, h, 3, d, seed=32)
+    queries = randn(b, 3 * h, 8, d, seed=33) / d**0.5
+    modes = [("bound", "bucket", "centered"), ("exact", "bucket", "max"), ("linear", "rank", "max")]
+    got = parties.run(_private_modes, keys, query, budget, modes, queries, keep)[0]
+    assert got["opened"] == 0
+    for (similarity, topk, group), read in zip(modes, got["reads"]):
+        want = _plain_selection(query, keys, budget, similarity, topk, group)
+        assert torch.equal(read_mask(read, length), want), (similarity, topk, group)
+    # per-KV-head static votes: within the softmax tolerance of the plaintext's, and each head keeps the top of
+    # the MPC's own scores (ties to the lower index)
+    pos = torch.arange(length).expand(b, h, length)
+    probs = attention_probs(queries * d**0.5, keys, torch.arange(length - 8, length).expand(b, 8), pos, pos >= 0)
+    want_scores = static_scores(probs.double().sum(3), per_head=True)  # [B, H, L]
+    assert (got["scores"] - want_scores).abs().max() < 2e-3
+    kept = got["kept"][..., 0].round().long()
+    for head in range(h):
+        assert torch.equal(kept[:, head], _stable_static(got["scores"][:, head], keep, 4, 6))
+    assert not torch.equal(kept[:, 0], kept[:, 1])  # the heads do keep different slots

@@ -117,29 +117,30 @@ SIMILARITIES = ("linear", "bound", "exact")
 GROUPS = ("sum", "max", "centered")
 
 
-def combine_heads(scores: Tensor, group: str, nonempty: Tensor) -> Tensor:
+def combine_heads(scores: Tensor, group: str, candidates: Tensor) -> Tensor:
     """One score per cluster [B, H, C] from each query head's [B, H, G, C]: "sum", "max" (a cluster matters if one
     head needs it, as Quest takes it), or "centered": the max over heads of each head's score minus that head's
-    best score over the non-empty clusters `nonempty` [B, H, C], so heads of different logit scales compete on
-    how close a cluster comes to their own best (each head's best cluster scores 0). Under MPC "max" costs G - 1
+    best score over the candidate clusters `candidates` [B, H, C] (the middle ones: the first and last are always
+    read), so heads of different logit scales compete on how close a cluster comes to their own best (each
+    head's best candidate scores 0). Under MPC "max" costs G - 1
     comparisons per cluster, "centered" another C per head."""
     if group == "sum":
         return scores.sum(2)
     if group == "centered":
-        peak = scores.masked_fill(~nonempty[:, :, None], float("-inf")).amax(-1, keepdim=True)
+        peak = scores.masked_fill(~candidates[:, :, None], float("-inf")).amax(-1, keepdim=True)
         scores = scores - peak.clamp(min=torch.finfo(scores.dtype).min)
     return scores.amax(2)
 
 
 def exact_similarity(
-    queries: Tensor, keys: Tensor, valid: Tensor, size: int, group: str = "sum", nonempty: Tensor | None = None
+    queries: Tensor, keys: Tensor, valid: Tensor, size: int, group: str = "sum", candidates: Tensor | None = None
 ) -> Tensor:
     """The ablation without approximation: max over each chunk's keys of q . k per query head, combined over the
     group's heads (`combine_heads`): queries [B, H, G, D], keys [B, H, L, D] -> [B, H, C]. Under MPC: the product
     over every cached key (as full attention's scores) plus a comparison tree per chunk."""
     scores = torch.einsum("bhgd,bhld->bhlg", queries, keys)
     per_head, _, chunks = chunk_min_max(scores, valid, size)
-    return combine_heads(per_head.transpose(-1, -2), group, chunks if nonempty is None else nonempty)
+    return combine_heads(per_head.transpose(-1, -2), group, middle(chunks) if candidates is None else candidates)
 
 
 def cluster_similarity(
@@ -149,33 +150,42 @@ def cluster_similarity(
     alpha: float,
     similarity: str,
     group: str = "sum",
-    nonempty: Tensor | None = None,
+    candidates: Tensor | None = None,
 ) -> Tensor:
     """Cluster scores [B, H, C] of a group of queries [B, H, G, D]. group "sum": the score of the group's summed
     query (both scores are linear in the query, or in its sign split), one product. Otherwise every query head
-    scores on its own (G products) and `combine_heads` combines them; "centered" needs the clusters' `nonempty`
-    [B, H, C]. "exact" needs the keys: see exact_similarity."""
+    scores on its own (G products) and `combine_heads` combines them ("centered": over the `candidates` [B, H, C],
+    all by default). "exact" needs the keys: see exact_similarity."""
     if group != "sum":
         b, h, g, d = queries.shape
         alone = queries.reshape(b, h * g, 1, d)
         spread = lambda x: x.repeat_interleave(g, 1)  # noqa: E731  KV head h serves query heads h*g .. h*g + g - 1
         scores = cluster_similarity(alone, spread(kmax), spread(kmin), alpha, similarity).unflatten(1, (h, g))
-        if nonempty is None:
-            nonempty = torch.ones_like(scores[:, :, 0], dtype=torch.bool)
-        return combine_heads(scores, group, nonempty)
+        if candidates is None:
+            candidates = torch.ones_like(scores[:, :, 0], dtype=torch.bool)
+        return combine_heads(scores, group, candidates)
     if similarity == "linear":
         return approx_similarity(queries.sum(2), kmax, kmin, alpha)
     return bound_similarity(sign_split(queries), kmax, kmin)
 
 
-def force_ends(scores: Tensor, nonempty: Tensor) -> Tensor:
-    """Scores with the first and last non-empty cluster of every head at +inf, empty ones at -inf."""
+def ends(nonempty: Tensor) -> Tensor:
+    """The first and last non-empty cluster of every head [B, H, C] (always read)."""
     index = torch.arange(nonempty.shape[-1], device=nonempty.device).expand_as(nonempty)
     first = torch.where(nonempty, index, nonempty.shape[-1]).amin(-1, keepdim=True)
     last = torch.where(nonempty, index, -1).amax(-1, keepdim=True)
+    return ((index == first) | (index == last)) & nonempty
+
+
+def middle(nonempty: Tensor) -> Tensor:
+    """The non-empty clusters between the ends: the candidates selection chooses among."""
+    return nonempty & ~ends(nonempty)
+
+
+def force_ends(scores: Tensor, nonempty: Tensor) -> Tensor:
+    """Scores with the first and last non-empty cluster of every head at +inf, empty ones at -inf."""
     scores = scores.masked_fill(~nonempty, float("-inf"))
-    ends = ((index == first) | (index == last)) & nonempty
-    return scores.masked_fill(ends, float("inf"))
+    return scores.masked_fill(ends(nonempty), float("inf"))
 
 
 LIFT = 1.0e4  # pushes an ineligible child below every eligible one (|q . r| stays far below it), as under MPC
@@ -258,8 +268,8 @@ def cluster_levels(
 
     def score(kmax: Tensor, kmin: Tensor, size: int, nonempty: Tensor) -> Tensor:
         if similarity == "exact":
-            return exact_similarity(queries, keys, valid, size, group, nonempty)
-        return cluster_similarity(queries, kmax, kmin, alpha, similarity, group, nonempty)
+            return exact_similarity(queries, keys, valid, size, group, middle(nonempty))
+        return cluster_similarity(queries, kmax, kmin, alpha, similarity, group, middle(nonempty))
 
     parent_scores = force_ends(score(kmax, kmin, cluster_size, nonempty), nonempty)
     at_least = -(-(n_sub + 1) // 2)  # enough parents to hold n_sub children

@@ -132,7 +132,7 @@ class StaticKeep:
     sink: int
     window: int
     picks: int
-    matrix: Value | None
+    matrix: Value | None  # [B, 1 or Hkv, picks, L - sink - window]
 
 
 def static_plan(length: int, keep: int, sink: int, window: int) -> tuple[int, int, int]:
@@ -143,9 +143,12 @@ def static_plan(length: int, keep: int, sink: int, window: int) -> tuple[int, in
     return sink, window, keep - sink - window
 
 
-def window_scores(queries: Value, keys: Value, query_positions: Tensor, key_positions: Tensor) -> Value:
+def window_scores(
+    queries: Value, keys: Value, query_positions: Tensor, key_positions: Tensor, per_head: bool = False
+) -> Value:
     """Head-averaged attention [B, L] the given (pre-scaled) queries [B, Hq, W, D] give every slot, summed over
-    the queries (plaintext: static_scores(attention_received))."""
+    the queries, or with `per_head` averaged over each KV head's query heads, [B, Hkv, L] (plaintext:
+    static_scores(attention_received))."""
     b, hq, w, d = queries.shape
     hkv = keys.shape[1]
     q = queries.reshape(b, hkv, hq // hkv, w, d)
@@ -154,19 +157,23 @@ def window_scores(queries: Value, keys: Value, query_positions: Tensor, key_posi
     probs = N.softmax(scores, visibility(query_positions, key_positions, valid), score_range=SCORE_RANGE)
     received = probs.sum(3)  # [B, Hkv, G, L]
     if not N.is_private(received):
-        return static_scores(received)
+        return static_scores(received, per_head)
+    if per_head:
+        return N.divide(received.sum(2), hq // hkv)
     return N.divide(received.sum(1).sum(1), hq)  # static_scores' head mean, exactly
 
 
 def static_keep(scores: Value, keep: int, sink: int, window: int, bound: float) -> StaticKeep:
-    """Keep-set of a fixed public size from per-slot scores [B, L] (non-negative, below `bound`): sinks and window
-    publicly, the best `keep - sink - window` of the rest secretly."""
+    """Keep-set of a fixed public size from per-slot scores [B, L] (one for the layer) or [B, Hkv, L] (one per KV
+    head), non-negative and below `bound`: sinks and window publicly, the best `keep - sink - window` of the rest
+    secretly."""
     length = scores.shape[-1]
     sink, window, picks = static_plan(length, keep, sink, window)
     if picks == 0 or picks == length - sink - window:
         return StaticKeep(sink, window, picks, None)
     chosen = top_k_mask(_mid_rows(scores, sink, length - window, -1), picks, bound)
-    return StaticKeep(sink, window, picks, compaction_matrix(chosen, picks).unsqueeze(1))
+    matrix = compaction_matrix(chosen, picks)
+    return StaticKeep(sink, window, picks, matrix.unsqueeze(1) if scores.dim() == 2 else matrix)
 
 
 def compact(entry: PrivateLayerKV, plan: StaticKeep) -> PrivateLayerKV:
@@ -265,6 +272,26 @@ class ClusterSummary:
         self.length += 1
 
 
+def combine_heads(scores: Value, group: str) -> Value:
+    """Private twin of mpcache.methods.mpcache.combine_heads: one score per cluster [B, H, C] from each query head's
+    [B, H, G, C], the candidates being the middle clusters 1 .. C - 2 (the ends are always read; their combined
+    scores are not meaningful). "max": a comparison tree over the G heads; "centered" first subtracts each head's
+    best candidate score (a tree over the C - 2 candidates)."""
+    if group == "sum":
+        return scores.sum(2)
+    if group == "centered" and scores.shape[-1] > 2:
+        peak, _ = _extrema_tree(*(2 * [scores[..., 1:-1].unsqueeze(-1)]), True)  # [B, H, G, 1]
+        scores = scores - peak
+    return _extrema_tree(scores, scores, True)[0]
+
+
+def head_split(queries: Value) -> Value:
+    """[q_g, q_g [q_g >= 0]] for every query head [B, H, G, 2D]: sign_split without the sum over the group (the
+    bound of each head on its own); one comparison batch over the query channels."""
+    positive = 1 - N.less_than(queries, [0.0])[0]
+    return N.cat([queries, N.mul(positive, queries)], -1)
+
+
 class ClusterReps:
     """The representatives of every COMPLETE child and parent (`cluster_scores`' right operand: [kmin, kmax -
     kmin] for "bound", the blend for "linear"), transposed [B, H, W, R] as an append-only numerics.GrowingOperand:
@@ -273,8 +300,8 @@ class ClusterReps:
     last are always read), and those are complete. Order: completion order, child j then (j odd) parent j // 2.
     A fresh operand (everything opened once) when the capacity is used up."""
 
-    def __init__(self, alpha: float, similarity: str) -> None:
-        self.alpha, self.similarity = alpha, similarity
+    def __init__(self, alpha: float, similarity: str, group: str = "sum") -> None:
+        self.alpha, self.similarity, self.group = alpha, similarity, group
         self.held = AppendOnlyOperand(-1)  # the representatives, one column per complete cluster
         self.order: list[tuple[str, int]] = []  # ("child" | "parent", index) per operand column
 
@@ -303,16 +330,18 @@ class ClusterReps:
 
         operand = self.held.update(len(order), columns)
         self.order = order
-        if self.similarity == "linear":
+        if self.group != "sum":  # every query head on its own: [B, H, G, D or 2D]
+            query = queries if self.similarity == "linear" else head_split(queries)
+        elif self.similarity == "linear":
             query = queries.sum(2).unsqueeze(2)  # [B, H, 1, D]
         else:
             query = sign_split(queries).reshape(b, h, 1, 2 * d)
-        flat = N.matmul(query, operand).squeeze(2)  # [B, H, R]
+        flat = N.matmul(query, operand)  # [B, H, 1 or G, R]
         c1, c2 = summary.parent_max.shape[2], summary.child_max.shape[2]
         column = {key: i for i, key in enumerate(self.order)}
         child = torch.tensor([column.get(("child", j), 0) for j in range(c2)])
         parent = torch.tensor([column.get(("parent", i), 0) for i in range(c1)])
-        return _take(flat, parent), _take(flat, child)
+        return combine_heads(_take(flat, parent), self.group), combine_heads(_take(flat, child), self.group)
 
 
 # ------------------------------------------------------------------------------- 3. dynamic selection
@@ -332,16 +361,21 @@ def sign_split(queries: Value) -> Value:
     return N.stack([queries.sum(2), N.mul(positive, queries).sum(2)], 2)
 
 
-def cluster_scores(queries: Value, kmax: Value, kmin: Value, alpha: float, similarity: str) -> Value:
-    """Scores [B, H, C] of clusters [B, H, C, D] for a group of queries [B, H, G, D] (plaintext:
-    cluster_similarity): one product with the blended representatives ("linear") or with [kmin, kmax - kmin]
-    against the sign split ("bound", Quest's box bound)."""
+def cluster_scores(
+    queries: Value, kmax: Value, kmin: Value, alpha: float, similarity: str, group: str = "sum"
+) -> Value:
+    """Per-head scores [B, H, 1 or G, C] of clusters [B, H, C, D] for a group of queries [B, H, G, D] (plaintext:
+    cluster_similarity before `combine_heads`): one product with the blended representatives ("linear") or with
+    [kmin, kmax - kmin] against the sign split ("bound", Quest's box bound), of the group's sum (group "sum") or
+    of every head."""
     b, h, _, d = queries.shape
     if similarity == "linear":
-        reps, query = cluster_representatives(kmax, kmin, float(N.on_grid(alpha))), queries.sum(2).unsqueeze(-1)
+        reps = cluster_representatives(kmax, kmin, float(N.on_grid(alpha)))
+        query = queries.sum(2).unsqueeze(2) if group == "sum" else queries
     else:
-        reps, query = N.cat([kmin, kmax - kmin], -1), sign_split(queries).reshape(b, h, 2 * d, 1)
-    return N.matmul(reps, query).squeeze(-1)
+        reps = N.cat([kmin, kmax - kmin], -1)
+        query = sign_split(queries).reshape(b, h, 1, 2 * d) if group == "sum" else head_split(queries)
+    return N.matmul(query, reps.transpose(-1, -2))
 
 
 def bucket_one_hot(scores: Value, k: int) -> Value:
@@ -364,16 +398,16 @@ def bucket_one_hot(scores: Value, k: int) -> Value:
     return flat[..., : k * m].reshape(*hot.shape[:-2], k, m)
 
 
-def exact_scores(queries: Value, keys: Value, size: int, sub: int) -> tuple[Value, Value]:
+def exact_scores(queries: Value, keys: Value, size: int, sub: int, group: str = "sum") -> tuple[Value, Value]:
     """Parent and child scores [B, H, C] without approximation (plaintext: exact_similarity): q . k for every
     cached key and query head (one product over the whole cache), the max over each child by a comparison tree
-    (log2(sub) levels), over each parent from its children, summed over the group's heads."""
+    (log2(sub) levels), over each parent from its children, combined over the group's heads (`combine_heads`)."""
     scores = N.matmul(queries, keys.transpose(-1, -2)).transpose(-1, -2)  # [B, H, L, G]
     b, h, _, g = scores.shape
     child, _ = _extrema_tree(*(2 * [_pad_to(scores, sub).reshape(b, h, -1, sub, g)]), True)
     r = size // sub
     parent, _ = _extrema_tree(*(2 * [_pad_to(child, r).reshape(b, h, -1, r, g)]), True)
-    return parent.sum(-1), child.sum(-1)
+    return combine_heads(parent.transpose(-1, -2), group), combine_heads(child.transpose(-1, -2), group)
 
 
 def select(
@@ -386,6 +420,7 @@ def select(
     topk: str = "rank",
     keys: Value | None = None,
     scores: tuple[Value, Value] | None = None,
+    group: str = "sum",
 ) -> Selection | None:
     """Two-level query-aware choice (plaintext: select_clusters) for the query heads [B, H, G, D] of each KV head
     and a per-head budget of `tokens` (public): budget // sub children are read. None when every child fits.
@@ -402,16 +437,17 @@ def select(
     elif similarity == "exact":
         if keys is None:
             raise ValueError("exact similarity needs the cached keys")
-        parent_scores, child_scores = exact_scores(queries, keys, summary.size, sub)
+        parent_scores, child_scores = exact_scores(queries, keys, summary.size, sub, group)
     else:
-        scores = cluster_scores(  # [B, H, C1 + C2]: one product for both levels
+        scores = cluster_scores(  # [B, H, 1 or G, C1 + C2]: one product for both levels
             queries,
             N.cat([summary.parent_max, summary.child_max], 2),
             N.cat([summary.parent_min, summary.child_min], 2),
             alpha,
             similarity,
+            group,
         )
-        parent_scores, child_scores = scores[..., :c1], scores[..., c1:]
+        parent_scores, child_scores = combine_heads(scores[..., :c1], group), combine_heads(scores[..., c1:], group)
     r = summary.size // sub
     parent_of = torch.arange(1, c2 - 1) // r  # parents of the middle children
     if n_parent >= c1:
@@ -537,8 +573,10 @@ class PrivateMPCache(PrivateKVCache):
                 plan = self.static[source] if source is not None else None
                 if plan is None:
                     k = self.knobs
-                    w = observation_window(length, k.window_ratio, k.long_prompt, k.long_window_ratio)
-                    scores = window_scores(queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions)
+                    w = observation_window(length, k.window_ratio, k.long_prompt, k.long_window_ratio, k.window_queries)
+                    scores = window_scores(
+                        queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions, k.static_heads == "kv"
+                    )
                     scores = window_sum(scores, k.static_pool)
                     # each query's probabilities sum to 1: a slot's window score is at most w, pooled k.static_pool
                     # (+1) times; the slack covers fixed-point error
@@ -567,10 +605,10 @@ class PrivateMPCache(PrivateKVCache):
             scores = None
             if k.similarity != "exact":
                 if self.reps[layer] is None:
-                    self.reps[layer] = ClusterReps(k.alpha, k.similarity)
+                    self.reps[layer] = ClusterReps(k.alpha, k.similarity, k.group)
                 scores = self.reps[layer].scores(group, summary)
             self.selection[layer] = select(
-                group, summary, self.budget, k.alpha, k.ratio1, k.similarity, k.topk, entry.keys, scores
+                group, summary, self.budget, k.alpha, k.ratio1, k.similarity, k.topk, entry.keys, scores, k.group
             )
 
     def attention_view(self, layer: int) -> PrivateLayerKV:
