@@ -1,13 +1,14 @@
 """MPCache variants and baselines on a real model, each prompt prefilled once for all of them and all runs.
 
-    python -m bench.mpcache_real --model smollm2 --variants full,quest,mpcache,mpcache:paper \\
-        --tasks passkey,niah --lengths 1024,2048 --samples 10 --budgets 0.1 --store /tmp/prefills \\
+    python -m bench.mpcache_real --model smollm2 --variants 'full;quest@0.1;mpcache;mpcache:paper@0.1' \\
+        --tasks passkey,niah --lengths 1024,2048 --samples 10 --budgets 0.05,0.1,0.2 --store /tmp/prefills \\
         --json bench/results/smollm2_mpcache_ablations.json --markdown bench/results/smollm2_mpcache_ablations.md
 
-A variant is a name from VARIANTS (a method and its options) or `method:{"json": "options"}`; rows are labelled
-with the variant's name. Accuracy is exact match of greedy decoding, as bench.accuracy measures it (the same
-`evaluate_many`): every prompt's prefill is recorded once (mpcache.methods.shared_prefill), kept in --store and
-replayed into every variant, so a variant costs only its decoding, in this run and in later ones.
+A variant is a name from VARIANTS (a method and its options) or `method:{"json": "options"}`, optionally with its
+own budgets (`quest@0.1`); rows are labelled with the variant's name. Accuracy is exact match of greedy decoding,
+as bench.accuracy measures it (the same `evaluate_many`): every prompt's prefill is recorded once
+(mpcache.methods.shared_prefill), kept in --store and replayed into every variant, so a variant costs only its
+decoding, in this run and in later ones.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.accuracy import budget_list, comma_list, format_markdown, format_table, length_list, plot
-from mpcache.eval.runner import MethodSpec, evaluate_many, load_model
+from mpcache.eval.runner import Budget, MethodSpec, evaluate_many, load_model
 from mpcache.methods import METHODS
+from mpcache.methods.mpcache import MPCacheKnobs
 from mpcache.methods.shared_prefill import PrefillStore
 
+PAPER = MPCacheKnobs.paper()
 # name -> (method, options). The MPCache rows ablate one knob at a time from the defaults (or the paper preset).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
@@ -33,7 +37,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "streamingllm": ("streamingllm", {}),
     "h2o": ("h2o", {}),
     "mpcache": ("mpcache", {}),
-    "mpcache:paper": ("mpcache", {"similarity": "linear", "static_pool": 1, "topk": "rank"}),
+    "mpcache:paper": ("mpcache", {f.name: getattr(PAPER, f.name) for f in fields(PAPER)
+                                  if getattr(PAPER, f.name) != getattr(MPCacheKnobs(), f.name)}),  # fmt: skip
     "mpcache:no-share": ("mpcache", {"share_layers": False}),
     "mpcache:no-static": ("mpcache", {"static_ratio": 1.0}),
     "mpcache:rank": ("mpcache", {"topk": "rank"}),
@@ -42,14 +47,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
-    """(label, method, options) of a VARIANTS name or `method:{json}`."""
-    if text in VARIANTS:
-        return text, *VARIANTS[text]
-    method, _, options = text.partition(":")
+def parse_variant(text: str) -> tuple[str, str, dict[str, Any], list[Budget] | None]:
+    """(label, method, options, budgets) of `NAME[@BUDGETS]`: NAME a VARIANTS name or `method:{json}`, BUDGETS
+    its own comma-separated budgets (default: --budgets)."""
+    name, _, budgets = text.partition("@")
+    own = budget_list(budgets) if budgets else None
+    if name in VARIANTS:
+        return name, *VARIANTS[name], own
+    method, _, options = name.partition(":")
     if not options.startswith("{"):
-        raise argparse.ArgumentTypeError(f"unknown variant {text!r}; known: {', '.join(VARIANTS)} or method:{{json}}")
-    return text, method, json.loads(options)
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} or method:{{json}}")
+    return name, method, json.loads(options), own
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -59,8 +67,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, tokenizer = load_model(args.model)
     store = PrefillStore(args.store)
     specs, labels = [], []
-    for label, method, options in args.variants:
-        for budget in [None] if method == "full" else args.budgets:
+    for label, method, options, budgets in args.variants:
+        for budget in [None] if method == "full" else budgets or args.budgets:
             specs.append(MethodSpec(method, budget, options or None))
             labels.append(label)
     rows = []
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m bench.mpcache_real", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--variants", type=lambda t: [parse_variant(v) for v in t.split(";")], required=True,
-                        help="';'-separated VARIANTS names or method:{json}")
+                        help="';'-separated VARIANTS names or method:{json}, each optionally @budget,budget")
     parser.add_argument("--tasks", type=comma_list, default=["passkey", "niah"])
     parser.add_argument("--lengths", type=length_list, default=[1024, 2048])
     parser.add_argument("--samples", type=int, default=10)
