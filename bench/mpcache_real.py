@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,9 @@ from mpcache.methods import METHODS
 from mpcache.methods.mpcache import MPCacheKnobs
 from mpcache.methods.shared_prefill import PrefillStore
 
-PAPER = MPCacheKnobs.paper()
-# name -> (method, options). The MPCache rows ablate one knob at a time from the defaults (or the paper preset).
+RETRIEVAL = MPCacheKnobs.retrieval()
+# name -> (method, options). The MPCache rows ablate one knob at a time from the defaults, the paper preset or the
+# retrieval preset (MPCacheKnobs.retrieval, measured here on SmolLM2).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
     "quest": ("quest", {}),
@@ -37,13 +37,20 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "streamingllm": ("streamingllm", {}),
     "h2o": ("h2o", {}),
     "mpcache": ("mpcache", {}),
-    "mpcache:paper": ("mpcache", {f.name: getattr(PAPER, f.name) for f in fields(PAPER)
-                                  if getattr(PAPER, f.name) != getattr(MPCacheKnobs(), f.name)}),  # fmt: skip
+    "mpcache:paper": ("mpcache", MPCacheKnobs.paper().options()),
     "mpcache:no-share": ("mpcache", {"share_layers": False}),
     "mpcache:no-static": ("mpcache", {"static_ratio": 1.0}),
     "mpcache:rank": ("mpcache", {"topk": "rank"}),
     "mpcache:exact": ("mpcache", {"similarity": "exact"}),
     "mpcache:ratio1=1": ("mpcache", {"ratio1": 1.0}),
+    "mpcache:retrieval": ("mpcache", RETRIEVAL.options()),
+    "retrieval:bound": ("mpcache", MPCacheKnobs.retrieval(similarity="bound").options()),
+    "retrieval:sum": ("mpcache", MPCacheKnobs.retrieval(group="sum").options()),
+    "retrieval:32/16": ("mpcache", MPCacheKnobs.retrieval(cluster_size=32, subcluster_size=16).options()),
+    "retrieval:static0.5": ("mpcache", MPCacheKnobs.retrieval(static_ratio=0.5).options()),
+    "retrieval:share": ("mpcache", MPCacheKnobs.retrieval(share_layers=True).options()),
+    "retrieval:share4": ("mpcache", MPCacheKnobs.retrieval(share_layers=True, own_first=4, own_last=4).options()),
+    "retrieval:share-early": ("mpcache", MPCacheKnobs.retrieval(share_layers=True, own_last=16).options()),
 }
 
 
@@ -92,15 +99,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m bench.mpcache_real", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--variants", type=lambda t: [parse_variant(v) for v in t.split(";")], required=True,
-                        help="';'-separated VARIANTS names or method:{json}, each optionally @budget,budget")
+    parser.add_argument(
+        "--variants",
+        type=lambda t: [parse_variant(v) for v in t.split(";")],
+        required=True,
+        help="';'-separated VARIANTS names or method:{json}, each optionally @budget,budget",
+    )
     parser.add_argument("--tasks", type=comma_list, default=["passkey", "niah"])
     parser.add_argument("--lengths", type=length_list, default=[1024, 2048])
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--budgets", type=budget_list, default=[0.1])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per batch and stored prefill record "
-                        "(1: the records bench.mpcache_diagnose reads too)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="prompts per batch and stored prefill record (1: the records bench.mpcache_diagnose reads too)",
+    )
     parser.add_argument("--store", type=Path, required=True, help="folder of recorded prefills (shared by runs)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)

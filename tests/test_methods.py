@@ -31,7 +31,7 @@ from mpcache.methods.base import (
 )
 from mpcache.methods.h2o import H2O
 from mpcache.methods.mikv import channel_balance
-from mpcache.methods.mpcache import MPCache, select_clusters, sharing_pairs
+from mpcache.methods.mpcache import MPCache, MPCacheKnobs, select_clusters, sharing_pairs
 from mpcache.methods.quest import Quest
 from mpcache.methods.snapkv import SnapKV
 from mpcache.methods.think import ThinK
@@ -902,6 +902,7 @@ def test_mpcache_cluster_selection_picks_top_approximate_similarity() -> None:
         ("bound", "bucket", "centered"),
         ("linear", "rank", "centered"),
         ("exact", "bucket", "centered"),
+        ("exact", "bucket", "max"),  # MPCacheKnobs.retrieval()
     ],
 )
 def test_mpcache_decode_reads_the_selected_clusters(model: Transformer, similarity: str, topk: str, group: str) -> None:
@@ -930,6 +931,20 @@ def test_mpcache_decode_reads_the_selected_clusters(model: Transformer, similari
                     assert set(read.positions[row, head][read.valid[row, head]].tolist()) == expected
 
     run(model, cache, ids, mask, on_step=check)
+
+
+def test_mpcache_presets_are_options_the_registry_rebuilds(model: Transformer) -> None:
+    assert MPCacheKnobs().options() == {}
+    for preset in (MPCacheKnobs.paper(), MPCacheKnobs.retrieval()):
+        assert MPCacheKnobs(**preset.options()) == preset
+    retrieval = MPCacheKnobs.retrieval()
+    assert (retrieval.similarity, retrieval.group, retrieval.static_ratio) == ("exact", "max", 1.0)
+    ids, mask = batch()
+    cache = make_policy("mpcache", 12, **retrieval.options())(model)
+    assert cache.knobs == retrieval and cache.shared_from == {}
+    run(model, cache, ids, mask)
+    assert all(entry is not None and bool(entry.valid.sum(-1).eq(mask.sum(-1)[:, None] + STEPS).all())
+               for entry in cache.layers)  # fmt: skip  nothing statically evicted: prompt and decoded tokens kept
 
 
 def test_mpcache_adjacent_layers_share_indices() -> None:

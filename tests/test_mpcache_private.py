@@ -556,7 +556,8 @@ def _private_modes(keys, query, budget, modes, queries, keep) -> dict:
             share(queries, 1), k, torch.arange(length - w, length).expand(b, -1), torch.arange(length).expand(b, h, -1),
             per_head=True,
         )  # fmt: skip
-        kept = M.compact(entry_of(k, share(slot_ids(b, h, length))), M.static_keep(scores, keep, 4, 6)).values
+        plan = M.static_keep(scores, keep, 4, 6, w + 1.0)  # w window queries' probabilities summed per slot
+        kept = M.compact(entry_of(k, share(slot_ids(b, h, length))), plan).values
         opened = counts["opened"]
     finally:
         _restore(counts)

@@ -382,6 +382,24 @@ class MPCacheKnobs:
         return cls(**{"similarity": "linear", "static_pool": 1, "topk": "rank", **overrides})
 
     @classmethod
+    def retrieval(cls, **overrides) -> MPCacheKnobs:
+        """For a real pretrained model (SmolLM2-135M: 64-dim heads, 3 query heads per KV head), where the defaults
+        lose the needle (bench/mpcache_diagnose.py): exact cluster scores (max q.k per sub-cluster, not a box
+        bound), the best query head of a group ("max", not the sum), 16/8-token clusters, no static eviction and
+        no cross-layer sharing. Under MPC the exact scores cost a product with every cached key and a comparison
+        tree per sub-cluster (README, "MPCache on SmolLM2")."""
+        return cls(**{"similarity": "exact", "group": "max", "cluster_size": 16, "subcluster_size": 8,
+                      "static_ratio": 1.0, "share_layers": False, **overrides})  # fmt: skip
+
+    def options(self) -> dict:
+        """The knobs that differ from the defaults, as keyword options (what a registry name or a bench row
+        needs to rebuild these knobs)."""
+        default = MPCacheKnobs()
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+    @classmethod
     def split(cls, options: dict) -> tuple[MPCacheKnobs, dict]:
         """(knobs, the remaining options) from keyword options."""
         names = {f.name for f in fields(cls)}

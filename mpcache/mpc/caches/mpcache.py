@@ -288,7 +288,7 @@ def combine_heads(scores: Value, group: str) -> Value:
 def head_split(queries: Value) -> Value:
     """[q_g, q_g [q_g >= 0]] for every query head [B, H, G, 2D]: sign_split without the sum over the group (the
     bound of each head on its own); one comparison batch over the query channels."""
-    positive = 1 - N.less_than(queries, [0.0])[0]
+    positive = N.ge(queries, 0.0, N.VALUE_BOUND)
     return N.cat([queries, N.mul(positive, queries)], -1)
 
 
@@ -357,8 +357,8 @@ class Selection:
 def sign_split(queries: Value) -> Value:
     """Private twin of mpcache.methods.mpcache.sign_split: [sum_g q_g, sum_g q_g [q_g >= 0]] -> [B, H, 2, D]; one
     comparison batch over the query channels (Hq x D per layer, not per token) and a bit x real product (exact)."""
-    positive = N.ge(queries, 0.0, N.VALUE_BOUND)
-    return N.stack([queries.sum(2), N.mul(positive, queries).sum(2)], 2)
+    b, h, _, d = queries.shape
+    return head_split(queries).sum(2).reshape(b, h, 2, d)
 
 
 def cluster_scores(
