@@ -41,13 +41,12 @@ from mpcache.methods.base import (
     chunk_min_max,
     chunks_to_slots,
     group_queries,
-    mask_to_index,
     resolve_budget,
     top_mask,
 )
 from mpcache.methods.mpcache import MPCache, cluster_levels, cluster_similarity, exact_similarity, middle
 from mpcache.methods.shared_prefill import PrefillRecord, PrefillStore, replay_prefill
-from mpcache.model.cache import KVCache
+from mpcache.model.cache import KVCache, LayerKV
 from mpcache.model.transformer import Transformer
 
 
@@ -97,8 +96,17 @@ class MPCacheProbe(MPCache):
         k = self.knobs
         grouped = group_queries(queries, entry.keys.shape[1])[:, :, :, 0]
         parents, children = cluster_levels(
-            grouped, entry.keys, entry.valid, self.budget_tokens, k.alpha, k.cluster_size, k.subcluster_size,
-            k.ratio1, k.similarity, k.topk, k.group,
+            grouped,
+            entry.keys,
+            entry.valid,
+            self.budget_tokens,
+            k.alpha,
+            k.cluster_size,
+            k.subcluster_size,
+            k.ratio1,
+            k.similarity,
+            k.topk,
+            k.group,
         )
         hit = torch.isin(entry.positions, torch.tensor(self.targets)) & entry.valid  # [1, H, L]
         chosen = self.selected[layer]
@@ -157,17 +165,8 @@ class OracleMPCache(MPCache):
             raise ValueError(f"granularity must be 'token' or 'cluster', got {granularity!r}")
         self.granularity = granularity
 
-    def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
-        KVCache.observe(self, layer, queries, query_positions)
-        self.selected[layer] = None
-        if self.forwards[layer] == 0 or queries.shape[2] != 1:
-            return
-        source = self.shared_from.get(layer)
-        if source is not None:
-            self.selected[layer] = self.selected[source]
-            return
-        entry = self.layers[layer]
-        assert entry is not None and self.budget_tokens is not None
+    def choose(self, entry: LayerKV, queries: Tensor, query_positions: Tensor) -> Tensor:
+        assert self.budget_tokens is not None
         probs = attention_probs(queries, entry.keys, query_positions, entry.positions, entry.valid)[:, :, :, 0]
         mass = probs.sum(2) if self.knobs.group == "sum" else probs.amax(2)  # [B, H, L]
         mass = mass.masked_fill(~entry.valid, float("-inf"))
@@ -178,15 +177,15 @@ class OracleMPCache(MPCache):
             size = self.knobs.subcluster_size
             ids = chunk_ids(entry.valid, size)
             n = int(ids.max()) + 1
-            per = mass.new_zeros(*mass.shape[:2], n + 1).scatter_add_(2, torch.where(ids < 0, n, ids),
-                                                                      mass.clamp(min=0))[..., :n]
+            per = mass.new_zeros(*mass.shape[:2], n + 1).scatter_add_(
+                2, torch.where(ids < 0, n, ids), mass.clamp(min=0)
+            )[..., :n]
             last = (entry.valid.sum(-1, keepdim=True) - 1) // size
             per[..., :1] = float("inf")
             per = per.scatter(-1, last, float("inf"))
             chosen = top_mask(per, (budget // size).clamp(min=2))
             mask = chosen.gather(-1, ids.clamp(min=0)) & entry.valid
-        fits = entry.valid.sum(-1) <= budget
-        self.selected[layer] = mask_to_index(mask | (entry.valid & fits[..., None]))
+        return mask
 
 
 @torch.no_grad()
@@ -231,13 +230,31 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
                         at = ((j - 1) * n_layer + layer) * n_kv
                         for cell in probe.log[at : at + n_kv]:
                             cells.append(
-                                cell | {"task": task, "length": length, "sample": index, "step": j,
-                                        "full": full_attn[cell["head"]]}
+                                cell
+                                | {
+                                    "task": task,
+                                    "length": length,
+                                    "sample": index,
+                                    "step": j,
+                                    "full": full_attn[cell["head"]],
+                                }
                             )
-                steps.append({"task": task, "length": length, "sample": index, "prompt": len(prompt),
-                              "budget": budget, "full_probs": full_probs, "mpcache_probs": mp_probs})
-                print(f"{task} {length} #{index}: P(digit) full {[round(p, 2) for p in full_probs]} "
-                      f"mpcache {[round(p, 2) for p in mp_probs]} ({time.perf_counter() - start:.0f} s)", flush=True)
+                steps.append(
+                    {
+                        "task": task,
+                        "length": length,
+                        "sample": index,
+                        "prompt": len(prompt),
+                        "budget": budget,
+                        "full_probs": full_probs,
+                        "mpcache_probs": mp_probs,
+                    }
+                )
+                print(
+                    f"{task} {length} #{index}: P(digit) full {[round(p, 2) for p in full_probs]} "
+                    f"mpcache {[round(p, 2) for p in mp_probs]} ({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
     return {"args": {k: str(v) for k, v in vars(args).items()}, "cells": cells, "steps": steps}
 
 
@@ -252,8 +269,10 @@ def summary(result: dict[str, Any], threshold: float, n_layer: int) -> str:
     ranked = [c for c in need if "rank2" in c]
     if ranked:
         mean = lambda key: sum(c[key] for c in ranked) / len(ranked)
-        lines.append(f"  child rank by similarity {mean('rank2'):.1f}, by exact max q.k {mean('rank_exact'):.1f} "
-                     f"(of {mean('children'):.0f} children)")
+        lines.append(
+            f"  child rank by similarity {mean('rank2'):.1f}, by exact max q.k {mean('rank_exact'):.1f} "
+            f"(of {mean('children'):.0f} children)"
+        )
     lines.append("per layer (cells needing it: static / level1 / level2 / read):")
     for layer in range(n_layer):
         mine = [c for c in need if c["layer"] == layer]
@@ -267,8 +286,10 @@ def summary(result: dict[str, Any], threshold: float, n_layer: int) -> str:
     lines.append("  " + " ".join(f"{sum(o) / len(o):.2f}" if o else "-" for o in overlap[1:]))
     probs_full = [p for s in result["steps"] for p in s["full_probs"][1:]]
     probs_mp = [p for s in result["steps"] for p in s["mpcache_probs"][1:]]
-    lines.append(f"mean P(correct digit), steps >= 1: full {sum(probs_full) / len(probs_full):.2f}, "
-                 f"mpcache {sum(probs_mp) / len(probs_mp):.2f}")
+    lines.append(
+        f"mean P(correct digit), steps >= 1: full {sum(probs_full) / len(probs_full):.2f}, "
+        f"mpcache {sum(probs_mp) / len(probs_mp):.2f}"
+    )
     return "\n".join(lines)
 
 
@@ -314,8 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-threshold", type=float, default=0.1)
     parser.add_argument("--store", type=Path, required=True, help="folder of recorded prefills (shared by runs)")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--static-sweep", type=json.loads, default=None,
-                        help='{"name": {knobs}, ...}: static eviction alone per variant, on the cells of --cells')
+    parser.add_argument(
+        "--static-sweep",
+        type=json.loads,
+        default=None,
+        help='{"name": {knobs}, ...}: static eviction alone per variant, on the cells of --cells',
+    )
     parser.add_argument("--cells", type=Path, default=None, help="a diagnosis JSON (for --static-sweep)")
     args = parser.parse_args(argv)
     args.tasks = args.tasks.split(",")

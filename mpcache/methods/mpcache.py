@@ -67,6 +67,7 @@ from mpcache.methods.base import (
     mask_to_index,
     top_mask,
 )
+from mpcache.model.cache import LayerKV
 
 
 def observation_window(
@@ -479,19 +480,24 @@ class MPCache(PolicyCache):
         fits = entry.valid.sum(-1) <= self.budget_tokens[:, None]  # such heads read everything
         if bool(fits.all()):
             return
-        k = self.knobs
         with torch.no_grad():
-            mask = select_clusters(
-                group_queries(queries, entry.keys.shape[1])[:, :, :, 0],
-                entry.keys,
-                entry.valid,
-                self.budget_tokens,
-                k.alpha,
-                k.cluster_size,
-                k.subcluster_size,
-                k.ratio1,
-                k.similarity,
-                k.topk,
-                k.group,
-            )
+            mask = self.choose(entry, queries, query_positions)
         self.selected[layer] = mask_to_index(mask | (entry.valid & fits[..., None]))
+
+    def choose(self, entry: LayerKV, queries: Tensor, query_positions: Tensor) -> Tensor:
+        """The slots [B, Hkv, L] (bool) a decode step's queries [B, Hq, 1, D] read from a layer's own cache."""
+        assert self.budget_tokens is not None
+        k = self.knobs
+        return select_clusters(
+            group_queries(queries, entry.keys.shape[1])[:, :, :, 0],
+            entry.keys,
+            entry.valid,
+            self.budget_tokens,
+            k.alpha,
+            k.cluster_size,
+            k.subcluster_size,
+            k.ratio1,
+            k.similarity,
+            k.topk,
+            k.group,
+        )
