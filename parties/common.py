@@ -135,6 +135,13 @@ def release_memory() -> None:
         trim(0)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux: getrusage's ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def host_of(address: str) -> str:
     """'host' of 'host:port' (brackets kept for IPv6)."""
     return address.rpartition(":")[0]

@@ -54,6 +54,7 @@ from parties.common import (
     bound_memory,
     host_of,
     parse_json,
+    peak_rss_mb,
     release_memory,
     run_main,
     setup_logging,
@@ -356,7 +357,7 @@ class Party:
             from mpcache.model.loading import from_pretrained
 
             try:
-                model = from_pretrained(path, torch.float64)
+                model = from_pretrained(path)  # float32; share_model converts one tensor at a time
             except (OSError, ValueError) as e:
                 raise Fatal(f"cannot load the model folder {path}: {e}") from None
             config = model.config.to_dict()
@@ -364,15 +365,20 @@ class Party:
         config, comparisons = self.comm.broadcast_obj((config, self.args.comparisons), 0)
         if config is not None:
             from mpcache.model.config import ModelConfig
+            from mpcache.mpc.arith.numerics import share_owned
             from mpcache.mpc.nn import decoder
             from mpcache.mpc.nn.layers import PrivateOptions
 
             if self.rank == 1:
-                model = decoder.architecture_only(ModelConfig.from_dict(config))
+                model = decoder.architecture_only(ModelConfig.from_dict(config))  # shapes only
             options = PrivateOptions(comparisons=comparisons)
-            self.ctx.decoder = decoder.share_model(model, lambda t: self.crypten.cryptensor(t, src=0), options)
-            log.info("step=model shared the decoder (%s, %d layers, %s comparisons)", config["family"],
-                     config["n_layer"], comparisons)  # fmt: skip
+            self.ctx.decoder = decoder.share_model(model, share_owned, options)
+            del model
+            release_memory()
+            log.info(
+                "step=model shared the decoder (%s, %d layers, %s comparisons); peak RSS %.0f MiB", config["family"],
+                config["n_layer"], comparisons, peak_rss_mb(),
+            )  # fmt: skip
             return
         weights = {}
         if path is not None:
@@ -556,8 +562,8 @@ class Party:
         if result is not None:
             log.info(
                 "step=job id=%s done in %.3f s: %d rounds, %d bytes to/from the other party, %d tuples, "
-                "%d dealer bytes", job.job_id, result.stats.elapsed_s, result.stats.rounds, result.stats.bytes,
-                result.stats.tuples, result.stats.dealer_bytes,
+                "%d dealer bytes; peak RSS %.0f MiB", job.job_id, result.stats.elapsed_s, result.stats.rounds,
+                result.stats.bytes, result.stats.tuples, result.stats.dealer_bytes, peak_rss_mb(),
             )  # fmt: skip
 
     def _compute(self, job: Job) -> pb.JobResult:

@@ -247,6 +247,52 @@ def test_private_layers_match_plaintext_and_simulator(parties, family):
     assert got["embedding"][2] == 16 * (ids.numel() * 40 + m.tok_emb.weight.numel())
 
 
+def _tensor_bytes(x: object) -> int:
+    """Bytes of a tensor or of an MPCTensor's share (0 for anything else)."""
+    t = x.share if N.is_private(x) else x
+    return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+
+def _private_tied_model(ids: torch.Tensor) -> dict:
+    """Party 0 shares a tied tiny model; party 1 passes the meta architecture (decoder.architecture_only)."""
+    from mpcache.mpc.nn import decoder
+
+    crypten = N.crypten
+    crypten.cfg.communicator.verbose = True
+    rank = crypten.communicator.get().get_rank()
+    m = tiny("llama", tie_embeddings=True)
+    model = m if rank == 0 else decoder.architecture_only(m.config)
+    pm = decoder.share_model(model, N.share_owned)
+    table = pm.tok_emb.table
+    held = [pm.tok_emb.table] + [lin.weight_t for blk in pm.blocks for lin in (blk.attn.qkv, blk.mlp.up)]
+    tokens = crypten.cryptensor(L.one_hot(ids, m.config.vocab_size), src=1, precision=0)
+    logits = N.decode(pm(tokens, L.PrivateKVCache(1)))
+    crypten.cfg.communicator.verbose = False
+    return {
+        "logits": logits,
+        "head_reads_table": pm.lm_head.weight_t.w is table,
+        "table": N.decode(table.value),
+        "bytes_held": [sum(_tensor_bytes(t) for t in vars(op).values()) for op in held],
+        "numel": [op.shape.numel() for op in held],
+    }
+
+
+@pytest.mark.timeout(300)
+def test_tied_head_reads_the_embedding_operand_and_party1_holds_no_weights(parties):
+    ids = torch.randint(0, 40, (1, 5), generator=torch.Generator().manual_seed(6))
+    got = parties.run(_private_tied_model, ids)
+    m = tiny("llama", tie_embeddings=True)
+    with torch.no_grad():
+        ref = m(ids)
+    for rank in (0, 1):
+        out = got[rank]
+        assert out["head_reads_table"]  # one operand (one sharing, one mask) for the lookup and the LM head
+        assert (out["logits"] - ref).abs().max() < 2e-3
+        assert (out["table"] - m.tok_emb.weight).abs().max() <= 2**-16  # W's share rebuilt from B's and W - B
+        # a weight-stationary operand holds B's share and W - B, 16 bytes per element, not W's share too
+        assert out["bytes_held"] == [16 * n for n in out["numel"]]
+
+
 def _private_norms(x: torch.Tensor, options: L.PrivateOptions) -> dict:
     crypten = N.crypten
     out = {}

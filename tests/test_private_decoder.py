@@ -32,15 +32,17 @@ SIM_TOL, BUNDLED_SIM_TOL, EXACT_TOL = 2e-3, 1e-2, 2e-2
 FAST = dict(timeout=60.0, party_timeout=60.0, heartbeat=1.0)
 
 
-def tiny_checkpoint(folder: Path, family: str, max_position: int = 64) -> Transformer:
+def tiny_checkpoint(folder: Path, family: str, max_position: int = 64, tie_embeddings: bool = False) -> Transformer:
     torch.manual_seed(1)
     config = ModelConfig(
         family=family, vocab_size=40, n_layer=2, n_head=4, n_kv_head=2 if family == "llama" else 4, d_model=32,
         d_ff=64, max_position=max_position, activation="silu" if family == "llama" else "gelu_new",
+        tie_embeddings=tie_embeddings,
     )  # fmt: skip
     model = Transformer(config).double().eval()
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    state = {k: v for k, v in model.state_dict().items() if not (tie_embeddings and k == "lm_head.weight")}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     config.save(folder / "config.json")
     return model
 
@@ -77,9 +79,10 @@ def check_report(results, n_layer: int, steps: int, ops: set[str]) -> list[dict]
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_private_decoder_over_grpc_matches_plaintext_and_simulator(tmp_path, family):
-    model = tiny_checkpoint(tmp_path / "model", family)
+@pytest.mark.parametrize("family,tied", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_private_decoder_over_grpc_matches_plaintext_and_simulator(tmp_path, family, tied):
+    """tied: the LM head reads the embedding table's operand (FIXED_MATMUL_T tuples from the dealer process)."""
+    model = tiny_checkpoint(tmp_path / "model", family, tie_embeddings=tied)
     ids = torch.randint(0, 40, (1, 7), generator=torch.Generator().manual_seed(3))
     steps = 3
     dep = Deployment(tmp_path / "run", insecure=True, model=tmp_path / "model", **FAST)

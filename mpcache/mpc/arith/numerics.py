@@ -38,6 +38,7 @@ from mpcache.mpc.arith import compare
 from mpcache.mpc.arith.compare import comparisons  # noqa: F401  (re-exported: the protocol switch)
 from mpcache.mpc.arith.crypten_compat import import_crypten
 from mpcache.mpc.arith.ring import (
+    FIXED_PRODUCTS,
     TRUNC_OFFSET,
     check_divisor,
     mask_block,
@@ -191,10 +192,10 @@ class LocalDealer(TrustedFirstParty):
         if comm.get().get_rank() == 0:
             a = generate_random_ring_element(size, device=device)
             a, c = ArithmeticSharedTensor(a, precision=0, src=0), ArithmeticSharedTensor(
-                getattr(torch, op)(a, b), precision=0, src=0
+                FIXED_PRODUCTS[op](a, b), precision=0, src=0
             )
         else:
-            c_size = getattr(torch, op)(torch.empty(size, device="meta"), b).shape
+            c_size = FIXED_PRODUCTS[op](torch.empty(size, device="meta"), b).shape
             a = ArithmeticSharedTensor(None, size=size, precision=0, src=0)
             c = ArithmeticSharedTensor(None, size=c_size, precision=0, src=0)
         self._sent(c)
@@ -301,26 +302,57 @@ class FixedOperand:
         x @ W = A @ B + (x - A) @ B + A @ (W - B) + (x - A) @ (W - B).
     B is never reused for another operand, so W - B stays a one-time pad. Needs a provider with `fixed_mask`
     and `fixed_triple`; `fixed(w)` returns w itself otherwise (and for simulator tensors).
+
+    Memory: a party keeps B's share and W - B (16 bytes per element), not W's share: that is B's share plus
+    W - B at party 0 (`value` rebuilds it when a public operand needs it). `transposed()` reads the same opening
+    as x @ W^T (a tied LM head from the embedding table's operand; tuples (A, A @ B^T)).
     """
 
     def __init__(self, w: MPCTensor) -> None:
         provider = crypten.mpc.get_default_provider()
-        self.value = w
-        self.key, self.mask = provider.fixed_mask(w.size())
-        self.opened = comm.get().all_reduce(w.share - self.mask.share)  # W - B, one round, once
+        self.shape, self.precision = w.size(), _scale(w)
+        self.key, mask = provider.fixed_mask(w.size())
+        self.mask = mask.share
+        self.opened = comm.get().all_reduce(w.share - self.mask)  # W - B, one round, once
+
+    @property
+    def value(self) -> MPCTensor:
+        """W as an MPCTensor (this party's share: B's share, plus W - B at party 0)."""
+        share = self.mask + self.opened if comm.get().get_rank() == 0 else self.mask.clone()
+        return MPCTensor.from_shares(share, precision=int(math.log2(self.precision)))
+
+    def transposed(self) -> TransposedOperand:
+        return TransposedOperand(self)
+
+    def product(self, op: str, x: MPCTensor, shift: int) -> MPCTensor:
+        """op(x, W) / 2^shift for op in FIXED_PRODUCTS ("matmul_t": x @ W^T)."""
+        a, c = crypten.mpc.get_default_provider().fixed_triple(self.key, x.size(), op)
+        eps = comm.get().all_reduce(x.share - a.share)
+        f = FIXED_PRODUCTS[op]
+        raw = c.share + f(eps, self.mask) + f(a.share, self.opened)
+        if comm.get().get_rank() == 0:
+            raw = raw + f(eps, self.opened)
+        return _from_raw(raw, _scale(x) * self.precision, shift)
+
+
+class TransposedOperand:
+    """W^T of a FixedOperand W as a right operand: x @ W^T from W's own mask and opening (no second copy)."""
+
+    def __init__(self, w: FixedOperand) -> None:
+        self.w = w
 
     @property
     def shape(self) -> torch.Size:
-        return self.value.shape
+        return torch.Size([*self.w.shape[:-2], self.w.shape[-1], self.w.shape[-2]])
+
+    @property
+    def value(self) -> MPCTensor:
+        return self.w.value.transpose(-1, -2)
 
     def product(self, op: str, x: MPCTensor, shift: int) -> MPCTensor:
-        a, c = crypten.mpc.get_default_provider().fixed_triple(self.key, x.size(), op)
-        eps = comm.get().all_reduce(x.share - a.share)
-        f = getattr(torch, op)
-        raw = c.share + f(eps, self.mask.share) + f(a.share, self.opened)
-        if comm.get().get_rank() == 0:
-            raw = raw + f(eps, self.opened)
-        return _from_raw(raw, _scale(x) * _scale(self.value), shift)
+        if op != "matmul":
+            raise ValueError(f"a transposed weight-stationary operand takes matmul only, got {op!r}")
+        return self.w.product("matmul_t", x, shift)
 
 
 def fixed(w: Value) -> Value | FixedOperand:
@@ -328,6 +360,22 @@ def fixed(w: Value) -> Value | FixedOperand:
     if is_private(w) and hasattr(crypten.mpc.get_default_provider(), "fixed_mask"):
         return FixedOperand(w)
     return w
+
+
+def transposed(w: Value | FixedOperand) -> Value | TransposedOperand:
+    """w^T over the last two dims, sharing w's storage (a FixedOperand's mask and opening; a tensor's view)."""
+    return w.transposed() if isinstance(w, FixedOperand) else w.transpose(-1, -2)
+
+
+def share_owned(t: Tensor, src: int = 0) -> MPCTensor:
+    """crypten.cryptensor(t, src=src), where the parties other than `src` may pass a meta tensor (a model's
+    architecture without weights, `decoder.architecture_only`): only its shape is used, no memory is allocated
+    for values these parties do not have."""
+    if not t.is_meta:
+        return crypten.cryptensor(t, src=src)
+    if comm.get().get_rank() == src:
+        raise ValueError("the owner of a shared tensor must pass its values, not a meta tensor")
+    return MPCTensor.from_shares(ArithmeticSharedTensor.PRZS(tuple(t.shape)).share)
 
 
 def growing_capacity(n: int) -> int:
@@ -443,11 +491,13 @@ class GrowingOperand:
         return _from_raw(raw, _scale(x) * (1 << self._precision), shift)
 
 
-def _product(op: str, x: Value, y: Value | FixedOperand | GrowingOperand, shift: int) -> Value:
+def _product(
+    op: str, x: Value, y: Value | FixedOperand | TransposedOperand | GrowingOperand, shift: int
+) -> Value:
     """op(x, y) / 2^shift for op in {mul, matmul}: one Beaver round when both are private, one truncation."""
     if isinstance(y, GrowingOperand):
         return y.product(op, x, shift)
-    if isinstance(y, FixedOperand):
+    if isinstance(y, (FixedOperand, TransposedOperand)):
         return y.product(op, x, shift) if is_private(x) else _product(op, x, y.value, shift)
     if not is_private(x) and not is_private(y):
         dtype = x.dtype if x.is_floating_point() else y.dtype
@@ -471,7 +521,7 @@ def mul(x: Value, y: Value | Tensor | float, shift: int = 0) -> Value:
     return _product("mul", x, y if is_private(y) or torch.is_tensor(y) else torch.tensor(float(y)), shift)
 
 
-def matmul(x: Value, y: Value | FixedOperand | GrowingOperand, shift: int = 0) -> Value:
+def matmul(x: Value, y: Value | FixedOperand | TransposedOperand | GrowingOperand, shift: int = 0) -> Value:
     """x @ y / 2^shift with one truncation for the whole product."""
     return _product("matmul", x, y, shift)
 

@@ -5,6 +5,8 @@ of Z_2^64, and a dealer builds the same tuples the in-process provider does from
   `truncation_tuple`); numerics.exact_truncate_ is the protocol that consumes it.
 - The leading block of a weight-stationary mask (`mask_block`): an append-only operand multiplies with the first
   rows of its mask B only (numerics.GrowingOperand), and the dealer derives its tuples from the same block.
+- The products of a weight-stationary mask (`FIXED_PRODUCTS`): C = op(A, B) as both the dealer and the
+  in-process provider compute it ("matmul_t": A @ B^T, a tied LM head reading the embedding table's mask).
 """
 
 from __future__ import annotations
@@ -78,3 +80,10 @@ def mask_block(mask: torch.Tensor, block: Sequence[int]) -> torch.Tensor:
         return mask
     check_mask_block(mask.shape, block)
     return mask[tuple(slice(0, n) for n in block)]
+
+
+def _matmul_t(a: Tensor, b: Tensor) -> Tensor:
+    return torch.matmul(a, b.transpose(-1, -2))
+
+
+FIXED_PRODUCTS = {"mul": torch.mul, "matmul": torch.matmul, "matmul_t": _matmul_t}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from mpcache.mpc.arith.ring import MAX_DIVISOR, mask_block, truncation_derived
+from mpcache.mpc.arith.ring import FIXED_PRODUCTS, MAX_DIVISOR, mask_block, truncation_derived
 from mpcache.mpc.transport import wire
 from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 
@@ -41,7 +41,7 @@ BEAVER_OPS = {
     pb.BEAVER_CONV_TRANSPOSE2D: "conv_transpose2d",
 }
 OP_KINDS = {op: kind for kind, op in BEAVER_OPS.items()}
-FIXED_OPS = {pb.FIXED_MUL: "mul", pb.FIXED_MATMUL: "matmul"}  # products with a weight-stationary mask B
+FIXED_OPS = {pb.FIXED_MUL: "mul", pb.FIXED_MATMUL: "matmul", pb.FIXED_MATMUL_T: "matmul_t"}  # ring.FIXED_PRODUCTS
 CONV_KINDS = set(BEAVER_OPS) - {pb.BEAVER_MUL, pb.BEAVER_MATMUL}
 
 
@@ -145,6 +145,8 @@ class Spec:
                 return _broadcast(self.shape_a, self.shape_b)
             if self.kind in (pb.BEAVER_MATMUL, pb.FIXED_MATMUL):
                 return _matmul_shape(self.shape_a, self.shape_b)
+            if self.kind == pb.FIXED_MATMUL_T:
+                return _matmul_shape(self.shape_a, (*self.shape_b[:-2], *self.shape_b[-2:][::-1]))
             if self.kind in CONV_KINDS:
                 a = torch.empty(self.shape_a, device="meta")
                 b = torch.empty(self.shape_b, device="meta")
@@ -300,7 +302,7 @@ def derived_value(spec: Spec, shares: list[list[torch.Tensor]], mask: torch.Tens
     if spec.kind == pb.FIXED_MASK:
         return torch.empty(0, dtype=torch.int64)
     if spec.kind in FIXED_OPS:
-        return getattr(torch, FIXED_OPS[spec.kind])(parts[0], mask_block(mask, spec.shape_b))
+        return FIXED_PRODUCTS[FIXED_OPS[spec.kind]](parts[0], mask_block(mask, spec.shape_b))
     if spec.kind == pb.EXACT_TRUNCATION:
         return truncation_derived(parts[0], spec.divisor_value())
     if spec.kind == pb.TRUNCATION_PAIR:

@@ -30,9 +30,10 @@ CacheFactory = Callable[[int], L.PrivateKVCache]  # n_layer -> an empty private 
 
 
 def architecture_only(config: ModelConfig) -> Transformer:
-    """The model as party 1 knows it: the public architecture; its (random) weights are never used, only shapes."""
-    with torch.no_grad():
-        return Transformer(config).double().eval()
+    """The model as party 1 knows it: the public architecture, its weights meta tensors (shapes, no memory);
+    share it with numerics.share_owned."""
+    with torch.device("meta"):
+        return Transformer(config).eval()
 
 
 def share_model(model: Transformer, share: L.Share, options: L.PrivateOptions | None = None) -> L.PrivateTransformer:

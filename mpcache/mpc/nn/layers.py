@@ -82,7 +82,7 @@ class Linear:
     A private weight is opened once against a fixed dealer mask (numerics.FixedOperand), so each product sends
     only the masked input."""
 
-    def __init__(self, weight_t: Value | N.FixedOperand, bias: Value | None) -> None:
+    def __init__(self, weight_t: Value | N.FixedOperand | N.TransposedOperand, bias: Value | None) -> None:
         self.weight_t, self.bias = weight_t, bias
 
     @classmethod
@@ -93,7 +93,7 @@ class Linear:
         if all(b is None for b in biases):
             return cls(N.fixed(share(w)), None)
         b = torch.cat(
-            [(torch.zeros(lin.out_features) if lin.bias is None else lin.bias.detach()).double() * s
+            [(lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias.detach()).double() * s
              for lin, s in zip(linears, scales)]
         )  # fmt: skip
         return cls(N.fixed(share(w)), share(b))
@@ -459,8 +459,20 @@ class PrivateTransformer:
 
     @classmethod
     def from_plain(cls, model: Transformer, share: Share, options: PrivateOptions | None = None) -> PrivateTransformer:
-        """Share a plaintext model's weights (server side). share=lambda t: t gives the float simulator."""
+        """Share a plaintext model's weights (server side). share=lambda t: t gives the float simulator.
+
+        Weights are shared one tensor at a time in float64 (a layer's fused projection at most: no float64 copy
+        of the whole model), the largest first (the embedding table: the peak while little else is held), and a
+        tied LM head reads the embedding's operand transposed (one sharing, one opening, one mask). At a party
+        that does not own the model, `model` may be `decoder.architecture_only` (meta tensors: shapes only) with
+        `share` = numerics.share_owned."""
         options = options or PrivateOptions()
+        table = N.fixed(share(model.tok_emb.weight.detach().double()))
+        if model.config.tie_embeddings:
+            lm_head = Linear(N.transposed(table), None)
+        else:
+            lm_head = Linear.from_plain([model.lm_head], share)
+        pos_emb = share(model.pos_emb.weight.detach().double()) if model.config.family == "gpt2" else None
         blocks = [
             Block(
                 make_norm(blk.attn_norm, share, options),
@@ -470,16 +482,8 @@ class PrivateTransformer:
             )
             for blk in model.blocks
         ]
-        pos_emb = share(model.pos_emb.weight.detach().double()) if model.config.family == "gpt2" else None
-        return cls(
-            model.config,
-            Embedding(N.fixed(share(model.tok_emb.weight.detach().double()))),
-            pos_emb,
-            blocks,
-            make_norm(model.norm, share, options),
-            Linear.from_plain([model.lm_head], share),
-            options,
-        )
+        norm = make_norm(model.norm, share, options)
+        return cls(model.config, Embedding(table), pos_emb, blocks, norm, lm_head, options)
 
     def __call__(
         self,

@@ -70,6 +70,7 @@ class TupleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FIXED_MASK: _ClassVar[TupleKind]
     FIXED_MUL: _ClassVar[TupleKind]
     FIXED_MATMUL: _ClassVar[TupleKind]
+    FIXED_MATMUL_T: _ClassVar[TupleKind]
     FSS_COMPARE: _ClassVar[TupleKind]
 
 class ShareEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -139,6 +140,7 @@ EXACT_TRUNCATION: TupleKind
 FIXED_MASK: TupleKind
 FIXED_MUL: TupleKind
 FIXED_MATMUL: TupleKind
+FIXED_MATMUL_T: TupleKind
 FSS_COMPARE: TupleKind
 SHARE_ENCODING_UNSPECIFIED: ShareEncoding
 TOKEN_IDS: ShareEncoding
