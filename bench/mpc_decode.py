@@ -15,8 +15,11 @@ symmetric), dealer bytes (correlated randomness from the dealer: party 0's, and 
 the in-process dealer counts what a dealer process would send) and latency (wall time) are party 0's means over the
 `--steps` decode steps that follow one uncounted warm-up step at every length: the warm-up opens the adopted cache
 against fresh dealer masks, a one-time cost like the private prefill's (`per_step` keeps each step). Models: the
-bundled model and "paper", the MPCache paper's efficiency setting (1 layer, hidden 1024, 32 heads, SiLU, GPT-2 layout;
-random weights; byte vocabulary of 264 so the LM head stays small).
+bundled model, "paper", the MPCache paper's efficiency setting (1 layer, hidden 1024, 32 heads, SiLU, GPT-2 layout;
+random weights; byte vocabulary of 264 so the LM head stays small), "smollm2" (SmolLM2-135M-Instruct) or any
+checkpoint folder the plaintext loader reads: party 0 loads it, party 1 builds only its architecture from
+config.json. `peak_rss_mib` / `peak_rss_mib_party1`: each party's peak resident memory so far (the in-process dealer
+of this bench keeps every weight's mask in the clear at party 0: 8 bytes per weight more than a deployment's party 0).
 
 Comparisons: `--comparisons fss` (default; one round from FSS keys, PrivateOptions.comparisons) and/or `crypten`
 (CrypTen's adder), one row per protocol (`comparisons`; ratios to full within the same protocol). With FSS keys the
@@ -201,19 +204,34 @@ def add_accuracy(rows: list[dict], accuracy_rows: list[dict]) -> None:
             row["accuracy_tasks"] = sorted({a.get("task") for a in hits})
 
 
-def build_model(name: str, seed: int = 0):
+def check_model(name: str) -> None:
+    """bundled, paper, smollm2 or a checkpoint folder the plaintext loader reads (its config.json); raises
+    ValueError / FileNotFoundError before any party starts."""
+    if name in ("bundled", "paper"):
+        return
+    from mpcache.model.loading import checkpoint_folder, model_config
+
+    model_config(checkpoint_folder(name))
+
+
+def build_model(name: str, rank: int = 0, seed: int = 0):
+    """The model as party `rank` has it: the owner (0) loads the weights, party 1 only the architecture (meta
+    tensors, shared with numerics.share_owned) except for the random "paper" model both build alike."""
     import torch
 
     from mpcache.model.config import ModelConfig
-    from mpcache.model.loading import load_bundled
+    from mpcache.model.loading import checkpoint_folder, load_bundled, load_model, model_config
     from mpcache.model.transformer import Transformer
+    from mpcache.mpc.nn.decoder import architecture_only
 
-    if name == "bundled":
-        return load_bundled(dtype=torch.float64)[0]
     if name == "paper":
         torch.manual_seed(seed)
         return Transformer(ModelConfig(**PAPER)).double().eval()
-    raise ValueError(f"unknown model {name!r}; expected bundled or paper")
+    if rank != 0:
+        return architecture_only(model_config(checkpoint_folder(name)))
+    if name == "bundled":
+        return load_bundled(dtype=torch.float64)[0]
+    return load_model(name)[0]  # float32: shared one tensor at a time in float64
 
 
 def party(rank: int, args: dict) -> None:
@@ -225,6 +243,8 @@ def party(rank: int, args: dict) -> None:
 
 
 def _party(rank: int, args: dict) -> None:
+    import resource
+
     import torch
 
     from mpcache.model.cache import KVCache
@@ -245,11 +265,10 @@ def _party(rank: int, args: dict) -> None:
         )  # fmt: skip
         N.install()
         crypten.cfg.communicator.verbose = True
-        share = lambda t: crypten.cryptensor(t, src=0)  # noqa: E731 - party 0 is the model owner
         for model_name in args["models"]:
-            model = build_model(model_name)
+            model = build_model(model_name, rank)  # party 0 is the model owner
             config = model.config
-            pm = decoder.share_model(model, share, L.PrivateOptions(comparisons=args["comparisons"]))
+            pm = decoder.share_model(model, N.share_owned, L.PrivateOptions(comparisons=args["comparisons"]))
             for n in args["seq_lens"]:
                 plain = None
                 if rank == 0:
@@ -260,7 +279,7 @@ def _party(rank: int, args: dict) -> None:
                 shapes = [(1, config.n_kv_head, n, config.head_dim)] * config.n_layer
                 budget = budget_for(n, args["budget"], args["budget_ratio"])
                 method = METHODS[args["method"]](budget, **args["knobs"])
-                cache = method(decoder.share_cache(plain, config, shapes, share))
+                cache = method(decoder.share_cache(plain, config, shapes, N.share_owned))
                 token = crypten.cryptensor(L.one_hot(torch.tensor([[1]]), config.vocab_size), src=1, precision=0)
                 # warm-up step, not counted: first use of the code paths, and the one-time opening of the adopted
                 # cache against fresh dealer masks (full: the keys/values; mpcache: the gather's middle children)
@@ -286,7 +305,7 @@ def _party(rank: int, args: dict) -> None:
                     "keygen_s": keygen, "budget": budget,
                     "budget_ratio": args["budget_ratio"], "cache": CACHE_NOTE, "steps": args["steps"],
                     "per_step": [{k: s[k] for k in ("rounds", "bytes", "dealer_bytes", "seconds")} for s in steps],
-                    "by_op": by_op,
+                    "by_op": by_op, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 })  # fmt: skip
                 print(f"party {rank}: {link} {model_name} n={n}: {rows[-1]['latency_s']:.2f} s", flush=True)
         crypten.uninit()
@@ -417,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seq-lens", default="512,1024", help="cached lengths, comma-separated")
     parser.add_argument("--link", default="lan,wan", help=f"comma-separated, from {sorted(LINKS)}; loopback always")
-    parser.add_argument("--models", default="bundled,paper", help="bundled and/or paper")
+    parser.add_argument(
+        "--models", default="bundled,paper", help="comma-separated: bundled, paper, smollm2, checkpoint folders"
+    )
     parser.add_argument("--comparisons", default="fss", help="comma-separated comparison protocols: fss, crypten")
     parser.add_argument("--steps", type=int, default=2, help="decode steps timed per length")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
@@ -446,9 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     protocols = [v for v in opts.comparisons.split(",") if v]
     if not protocols or set(protocols) - {"fss", "crypten"}:
         parser.error(f"--comparisons takes fss and/or crypten, got {opts.comparisons!r}")
-    bad = [v for v in links if v not in LINKS] + [m for m in models if m not in ("bundled", "paper")]
+    bad = [v for v in links if v not in LINKS]
     if bad or not methods:
-        parser.error(f"unknown link/model {bad} or no method; links {sorted(LINKS)}, methods {sorted(METHODS)}")
+        parser.error(f"unknown link {bad} or no method; links {sorted(LINKS)}, methods {sorted(METHODS)}")
+    for name in models:
+        try:
+            check_model(name)
+        except (OSError, ValueError) as error:
+            parser.error(f"--models {name}: {error}")
     if any(n < 1 for n in seq_lens) or opts.steps < 1:
         parser.error("--seq-lens and --steps must be positive")
     if opts.budget is not None and opts.budget_ratio is not None:
@@ -507,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             party1 = json.loads(Path(tmp, "rank1.json").read_text())
             for row, other in zip(json.loads(Path(tmp, "rank0.json").read_text()), party1, strict=True):
-                rows.append({**row, "dealer_bytes_party1": other["dealer_bytes_per_party"]})
+                extra = {"dealer_bytes_party1": other["dealer_bytes_per_party"]}
+                rows.append({**row, **extra, "peak_rss_mib_party1": other["peak_rss_mib"]})
             print(f"{label} ({protocol}): measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     report(rows, opts, accuracy_rows)

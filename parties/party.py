@@ -372,7 +372,7 @@ class Party:
             if self.rank == 1:
                 model = decoder.architecture_only(ModelConfig.from_dict(config))  # shapes only
             options = PrivateOptions(comparisons=comparisons)
-            self.ctx.decoder = decoder.share_model(model, share_owned, options)
+            self.ctx.decoder = decoder.share_model(model, share_owned, options, consume=True)
             del model
             release_memory()
             log.info(

@@ -125,6 +125,12 @@ def load_model(name: str | Path = "bundled", dtype: torch.dtype = torch.float32)
 
 
 # ---------------------------------------------------------------- config.json
+def model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint folder (mpcache's own or Hugging Face's config.json), without its weights."""
+    raw = read_config(Path(path))
+    return ModelConfig.from_dict(raw) if is_mpcache_config(raw) else config_from_hf(raw)
+
+
 def read_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist or is not a folder")

@@ -48,6 +48,7 @@ class ScoreRecorder(KVCache):
     def __init__(self, n_layer: int) -> None:
         super().__init__(n_layer)
         self.max_score = [-math.inf] * n_layer
+        self.min_score = [math.inf] * n_layer  # the lowest visible score (its magnitude: numerics.SCORE_LIMIT)
         self.max_spread = [0.0] * n_layer
 
     def observe(self, layer: int, queries: Tensor, query_positions: Tensor) -> None:
@@ -64,6 +65,7 @@ class ScoreRecorder(KVCache):
         low = scores.masked_fill(~visible, math.inf).amin(-1)
         seen = visible.any(-1)
         self.max_score[layer] = max(self.max_score[layer], float(top[seen].max()))
+        self.min_score[layer] = min(self.min_score[layer], float(low[seen].min()))
         self.max_spread[layer] = max(self.max_spread[layer], float((top - low)[seen].max()))
 
 

@@ -27,7 +27,7 @@ import torch
 from mpcache.eval.runner import prompt_overhead, prompt_text
 from mpcache.eval.tasks import TASKS, Sample, exact_match, make_sample
 from mpcache.model.config import ModelConfig
-from mpcache.model.loading import checkpoint_folder, config_from_hf, is_mpcache_config, load_tokenizer, read_config
+from mpcache.model.loading import checkpoint_folder, load_tokenizer, model_config
 from mpcache.model.tokenizer import Tokenizer
 from mpcache.mpc.arith.accounting import summarize
 from mpcache.mpc.deploy.launcher import Deployment
@@ -103,8 +103,7 @@ def make_prompt(model: str, task: str, length: int, seed: int) -> Prompt:
     """The client's side: config.json and the tokenizer of `model` (a name or a folder; weights are not read) and a
     `task` prompt of about `length` tokens as the model reads it (in its chat template if it has one)."""
     folder = checkpoint_folder(model)
-    raw = read_config(folder)
-    config = ModelConfig.from_dict(raw) if is_mpcache_config(raw) else config_from_hf(raw)
+    config = model_config(folder)
     tokenizer = load_tokenizer(folder)
     count = lambda text: len(tokenizer.encode(text, add_bos=False))
     sample = make_sample(task, length, seed, count, reserve=prompt_overhead(tokenizer))

@@ -36,9 +36,12 @@ def architecture_only(config: ModelConfig) -> Transformer:
         return Transformer(config).eval()
 
 
-def share_model(model: Transformer, share: L.Share, options: L.PrivateOptions | None = None) -> L.PrivateTransformer:
-    """Secret-share the model owner's weights (`share`: plaintext -> MPCTensor from the owner; identity: simulator)."""
-    return L.PrivateTransformer.from_plain(model, share, options)
+def share_model(
+    model: Transformer, share: L.Share, options: L.PrivateOptions | None = None, consume: bool = False
+) -> L.PrivateTransformer:
+    """Secret-share the model owner's weights (`share`: plaintext -> MPCTensor from the owner; identity: simulator;
+    numerics.share_owned with `architecture_only` at the other party). consume=True empties `model` as it goes."""
+    return L.PrivateTransformer.from_plain(model, share, options, consume)
 
 
 def share_cache(plain: KVCache | None, config: ModelConfig, shapes: list[tuple[int, ...]], share: L.Share):

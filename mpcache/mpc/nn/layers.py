@@ -44,7 +44,10 @@ SCORE_RANGE = 64.0  # default spread of visible attention scores below the row m
 class PrivateOptions:
     """Public numeric choices of the private model."""
 
-    norm_range: tuple[float, float] = (2.0**-6, 2.0**14)  # domain of mean(x^2) + eps / var + eps
+    # domain of mean(x^2) + eps (var + eps): SmolLM2-135M reaches 0.007 (layer 0) to 1.09e6 (layers 12-28: its massive
+    # activation, one residual channel near 2.5e4), `python -m mpcache.mpc.nn.ranges`; the range costs comparisons
+    # per norm row only (one ladder threshold per quarter octave)
+    norm_range: tuple[float, float] = (2.0**-10, 2.0**24)
     # Attention softmax (numerics.softmax). score_bound: a public bound on the attention scores, one number or one
     # per layer (`mpcache.mpc.arith.score_bounds` calibrates them), to skip the row max; None subtracts the max (the
     # accurate default: a bound loose by b costs a factor e^b in precision, see bench.softmax_modes).
@@ -139,6 +142,16 @@ class LayerNorm:
             return _normalise(c, self.weight, self.eps, self.options) + self.bias
 
 
+def norm_shifts(d: int, norm_range: tuple[float, float]) -> tuple[int, int]:
+    """(k, c) of `_normalise` for width d: squares kept 2^k larger, 1 / sqrt(sum) returned 2^c larger."""
+    lo, hi = (d * v for v in norm_range)
+    k = min(16, max(0, 2 * math.ceil(-math.log2(lo) / 2)))  # lo 2^k >= 1
+    c = min(math.ceil(math.log2(hi) / 2), 14 + math.floor(math.log2(lo) / 2))
+    if c + k // 2 < 0:
+        raise ValueError(f"norm_range {norm_range} is too wide for d={d}")
+    return k, c
+
+
 def _normalise(x: Value, weight_sqrt_d: Value, eps: float, options: PrivateOptions) -> Value:
     """x * weight_sqrt_d / sqrt(sum(x^2) + d eps), for mean(x^2) + eps within options.norm_range = (lo, hi).
 
@@ -149,10 +162,7 @@ def _normalise(x: Value, weight_sqrt_d: Value, eps: float, options: PrivateOptio
     """
     d = x.shape[-1]
     lo, hi = (d * v for v in options.norm_range)
-    k = min(16, max(0, 2 * math.ceil(-math.log2(lo) / 2)))  # lo 2^k >= 1
-    c = min(math.ceil(math.log2(hi) / 2), 14 + math.floor(math.log2(lo) / 2))
-    if c + k // 2 < 0:
-        raise ValueError(f"norm_range {options.norm_range} is too wide for d={d}")
+    k, c = norm_shifts(d, options.norm_range)
     sq, xw = N.mul(N.stack([x, x]), N.stack([x, weight_sqrt_d.expand(x.shape)]), shift=-k)
     r = N.inv_sqrt(sq.sum(-1, keepdim=True) + d * eps * 2**k, lo * 2**k, hi * 2**k, scale_bits=c + k // 2)
     return N.mul(xw, r, shift=c + k)  # (x w 2^k) (2^c / sqrt(sum)) / 2^(c + k)
@@ -458,31 +468,45 @@ class PrivateTransformer:
         self.norm, self.lm_head, self.options = norm, lm_head, options
 
     @classmethod
-    def from_plain(cls, model: Transformer, share: Share, options: PrivateOptions | None = None) -> PrivateTransformer:
+    def from_plain(
+        cls, model: Transformer, share: Share, options: PrivateOptions | None = None, consume: bool = False
+    ) -> PrivateTransformer:
         """Share a plaintext model's weights (server side). share=lambda t: t gives the float simulator.
 
         Weights are shared one tensor at a time in float64 (a layer's fused projection at most: no float64 copy
         of the whole model), the largest first (the embedding table: the peak while little else is held), and a
         tied LM head reads the embedding's operand transposed (one sharing, one opening, one mask). At a party
         that does not own the model, `model` may be `decoder.architecture_only` (meta tensors: shapes only) with
-        `share` = numerics.share_owned."""
+        `share` = numerics.share_owned. consume=True: each plaintext module's weights become meta tensors once
+        shared (the owner's float copy goes as its shares come: a deployment's party 0 keeps no plaintext model)."""
         options = options or PrivateOptions()
+
+        def done(*modules: nn.Module) -> None:
+            if consume:
+                for module in modules:
+                    module.to("meta")
+
         table = N.fixed(share(model.tok_emb.weight.detach().double()))
         if model.config.tie_embeddings:
             lm_head = Linear(N.transposed(table), None)
         else:
             lm_head = Linear.from_plain([model.lm_head], share)
-        pos_emb = share(model.pos_emb.weight.detach().double()) if model.config.family == "gpt2" else None
-        blocks = [
-            Block(
+        done(model.tok_emb, model.lm_head)
+        pos_emb = None
+        if model.config.family == "gpt2":
+            pos_emb = share(model.pos_emb.weight.detach().double())
+            done(model.pos_emb)
+        blocks = []
+        for blk in model.blocks:
+            blocks.append(Block(
                 make_norm(blk.attn_norm, share, options),
                 Attention.from_plain(blk.attn, share, options),
                 make_norm(blk.mlp_norm, share, options),
                 MLP.from_plain(blk.mlp, share),
-            )
-            for blk in model.blocks
-        ]
+            ))  # fmt: skip
+            done(blk)
         norm = make_norm(model.norm, share, options)
+        done(model.norm)
         return cls(model.config, Embedding(table), pos_emb, blocks, norm, lm_head, options)
 
     def __call__(
