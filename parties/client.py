@@ -219,6 +219,28 @@ class Client:
         tokens = outs[0][0].argmax(-1).tolist()
         return tokens, (outs[1] if return_logits else None), results
 
+    def generate_client_argmax(
+        self, ids: list[int], vocab_size: int, max_new_tokens: int, timeout: float, cache: str = "client-argmax"
+    ) -> tuple[list[int], list[list[pb.JobResult]]]:
+        """Greedy decoding where this client takes each argmax from the logits the parties return (job generate's
+        output "logits"; parties/jobs.py states what that reveals): one job per token, the parties' KV cache kept
+        between them under the name `cache` and dropped after the last. Returns the tokens and every job's results."""
+        from mpcache.mpc.nn.layers import one_hot
+
+        tokens, results = [], []
+        x = one_hot(torch.tensor([ids]), vocab_size)
+        for step in range(max_new_tokens):
+            params: dict = {"max_new_tokens": 1, "output": "logits"}
+            if step + 1 < max_new_tokens:
+                params["keep_cache"] = cache
+            if step:
+                params["resume"] = cache
+            outs, res = self.run_all("generate", x, params, timeout, bits=0)
+            tokens.append(int(outs[0][0, -1].argmax()))
+            results.append(res)
+            x = one_hot(torch.tensor([[tokens[-1]]]), vocab_size)
+        return tokens, results
+
     def shutdown(self, reason: str, timeout: float) -> None:
         request = pb.ShutdownRequest(reason=reason, request_id=uuid.uuid4().hex[:12])
         calls = [lambda i=i: self.stubs[i].Shutdown.future(request, timeout=timeout) for i in range(2)]

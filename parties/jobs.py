@@ -35,6 +35,7 @@ class JobContext:
     rank: int
     weights: dict[str, Any] = field(default_factory=dict)  # name -> crypten MPCTensor
     decoder: Any = None  # mpcache.mpc.nn.layers.PrivateTransformer when the party serves a language model
+    caches: dict[str, Any] = field(default_factory=dict)  # private KV caches kept between generate jobs, by name
     report: Any = None  # the last job's public cost report (JSON-able), sent to the client with the job's stats
     checkpoint: Callable[[], None] = no_checkpoint  # both parties stop the job here if either client cancelled
 
@@ -109,13 +110,22 @@ def run(kind: str, ctx: JobContext, inputs: list, params: dict) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 
 MAX_NEW_TOKENS = 256
+MAX_KEPT_CACHES = 2  # private KV caches the parties keep between jobs ("keep_cache"): each holds a model's cache
+CACHE_NAME_CHARS = 64
+
+
+def _cache_name(params: dict, key: str) -> str | None:
+    name = params.get(key)
+    if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= CACHE_NAME_CHARS):
+        raise ValueError(f"{key} must be a name of 1..{CACHE_NAME_CHARS} characters, got {name!r}")
+    return name
 
 
 def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext) -> None:
     if ctx.decoder is None:
         raise ValueError("generate needs a language model (start party 0 with --model DIR, a checkpoint folder)")
     config = ctx.decoder.config
-    unknown = set(params) - {"max_new_tokens", "return_logits", "kv_cache"}
+    unknown = set(params) - {"max_new_tokens", "return_logits", "kv_cache", "output", "keep_cache", "resume"}
     if unknown:
         raise ValueError(f"unknown generate parameters {sorted(unknown)}")
     if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][0] != 1 or shapes[0][2] != config.vocab_size:
@@ -125,8 +135,25 @@ def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext
         raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {steps!r}")
     if not isinstance(params.get("return_logits", False), bool):
         raise ValueError("return_logits must be true or false")
-    if not 1 <= shapes[0][1] or shapes[0][1] + steps > config.max_position:
-        raise ValueError(f"prompt of {shapes[0][1]} tokens + {steps} new ones exceeds {config.max_position} positions")
+    output = params.get("output", "tokens")
+    if output not in ("tokens", "logits"):
+        raise ValueError(f"output must be 'tokens' or 'logits', got {output!r}")
+    if output == "logits" and (steps != 1 or params.get("return_logits", False)):
+        raise ValueError("output 'logits' takes max_new_tokens 1 (the client picks each token) and no return_logits")
+    keep, resume = _cache_name(params, "keep_cache"), _cache_name(params, "resume")
+    if keep is not None and keep not in ctx.caches and len(ctx.caches) >= MAX_KEPT_CACHES and keep != resume:
+        raise ValueError(f"the parties keep at most {MAX_KEPT_CACHES} caches ({sorted(ctx.caches)}): resume one")
+    seen = 0
+    if resume is not None:
+        if resume not in ctx.caches:
+            raise ValueError(f"no kept cache {resume!r} (kept: {sorted(ctx.caches)})")
+        if "kv_cache" in params:
+            raise ValueError("a resumed cache keeps its own kv_cache policy: give no kv_cache")
+        seen = ctx.caches[resume].seen_tokens
+    if not 1 <= shapes[0][1] or seen + shapes[0][1] + steps > config.max_position:
+        raise ValueError(
+            f"{seen} cached + {shapes[0][1]} input tokens + {steps} new ones exceed {config.max_position} positions"
+        )
     from mpcache.mpc.caches import private_cache
 
     private_cache(config.n_layer, params.get("kv_cache"))  # a malformed spec fails here, before any MPC
@@ -137,22 +164,45 @@ def generate(ctx: JobContext, inputs: list, params: dict) -> list:
     """Greedy decoding of the client's secret one-hot prompt: returns the secret one-hots of the new tokens
     [1, steps, V] (and, with return_logits, the first step's logits [1, 1, V] for equivalence tests); the cost of
     every step per layer and operation class goes to ctx.report. kv_cache (optional, public): the private KV cache
-    policy, e.g. {"method": "mpcache", "budget": 64} (caches.private_cache)."""
+    policy, e.g. {"method": "mpcache", "budget": 64} (caches.private_cache).
+
+    The client's own argmax instead of the private one: output "logits" (with max_new_tokens 1) returns the
+    shares of the last position's logits [1, 1, V] and skips the private argmax; "keep_cache": NAME keeps the
+    private KV cache at the parties after the job, and the next job, "resume": NAME, takes the client's next
+    token's one-hot as its input and continues that cache (parties/client.py Client.generate_client_argmax).
+    Trade-off: the parties learn nothing more either way (logits and the next token stay secret-shared between
+    them), but the client learns every step's whole logit vector instead of one token, which tells it far more
+    about the model's weights (logit vectors span the LM head's image: enough to recover the hidden size and the
+    head up to a linear map, as shown for production models by Carlini et al., "Stealing Part of a Production
+    Language Model", 2024); a model owner who may reveal tokens only keeps the private argmax. What it buys: the
+    private argmax's comparisons over the vocabulary (its "selection" cost in the report) and the client's free
+    choice of the next token (sampling); what it costs: one client round trip (a job) per token, and a cache held
+    at the parties between jobs (at most MAX_KEPT_CACHES; a resumed cache that fails its job is dropped).
+    """
     from mpcache.mpc.arith import numerics
     from mpcache.mpc.arith.accounting import Ledger
     from mpcache.mpc.caches import private_cache
     from mpcache.mpc.nn import decoder
 
     crypten = numerics.crypten
-    cache = private_cache(ctx.decoder.config.n_layer, params.get("kv_cache"))
+    resume, keep = params.get("resume"), params.get("keep_cache")
+    if resume is not None:
+        cache = ctx.caches.pop(resume)  # dropped unless this job succeeds and keeps it again
+    else:
+        cache = private_cache(ctx.decoder.config.n_layer, params.get("kv_cache"))
     with Ledger(numerics.counters) as ledger:
-        steps = params.get("max_new_tokens", 16)
-        tokens, logits = decoder.generate(
-            ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger, on_step=ctx.checkpoint
-        )
+        if params.get("output", "tokens") == "logits":
+            out = [decoder.next_logits(ctx.decoder, inputs[0], cache, ledger)]
+        else:
+            steps = params.get("max_new_tokens", 16)
+            tokens, logits = decoder.generate(
+                ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger, on_step=ctx.checkpoint
+            )
+            out = [crypten.cat(tokens, dim=1)] + ([logits] if params.get("return_logits", False) else [])
     ctx.report = {"steps": ledger.steps}
-    out = [crypten.cat(tokens, dim=1)]
-    return out + [logits] if params.get("return_logits", False) else out
+    if keep is not None:
+        ctx.caches[keep] = cache
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

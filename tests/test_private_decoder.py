@@ -104,6 +104,41 @@ def test_private_decoder_over_grpc_matches_plaintext_and_simulator(tmp_path, fam
     assert results[0].stats.dealer_bytes > results[1].stats.dealer_bytes > 0
 
 
+@pytest.mark.timeout(600)
+def test_client_argmax_from_returned_logits_decodes_like_the_private_argmax(tmp_path):
+    """Output "logits" + a kept cache: one job per token, the client takes the argmax; same tokens as the private
+    argmax and as plaintext, no selection (argmax) cost at the parties, and the kept cache's rules enforced."""
+    model = tiny_checkpoint(tmp_path / "model", "llama")
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(5))[0].tolist()
+    dep = Deployment(tmp_path / "run", insecure=True, model=tmp_path / "model", **FAST)
+    try:
+        for role in ("dealer", "party0", "party1"):
+            dep.start(role)
+        client = client_for(dep)
+        private, _, _ = client.generate(ids, 40, 3, timeout=300)
+        mine, jobs = client.generate_client_argmax(ids, 40, 3, timeout=300)
+        with pytest.raises(Fatal, match="no kept cache 'client-argmax'"):  # the last job dropped it
+            client.run_all("generate", torch.zeros(1, 1, 40), {"max_new_tokens": 1, "resume": "client-argmax"}, 60, 0)
+        with pytest.raises(Fatal, match="output 'logits' takes max_new_tokens 1"):
+            client.run_all("generate", torch.zeros(1, 1, 40), {"max_new_tokens": 2, "output": "logits"}, 60, 0)
+        client.run_all("generate", torch.zeros(1, 2, 40), {"max_new_tokens": 1, "keep_cache": "a"}, 300, 0)
+        with pytest.raises(Fatal, match="keeps its own kv_cache"):
+            params = {"max_new_tokens": 1, "resume": "a", "kv_cache": {"method": "full"}}
+            client.run_all("generate", torch.zeros(1, 1, 40), params, 60, 0)
+        client.run_all("generate", torch.zeros(1, 2, 40), {"max_new_tokens": 1, "keep_cache": "b"}, 300, 0)
+        with pytest.raises(Fatal, match="at most 2 caches"):
+            client.run_all("generate", torch.zeros(1, 2, 40), {"max_new_tokens": 1, "keep_cache": "c"}, 60, 0)
+        client.shutdown("test done", 60)
+    finally:
+        dep.stop_all()
+    want, _ = plain_greedy(model, torch.tensor([ids]), 3)
+    assert mine == private == want
+    for results in jobs:
+        report = json.loads(results[0].stats.report_json)["steps"]
+        assert len(report) == 1 and not any(c["op"] == "selection" for c in report[0]["cells"])
+    assert [json.loads(r[0].stats.report_json)["steps"][0]["name"] for r in jobs] == ["prefill", "decode", "decode"]
+
+
 @pytest.mark.timeout(300)
 def test_generate_rejects_bad_requests_without_hanging(tmp_path):
     tiny_checkpoint(tmp_path / "model", "llama")

@@ -132,6 +132,18 @@ class Deployment:
         if proc.poll() is None:
             os.killpg(proc.pid, sig)
 
+    def peak_rss_mib(self) -> dict[str, float]:
+        """Each running role's peak resident memory so far (Linux /proc VmHWM), MiB."""
+        out = {}
+        for role, proc in self.procs.items():
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except OSError:
+                continue
+            peak = [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
+            out[role] = peak[0] if peak else 0.0
+        return out
+
     def stop_all(self) -> None:
         """Kill every process this deployment started that is still running (SIGCONT first for stopped ones)."""
         for proc in self.procs.values():

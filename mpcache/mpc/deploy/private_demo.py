@@ -16,6 +16,7 @@ the shortest pass-key sample (no filler) by default, because a private prefill c
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -46,6 +47,10 @@ def parse(argv: list[str] | None):
     p.add("--parties", default=None, help="client API addresses of a running party 0 and 1 (default: start them)")
     p.add("--shutdown", default=False, type=bool, help="with --parties: ask both parties to shut down afterwards")
     p.add("--task", default="passkey", choices=TASKS, help="task the prompt comes from (mpcache.eval.tasks)")
+    p.add("--question", default="", help="ask this in the model's chat template instead of a task prompt")
+    p.add("--check-plaintext", default=False, type=bool,
+          help="without --parties: also decode greedily in plaintext (the client reads the weights) and compare")
+    p.add("--json", default="", help="write the result (and, without --parties, each role's peak memory) here")
     p.add("--length", default=170, type=int, help="prompt length in tokens (the pass-key task needs > 169)")
     p.add("--seed", default=0, type=int, help="task sample seed")
     p.add("--max-new-tokens", default=7, type=int, help="fixed: the parties cannot see where the answer ends")
@@ -78,6 +83,8 @@ def parse(argv: list[str] | None):
         args.parties = [a.strip() for a in args.parties.split(",") if a.strip()]
         if len(args.parties) != 2:
             p.error(f"--parties needs 2 addresses (party 0, party 1), got {args.parties}")
+        if args.check_plaintext:
+            p.error("--check-plaintext needs the weights: only without --parties")
     return args
 
 
@@ -99,12 +106,19 @@ class Prompt:
     ids: list[int]
 
 
-def make_prompt(model: str, task: str, length: int, seed: int) -> Prompt:
+def make_prompt(model: str, task: str, length: int, seed: int, question: str = "") -> Prompt:
     """The client's side: config.json and the tokenizer of `model` (a name or a folder; weights are not read) and a
-    `task` prompt of about `length` tokens as the model reads it (in its chat template if it has one)."""
+    `task` prompt of about `length` tokens as the model reads it (in its chat template if it has one), or the
+    `question` as the user's turn of a chat (no expected answer)."""
     folder = checkpoint_folder(model)
     config = model_config(folder)
     tokenizer = load_tokenizer(folder)
+    if question:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"model {model} has no chat template: ask with --task instead of --question")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}])
+        sample = Sample(task="question", prompt=text, answer="", context_len=0, depth=0.0, seed=seed)
+        return Prompt(folder, config, tokenizer, sample, tokenizer.encode(text))
     count = lambda text: len(tokenizer.encode(text, add_bos=False))
     sample = make_sample(task, length, seed, count, reserve=prompt_overhead(tokenizer))
     return Prompt(folder, config, tokenizer, sample, tokenizer.encode(prompt_text(tokenizer, sample)))
@@ -113,10 +127,10 @@ def make_prompt(model: str, task: str, length: int, seed: int) -> Prompt:
 def run(args) -> int:
     from parties.client import Client
 
-    prompt = make_prompt(args.model, args.task, args.length, args.seed)
+    prompt = make_prompt(args.model, args.task, args.length, args.seed, args.question)
     folder, config, tokenizer, sample, ids = prompt.folder, prompt.config, prompt.tokenizer, prompt.sample, prompt.ids
     print(f"model: {args.model} ({config.family}, {config.n_layer} layers, d={config.d_model}), private: 2PC")
-    print(f"task: {args.task}, prompt {len(ids)} tokens; prompt ends: ..." + sample.prompt[-60:].replace("\n", " / "))
+    print(f"task: {sample.task}, prompt {len(ids)} tokens; prompt ends: ..." + sample.prompt[-60:].replace("\n", " / "))
     print(f"KV cache: {cache_name(args.spec)}", flush=True)
     dep = None
     if args.parties is None:
@@ -134,17 +148,41 @@ def run(args) -> int:
             ids, config.vocab_size, args.max_new_tokens, timeout=args.job_timeout, kv_cache=args.spec
         )
         latency = time.perf_counter() - t0
+        memory = dep.peak_rss_mib() if dep is not None else {}
         if dep is not None or args.shutdown:
             client.shutdown("demo done", 60)
     finally:
         if dep is not None:
             dep.stop_all()
     reports = [json.loads(r.stats.report_json) for r in results]
-    report(tokenizer.decode(tokens), sample.answer, tokens, latency, *reports)
-    return 0 if exact_match(tokenizer.decode(tokens).split("\n")[0], sample.answer) else 3
+    record = report(tokenizer.decode(tokens), sample.answer, tokens, latency, *reports)
+    record.update(prompt_ids=ids, tokens=tokens, peak_rss_mib=memory)
+    if memory:
+        print("peak memory: " + ", ".join(f"{role} {mib:.0f} MiB" for role, mib in memory.items()))
+    ok = exact_match(tokenizer.decode(tokens).split("\n")[0], sample.answer) if not args.question else True
+    if args.check_plaintext:
+        record["plaintext"] = compare_plaintext(folder, ids, tokens)
+        ok = ok and record["plaintext"]["equal"]
+    if args.json:
+        command = "python -m mpcache.demo --private " + " ".join(shlex.quote(a) for a in args.argv)
+        Path(args.json).write_text(json.dumps({"command": command, **record}, indent=1))
+    return 0 if ok else 3
 
 
-def report(text: str, expected: str, tokens: list[int], latency: float, party0: dict, party1: dict) -> None:
+def compare_plaintext(folder: Path, ids: list[int], tokens: list[int]) -> dict:
+    """The plaintext model's greedy tokens after the same prompt, and how many of the private ones agree."""
+    from mpcache.model.loading import load_model
+    from mpcache.mpc.nn.decoder import plain_greedy
+
+    model, tokenizer = load_model(folder)
+    want, _ = plain_greedy(model, torch.tensor([ids]), len(tokens))
+    same = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), len(tokens))
+    print(f"plaintext:  {tokenizer.decode(want)!r}")
+    print(f"agreement:  the first {same} of {len(tokens)} private tokens equal plaintext's greedy tokens")
+    return {"tokens": want, "equal": want == tokens, "leading_equal": same}
+
+
+def report(text: str, expected: str, tokens: list[int], latency: float, party0: dict, party1: dict) -> dict:
     """What the client learned (text) and what the run cost (party 0's per-step report; party 1's is the same but
     for the dealer's traffic: party 0 also gets every Beaver-style correction)."""
     answer = text.split("\n")[0]
@@ -152,8 +190,9 @@ def report(text: str, expected: str, tokens: list[int], latency: float, party0: 
     decode = steps[1:]
     print(f"generated:  {text!r}")
     print(f"model says: {answer.strip()}")
-    print(f"expected:   {expected}")
-    print(f"match:      {'yes' if exact_match(answer, expected) else 'no'}")
+    if expected:
+        print(f"expected:   {expected}")
+        print(f"match:      {'yes' if exact_match(answer, expected) else 'no'}")
     print(f"latency:    {latency:.1f} s for {len(tokens)} tokens: prefill {steps[0]['seconds']:.1f} s, decode "
           f"{sum(s['seconds'] for s in decode) / max(len(decode), 1):.1f} s per token")  # fmt: skip
     print(f"traffic:    prefill {steps[0]['bytes'] / 2**20:.1f} MiB in {steps[0]['rounds']} rounds, decode "
@@ -179,11 +218,13 @@ def report(text: str, expected: str, tokens: list[int], latency: float, party0: 
                          "decode_per_token": [p["steps"][-1]["dealer_bytes"] for p in (party0, party1)]},
     }  # fmt: skip
     print("RESULT " + json.dumps(record), flush=True)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
     def demo(argv: list[str] | None) -> int:
         args = parse(argv)
+        args.argv = list(argv or [])
         setup_logging("client", args.session, args.log_level)
         torch.set_num_threads(1)
         try:

@@ -97,6 +97,21 @@ def generate(
     return out, first_logits
 
 
+def next_logits(
+    model: L.PrivateTransformer, tokens: Value, cache: L.PrivateKVCache, ledger: Ledger | None = None
+) -> Value:
+    """One step without the private argmax: the secret logits [B, 1, V] of the last position after one-hot `tokens`
+    [B, T, V] (the prompt, or the client's next token after a kept cache). Recorded as "prefill" on an empty cache,
+    "decode" otherwise. The caller reveals them to the client (job generate's output "logits": see parties/jobs.py
+    for what that reveals)."""
+    if ledger is not None:
+        ledger.begin_step("prefill" if cache.seen_tokens == 0 else "decode")
+    logits = model(tokens, cache, last_only=True)
+    if ledger is not None:
+        ledger.end_step()
+    return logits
+
+
 def plain_greedy(model: Transformer, ids: Tensor, steps: int) -> tuple[list[int], Tensor]:
     """The plaintext reference: greedy tokens of batch row 0 and the first step's last-position logits."""
     cache = KVCache(model.config.n_layer)
