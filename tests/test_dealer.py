@@ -282,6 +282,23 @@ def _compare_with(keys0, keys1, x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(out[0] + out[1])
 
 
+def _lookup_with(keys0, keys1, x: torch.Tensor, n: int, table) -> torch.Tensor:
+    """table[x mod 2^n] from two parties' chunked lookup keys (what arith.lut.lookup does over the communicator)."""
+    import numpy as np
+
+    from mpcache.mpc import fss
+    from mpcache.mpc.fss import batch as fss_batch
+
+    share0 = torch.randint(-(1 << 62), 1 << 62, x.shape, generator=torch.Generator().manual_seed(2))
+    shares = (share0.numpy(), (x - share0).numpy())
+    own = [np.concatenate([fss.lut_mask(k, v) for k, v in zip(ks, fss_batch.split(s, ks))])
+           for ks, s in zip((keys0, keys1), shares)]  # fmt: skip
+    y = fss.reconstruct(own[0], own[1], n)
+    out = [np.concatenate([fss.lut_eval(k, v, table) for k, v in zip(ks, fss_batch.split(y, ks))])
+           for ks in (keys0, keys1)]  # fmt: skip
+    return torch.from_numpy(out[0] + out[1])
+
+
 def test_service_streams_the_same_fss_key_corrections_to_both_parties():
     from mpcache.mpc.dealer import keys as fss_keys
     from mpcache.mpc.fss import batch as fss_batch
@@ -303,8 +320,13 @@ def test_service_streams_the_same_fss_key_corrections_to_both_parties():
         k0, k1 = p0.compare_keys(12, 300), p1.compare_keys(12, 300)
         small = torch.arange(-150, 150)
         assert torch.equal(_compare_with(k0, k1, small, 12), (small < 0).long())
-        assert p0.key_batches == p1.key_batches == 2
-        want = fss_batch.batch_bytes("compare", 32, count) + fss_batch.batch_bytes("compare", 12, 300)
+        # a lookup batch (FSS_LUT) in the same batch sequence: shares of T[x mod 2^9]
+        l0, l1 = p0.lut_keys(9, 300), p1.lut_keys(9, 300)
+        table = torch.arange(512) * 3 - 700
+        assert torch.equal(_lookup_with(l0, l1, small, 9, table.numpy()), table[small & 511])
+        assert p0.key_batches == p1.key_batches == 3
+        want = sum(fss_batch.batch_bytes(kind, n, c) for kind, n, c in (("compare", 32, count), ("compare", 12, 300),
+                                                                         ("lut", 9, 300)))  # fmt: skip
         assert p0.correction_bytes == p1.correction_bytes == want
         assert service.sessions["fss"].chunks.size == 0  # every chunk made once, taken by the other party
         spec = fss_keys.compare_spec(32, 10)
@@ -345,7 +367,7 @@ def test_a_malformed_key_chunk_is_refused():
         return DealerSession("k", 1, 4, None, fetch)
 
     assert len(session(chunks(16, 10)).compare_keys(16, 10)) == 1  # well formed
-    with pytest.raises(ValueError, match="expected batch 0 chunk 0 of 10 comparisons, got batch 0 chunk 1"):
+    with pytest.raises(ValueError, match="expected batch 0 chunk 0 of 10 gates, got batch 0 chunk 1"):
         session(chunks(16, 10, shift=1)).compare_keys(16, 10)
     with pytest.raises(ValueError, match="malformed.*got nothing"):
         session(chunks(16, fss_batch.CHUNK + 1, drop=1)).compare_keys(16, fss_batch.CHUNK + 1)  # a chunk missing
@@ -353,6 +375,8 @@ def test_a_malformed_key_chunk_is_refused():
         session(chunks(16, 10, extra=1)).compare_keys(16, 10)
     with pytest.raises(ValueError, match="malformed.*needs a 15-bit dcf key, got a 19-bit"):
         session(chunks(16, 10, width=20)).compare_keys(16, 10)
+    with pytest.raises(ValueError, match="malformed.*needs a 9-bit dpf key, got a 8-bit dcf"):
+        session(chunks(9, 10)).lut_keys(9, 10)  # comparison corrections where lookup ones were asked for
     with pytest.raises(RuntimeError, match="no fetch_keys"):
         DealerSession("k", 1, 4).compare_keys(16, 10)
 

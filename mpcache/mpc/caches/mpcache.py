@@ -560,8 +560,9 @@ class PrivateMPCache(PrivateKVCache):
         return entry
 
     def after_attention(self, layer: int, queries: Value, query_positions: Tensor) -> None:
-        """After the prompt's attention (prefill logits are those of the full cache): static eviction, once."""
-        if self.summary[layer] is not None:
+        """After the prompt's attention (prefill logits are those of the full cache): static eviction, once (after
+        the last block of a blockwise prefill; its queries are the observation window, at most the block)."""
+        if self.summary[layer] is not None or self.more_prompt:
             return
         entry = self.layers[layer]
         assert entry is not None
@@ -573,7 +574,10 @@ class PrivateMPCache(PrivateKVCache):
                 plan = self.static[source] if source is not None else None
                 if plan is None:
                     k = self.knobs
-                    w = observation_window(length, k.window_ratio, k.long_prompt, k.long_window_ratio, k.window_queries)
+                    w = min(
+                        observation_window(length, k.window_ratio, k.long_prompt, k.long_window_ratio, k.window_queries),
+                        queries.shape[2],
+                    )  # at most the last block's queries after a blockwise prefill
                     scores = window_scores(
                         queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions, k.static_heads == "kv"
                     )

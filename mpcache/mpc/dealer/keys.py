@@ -1,8 +1,9 @@
 """FSS keys from the dealer: the parties' FSS seeds, the key-batch request, and the dealer's chunk cache.
 
-A key batch (tuple kind FSS_COMPARE; protos/mpcache.proto, "FSS keys") is `count` comparisons on n-bit masked
-values. Both parties ask for every batch (GetKeys, numbered per party: 0, 1, 2, ...); the dealer streams the
-correction words chunk by chunk (mpcache.mpc.fss.batch: 16384 comparisons per chunk), identical for both parties,
+A key batch (tuple kind FSS_COMPARE or FSS_LUT; protos/mpcache.proto, "FSS keys") is `count` comparisons or table
+lookups on n-bit masked values. Both parties ask for every batch (GetKeys, numbered per party: 0, 1, 2, ...,
+one sequence for both kinds); the dealer streams the correction words chunk by chunk (mpcache.mpc.fss.batch: 16384
+gates per chunk), identical for both parties,
 and each party derives its root seeds and mask shares from its own FSS seed. Who learns what: the dealer its own
 randomness (both parties' streams, so every mask); a party its seed-derived roots and mask shares and the public
 corrections, which look random without the other party's roots.
@@ -21,11 +22,10 @@ from dataclasses import dataclass, field
 
 from mpcache.mpc.dealer.tuples import Spec
 from mpcache.mpc.fss import batch as fss_batch
-from mpcache.mpc.fss.compare import CompareKey
 from mpcache.mpc.transport.proto import mpcache_pb2 as pb
 
-MAX_KEY_COUNT = 1 << 26  # comparisons per batch (~48 GB of corrections at n = 32: beyond that a request is a bug)
-KIND = "compare"  # the fss.batch gate of FSS_COMPARE
+MAX_KEY_COUNT = 1 << 26  # gates per batch (~48 GB of corrections at n = 32: beyond that a request is a bug)
+KINDS = {pb.FSS_COMPARE: "compare", pb.FSS_LUT: "lut"}  # tuple kind -> fss.batch gate
 
 
 def fss_seed(party_key: bytes) -> bytes:
@@ -33,27 +33,37 @@ def fss_seed(party_key: bytes) -> bytes:
     return hashlib.sha256(b"mpcache-fss-v1\0" + party_key).digest()
 
 
+def key_spec(kind: str, n: int, count: int) -> Spec:
+    """The spec of a batch of `count` gates of fss.batch kind `kind` ("compare", "lut") on n-bit masked values."""
+    tuple_kind = {gate: k for k, gate in KINDS.items()}.get(kind)
+    if tuple_kind is None:
+        raise ValueError(f"unknown FSS key kind {kind!r}; expected one of {sorted(KINDS.values())}")
+    return Spec(tuple_kind, (count,), bitlength=n)
+
+
 def compare_spec(n: int, count: int) -> Spec:
     """The spec of a batch of `count` comparisons on n-bit masked values."""
-    return Spec(pb.FSS_COMPARE, (count,), bitlength=n)
+    return key_spec("compare", n, count)
 
 
-def check_spec(spec: Spec) -> tuple[int, int]:
-    """(n, count) of a key batch request; ValueError for anything GetKeys does not serve."""
-    if spec.kind != pb.FSS_COMPARE:
-        raise ValueError(f"GetKeys serves FSS_COMPARE key batches, not {spec.name}")
+def check_spec(spec: Spec) -> tuple[str, int, int]:
+    """(gate kind, n, count) of a key batch request; ValueError for anything GetKeys does not serve."""
+    if spec.kind not in KINDS:
+        raise ValueError(f"GetKeys serves FSS_COMPARE and FSS_LUT key batches, not {spec.name}")
     if len(spec.shape_a) != 1 or spec.shape_b or spec.conv or spec.mask_tuple is not None:
-        raise ValueError(f"FSS_COMPARE takes shape_a = [count] and nothing else, got {spec}")
-    count, n = spec.shape_a[0], spec.bitlength
-    CompareKey.check_width(n)
+        raise ValueError(f"{spec.name} takes shape_a = [count] and nothing else, got {spec}")
+    kind, count, n = KINDS[spec.kind], spec.shape_a[0], spec.bitlength
+    fss_batch.GATES[kind][1].check_width(n)
     if not 1 <= count <= MAX_KEY_COUNT:
-        raise ValueError(f"a key batch holds 1..{MAX_KEY_COUNT} comparisons, got {count}")
-    return n, count
+        raise ValueError(f"a key batch holds 1..{MAX_KEY_COUNT} gates, got {count}")
+    return kind, n, count
 
 
-def chunk_corrections(seeds: tuple[bytes, bytes], n: int, batch: int, chunk: int, size: int) -> bytes:
+def chunk_corrections(
+    seeds: tuple[bytes, bytes], n: int, batch: int, chunk: int, size: int, kind: str = "compare"
+) -> bytes:
     """Dealer: the correction words of one chunk (the same bytes go to both parties)."""
-    k0, _ = fss_batch.gen_chunk(KIND, n, seeds, batch, chunk, size)
+    k0, _ = fss_batch.gen_chunk(kind, n, seeds, batch, chunk, size)
     return k0.key.cw.to_bytes()
 
 

@@ -120,11 +120,21 @@ class DealerSession:
 
     def compare_keys(self, n: int, count: int) -> list:
         """This party's keys of the next key batch, `count` comparisons on n-bit masked values (fss.CompareKey per
-        chunk, in order), derived chunk by chunk as the dealer streams the corrections; a chunk of the wrong
-        number, size, kind or width is refused (ValueError naming it)."""
+        chunk, in order): `gate_keys`."""
+        return self.gate_keys("compare", n, count)
+
+    def lut_keys(self, n: int, count: int) -> list:
+        """This party's keys of the next key batch, `count` table lookups on n-bit masked values (fss.LutKey per
+        chunk, in order): `gate_keys`."""
+        return self.gate_keys("lut", n, count)
+
+    def gate_keys(self, kind: str, n: int, count: int) -> list:
+        """This party's keys of the next key batch (`count` gates of fss.batch kind `kind`), derived chunk by chunk
+        as the dealer streams the corrections; a chunk of the wrong number, size, kind or width is refused
+        (ValueError naming it)."""
         if self.fetch_keys is None:
             raise RuntimeError("this dealer session cannot fetch FSS keys (no fetch_keys)")
-        spec = keys.compare_spec(n, count)
+        spec = keys.key_spec(kind, n, count)
         keys.check_spec(spec)  # refused here, before any traffic, as the dealer would
         batch, bounds = self.key_batches, fss_batch.chunk_bounds(count)
         self.key_batches += 1
@@ -135,10 +145,9 @@ class DealerSession:
             try:
                 if chunk is None or (chunk.batch, chunk.chunk, chunk.count) != (batch, j, c1 - c0):
                     got = "nothing" if chunk is None else f"batch {chunk.batch} chunk {chunk.chunk} of {chunk.count}"
-                    raise ValueError(f"expected batch {batch} chunk {j} of {c1 - c0} comparisons, got {got}")
-                out.append(
-                    fss_batch.derive_chunk(keys.KIND, self.rank, n, self.fss_seed, batch, j, c1 - c0, chunk.corrections)
-                )
+                    raise ValueError(f"expected batch {batch} chunk {j} of {c1 - c0} gates, got {got}")
+                corrections = chunk.corrections
+                out.append(fss_batch.derive_chunk(kind, self.rank, n, self.fss_seed, batch, j, c1 - c0, corrections))
             except ValueError as e:
                 raise ValueError(f"the dealer sent a malformed FSS key chunk: {e}") from None
             self.correction_bytes += len(chunk.corrections)
@@ -178,6 +187,10 @@ class DealerProvider(TupleProvider):
     def compare_keys(self, n: int, count: int) -> list:
         """FSS comparison keys for mpcache.mpc.arith.compare (DealerSession.compare_keys)."""
         return self._session().compare_keys(n, count)
+
+    def lut_keys(self, n: int, count: int) -> list:
+        """FSS lookup keys for mpcache.mpc.arith.lut (DealerSession.lut_keys)."""
+        return self._session().lut_keys(n, count)
 
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
         if args:

@@ -311,8 +311,8 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             specs = [(Spec.from_pb(m), m.count or 1) for m in request.specs]
             total = 0
             for spec, count in specs:
-                if spec.kind == pb.FSS_COMPARE:
-                    raise ValueError("FSS_COMPARE keys go to both parties: ask GetKeys")
+                if spec.kind in fss_keys.KINDS:
+                    raise ValueError(f"{spec.name} keys go to both parties: ask GetKeys")
                 spec.check_size()
                 if count > 1 << 20:
                     raise ValueError(f"count {count} too large")
@@ -361,7 +361,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
         self._caller(context, request.rank)
         s = self._session(context, request.session, request.rank, request.token)
         try:
-            n, count = fss_keys.check_spec(Spec.from_pb(request.spec))
+            kind, n, count = fss_keys.check_spec(Spec.from_pb(request.spec))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rank, batch = request.rank, request.batch
@@ -380,7 +380,7 @@ class DealerService(pb_grpc.DealerServicer, pb_grpc.DealerControlServicer, pb_gr
             if s.aborted:
                 context.abort(grpc.StatusCode.ABORTED, f"session {s.name!r} aborted: {s.aborted}")
             data = s.chunks.take((batch, j), rank, lambda j=j, size=c1 - c0: fss_keys.chunk_corrections(
-                seeds, n, batch, j, size))  # fmt: skip
+                seeds, n, batch, j, size, kind))  # fmt: skip
             reply = pb.KeyChunk(batch=batch, chunk=j, count=c1 - c0, corrections=data)
             with s.lock:
                 s.bytes_to[rank] = s.bytes_to.get(rank, 0) + reply.ByteSize()

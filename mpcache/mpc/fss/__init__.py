@@ -8,6 +8,7 @@ that look random on their own) and the opened masked values, which are uniform w
     prg.py      fixed-key AES-128 MMO PRG (one AES-ECB call per tree level per batch), seeded AES-CTR stream
     tree.py     correction words shared by DCF and DPF, serialization, the batched tree walks
     fused.py    the dealer's walk, one compiled (numba) pass per tree level besides the AES calls
+    fused_lut.py a party's table lookup, one compiled pass per tree level and one for the leaves x tables
     batch.py    key batches in bounded chunks with per-chunk party streams (what a dealer ships, what a party derives)
     dcf.py      distributed comparison functions: beta * [x < alpha] + offset
     dpf.py      distributed point functions: beta * [x == alpha], point and full-domain evaluation

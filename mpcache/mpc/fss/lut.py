@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from mpcache.mpc.fss import dpf
+from mpcache.mpc.fss import dpf, fused_lut
 from mpcache.mpc.fss.masked import GateKey, as_shares, draw_party, mask, reconstruct
 from mpcache.mpc.fss.prg import AesStream, low_mask, new_seed
 from mpcache.mpc.fss.tree import as_points
@@ -34,6 +34,7 @@ MAX_BITS = 16
 # fastest full-domain evaluation at n = 8..16 (2^(n-4) tree leaves of 16 words each) for 64 B more key than the
 # smallest key (leaf_bits = 2); beyond 4 the key doubles per bit for little speed.
 LEAF_BITS = {n: min(n, 4) for n in range(1, MAX_BITS + 1)}
+FUSED = True  # evaluate with the compiled passes (fused_lut.py); False: dpf_eval_all + numpy (the reference)
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,15 +90,20 @@ def lut_eval(key: LutKey, y, tables) -> np.ndarray:
     t = _tables(tables, key.n)
     points = as_points(y, key.n, key.count, what="opened value")
     size = 1 << key.n
-    cols = t.reshape(size, -1)
-    windows = [np.lib.stride_tricks.sliding_window_view(np.concatenate([col, col]), size) for col in cols.T]
+    cols = np.ascontiguousarray(t.reshape(size, -1))
     out = np.empty((key.count, cols.shape[1]), dtype=np.uint64)
     step = max(1, dpf.FULL_CHUNK_WORDS >> key.n)
+    windows = None
     for c0 in range(0, key.count, step):
         c1 = min(key.count, c0 + step)
+        if FUSED:
+            out[c0:c1] = fused_lut.lookup_chunk(key.key, c0, c1, points[c0:c1], cols)
+            continue
+        if windows is None:  # row c of windows[k][y]: T[(y_c + j) mod 2^n] for j = 0..2^n-1
+            windows = [np.lib.stride_tricks.sliding_window_view(np.concatenate([col, col]), size) for col in cols.T]
         e = dpf.dpf_eval_all(key.key, c0, c1)  # (C, 2^n), already signed for this party
         for k, win in enumerate(windows):
-            rows = win[points[c0:c1]]  # row c: T[(y_c + j) mod 2^n] for j = 0..2^n-1
+            rows = win[points[c0:c1]]
             rows *= e
             out[c0:c1, k] = rows.sum(axis=1, dtype=np.uint64)
     shape = np.shape(y) if t.ndim == 1 else (*np.shape(y), cols.shape[1])

@@ -70,12 +70,15 @@ def generate(
     cache: L.PrivateKVCache | None = None,
     ledger: Ledger | None = None,
     on_step: Callable[[], None] | None = None,
+    prefill_block: int | None = None,
 ) -> tuple[list[Value], Value]:
     """Greedy decoding: one-hot prompt [B, T, V] -> (`steps` secret one-hots [B, 1, V], first step's logits [B, 1, V]).
 
     Step 0 is the prefill (the whole prompt), each later step feeds the previous secret one-hot. With a ledger,
     every step is recorded as "prefill" / "decode" with its per-layer, per-operation costs. `on_step()` runs after
     each step (outside the ledger): a deployment's job checkpoint, where a cancelled job stops at both parties.
+    `prefill_block` (public): the prompt goes in blocks of that many tokens (`prefill`), so the prefill's
+    attention holds block x prompt scores at a time instead of prompt x prompt.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -85,7 +88,7 @@ def generate(
     for step in range(steps):
         if ledger is not None:
             ledger.begin_step("prefill" if step == 0 else "decode")
-        logits = model(tokens, cache, last_only=True)
+        logits = prefill(model, tokens, cache, prefill_block) if step == 0 else model(tokens, cache, last_only=True)
         tokens = L.greedy_token(logits, model.options)
         if ledger is not None:
             ledger.end_step()
@@ -109,6 +112,26 @@ def next_logits(
     logits = model(tokens, cache, last_only=True)
     if ledger is not None:
         ledger.end_step()
+    return logits
+
+
+def prefill(model: L.PrivateTransformer, tokens: Value, cache: L.PrivateKVCache, block: int | None = None) -> Value:
+    """The prompt [B, T, V] into the cache, `block` tokens at a time (None: all at once); the last position's logits.
+
+    Each block attends to the cache so far plus itself (causal), so the result equals the one-shot prefill's up
+    to fixed-point rounding, and the largest attention matrix is block x T. The block size is public (as T is).
+    Caches that evict after the prompt's attention (MPCache's look-once static eviction) see `cache.more_prompt`
+    set while blocks remain, and act on the last block (its queries are the observation window's)."""
+    t = tokens.shape[1]
+    if block is None or block >= t:
+        return model(tokens, cache, last_only=True)
+    if block < 1:
+        raise ValueError(f"prefill_block must be >= 1, got {block}")
+    logits = None
+    for start in range(0, t, block):
+        cache.more_prompt = start + block < t
+        logits = model(tokens[:, start : start + block], cache, last_only=True)
+    cache.more_prompt = False
     return logits
 
 

@@ -31,12 +31,14 @@ from torch import Tensor, nn
 from mpcache.kernels import visibility
 from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Transformer, rope_inverse_frequencies
+from mpcache.mpc.arith import lut as LUT
 from mpcache.mpc.arith import numerics as N
 from mpcache.mpc.arith.accounting import layer, span
 from mpcache.mpc.arith.append_only import AppendOnlyOperand
 from mpcache.mpc.arith.numerics import Value
 
 Share = Callable[[Tensor], Value]  # server-side plaintext tensor -> private value (identity: simulator)
+NONLINEAR = ("lut", "poly")
 SCORE_RANGE = 64.0  # default spread of visible attention scores below the row max (numerics.softmax score_range)
 
 
@@ -58,9 +60,18 @@ class PrivateOptions:
     # Secret comparisons (numerics.less_than, arith/compare.py): "fss" = one round from dealer DCF keys on the
     # bit width each call site declares; "crypten" = CrypTen's 64-bit A2B adder (~8 rounds), kept for comparison.
     comparisons: str = "fss"
+    # Smooth nonlinearities: "lut" = dealer DPF lookup tables (arith/lut.py: the softmax's exp, SiLU, GeLU; one
+    # lookup round each, needs FSS keys); "poly" = the polynomial / Newton numerics (numerics.exp_range or exp_neg,
+    # numerics.silu / gelu). Norms' inverse square root and the softmax's reciprocal are per row and stay
+    # ladder + Newton in both.
+    nonlinear: str = "lut"
 
     def __post_init__(self) -> None:
         N.compare.check_mode(self.comparisons)
+        if self.nonlinear not in NONLINEAR:
+            raise ValueError(f"nonlinear must be one of {NONLINEAR}, got {self.nonlinear!r}")
+        if self.nonlinear == "lut" and self.comparisons != "fss":
+            raise ValueError("nonlinear='lut' needs comparisons='fss' (both come from dealer FSS keys)")
 
     def layer_bound(self, layer: int) -> float | None:
         """The score bound of block `layer` (None: subtract the row max)."""
@@ -175,11 +186,12 @@ def make_norm(module: nn.Module, share: Share, options: PrivateOptions) -> RMSNo
     return RMSNorm(weight, module.eps, options)
 
 
-def activation(x: Value, name: str) -> Value:
+def activation(x: Value, name: str, nonlinear: str = "poly") -> Value:
+    table = nonlinear == "lut"
     if name == "silu":
-        return N.silu(x)
+        return LUT.silu(x) if table else N.silu(x)
     if name in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return N.gelu(x)
+        return LUT.gelu(x) if table else N.gelu(x)
     if name == "relu":
         return N.relu(x)
     raise NotImplementedError(f"activation {name!r} is not supported")
@@ -214,6 +226,7 @@ def cached_attention(
     operands: KVOperands | None = None,
     return_probs: bool = False,
     score_range: float | None = SCORE_RANGE,
+    nonlinear: str = "poly",
 ) -> Value | tuple[Value, Value]:
     """Attention of pre-scaled queries [B, Hq, T, D] over private caches [B, Hkv, L, D] (public positions).
     Rows that see nothing output zeros. `operands`, when given, must hold exactly these keys and values
@@ -233,7 +246,7 @@ def cached_attention(
             scores = N.matmul(q.reshape(b, hkv, g * t, d), operands.keys).reshape(b, hkv, g, t, length)
     visible = visibility(query_positions, key_positions, key_valid, sliding_window)
     with span("softmax"):
-        probs = N.softmax(scores, visible, score_bound, score_range)
+        probs = N.softmax(scores, visible, score_bound, score_range, exp_fn=LUT.exp if nonlinear == "lut" else None)
     with span("attention"):
         if operands is None:
             out = N.matmul(probs, values.unsqueeze(2))
@@ -301,6 +314,7 @@ class PrivateKVCache:
     (same hooks; eviction policies subclass it)."""
 
     wants_probs = False  # True: Attention passes each step's attention probabilities to observe_probs
+    more_prompt = False  # True while a blockwise prefill has prompt blocks left (decoder.prefill)
 
     def __init__(self, n_layer: int) -> None:
         self.layers: list[PrivateLayerKV | None] = [None] * n_layer
@@ -420,7 +434,7 @@ class Attention:
         out = cached_attention(
             q, entry.keys, entry.values, positions, entry.positions, entry.valid,
             self.config.sliding_window, self.options.layer_bound(self.layer), cache.kv_operands(self.layer, entry),
-            return_probs=cache.wants_probs, score_range=self.options.score_range,
+            return_probs=cache.wants_probs, score_range=self.options.score_range, nonlinear=self.options.nonlinear,
         )  # fmt: skip
         if cache.wants_probs:
             out, probs = out
@@ -432,22 +446,25 @@ class Attention:
 class MLP:
     """Llama: down(act(gate(x)) * up(x)) with gate and up fused into one product; GPT-2: down(act(up(x)))."""
 
-    def __init__(self, family: str, up: Linear, down: Linear, activation_name: str) -> None:
+    def __init__(self, family: str, up: Linear, down: Linear, activation_name: str, nonlinear: str = "poly") -> None:
         self.family, self.up, self.down, self.activation = family, up, down, activation_name
+        self.nonlinear = nonlinear
 
     @classmethod
-    def from_plain(cls, mlp: nn.Module, share: Share) -> MLP:
+    def from_plain(cls, mlp: nn.Module, share: Share, options: PrivateOptions | None = None) -> MLP:
         ups = [mlp.gate_proj, mlp.up_proj] if mlp.family == "llama" else [mlp.up_proj]
-        return cls(mlp.family, Linear.from_plain(ups, share), Linear.from_plain([mlp.down_proj], share), mlp.activation)
+        nonlinear = (options or PrivateOptions()).nonlinear
+        up, down = Linear.from_plain(ups, share), Linear.from_plain([mlp.down_proj], share)
+        return cls(mlp.family, up, down, mlp.activation, nonlinear)
 
     def __call__(self, x: Value) -> Value:
         h = self.up(x)
         with span("activation"):
             if self.family == "llama":
                 d_ff = h.shape[-1] // 2
-                h = N.mul(activation(h[..., :d_ff], self.activation), h[..., d_ff:])
+                h = N.mul(activation(h[..., :d_ff], self.activation, self.nonlinear), h[..., d_ff:])
             else:
-                h = activation(h, self.activation)
+                h = activation(h, self.activation, self.nonlinear)
         return self.down(h)
 
 
@@ -502,7 +519,7 @@ class PrivateTransformer:
                 make_norm(blk.attn_norm, share, options),
                 Attention.from_plain(blk.attn, share, options),
                 make_norm(blk.mlp_norm, share, options),
-                MLP.from_plain(blk.mlp, share),
+                MLP.from_plain(blk.mlp, share, options),
             ))  # fmt: skip
             done(blk)
         norm = make_norm(model.norm, share, options)

@@ -72,6 +72,7 @@ class TupleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FIXED_MATMUL: _ClassVar[TupleKind]
     FIXED_MATMUL_T: _ClassVar[TupleKind]
     FSS_COMPARE: _ClassVar[TupleKind]
+    FSS_LUT: _ClassVar[TupleKind]
 
 class ShareEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -142,6 +143,7 @@ FIXED_MUL: TupleKind
 FIXED_MATMUL: TupleKind
 FIXED_MATMUL_T: TupleKind
 FSS_COMPARE: TupleKind
+FSS_LUT: TupleKind
 SHARE_ENCODING_UNSPECIFIED: ShareEncoding
 TOKEN_IDS: ShareEncoding
 ONE_HOT: ShareEncoding
