@@ -89,7 +89,8 @@ def measure(length: int, block: int, nonlinear: str, timeout: float) -> dict:
         "peak_rss_mib": max(r0["peak_rss_mib"], r1["peak_rss_mib"]),
         "max_logit_err": float((r0["logits"] - plain).abs().max()),
         "token_equal": int(r0["logits"][0, -1].argmax()) == int(plain[0, -1].argmax()),
-        "online_kib_per_token": r0["bytes"] / 1024 / length, "dealer_kib_per_token_p0": r0["dealer_bytes"] / 1024 / length,
+        "online_kib_per_token": r0["bytes"] / 1024 / length,
+        "dealer_kib_per_token_p0": r0["dealer_bytes"] / 1024 / length,
     }  # fmt: skip
 
 
