@@ -24,7 +24,9 @@ of this bench keeps every weight's mask in the clear at party 0: 8 bytes per wei
 Comparisons: `--comparisons fss` (default; one round from FSS keys, PrivateOptions.comparisons) and/or `crypten`
 (CrypTen's adder), one row per protocol (`comparisons`; ratios to full within the same protocol). With FSS keys the
 in-process dealer generates both parties' keys inside each party, inline: that time is part of the latency, and
-`keygen_s` says how much of it (a dealer process would generate them once, ahead of the step).
+`keygen_s` says how much of it (a dealer process would generate them once, ahead of the step). Nonlinearities:
+`--nonlinear lut` (default; the softmax's exp, SiLU and GeLU from DPF lookup tables, PrivateOptions.nonlinear; FSS
+comparisons only) and/or `poly` (the polynomials); the `cmp` column reads "fss+lut" for the former.
 
 Methods plug in through METHODS: a name -> ((budget, **knobs) -> factory of the private cache for one decode run);
 "full" is the whole cache; "mpcache", "streamingllm" and "h2o" adopt the shared n-token cache through their private
@@ -160,8 +162,9 @@ def check_method(name: str, knobs: dict) -> None:
 
 
 def _protocol(row: dict) -> str:
-    """The row's comparison protocol (rows measured before the option existed used CrypTen's)."""
-    return row.get("comparisons", "crypten")
+    """The row's comparison protocol (rows measured before the option existed used CrypTen's), "+lut" when its
+    nonlinearities came from lookup tables (rows without the field used the polynomials)."""
+    return row.get("comparisons", "crypten") + ("+lut" if row.get("nonlinear") == "lut" else "")
 
 
 def add_vs_full(rows: list[dict]) -> None:
@@ -268,7 +271,8 @@ def _party(rank: int, args: dict) -> None:
         for model_name in args["models"]:
             model = build_model(model_name, rank)  # party 0 is the model owner
             config = model.config
-            pm = decoder.share_model(model, N.share_owned, L.PrivateOptions(comparisons=args["comparisons"]))
+            options = L.PrivateOptions(comparisons=args["comparisons"], nonlinear=args["nonlinear"])
+            pm = decoder.share_model(model, N.share_owned, options)
             for n in args["seq_lens"]:
                 plain = None
                 if rank == 0:
@@ -297,7 +301,7 @@ def _party(rank: int, args: dict) -> None:
                 by_op = {op: {k: v / len(steps) for k, v in c.items()} for op, c in summarize(steps).items()}
                 rows.append({
                     "method": args["label"], "seq_len": n, "link": link, "model": model_name,
-                    "comparisons": args["comparisons"],
+                    "comparisons": args["comparisons"], "nonlinear": args["nonlinear"],
                     "latency_s": statistics.mean(s["seconds"] for s in steps),
                     "rounds": round(statistics.mean(s["rounds"] for s in steps)),
                     "bytes_per_party": round(statistics.mean(s["bytes"] for s in steps)),
@@ -440,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         "--models", default="bundled,paper", help="comma-separated: bundled, paper, smollm2, checkpoint folders"
     )
     parser.add_argument("--comparisons", default="fss", help="comma-separated comparison protocols: fss, crypten")
+    parser.add_argument(
+        "--nonlinear", default="lut", help="comma-separated: lut (DPF tables, needs fss), poly (polynomials)"
+    )
     parser.add_argument("--steps", type=int, default=2, help="decode steps timed per length")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--plot", type=Path, default=None, help="write a plot here (default: next to --json)")
@@ -467,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     protocols = [v for v in opts.comparisons.split(",") if v]
     if not protocols or set(protocols) - {"fss", "crypten"}:
         parser.error(f"--comparisons takes fss and/or crypten, got {opts.comparisons!r}")
+    nonlinears = [v for v in opts.nonlinear.split(",") if v]
+    if not nonlinears or set(nonlinears) - {"lut", "poly"}:
+        parser.error(f"--nonlinear takes lut and/or poly, got {opts.nonlinear!r}")
+    variants = [(p, v) for p in protocols for v in nonlinears if not (p == "crypten" and v == "lut")]
+    if not variants:
+        parser.error("lookup tables (--nonlinear lut) need --comparisons fss")
     bad = [v for v in links if v not in LINKS]
     if bad or not methods:
         parser.error(f"unknown link {bad} or no method; links {sorted(LINKS)}, methods {sorted(METHODS)}")
@@ -516,14 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     from mpcache.mpc.transport.ports import free_ports
 
     rows = []
-    for (label, method, knobs), protocol in itertools.product(methods, protocols):
+    for (label, method, knobs), (protocol, nonlinear) in itertools.product(methods, variants):
         with tempfile.TemporaryDirectory() as tmp:
             ports = free_ports(2 * len(links))
             peers = [[f"127.0.0.1:{ports[2 * i]}", f"127.0.0.1:{ports[2 * i + 1]}"] for i in range(len(links))]
             budget, budget_ratio = (None, None) if method == "full" else (opts.budget, ratio)
             args = dict(links=links, peers=peers, models=models, seq_lens=seq_lens, steps=opts.steps, method=method,
                         knobs=knobs, label=label, budget=budget, budget_ratio=budget_ratio, comparisons=protocol,
-                        out=f"{tmp}/rank{{rank}}.json")  # fmt: skip
+                        nonlinear=nonlinear, out=f"{tmp}/rank{{rank}}.json")  # fmt: skip
             Path(tmp, "args.json").write_text(json.dumps(args))
             cmd = [sys.executable, "-m", "bench.mpc_decode", "--args", f"{tmp}/args.json", "--party"]
             t0 = time.perf_counter()

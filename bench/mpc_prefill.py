@@ -10,7 +10,8 @@ prompt's one-hot rows are shared by party 0 (the client's sharing is not counted
 Rows: party 0's counters over the prefill (rounds = communicator calls; MiB = CrypTen's byte counter, both
 directions, as bench.mpc_decode reports it; dealer MiB = key and tuple corrections to party 0 / party 1), wall time,
 peak RSS of each party process, the first generated token against plaintext, and the max |logit difference| of
-the last position against the plaintext model. `--nonlinear poly` measures the polynomial path for comparison.
+the last position against the plaintext model, and the same counters per operation class (accounting.OPS).
+`--nonlinear poly` measures the polynomial path for comparison.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def passkey_ids(length: int) -> torch.Tensor:
 def _party(ids: torch.Tensor, block: int, nonlinear: str) -> dict:
     from mpcache.model.loading import load_bundled
     from mpcache.mpc.arith import numerics as N
-    from mpcache.mpc.arith.accounting import Ledger
+    from mpcache.mpc.arith.accounting import Ledger, summarize
     from mpcache.mpc.nn import decoder as D
     from mpcache.mpc.nn import layers as L
 
@@ -66,6 +67,7 @@ def _party(ids: torch.Tensor, block: int, nonlinear: str) -> dict:
         "rounds": record["rounds"], "bytes": record["bytes"], "dealer_bytes": record["dealer_bytes"],
         "seconds": seconds, "keygen_seconds": keygen, "logits": N.decode(logits),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "by_op": summarize([record]),
     }  # fmt: skip
 
 
@@ -91,6 +93,7 @@ def measure(length: int, block: int, nonlinear: str, timeout: float) -> dict:
         "token_equal": int(r0["logits"][0, -1].argmax()) == int(plain[0, -1].argmax()),
         "online_kib_per_token": r0["bytes"] / 1024 / length,
         "dealer_kib_per_token_p0": r0["dealer_bytes"] / 1024 / length,
+        "by_op": r0["by_op"],
     }  # fmt: skip
 
 
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['length']:5d} {r['block']:5d} {r['nonlinear']:6s} {r['rounds']:6d} {r['online_mib']:10.1f} "
               f"{r['dealer_mib_p0']:8.1f} / {r['dealer_mib_p1']:7.1f} {r['seconds']:7.1f} {r['keygen_seconds']:8.1f} "
               f"{r['peak_rss_mib']:8.0f} {r['max_logit_err']:11.4f} {r['token_equal']}", flush=True)  # fmt: skip
+        ops = sorted(r["by_op"].items(), key=lambda kv: -kv[1]["bytes"])
+        print("      by op (rounds / online MiB / dealer MiB p0): " + ", ".join(
+            f"{op} {c['rounds']:.0f}/{c['bytes'] / 2**20:.1f}/{c['dealer_bytes'] / 2**20:.0f}" for op, c in ops))
         if args.json:
             old = json.loads(args.json.read_text()) if args.json.exists() else []
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def _exp_ok(e: torch.Tensor, d: torch.Tensor) -> bool:
 
 
 def test_exp_simulator_over_its_whole_domain():
-    d = torch.linspace(-40.0, 0.37, 400_001, dtype=torch.float64)
+    d = torch.linspace(-40.0, lut.EXP.top, 400_001, dtype=torch.float64)
     e = lut.exp(d)
     assert _exp_ok(e, d)
     assert float(e[d < -lut.EXP.clip].abs().max()) == 0.0  # clipped to 0: e^-15.47 < 2e-7
@@ -64,6 +64,8 @@ def test_table_sizes_and_zero_halves():
 def test_simulator_checks_the_declared_range():
     with pytest.raises(ValueError, match="declared range"):
         lut.exp(torch.tensor([-(2.0**15) - 20.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="declared range d <= 0.4375"):
+        lut.exp(torch.tensor([0.0, 0.5], dtype=torch.float64))  # above the table's top: H would wrap
     with pytest.raises(ValueError, match="declared range"):
         lut.silu(torch.tensor([40.0], dtype=torch.float64), bound=20.0)
 
@@ -96,7 +98,7 @@ def _party(x: torch.Tensor, d: torch.Tensor, index: torch.Tensor, tables: list[n
 def two_party():
     rng = np.random.default_rng(0)
     x = torch.cat([torch.linspace(-30, 30, 3001, dtype=torch.float64), torch.tensor([0.0, -14.0, 14.0, 6.0, -6.0])])
-    d = torch.cat([torch.linspace(-25, 0.37, 3001, dtype=torch.float64), torch.tensor([0.0, -lut.EXP.clip])])
+    d = torch.cat([torch.linspace(-25, lut.EXP.top, 3001, dtype=torch.float64), torch.tensor([0.0, -lut.EXP.clip])])
     index = torch.from_numpy(rng.integers(-(1 << 20), 1 << 20, size=(7, 11)))
     tables = [rng.integers(-(1 << 62), 1 << 62, size=(1 << 9, 3)), rng.integers(-(1 << 40), 1 << 40, size=1 << 4)]
     with LocalParties(setup=N.install, timeout=300) as p:
@@ -152,3 +154,18 @@ def test_lookup_needs_lut_keys_and_full_tables():
     N.install()
     with pytest.raises(ValueError, match="2\\^4 rows"):
         lut.lookup([(torch.zeros(3, dtype=torch.long), 4, np.zeros(8, np.int64))])
+
+
+def test_softmax_with_table_exp_and_short_ladder():
+    """lut.softmax (table exp, 32-step ladder, one Newton iteration) against torch over row lengths 1..2048,
+    with masked entries and rows of small and large spread: within 2.5e-4 per probability."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.tensor([0.1, 1.0, 3.0, 10.0] * 4, dtype=torch.float64)[:, None]
+    for n in (1, 2, 7, 300, 2048):
+        x = torch.randn(16, n, generator=g, dtype=torch.float64) * spread
+        mask = torch.rand(16, n, generator=g) > 0.2
+        mask[:, 0] = True
+        p = lut.softmax(x, mask)
+        ref = torch.softmax(x.masked_fill(~mask, -1e9), -1)
+        assert float((p - ref).abs().max()) < 2.5e-4, n
+        assert not p[~mask].any()

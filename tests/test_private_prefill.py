@@ -33,10 +33,13 @@ def test_blockwise_prefill_equals_one_shot(family, nonlinear):
     whole, blocks = L.PrivateKVCache(2), L.PrivateKVCache(2)
     ref = D.prefill(pm, tokens, whole)
     out = D.prefill(pm, tokens, blocks, block=8)  # 5 blocks, the last one short
-    assert (out - ref).abs().max() < 1e-9
+    # the same math in another order: float rounding differs by ~1e-16, which moves a table index across a grid
+    # edge now and then (a table step's error, ~1e-4); the polynomials keep it at rounding level
+    tol = 1e-3 if nonlinear == "lut" else 1e-9
+    assert (out - ref).abs().max() < tol
     assert blocks.seen_tokens == whole.seen_tokens == 37 and not blocks.more_prompt
     for a, b in zip(whole.layers, blocks.layers):
-        assert torch.equal(a.positions, b.positions) and (a.keys - b.keys).abs().max() < 1e-9
+        assert torch.equal(a.positions, b.positions) and (a.keys - b.keys).abs().max() < tol
     with torch.no_grad():
         plain = model(ids)[:, -1:]
     assert (out - plain).abs().max() < 2e-2  # the approximations' error through 2 layers
@@ -68,5 +71,5 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="nonlinear must be one of"):
         L.PrivateOptions(nonlinear="table")
     with pytest.raises(ValueError, match="needs comparisons='fss'"):
-        L.PrivateOptions(comparisons="crypten")
-    assert L.PrivateOptions(comparisons="crypten", nonlinear="poly").nonlinear == "poly"
+        L.PrivateOptions(comparisons="crypten", nonlinear="lut")
+    assert L.PrivateOptions().nonlinear == "lut" and L.PrivateOptions(comparisons="crypten").nonlinear == "poly"

@@ -93,8 +93,10 @@ def test_private_options_give_each_layer_its_bound_and_exp_mode(monkeypatch):
     model = tiny(3)
     ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(0))
     for opts, want in [
-        (L.PrivateOptions(score_bound=(40.0, 50.0, 60.0)), [(40.0, 64.0), (50.0, 64.0), (60.0, 64.0)]),
-        (L.PrivateOptions(score_range=None), [(None, None)] * 3),
+        # score_range picks the polynomial exp (nonlinear="poly"); the table exp has one
+        (L.PrivateOptions(score_bound=(40.0, 50.0, 60.0), nonlinear="poly"),
+         [(40.0, 64.0), (50.0, 64.0), (60.0, 64.0)]),  # fmt: skip
+        (L.PrivateOptions(score_range=None, nonlinear="poly"), [(None, None)] * 3),
     ]:
         seen.clear()
         pm = decoder.share_model(model, lambda t: t, opts)

@@ -943,6 +943,7 @@ def softmax(
     bound: float | Tensor | None = None,
     score_range: float | None = None,
     exp_fn: Callable[[Value], Value] | None = None,
+    ladder: tuple[int, int] | None = None,
 ) -> Value:
     """Softmax over the last dim with a public 0/1 `mask` (False = excluded; rows with nothing valid give 0).
 
@@ -985,7 +986,9 @@ def softmax(
     else:
         d = x - on_grid(bound).to(x.dtype if not is_private(x) else torch.float64)
         lo = 2.0**-10
-    if exp_fn is not None:  # a caller's exp of d <= 0 (arith.lut.exp); masked entries: exp(0), zeroed below
+    # exp_fn: a caller's exp of d <= 0 (arith.lut.exp) instead of the above; ladder: the reciprocal's (steps per
+    # octave, Newton iterations) instead of the comparison mode's default
+    if exp_fn is not None:  # masked entries: exp(0), zeroed below
         e = exp_fn(d if mask is None else mask_multiply(d, mask))
     elif score_range is None:
         e = exp_neg(d, clip_top=bound is not None, bound=SOFTMAX_BOUND)
@@ -1002,7 +1005,7 @@ def softmax(
     # with one-round comparisons a 4x finer guess ladder replaces a Newton iteration (4 rounds): relative error
     # 0.022 -> 4.7e-4 -> 2.2e-7 (below the 2^-16 grid), at 16 thresholds per octave instead of 4 (one comparison
     # batch either way, per row)
-    steps, iterations = (16, 2) if compare.mode() == "fss" else (4, 3)
+    steps, iterations = ladder or ((16, 2) if compare.mode() == "fss" else (4, 3))
     return mul(e, reciprocal(total, lo, hi, scale_bits=a, steps_per_octave=steps, iterations=iterations), shift=a)
 
 

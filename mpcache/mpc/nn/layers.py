@@ -54,7 +54,8 @@ class PrivateOptions:
     # per layer (`mpcache.mpc.arith.score_bounds` calibrates them), to skip the row max; None subtracts the max (the
     # accurate default: a bound loose by b costs a factor e^b in precision, see bench.softmax_modes).
     # score_range: how far below the max (or bound) visible scores may lie; a number (at most 150) selects the
-    # comparison-free exp (numerics.exp_range), None the exp clipped by a comparison (numerics.exp_neg).
+    # comparison-free exp (numerics.exp_range), None the exp clipped by a comparison (numerics.exp_neg); both with
+    # nonlinear="poly" only (the table exp clips by a comparison on its own).
     score_bound: float | tuple[float, ...] | None = None
     score_range: float | None = SCORE_RANGE
     # Secret comparisons (numerics.less_than, arith/compare.py): "fss" = one round from dealer DCF keys on the
@@ -62,12 +63,14 @@ class PrivateOptions:
     comparisons: str = "fss"
     # Smooth nonlinearities: "lut" = dealer DPF lookup tables (arith/lut.py: the softmax's exp, SiLU, GeLU; one
     # lookup round each, needs FSS keys); "poly" = the polynomial / Newton numerics (numerics.exp_range or exp_neg,
-    # numerics.silu / gelu). Norms' inverse square root and the softmax's reciprocal are per row and stay
-    # ladder + Newton in both.
-    nonlinear: str = "lut"
+    # numerics.silu / gelu). None: "lut" with FSS comparisons, "poly" with CrypTen's. Norms' inverse square root
+    # and the softmax's reciprocal are per row and stay ladder + Newton in both.
+    nonlinear: str | None = None
 
     def __post_init__(self) -> None:
         N.compare.check_mode(self.comparisons)
+        if self.nonlinear is None:
+            object.__setattr__(self, "nonlinear", "lut" if self.comparisons == "fss" else "poly")
         if self.nonlinear not in NONLINEAR:
             raise ValueError(f"nonlinear must be one of {NONLINEAR}, got {self.nonlinear!r}")
         if self.nonlinear == "lut" and self.comparisons != "fss":
@@ -175,7 +178,9 @@ def _normalise(x: Value, weight_sqrt_d: Value, eps: float, options: PrivateOptio
     lo, hi = (d * v for v in options.norm_range)
     k, c = norm_shifts(d, options.norm_range)
     sq, xw = N.mul(N.stack([x, x]), N.stack([x, weight_sqrt_d.expand(x.shape)]), shift=-k)
-    r = N.inv_sqrt(sq.sum(-1, keepdim=True) + d * eps * 2**k, lo * 2**k, hi * 2**k, scale_bits=c + k // 2)
+    steps, iterations = LUT.LADDER if options.nonlinear == "lut" else (4, 2)
+    r = N.inv_sqrt(sq.sum(-1, keepdim=True) + d * eps * 2**k, lo * 2**k, hi * 2**k, scale_bits=c + k // 2,
+                   steps_per_octave=steps, iterations=iterations)  # fmt: skip
     return N.mul(xw, r, shift=c + k)  # (x w 2^k) (2^c / sqrt(sum)) / 2^(c + k)
 
 
@@ -246,7 +251,10 @@ def cached_attention(
             scores = N.matmul(q.reshape(b, hkv, g * t, d), operands.keys).reshape(b, hkv, g, t, length)
     visible = visibility(query_positions, key_positions, key_valid, sliding_window)
     with span("softmax"):
-        probs = N.softmax(scores, visible, score_bound, score_range, exp_fn=LUT.exp if nonlinear == "lut" else None)
+        if nonlinear == "lut":
+            probs = LUT.softmax(scores, visible, score_bound)
+        else:
+            probs = N.softmax(scores, visible, score_bound, score_range)
     with span("attention"):
         if operands is None:
             out = N.matmul(probs, values.unsqueeze(2))
