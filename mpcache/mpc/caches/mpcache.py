@@ -574,10 +574,8 @@ class PrivateMPCache(PrivateKVCache):
                 plan = self.static[source] if source is not None else None
                 if plan is None:
                     k = self.knobs
-                    w = min(
-                        observation_window(length, k.window_ratio, k.long_prompt, k.long_window_ratio, k.window_queries),
-                        queries.shape[2],
-                    )  # at most the last block's queries after a blockwise prefill
+                    ratios = (k.window_ratio, k.long_prompt, k.long_window_ratio, k.window_queries)
+                    w = min(observation_window(length, *ratios), queries.shape[2])  # a blockwise prefill: its last block
                     scores = window_scores(
                         queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions, k.static_heads == "kv"
                     )
