@@ -575,7 +575,7 @@ class PrivateMPCache(PrivateKVCache):
                 if plan is None:
                     k = self.knobs
                     ratios = (k.window_ratio, k.long_prompt, k.long_window_ratio, k.window_queries)
-                    w = min(observation_window(length, *ratios), queries.shape[2])  # a blockwise prefill: its last block
+                    w = min(observation_window(length, *ratios), queries.shape[2])  # blockwise: the last block
                     scores = window_scores(
                         queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions, k.static_heads == "kv"
                     )
