@@ -560,10 +560,12 @@ def less_than(x: Value, thresholds: Sequence[float], bound: float) -> Value:
     2^15 on reals); "crypten": 8 rounds, 432 bytes in CrypTen's counter. The bits are arithmetic shares (scale 1)."""
     t = on_grid(list(thresholds))
     if not is_private(x):
-        for ti in t:
-            compare.check_range(x - ti, bound)
-        return torch.stack([(x < ti).to(x.dtype) for ti in t])
-    return compare.negative(stack([x - float(ti) for ti in t]), bound)
+        d = x.unsqueeze(0) - t.view(-1, *([1] * x.dim())).to(x.dtype)
+        compare.check_range(d, bound)
+        return (d < 0).to(x.dtype)
+    # one broadcast subtraction for all thresholds (a Python loop of MPCTensor ops costs ~20 ms per threshold)
+    full = (len(t), *x.shape)
+    return compare.negative(x.unsqueeze(0).expand(*full) - t.view(-1, *([1] * x.dim())).expand(*full), bound)
 
 
 def lt(x: Value, y: Value | float, bound: float) -> Value:
