@@ -96,15 +96,53 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def saved_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a saved run: this bench's --json (a list of rows) or a file of runs ({"runs": [{"rows": ...}]})."""
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else [row for run in data["runs"] for row in run["rows"]]
+
+
+def variant_name(row: dict[str, Any]) -> str:
+    """The VARIANTS name of a row run with that method and those options (in any spelling), else its label."""
+    method = row["method"].split(":")[0]
+    for name, (known, options) in VARIANTS.items():
+        if (known, options) == (method, row.get("options", {})):
+            return name
+    return row["method"]
+
+
+def pivot(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
+    """Markdown accuracy table, one row per variant (and budget), one column per task and length, each cell
+    "accuracy (samples)"; a later row for the same cell replaces an earlier one. `methods`: these rows, in order."""
+    cells: dict[tuple[str, str], str] = {}
+    for row in rows:
+        method = variant_name(row)
+        name = method if row["budget"] is None else f"{method} @{row['budget']}"
+        cells[name, f"{row['task']} {row['context_len']}"] = f"{row['accuracy']:.2f} ({row['samples']})"
+    names = list(dict.fromkeys(name for name, _ in cells))
+    if methods is not None:
+        names = [n for m in methods for n in names if n == m or n.startswith(f"{m} @")]
+    columns = sorted({c for _, c in cells}, key=lambda c: (int(c.split()[1]), c.split()[0] != "passkey", c))
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(cells.get((n, c), "-") for c in columns) + " |" for n in names]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m bench.mpcache_real", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument(
         "--variants",
         type=lambda t: [parse_variant(v) for v in t.split(";")],
-        required=True,
         help="';'-separated VARIANTS names or method:{json}, each optionally @budget,budget",
     )
+    parser.add_argument(
+        "--render",
+        type=lambda t: [Path(p) for p in t.split(",")],
+        default=None,
+        help="comma-separated saved runs (--json files): print their rows as one accuracy table, run nothing",
+    )
+    parser.add_argument("--methods", type=comma_list, default=None, help="with --render: these rows, in order")
     parser.add_argument("--tasks", type=comma_list, default=["passkey", "niah"])
     parser.add_argument("--lengths", type=length_list, default=[1024, 2048])
     parser.add_argument("--samples", type=int, default=10)
@@ -116,11 +154,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         default=1,
         help="prompts per batch and stored prefill record (1: the records bench.mpcache_diagnose reads too)",
     )
-    parser.add_argument("--store", type=Path, required=True, help="folder of recorded prefills (shared by runs)")
+    parser.add_argument("--store", type=Path, default=None, help="folder of recorded prefills (shared by runs)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.render is not None:
+        text = pivot([row for path in args.render for row in saved_rows(path)], args.methods)
+        print(text, end="")
+        if args.markdown is not None:
+            args.markdown.write_text(text)
+        return []
+    if args.variants is None or args.store is None:
+        parser.error("--variants and --store are needed (or --render)")
     torch.set_num_threads(1)
     start = time.perf_counter()
     rows = run(args)
