@@ -262,7 +262,7 @@ def _private_tied_model(ids: torch.Tensor) -> dict:
     rank = crypten.communicator.get().get_rank()
     m = tiny("llama", tie_embeddings=True)
     model = m if rank == 0 else decoder.architecture_only(m.config)
-    pm = decoder.share_model(model, N.share_owned)
+    pm = decoder.share_model(model, N.share_owned, consume=True)  # party 0 drops each plaintext layer once shared
     table = pm.tok_emb.table
     held = [pm.tok_emb.table] + [lin.weight_t for blk in pm.blocks for lin in (blk.attn.qkv, blk.mlp.up)]
     tokens = crypten.cryptensor(L.one_hot(ids, m.config.vocab_size), src=1, precision=0)
@@ -274,6 +274,7 @@ def _private_tied_model(ids: torch.Tensor) -> dict:
         "table": N.decode(table.value),
         "bytes_held": [sum(_tensor_bytes(t) for t in vars(op).values()) for op in held],
         "numel": [op.shape.numel() for op in held],
+        "plaintext_left": [name for name, t in model.state_dict().items() if not t.is_meta],
     }
 
 
@@ -291,6 +292,7 @@ def test_tied_head_reads_the_embedding_operand_and_party1_holds_no_weights(parti
         assert (out["table"] - m.tok_emb.weight).abs().max() <= 2**-16  # W's share rebuilt from B's and W - B
         # a weight-stationary operand holds B's share and W - B, 16 bytes per element, not W's share too
         assert out["bytes_held"] == [16 * n for n in out["numel"]]
+        assert out["plaintext_left"] == []  # consumed at party 0, never allocated at party 1
 
 
 def _private_norms(x: torch.Tensor, options: L.PrivateOptions) -> dict:
