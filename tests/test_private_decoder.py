@@ -29,6 +29,13 @@ from parties.client import Client
 from parties.common import Credentials, Fatal
 
 SIM_TOL, BUNDLED_SIM_TOL, EXACT_TOL = 2e-3, 1e-2, 2e-2
+# The simulator's table lookups (lut.py) skip the random carry of the parties' local truncation, which moves a table
+# index by one grid step (2.5e-4 relative on exp): logits differ from the simulator's in proportion to their size.
+SIM_REL = 1e-4
+
+
+def near_simulator(logits: torch.Tensor, sim_logits: torch.Tensor) -> bool:
+    return float((logits - sim_logits).abs().max()) < SIM_TOL + SIM_REL * float(sim_logits.abs().max())
 FAST = dict(timeout=60.0, party_timeout=60.0, heartbeat=1.0)
 
 
@@ -92,7 +99,7 @@ def test_private_decoder_over_grpc_matches_plaintext_and_simulator(tmp_path, fam
         dep.stop_all()
     want, exact_logits = plain_greedy(model, ids, steps)
     sim_tokens, sim_logits = simulate(model, ids, steps)
-    assert (logits - sim_logits).abs().max() < SIM_TOL
+    assert near_simulator(logits, sim_logits), float((logits - sim_logits).abs().max())
     assert (logits - exact_logits).abs().max() < EXACT_TOL
     assert tokens == want == sim_tokens
     ops = {"linear", "attention", "softmax", "norm", "activation", "selection"}
@@ -266,7 +273,7 @@ def test_private_mpcache_over_grpc_decodes_like_plaintext_mpcache(tmp_path):
         sim, sim_logits = decoder.generate(pm, one_hot(ids, 40), steps, cache=sim_cache)
     assert sim_cache.shared_from == {1: 0} and sim_cache.layers[0].capacity < 160  # evicted, sharing
     assert [int(t[0, -1].argmax()) for t in sim] == want
-    assert (logits - sim_logits).abs().max() < SIM_TOL
+    assert near_simulator(logits, sim_logits), float((logits - sim_logits).abs().max())
     agree = sum(a == b for a, b in zip(tokens, want))
     assert agree == steps == len(tokens), (agree, tokens, want)
     report = check_report(results, 2, steps, {"selection", "attention", "softmax"})
