@@ -4,6 +4,7 @@
     python -m mpcache.demo --task niah --length 2048 --method snapkv --budget 128
     python -m mpcache.demo --model smollm2 --task stdlib_docs --length 2048   # SmolLM2-135M-Instruct
     python -m mpcache.demo --private                     # the same model in 2PC (mpcache/mpc/deploy/private_demo.py)
+    python -m mpcache.demo --private --prefill-block 64  # ... its prompt prefilled 64 tokens at a time
 
 Streams the generated text as it is decoded, then prints the expected answer, whether it
 matched, the prefill and decode speeds and the size of the KV cache it decoded with.

@@ -10,7 +10,9 @@ random r (mod 2^64); each returns a share of the output and only the client adds
 
 runs the private decoder: the client tokenizes the prompt (--tokenizer: a checkpoint folder, default the bundled
 model's), secret-shares its one-hot rows and adds the parties' shares of the generated one-hots; only it learns the
-tokens. --report PATH writes both parties' per-step, per-layer, per-operation costs as JSON.
+tokens. --prefill-block N has the parties prefill the prompt N tokens at a time (job parameter "prefill_block":
+bounded memory for long prompts). --report PATH writes both parties' per-step, per-layer, per-operation costs as
+JSON.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def parse(argv: list[str] | None):
     p.add("--prompt-file", default=None, help="generate: read the prompt from this file")
     p.add("--tokenizer", default=None, help="generate: checkpoint folder of the tokenizer (default: bundled model)")
     p.add("--report", default=None, help="generate: write the parties' cost reports (JSON) to this file")
+    p.add("--prefill-block", default=None, type=int,
+          help="generate: the parties prefill the prompt this many tokens at a time (default: all at once)")
     args = p.parse_args(argv)
     args.parties = [a.strip() for a in args.parties.split(",") if a.strip()]
     if len(args.parties) != 2:
@@ -73,6 +77,14 @@ def parse(argv: list[str] | None):
             p.error("the prompt is not valid UTF-8 text")
         if not args.prompt:
             p.error("--job generate needs --prompt or --prompt-file")
+        if args.prefill_block is not None:
+            if "prefill_block" in args.params:
+                p.error("give the prefill block once: --prefill-block or prefill_block in --params")
+            args.params["prefill_block"] = args.prefill_block
+        try:
+            jobs.check_prefill_block(args.params.get("prefill_block"))
+        except ValueError as e:
+            p.error(str(e))
         return args
     try:
         text = Path(args.input_file).read_text(encoding="utf-8") if args.input_file else args.input
@@ -205,16 +217,20 @@ class Client:
         return_logits: bool = False,
         kv_cache: dict | None = None,
         params: dict | None = None,
+        prefill_block: int | None = None,
     ) -> tuple[list[int], torch.Tensor | None, list[pb.JobResult]]:
         """The private decoder: greedy tokens after prompt `ids` (and the first step's logits if asked); kv_cache:
-        the parties' KV-cache policy, e.g. {"method": "mpcache", "budget": 64} (public); `params`: any other job
-        parameters, passed on as they are (the parties refuse unknown ones by name)."""
+        the parties' KV-cache policy, e.g. {"method": "mpcache", "budget": 64} (public); prefill_block: prompt
+        tokens per prefill pass (public; None: one pass); `params`: any other job parameters, passed on as they
+        are (the parties refuse unknown ones by name)."""
         from mpcache.mpc.nn.layers import one_hot
 
         x = one_hot(torch.tensor([ids]), vocab_size)
         params = {**(params or {}), "max_new_tokens": max_new_tokens, "return_logits": return_logits}
         if kv_cache is not None:
             params["kv_cache"] = kv_cache
+        if prefill_block is not None:
+            params["prefill_block"] = prefill_block
         outs, results = self.run_all("generate", x, params, timeout, bits=0)
         tokens = outs[0][0].argmax(-1).tolist()
         return tokens, (outs[1] if return_logits else None), results
@@ -323,6 +339,7 @@ def _generate(client: Client, args) -> int:
     record = {
         "job": "generate",
         "prompt_tokens": len(ids),
+        "prefill_block": params.get("prefill_block"),
         "tokens": tokens,
         "text": text,
         "latency_s": round(latency, 4),

@@ -121,11 +121,18 @@ def _cache_name(params: dict, key: str) -> str | None:
     return name
 
 
+def check_prefill_block(block: object) -> None:
+    """generate's "prefill_block": None (the whole prompt in one pass) or a public int >= 1 (raises ValueError)."""
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 1):
+        raise ValueError(f"prefill_block must be an integer >= 1 (prompt tokens per prefill pass), got {block!r}")
+
+
 def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext) -> None:
     if ctx.decoder is None:
         raise ValueError("generate needs a language model (start party 0 with --model DIR, a checkpoint folder)")
     config = ctx.decoder.config
-    unknown = set(params) - {"max_new_tokens", "return_logits", "kv_cache", "output", "keep_cache", "resume"}
+    known = {"max_new_tokens", "return_logits", "kv_cache", "output", "keep_cache", "resume", "prefill_block"}
+    unknown = set(params) - known
     if unknown:
         raise ValueError(f"unknown generate parameters {sorted(unknown)}")
     if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][0] != 1 or shapes[0][2] != config.vocab_size:
@@ -135,6 +142,7 @@ def _check_generate(params: dict, shapes: list[tuple[int, ...]], ctx: JobContext
         raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {steps!r}")
     if not isinstance(params.get("return_logits", False), bool):
         raise ValueError("return_logits must be true or false")
+    check_prefill_block(params.get("prefill_block"))
     output = params.get("output", "tokens")
     if output not in ("tokens", "logits"):
         raise ValueError(f"output must be 'tokens' or 'logits', got {output!r}")
@@ -164,7 +172,9 @@ def generate(ctx: JobContext, inputs: list, params: dict) -> list:
     """Greedy decoding of the client's secret one-hot prompt: returns the secret one-hots of the new tokens
     [1, steps, V] (and, with return_logits, the first step's logits [1, 1, V] for equivalence tests); the cost of
     every step per layer and operation class goes to ctx.report. kv_cache (optional, public): the private KV cache
-    policy, e.g. {"method": "mpcache", "budget": 64} (caches.private_cache).
+    policy, e.g. {"method": "mpcache", "budget": 64} (caches.private_cache). prefill_block (optional, public): the
+    input goes in passes of that many tokens (decoder.prefill: attention holds block x input scores at a time, so a
+    long prompt's memory stays bounded; same logits up to fixed-point rounding); absent or null: one pass.
 
     The client's own argmax instead of the private one: output "logits" (with max_new_tokens 1) returns the
     shares of the last position's logits [1, 1, V] and skips the private argmax; "keep_cache": NAME keeps the
@@ -190,13 +200,14 @@ def generate(ctx: JobContext, inputs: list, params: dict) -> list:
         cache = ctx.caches.pop(resume)  # dropped unless this job succeeds and keeps it again
     else:
         cache = private_cache(ctx.decoder.config.n_layer, params.get("kv_cache"))
+    block = params.get("prefill_block")
     with Ledger(numerics.counters) as ledger:
         if params.get("output", "tokens") == "logits":
-            out = [decoder.next_logits(ctx.decoder, inputs[0], cache, ledger)]
+            out = [decoder.next_logits(ctx.decoder, inputs[0], cache, ledger, block)]
         else:
             steps = params.get("max_new_tokens", 16)
             tokens, logits = decoder.generate(
-                ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger, on_step=ctx.checkpoint
+                ctx.decoder, inputs[0], steps, cache=cache, ledger=ledger, on_step=ctx.checkpoint, prefill_block=block
             )
             out = [crypten.cat(tokens, dim=1)] + ([logits] if params.get("return_logits", False) else [])
     ctx.report = {"steps": ledger.steps}

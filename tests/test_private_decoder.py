@@ -24,6 +24,7 @@ from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Transformer
 from mpcache.mpc.arith import accounting
 from mpcache.mpc.deploy.launcher import Deployment
+from mpcache.mpc.nn import layers as L
 from mpcache.mpc.nn.decoder import plain_greedy, simulate
 from parties.client import Client
 from parties.common import Credentials, Fatal
@@ -174,6 +175,37 @@ def test_generate_rejects_bad_requests_without_hanging(tmp_path):
         client.shutdown("test done", 60)
     finally:
         dep.stop_all()
+
+
+@pytest.mark.timeout(600)
+def test_blockwise_prefill_job_matches_the_one_shot_job(tmp_path):
+    """Job parameter "prefill_block": the parties prefill the prompt in public blocks (decoder.prefill), with the
+    one-shot job's tokens and logits (fixed-point rounding apart) and more prefill rounds (a pass per block: the
+    parameter was used); the client-argmax output takes it too; bad block sizes are refused by name and the
+    parties stay in step."""
+    model = tiny_checkpoint(tmp_path / "model", "llama")
+    ids = torch.randint(0, 40, (1, 13), generator=torch.Generator().manual_seed(7))
+    dep = Deployment(tmp_path / "run", insecure=True, model=tmp_path / "model", **FAST)
+    try:
+        for role in ("dealer", "party0", "party1"):
+            dep.start(role)
+        client = client_for(dep)
+        one, one_logits, one_res = client.generate(ids[0].tolist(), 40, 2, timeout=300, return_logits=True)
+        for bad in (0, -3, 2.5, True, "8"):
+            with pytest.raises(Fatal, match="prefill_block must be an integer >= 1"):
+                client.generate(ids[0].tolist(), 40, 2, timeout=60, prefill_block=bad)
+        blocks, logits, res = client.generate(ids[0].tolist(), 40, 2, timeout=300, return_logits=True, prefill_block=5)
+        params = {"max_new_tokens": 1, "output": "logits", "prefill_block": 4}
+        (last,), _ = client.run_all("generate", L.one_hot(ids, 40), params, 300, 0)
+        client.shutdown("test done", 60)
+    finally:
+        dep.stop_all()
+    want, exact_logits = plain_greedy(model, ids, 2)
+    assert blocks == one == want
+    assert (logits - one_logits).abs().max() < 2 * SIM_TOL and (last - one_logits).abs().max() < 2 * SIM_TOL
+    assert (logits - exact_logits).abs().max() < EXACT_TOL
+    prefill_rounds = [json.loads(r[0].stats.report_json)["steps"][0]["rounds"] for r in (one_res, res)]
+    assert prefill_rounds[1] > 2 * prefill_rounds[0]  # 3 passes of the layer stack instead of 1
 
 
 def test_ledger_charges_every_round_to_one_class():

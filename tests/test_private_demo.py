@@ -58,6 +58,7 @@ def test_smollm2_prompt_uses_the_chat_template_from_the_tokenizer_files(tmp_path
         (["--kv-cache", "mpcache", "--budget", "64", "--knobs", "{"], "must be a JSON object"),
         (["--parties", "a:1"], "needs 2 addresses"),
         (["--max-new-tokens", "0"], "must be >= 1"),
+        (["--prefill-block", "0"], "prefill_block must be an integer >= 1"),
     ],
 )
 def test_bad_settings_are_refused_before_any_connection(argv, message, capsys, monkeypatch):
@@ -78,3 +79,25 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("MPCACHE_BUDGET", "")  # compose's `MPCACHE_BUDGET= make compose-demo`
     monkeypatch.setenv("MPCACHE_KNOBS", "")
     assert private_demo.parse([]).spec is None
+
+
+def test_prefill_block_reaches_the_generate_job(monkeypatch, capsys):
+    """--prefill-block (demo and client CLI) becomes the job parameter "prefill_block"; given twice it is refused."""
+    from parties import client
+
+    monkeypatch.setenv("MPCACHE_PREFILL_BLOCK", "64")
+    assert private_demo.parse([]).prefill_block == 64
+    monkeypatch.setenv("MPCACHE_PREFILL_BLOCK", "")
+    assert private_demo.parse([]).prefill_block is None
+    monkeypatch.delenv("MPCACHE_PREFILL_BLOCK")
+    job = ["--job", "generate", "--prompt", "hi"]
+    args = client.parse([*job, "--params", '{"max_new_tokens": 2}', "--prefill-block", "16"])
+    assert args.params == {"max_new_tokens": 2, "prefill_block": 16}
+    for bad, message in (
+        (["--params", '{"prefill_block": 8}', "--prefill-block", "8"], "give the prefill block once"),
+        (["--prefill-block", "-1"], "prefill_block must be an integer >= 1"),
+        (["--params", '{"prefill_block": "8"}'], "prefill_block must be an integer >= 1"),
+    ):
+        with pytest.raises(SystemExit):
+            client.parse([*job, *bad])
+        assert message in capsys.readouterr().err

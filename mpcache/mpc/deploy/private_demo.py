@@ -1,6 +1,7 @@
 """`python -m mpcache.demo --private`: a language model answers a pass-key prompt through the private runtime.
 
     python -m mpcache.demo --private [--kv-cache mpcache --budget 64]          # starts the roles itself
+    python -m mpcache.demo --private --length 512 --prefill-block 128           # prompt prefilled in 4 passes
     python -m mpcache.demo --private --parties party0:50702,party1:50712 --certs /certs --shutdown
 
 Without --parties it starts the dealer and both parties as separate OS processes on loopback (mutual TLS with a
@@ -33,6 +34,7 @@ from mpcache.model.tokenizer import Tokenizer
 from mpcache.mpc.arith.accounting import summarize
 from mpcache.mpc.deploy.launcher import Deployment
 from parties.common import Credentials, Fatal, Parser, add_common_flags, run_main, setup_logging
+from parties.jobs import check_prefill_block
 
 
 def optional_int(text: str) -> int | None:
@@ -57,6 +59,8 @@ def parse(argv: list[str] | None):
     p.add("--kv-cache", default="full", help="private KV cache: full, mpcache, streamingllm or h2o")
     p.add("--budget", default=None, type=optional_int, help="KV-cache budget, tokens per KV head (not for full)")
     p.add("--knobs", default="", help="KV-cache knobs as a JSON object (e.g. '{\"cluster_size\": 16}')")
+    p.add("--prefill-block", default=None, type=optional_int,
+          help="the parties prefill the prompt this many tokens at a time (default: all at once)")
     p.add("--comparisons", default="fss", choices=("fss", "crypten"),
           help="without --parties: the parties' secret comparisons (FSS keys, or CrypTen's adder for comparison)")
     p.add("--connect-timeout", default=300.0, type=float, help="seconds to wait for both parties to serve")
@@ -65,6 +69,10 @@ def parse(argv: list[str] | None):
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
+    try:
+        check_prefill_block(args.prefill_block)
+    except ValueError as e:
+        p.error(str(e))
     try:
         knobs = json.loads(args.knobs or "{}")
     except json.JSONDecodeError as e:
@@ -131,7 +139,8 @@ def run(args) -> int:
     folder, config, tokenizer, sample, ids = prompt.folder, prompt.config, prompt.tokenizer, prompt.sample, prompt.ids
     print(f"model: {args.model} ({config.family}, {config.n_layer} layers, d={config.d_model}), private: 2PC")
     print(f"task: {sample.task}, prompt {len(ids)} tokens; prompt ends: ..." + sample.prompt[-60:].replace("\n", " / "))
-    print(f"KV cache: {cache_name(args.spec)}", flush=True)
+    blocks = f"blocks of {args.prefill_block} tokens" if args.prefill_block else "one pass"
+    print(f"KV cache: {cache_name(args.spec)}; prefill: {blocks}", flush=True)
     dep = None
     if args.parties is None:
         work = Path(args.workdir or tempfile.mkdtemp(prefix="mpcache-private-demo-"))
@@ -145,8 +154,9 @@ def run(args) -> int:
         client = Client(args.parties, Credentials("client", args), connect_timeout=args.connect_timeout)
         t0 = time.perf_counter()
         tokens, _, results = client.generate(
-            ids, config.vocab_size, args.max_new_tokens, timeout=args.job_timeout, kv_cache=args.spec
-        )
+            ids, config.vocab_size, args.max_new_tokens, timeout=args.job_timeout, kv_cache=args.spec,
+            prefill_block=args.prefill_block,
+        )  # fmt: skip
         latency = time.perf_counter() - t0
         memory = dep.peak_rss_mib() if dep is not None else {}
         if dep is not None or args.shutdown:
@@ -156,7 +166,7 @@ def run(args) -> int:
             dep.stop_all()
     reports = [json.loads(r.stats.report_json) for r in results]
     record = report(tokenizer.decode(tokens), sample.answer, tokens, latency, *reports)
-    record.update(prompt_ids=ids, tokens=tokens, peak_rss_mib=memory)
+    record.update(prompt_ids=ids, tokens=tokens, prefill_block=args.prefill_block, peak_rss_mib=memory)
     if memory:
         print("peak memory: " + ", ".join(f"{role} {mib:.0f} MiB" for role, mib in memory.items()))
     ok = exact_match(tokenizer.decode(tokens).split("\n")[0], sample.answer) if not args.question else True

@@ -101,15 +101,19 @@ def generate(
 
 
 def next_logits(
-    model: L.PrivateTransformer, tokens: Value, cache: L.PrivateKVCache, ledger: Ledger | None = None
+    model: L.PrivateTransformer,
+    tokens: Value,
+    cache: L.PrivateKVCache,
+    ledger: Ledger | None = None,
+    block: int | None = None,
 ) -> Value:
     """One step without the private argmax: the secret logits [B, 1, V] of the last position after one-hot `tokens`
-    [B, T, V] (the prompt, or the client's next token after a kept cache). Recorded as "prefill" on an empty cache,
-    "decode" otherwise. The caller reveals them to the client (job generate's output "logits": see parties/jobs.py
-    for what that reveals)."""
+    [B, T, V] (the prompt, or the client's next token after a kept cache), `block` tokens at a time (`prefill`).
+    Recorded as "prefill" on an empty cache, "decode" otherwise. The caller reveals them to the client (job
+    generate's output "logits": see parties/jobs.py for what that reveals)."""
     if ledger is not None:
         ledger.begin_step("prefill" if cache.seen_tokens == 0 else "decode")
-    logits = model(tokens, cache, last_only=True)
+    logits = prefill(model, tokens, cache, block)
     if ledger is not None:
         ledger.end_step()
     return logits
@@ -122,11 +126,11 @@ def prefill(model: L.PrivateTransformer, tokens: Value, cache: L.PrivateKVCache,
     to fixed-point rounding, and the largest attention matrix is block x T. The block size is public (as T is).
     Caches that evict after the prompt's attention (MPCache's look-once static eviction) see `cache.more_prompt`
     set while blocks remain, and act on the last block (its queries are the observation window's)."""
+    if block is not None and block < 1:
+        raise ValueError(f"prefill_block must be >= 1, got {block}")
     t = tokens.shape[1]
     if block is None or block >= t:
         return model(tokens, cache, last_only=True)
-    if block < 1:
-        raise ValueError(f"prefill_block must be >= 1, got {block}")
     logits = None
     for start in range(0, t, block):
         cache.more_prompt = start + block < t
