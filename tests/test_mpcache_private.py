@@ -205,13 +205,15 @@ def _plain_static(queries, keys, keep, sink, window):
     return scores, topk_slots(guarded, torch.full((b, h), keep))[0]
 
 
-def test_simulated_static_keep_matches_plaintext():
+@pytest.mark.parametrize("nonlinear", ["lut", "poly"])
+def test_simulated_static_keep_matches_plaintext(nonlinear):
     b, hkv, hq, length, d, keep = 2, 2, 4, 60, 8, 30
     queries, keys = randn(b, hq, 12, d, seed=3), randn(b, hkv, length, d, seed=4)
     want_scores, want = _plain_static(queries, keys, keep, 4, 6)
     scores = M.window_scores(
-        queries / d**0.5, keys, torch.arange(48, 60).expand(b, 12), torch.arange(60).expand(b, hkv, 60)
-    )
+        queries / d**0.5, keys, torch.arange(48, 60).expand(b, 12), torch.arange(60).expand(b, hkv, 60),
+        options=L.PrivateOptions(nonlinear=nonlinear),
+    )  # fmt: skip
     assert (scores - want_scores).abs().max() < 1e-4  # the simulator's softmax approximation
     plan = M.static_keep(scores, keep, 4, 6, 13.0)  # 12 window queries' probabilities summed per slot
     kept = M.compact(entry_of(keys, slot_ids(b, hkv, length)), plan)
@@ -222,6 +224,19 @@ def test_simulated_static_keep_matches_plaintext():
     assert M.compact(full, M.static_keep(scores, 70, 4, 6, 13.0)) is full  # nothing to evict
     ends = M.compact(full, M.static_keep(scores, 10, 4, 6, 13.0))  # no middle slot left
     assert ends.values[0, 0, :, 0].tolist() == [0, 1, 2, 3, 54, 55, 56, 57, 58, 59]
+
+
+@pytest.mark.parametrize("nonlinear", ["lut", "poly"])
+def test_static_eviction_uses_the_model_softmax(nonlinear, monkeypatch):
+    """The window attention static eviction recomputes goes through the softmax the model's options choose."""
+    m = tiny("llama", n_layer=2, max_position=256)
+    pm = L.PrivateTransformer.from_plain(m, lambda t: t, L.PrivateOptions(nonlinear=nonlinear))
+    used, softmax = [], M.attention_softmax
+    monkeypatch.setattr(M, "attention_softmax", lambda *args: used.append(args[-1]) or softmax(*args))
+    cache = M.PrivateMPCache(2, 32, own_first=0, own_last=0)  # layer 1 reuses layer 0's keep-set
+    with torch.no_grad():
+        pm(L.one_hot(torch.randint(0, 40, (1, 100), generator=torch.Generator().manual_seed(2)), 40), cache)
+    assert used == [nonlinear] and cache.layers[0].capacity < 100
 
 
 def test_simulated_policy_generates_like_plaintext_mpcache():

@@ -28,7 +28,8 @@ length, the fixed keep count, the cluster boundaries and how many clusters are r
    matrices to its own cache.
 
 The prompt's window attention for static eviction is recomputed in `after_attention` (the private attention does
-not expose its probabilities); its cost is that of the window's rows of the prefill attention.
+not expose its probabilities), with the softmax of the model's PrivateOptions (the cache's `options`: the table exp
+by default); its cost is that of the window's rows of the prefill attention.
 
 Gathered slots' true positions are secret; they are only needed for causal visibility, which every cached token
 passes at decode, so gathered slots carry the lowest position they could hold (a public lower bound). Models with
@@ -58,7 +59,7 @@ from mpcache.mpc.arith import numerics as N
 from mpcache.mpc.arith.accounting import span
 from mpcache.mpc.arith.append_only import AppendOnlyOperand
 from mpcache.mpc.arith.numerics import Value
-from mpcache.mpc.nn.layers import SCORE_RANGE, PrivateKVCache, PrivateLayerKV, cached_attention
+from mpcache.mpc.nn.layers import PrivateKVCache, PrivateLayerKV, PrivateOptions, attention_softmax, cached_attention
 
 LIFT = 1.0e4  # pushes an ineligible cluster's score below every real score (|q . r| stays far below it)
 # Comparison ranges (numerics.less_than; arith/compare.py: each sets the FSS ring width and is checked by the
@@ -144,17 +145,25 @@ def static_plan(length: int, keep: int, sink: int, window: int) -> tuple[int, in
 
 
 def window_scores(
-    queries: Value, keys: Value, query_positions: Tensor, key_positions: Tensor, per_head: bool = False
+    queries: Value,
+    keys: Value,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    per_head: bool = False,
+    options: PrivateOptions | None = None,
 ) -> Value:
     """Head-averaged attention [B, L] the given (pre-scaled) queries [B, Hq, W, D] give every slot, summed over
     the queries, or with `per_head` averaged over each KV head's query heads, [B, Hkv, L] (plaintext:
-    static_scores(attention_received))."""
+    static_scores(attention_received)). The softmax is the one `options` choose (default PrivateOptions():
+    the table exp), as the model's own attention."""
+    options = options or PrivateOptions()
     b, hq, w, d = queries.shape
     hkv = keys.shape[1]
     q = queries.reshape(b, hkv, hq // hkv, w, d)
     scores = N.matmul(q, keys.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, W, L]
     valid = torch.ones(b, hkv, keys.shape[2], dtype=torch.bool)
-    probs = N.softmax(scores, visibility(query_positions, key_positions, valid), score_range=SCORE_RANGE)
+    visible = visibility(query_positions, key_positions, valid)
+    probs = attention_softmax(scores, visible, None, options.score_range, options.nonlinear)
     received = probs.sum(3)  # [B, Hkv, G, L]
     if not N.is_private(received):
         return static_scores(received, per_head)
@@ -577,8 +586,9 @@ class PrivateMPCache(PrivateKVCache):
                     ratios = (k.window_ratio, k.long_prompt, k.long_window_ratio, k.window_queries)
                     w = min(observation_window(length, *ratios), queries.shape[2])  # blockwise: the last block
                     scores = window_scores(
-                        queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions, k.static_heads == "kv"
-                    )
+                        queries[:, :, -w:], entry.keys, query_positions[:, -w:], entry.positions,
+                        k.static_heads == "kv", self.options,
+                    )  # fmt: skip
                     scores = window_sum(scores, k.static_pool)
                     # each query's probabilities sum to 1: a slot's window score is at most w, pooled k.static_pool
                     # (+1) times; the slack covers fixed-point error
@@ -635,9 +645,16 @@ class PrivateMPCache(PrivateKVCache):
         return self.clusters[layer].update(chosen.n_child - 2, rows)
 
 
-def full_attention(queries: Value, entry: PrivateLayerKV, query_positions: Tensor) -> Value:
-    """Decode attention over the whole cache: the baseline MPCache is measured against."""
-    return cached_attention(queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid)
+def full_attention(
+    queries: Value, entry: PrivateLayerKV, query_positions: Tensor, options: PrivateOptions | None = None
+) -> Value:
+    """Decode attention over the whole cache with the softmax `options` choose (default PrivateOptions()): the
+    baseline MPCache is measured against."""
+    options = options or PrivateOptions()
+    return cached_attention(
+        queries, entry.keys, entry.values, query_positions, entry.positions, entry.valid,
+        score_range=options.score_range, nonlinear=options.nonlinear,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ measurement

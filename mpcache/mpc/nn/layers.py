@@ -219,6 +219,16 @@ def apply_rope(x: Value, positions: Tensor, inv_freq: Tensor) -> Value:
         return N.combine(N.stack([x, rotated]), torch.stack([cos, sin]))
 
 
+def attention_softmax(
+    scores: Value, visible: Tensor, bound: float | None, score_range: float | None, nonlinear: str
+) -> Value:
+    """The attention softmax PrivateOptions choose: the table exp ("lut": lut.softmax, which clips by itself and
+    ignores `score_range`) or the polynomial one ("poly": numerics.softmax)."""
+    if nonlinear == "lut":
+        return LUT.softmax(scores, visible, bound)
+    return N.softmax(scores, visible, bound, score_range)
+
+
 def cached_attention(
     queries: Value,
     keys: Value,
@@ -251,10 +261,7 @@ def cached_attention(
             scores = N.matmul(q.reshape(b, hkv, g * t, d), operands.keys).reshape(b, hkv, g, t, length)
     visible = visibility(query_positions, key_positions, key_valid, sliding_window)
     with span("softmax"):
-        if nonlinear == "lut":
-            probs = LUT.softmax(scores, visible, score_bound)
-        else:
-            probs = N.softmax(scores, visible, score_bound, score_range)
+        probs = attention_softmax(scores, visible, score_bound, score_range, nonlinear)
     with span("attention"):
         if operands is None:
             out = N.matmul(probs, values.unsqueeze(2))
@@ -323,6 +330,9 @@ class PrivateKVCache:
 
     wants_probs = False  # True: Attention passes each step's attention probabilities to observe_probs
     more_prompt = False  # True while a blockwise prefill has prompt blocks left (decoder.prefill)
+    # the numeric options of the model that runs this cache (PrivateTransformer sets them at each call): hooks that
+    # compute (MPCache's static eviction softmax) use the model's nonlinearities
+    options: PrivateOptions = PrivateOptions()
 
     def __init__(self, n_layer: int) -> None:
         self.layers: list[PrivateLayerKV | None] = [None] * n_layer
@@ -551,6 +561,7 @@ class PrivateTransformer:
         if positions is None:
             positions = torch.arange(cache.seen_tokens, cache.seen_tokens + t).expand(b, t)
         valid = torch.ones(b, t, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        cache.options = self.options
         with N.comparisons(self.options.comparisons):  # the cache's hooks (eviction) run inside too
             with layer("embed"):
                 x = self.tok_emb(tokens)
