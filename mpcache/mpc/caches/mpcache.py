@@ -708,9 +708,17 @@ def _measure(lengths: list[int], static_lengths: list[int], seed: int = 0, knobs
         scores = crypten.cryptensor(torch.rand(1, length, generator=g, dtype=torch.float64), src=0)
         kv = shared(1, hkv, length, 2 * d)
         entry = PrivateLayerKV(kv, kv, torch.arange(length).expand(1, hkv, length), torch.ones(1, hkv, length) > 0)
+        # the window's attention votes (default window: 20% of the prompt's last queries), with either softmax
+        w = observation_window(length)
+        window_q, kpos = shared(1, hq, w, d, src=1, scale=d**-0.5), entry.positions
+        qpos = torch.arange(length - w, length).expand(1, w)
+        votes = {}
+        for nonlinear in ("lut", "poly"):
+            options = PrivateOptions(nonlinear=nonlinear)
+            _, votes[f"window_{nonlinear}"] = cost(window_scores, window_q, kv[..., :d], qpos, kpos, False, options)
         plan, top = cost(static_keep, scores, length // 2, 16, 16, 2.0)
         _, gather = cost(compact, entry, plan)
-        rows.append({"length": length, "top": top, "gather": gather})
+        rows.append({"length": length, "window": w, **votes, "top": top, "gather": gather})
     crypten.cfg.communicator.verbose = False
     return rows
 
@@ -782,10 +790,12 @@ def main() -> None:
         if "full" in r:
             parts = [r["full"], r["select"], r["update"], r["attend"], r["mpcache"]]
             print(f"| {r['length']} | {r['read']} | " + " | ".join(fmt(c) for c in parts) + " |")
-    print("\n| prompt L | static top-(L/2 - 32) rank + one-hot | gather of keys+values |\n|---|---|---|")
+    print("\n| prompt L | window votes, table softmax | window votes, polynomial softmax | static top-(L/2 - 32) "
+          "rank + one-hot | gather of keys+values |\n|---|---|---|---|---|")  # fmt: skip
     for r in rows:
         if "top" in r:
-            print(f"| {r['length']} | {fmt(r['top'])} | {fmt(r['gather'])} |")
+            parts = [r["window_lut"], r["window_poly"], r["top"], r["gather"]]
+            print(f"| {r['length']} (window {r['window']}) | " + " | ".join(fmt(c) for c in parts) + " |")
 
     if model_rows:
         print("\n| cached n | method | rounds/step | MB/step | s/step | selection rounds, MB | attention+softmax MB |")
