@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from mpcache.eval.tasks import _magic_key, filler_sentence
-from mpcache.model import load_bundled
+from mpcache.model import load_model
 from mpcache.serving import BlockPool, Engine, PrefixCache, Request, Scheduler
 from mpcache.serving import traces as T
 from mpcache.serving.batchllm import BatchLLM
@@ -666,6 +666,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "serving"), help="prefix of the .json / .md outputs")
     parser.add_argument("--store-blocks", type=int, default=192, help="cachecraft: chunk store / prefix cache blocks")
     parser.add_argument("--fractions", default=None, help="cachecraft: recompute fractions, e.g. 0,0.25,0.5")
+    parser.add_argument("--model", default="bundled", help="bundled, smollm2 or a checkpoint folder (model sections)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -676,8 +677,9 @@ def main() -> None:
         raise SystemExit(f"unknown sections {sorted(unknown)}")
     model = tok = None
     if set(sections) - {"throughput", "policies"}:
-        model, tok = load_bundled()
+        model, tok = load_model(args.model)
         model.eval()
+        print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)", flush=True)
     for section in sections:
         start = time.perf_counter()
         print(f"[{section}]", flush=True)
@@ -703,7 +705,10 @@ def main() -> None:
         Path(f"{args.out}_{section}.json").write_text(json.dumps(data, indent=1, default=float))
         extra = "".join(
             f" --{name.replace('_', '-')} {value}"
-            for name, value in (("store_blocks", args.store_blocks), ("fractions", args.fractions), ("out", args.out))
+            for name, value in (
+                ("store_blocks", args.store_blocks), ("fractions", args.fractions), ("model", args.model),
+                ("out", args.out),
+            )  # fmt: skip
             if value != parser.get_default(name)
         ) + (" --quick" if args.quick else "")
         md += f"\n(section wall time {seconds:.0f} s; `python -m bench.serving --sections {section}{extra}`)\n"
