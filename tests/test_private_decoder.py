@@ -202,7 +202,8 @@ def test_blockwise_prefill_job_matches_the_one_shot_job(tmp_path):
         dep.stop_all()
     want, exact_logits = plain_greedy(model, ids, 2)
     assert blocks == one == want
-    assert (logits - one_logits).abs().max() < 2 * SIM_TOL and (last - one_logits).abs().max() < 2 * SIM_TOL
+    tol = 2 * (SIM_TOL + SIM_REL * float(one_logits.abs().max()))  # each job within near_simulator's tolerance
+    assert (logits - one_logits).abs().max() < tol and (last - one_logits).abs().max() < tol
     assert (logits - exact_logits).abs().max() < EXACT_TOL
     prefill_rounds = [json.loads(r[0].stats.report_json)["steps"][0]["rounds"] for r in (one_res, res)]
     assert prefill_rounds[1] > 2 * prefill_rounds[0]  # 3 passes of the layer stack instead of 1
