@@ -10,9 +10,17 @@ emulated by the communicator (rtt/2 + bytes*8/bandwidth per message on top of lo
 Shortcut, stated in every row (`cache`: "plaintext prefill, then shared"): the cache of length n is built by a
 plaintext prefill of random tokens at party 0 and then secret-shared, because a private prefill of thousands of
 tokens takes too long on this machine; the decode steps measured after it are fully private (secret one-hot token,
-shared weights and cache). Rounds, bytes (party 0's CrypTen counters: online, between the parties; their traffic is
-symmetric), dealer bytes (correlated randomness from the dealer: party 0's, and party 1's in `dealer_bytes_party1`;
-the in-process dealer counts what a dealer process would send) and latency (wall time) are party 0's means over the
+shared weights and cache). `--private-prefill` removes the shortcut where it fits (`cache`: "private prefill,
+blocks of B"): the same random tokens, secret-shared as one-hot rows, go through the private prefill in public
+blocks of `--prefill-block` tokens (decoder.prefill) into the method's own empty cache (caches.private_cache, as
+the generate job builds it: MPCache evicts statically after the last block), and the row keeps the prefill's cost
+(`prefill`: rounds, bytes, dealer bytes, seconds of party 0, and per operation class in `by_op`; MPCache's static
+eviction is its "selection"). `kept` is the cache's tokens per KV head (most over layers and heads) when the decode
+steps start, either way.
+
+Rounds, bytes (party 0's CrypTen counters: online, between the parties; their traffic is symmetric), dealer
+bytes (correlated randomness from the dealer: party 0's, and party 1's in `dealer_bytes_party1`; the in-process
+dealer counts what a dealer process would send) and latency (wall time) are party 0's means over the
 `--steps` decode steps that follow one uncounted warm-up step at every length: the warm-up opens the adopted cache
 against fresh dealer masks, a one-time cost like the private prefill's (`per_step` keeps each step). Models: the
 bundled model, "paper", the MPCache paper's efficiency setting (1 layer, hidden 1024, 32 heads, SiLU, GPT-2 layout;
@@ -68,6 +76,7 @@ PAPER = dict(
     activation="silu", max_position=8192,
 )  # fmt: skip
 CACHE_NOTE = "plaintext prefill, then shared"
+PRIVATE_NOTE = "private prefill, blocks of {block}"
 
 
 def _full(budget: int | None, **knobs) -> Callable:
@@ -169,8 +178,8 @@ def _protocol(row: dict) -> str:
 
 def add_vs_full(rows: list[dict]) -> None:
     """rows[i]["vs_full"] = full / method for latency, rounds and bytes at the same (model, link, seq_len,
-    comparisons), when "full" ran too."""
-    key = lambda r: (r["model"], r["link"], r["seq_len"], _protocol(r))  # noqa: E731
+    comparisons, cache source), when "full" ran too."""
+    key = lambda r: (r["model"], r["link"], r["seq_len"], _protocol(r), r.get("cache", CACHE_NOTE))  # noqa: E731
     full = {key(r): r for r in rows if r["method"] == "full"}
     for r in rows:
         base = full.get(key(r))
@@ -274,16 +283,24 @@ def _party(rank: int, args: dict) -> None:
             options = L.PrivateOptions(comparisons=args["comparisons"], nonlinear=args["nonlinear"])
             pm = decoder.share_model(model, N.share_owned, options)
             for n in args["seq_lens"]:
-                plain = None
-                if rank == 0:
-                    ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-                    plain = KVCache(config.n_layer)
-                    with torch.no_grad():
-                        model(ids, plain)
-                shapes = [(1, config.n_kv_head, n, config.head_dim)] * config.n_layer
+                ids = torch.randint(0, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
                 budget = budget_for(n, args["budget"], args["budget_ratio"])
-                method = METHODS[args["method"]](budget, **args["knobs"])
-                cache = method(decoder.share_cache(plain, config, shapes, N.share_owned))
+                prefill, note = None, CACHE_NOTE
+                if args["private_prefill"]:
+                    block = args["prefill_block"]
+                    tokens = L.one_hot(ids, config.vocab_size) if rank == 0 else torch.zeros(1, n, config.vocab_size)
+                    cache, prefill = private_prefill(pm, crypten.cryptensor(tokens, src=0, precision=0), args, budget)
+                    note = PRIVATE_NOTE.format(block=block)
+                else:
+                    plain = None
+                    if rank == 0:
+                        plain = KVCache(config.n_layer)
+                        with torch.no_grad():
+                            model(ids, plain)
+                    shapes = [(1, config.n_kv_head, n, config.head_dim)] * config.n_layer
+                    method = METHODS[args["method"]](budget, **args["knobs"])
+                    cache = method(decoder.share_cache(plain, config, shapes, N.share_owned))
+                kept = max(int(cache.tokens_per_head(i).max()) for i in range(config.n_layer))
                 token = crypten.cryptensor(L.one_hot(torch.tensor([[1]]), config.vocab_size), src=1, precision=0)
                 # warm-up step, not counted: first use of the code paths, and the one-time opening of the adopted
                 # cache against fresh dealer masks (full: the keys/values; mpcache: the gather's middle children)
@@ -306,14 +323,32 @@ def _party(rank: int, args: dict) -> None:
                     "rounds": round(statistics.mean(s["rounds"] for s in steps)),
                     "bytes_per_party": round(statistics.mean(s["bytes"] for s in steps)),
                     "dealer_bytes_per_party": round(statistics.mean(s["dealer_bytes"] for s in steps)),
-                    "keygen_s": keygen, "budget": budget,
-                    "budget_ratio": args["budget_ratio"], "cache": CACHE_NOTE, "steps": args["steps"],
+                    "keygen_s": keygen, "budget": budget, "kept": kept, "prefill": prefill,
+                    "budget_ratio": args["budget_ratio"], "cache": note, "steps": args["steps"],
                     "per_step": [{k: s[k] for k in ("rounds", "bytes", "dealer_bytes", "seconds")} for s in steps],
                     "by_op": by_op, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 })  # fmt: skip
                 print(f"party {rank}: {link} {model_name} n={n}: {rows[-1]['latency_s']:.2f} s", flush=True)
         crypten.uninit()
     Path(args["out"].format(rank=rank)).write_text(json.dumps(rows))
+
+
+def private_prefill(pm, tokens, args: dict, budget: int | None) -> tuple:
+    """The method's own empty private cache (caches.private_cache, as the generate job builds it) filled by the
+    private prefill of the secret one-hot `tokens` [1, n, V] in blocks of args["prefill_block"]; returns it and
+    the prefill's cost at this party (rounds, bytes, dealer bytes, seconds)."""
+    from mpcache.mpc.arith import numerics as N
+    from mpcache.mpc.arith.accounting import Ledger, summarize
+    from mpcache.mpc.caches import private_cache
+    from mpcache.mpc.nn import decoder
+
+    spec = None if args["method"] == "full" else {"method": args["method"], "budget": budget, "knobs": args["knobs"]}
+    cache = private_cache(pm.config.n_layer, spec)
+    with Ledger(N.counters) as ledger:
+        ledger.begin_step("prefill")
+        decoder.prefill(pm, tokens, cache, args["prefill_block"])
+        step = ledger.end_step()
+    return cache, {**{k: step[k] for k in ("rounds", "bytes", "dealer_bytes", "seconds")}, "by_op": summarize([step])}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -345,7 +380,8 @@ def print_tables(rows: list[dict]) -> None:
     order = sorted(
         rows, key=lambda r: (r["method"], r["model"], r["seq_len"], _protocol(r), list(LINKS).index(r["link"]))
     )
-    print(f"cache of length n: {CACHE_NOTE}; per decode step, party 0's counters; links {LINKS}")
+    notes = "; ".join(sorted({r.get("cache", CACHE_NOTE) for r in rows}))
+    print(f"cache of length n: {notes}; per decode step, party 0's counters; links {LINKS}")
     header = (
         f"{'method':<{w}} {'model':<8} {'cmp':<7} {'link':<9} {'seq_len':>7} {'budget':>6} {'latency s':>10} "
         f"{'rounds':>7} {'MiB/party':>10} {'dealer MiB p0/p1':>17} {'accuracy':>8}"
@@ -359,6 +395,19 @@ def print_tables(rows: list[dict]) -> None:
             f"{r['method']:<{w}} {r['model']:<8} {_protocol(r):<7} {r['link']:<9} {r['seq_len']:>7} {budget:>6} "
             f"{r['latency_s']:>10.3f} {r['rounds']:>7} {r['bytes_per_party'] / 2**20:>10.2f} {_dealer(r):>17} {acc:>8}"
         )
+    prefills = [r for r in order if r.get("prefill")]
+    if prefills:
+        print("\nprivate prefill of the n cached tokens (party 0's counters)")
+        header = f"{'method':<{w}} {'model':<8} {'link':<9} {'seq_len':>7} {'cache':<30} {'kept':>5} {'rounds':>7} "
+        header += f"{'MiB/party':>10} {'dealer MiB p0':>13} {'seconds':>8}"
+        print(header)
+        print("-" * len(header))
+        for r in prefills:
+            p = r["prefill"]
+            print(
+                f"{r['method']:<{w}} {r['model']:<8} {r['link']:<9} {r['seq_len']:>7} {r['cache']:<30} {r['kept']:>5} "
+                f"{p['rounds']:>7} {p['bytes'] / 2**20:>10.2f} {p['dealer_bytes'] / 2**20:>13.1f} {p['seconds']:>8.1f}"
+            )
     ratios = [r for r in order if "vs_full" in r]
     if ratios:
         print("\nfull / method (higher: the method is cheaper)")
@@ -448,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         "--nonlinear", default="lut", help="comma-separated: lut (DPF tables, needs fss), poly (polynomials)"
     )
     parser.add_argument("--steps", type=int, default=2, help="decode steps timed per length")
+    parser.add_argument(
+        "--private-prefill", action="store_true",
+        help="build each cache by a private blockwise prefill instead of a plaintext prefill that is then shared",
+    )  # fmt: skip
+    parser.add_argument("--prefill-block", type=int, default=128, help="with --private-prefill: tokens per block")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--plot", type=Path, default=None, help="write a plot here (default: next to --json)")
     parser.add_argument("--markdown", type=Path, default=None, help="write the rows as a markdown table here")
@@ -488,8 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             check_model(name)
         except (OSError, ValueError) as error:
             parser.error(f"--models {name}: {error}")
-    if any(n < 1 for n in seq_lens) or opts.steps < 1:
-        parser.error("--seq-lens and --steps must be positive")
+    if any(n < 1 for n in seq_lens) or opts.steps < 1 or opts.prefill_block < 1:
+        parser.error("--seq-lens, --steps and --prefill-block must be positive")
     if opts.budget is not None and opts.budget_ratio is not None:
         parser.error("give --budget or --budget-ratio, not both")
     if opts.budget is not None and opts.budget < 1:
@@ -536,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             budget, budget_ratio = (None, None) if method == "full" else (opts.budget, ratio)
             args = dict(links=links, peers=peers, models=models, seq_lens=seq_lens, steps=opts.steps, method=method,
                         knobs=knobs, label=label, budget=budget, budget_ratio=budget_ratio, comparisons=protocol,
-                        nonlinear=nonlinear, out=f"{tmp}/rank{{rank}}.json")  # fmt: skip
+                        nonlinear=nonlinear, private_prefill=opts.private_prefill, prefill_block=opts.prefill_block,
+                        out=f"{tmp}/rank{{rank}}.json")  # fmt: skip
             Path(tmp, "args.json").write_text(json.dumps(args))
             cmd = [sys.executable, "-m", "bench.mpc_decode", "--args", f"{tmp}/args.json", "--party"]
             t0 = time.perf_counter()

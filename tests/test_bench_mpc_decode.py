@@ -70,6 +70,7 @@ def test_vs_full_ratios_and_accuracy_match(tmp_path, capsys):
         (["--method", "h2o:bogus=1"], "bogus"),
         (["--method", "h2o:recent_ratio=2"], "recent_ratio"),
         (["--method", "nope"], "unknown method"),
+        (["--private-prefill", "--prefill-block", "0"], "must be positive"),
     ],
 )
 def test_bad_arguments_stop_before_any_party_starts(argv, match, capsys):
@@ -104,3 +105,29 @@ def test_render_joins_saved_runs_against_their_full_rows(tmp_path):
     # rows saved before the comparisons option ran CrypTen's; before dealer bytes were counted: "-"
     want = "| bundled | crypten | lan | 512 | mpcache | 51 | 800 | 0.00 | - | 2.00 | 4.00 | 1.25 | 2.00 | 0.50 |"
     assert table[3] == want
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_private_prefill_fills_the_method_cache_like_the_shortcut(tmp_path):
+    """--private-prefill: two parties prefill a tiny model privately into MPCache's own cache (static eviction
+    after the last block); the decode steps after it cost what they cost after the plaintext-prefill shortcut (same
+    kept size, rounds and bytes), and the row carries the prefill's cost. Slow: four party processes, ~40 CPU-s
+    (2-4 min of wall time on the shared 2 cores)."""
+    import json
+
+    from test_private_decoder import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path / "model", "llama", max_position=128)
+    rows = {}
+    for flag in ([], ["--private-prefill", "--prefill-block", "32"]):
+        out = tmp_path / f"rows{len(flag)}.json"
+        argv = ["--models", str(tmp_path / "model"), "--method", "mpcache", "--seq-lens", "64", "--budget", "16"]
+        argv += ["--link", "loopback", "--steps", "1", "--json", str(out), "--plot", "/dev/null"]
+        assert B.main(argv + flag) == 0
+        rows[bool(flag)] = {r["method"]: r for r in json.loads(out.read_text())}
+    short, private = rows[False]["mpcache"], rows[True]["mpcache"]
+    assert short["cache"] == "plaintext prefill, then shared" and short["prefill"] is None
+    assert private["cache"] == "private prefill, blocks of 32" and private["prefill"]["rounds"] > 0
+    assert short["kept"] == private["kept"] == 32  # max(budget 16, static_ratio 0.5 x 64)
+    assert (short["rounds"], short["bytes_per_party"]) == (private["rounds"], private["bytes_per_party"])
