@@ -5,6 +5,8 @@ table sizes, and the errors for bad tables / providers / ranges."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,40 @@ from mpcache.mpc.transport.local import LocalParties
 
 EXP_REL, EXP_ABS = 2.5e-4, 4.5e-5  # lut.exp's documented error: relative + the tables' rounding
 REFS = {"silu": F.silu, "gelu": F.gelu}
+POWER_REL = 3.06e-5  # lut.inv_sqrt / lut.reciprocal in 2PC: the 16-bit table's grid, plus 2^-16 / y (the output's)
+SIM_REL = 1.53e-5  # the simulator: the nearest centre
+# (function, domain lo, hi, scale_bits): the bundled model's norms (d = 256, k = 2, c = 13) and the softmax's row sum
+# (with the max: lo 0.5; with a bound: lo 2^-10; rows up to 2048)
+POWER_DOMAINS = {
+    "norm": ("inv_sqrt", 1.0, 2.0**34, 14),
+    "smollm2_norm": ("inv_sqrt", 2.25, 576 * 2.0**26, 14),
+    "softmax": ("reciprocal", 0.5, 1.01 * 2048 + 1, 12),
+    "softmax_bound": ("reciprocal", 2.0**-10, 1.01 * 2048 + 1, 12),
+}
+
+
+def _power_inputs(lo: float, hi: float, count: int) -> torch.Tensor:
+    """Log-spaced over [lo, 2 hi) (the comparisons' range) plus every octave edge and its neighbours, on the
+    2^-16 grid (what 2PC holds)."""
+    x = torch.exp(torch.linspace(np.log(lo), np.log(2 * hi), count, dtype=torch.float64))[:-1]
+    edges = 2.0 ** torch.arange(-12, 38, dtype=torch.float64)
+    edges = edges[(edges >= lo) & (edges < 2 * hi)]
+    x = torch.cat([x, edges, edges - 2.0**-16, edges + 2.0**-16, torch.tensor([lo, 2 * hi - 1.0])])
+    return (torch.round(x * 2**16) / 2**16).clamp(lo, 2 * hi - 2.0**-16)
+
+
+def _power_ref(name: str, x: torch.Tensor) -> torch.Tensor:
+    fn, _, _, scale_bits = POWER_DOMAINS[name]
+    return 2.0**scale_bits * (x.rsqrt() if fn == "inv_sqrt" else 1 / x)
+
+
+def _power_ok(name: str, y: torch.Tensor, x: torch.Tensor, rel: float = POWER_REL, slack: float = 1.0) -> float:
+    """The worst error over the documented bound rel + 2^-16 / y (1.0: exactly at the bound)."""
+    ref = _power_ref(name, x)
+    return float(((y - ref).abs() / (rel * ref + slack * 2.0**-16)).max())
+
+
+POWER_ROWS = {name: (dom[0], _power_inputs(*dom[1:3], 1500), dom[1:]) for name, dom in POWER_DOMAINS.items()}
 SPECS = {"silu": lut.SILU, "gelu": lut.GELU}
 
 
@@ -73,7 +109,7 @@ def test_simulator_checks_the_declared_range():
 # --------------------------------------------------------------------------------------------------------- 2PC
 
 
-def _party(x: torch.Tensor, d: torch.Tensor, index: torch.Tensor, tables: list[np.ndarray]) -> dict:
+def _party(x: torch.Tensor, d: torch.Tensor, index: torch.Tensor, tables: list[np.ndarray], rows: dict) -> dict:
     crypten = N.crypten
     crypten.cfg.communicator.verbose = True
     out = {}
@@ -90,6 +126,9 @@ def _party(x: torch.Tensor, d: torch.Tensor, index: torch.Tensor, tables: list[n
     measured("silu", lambda: lut.silu(ex))
     measured("gelu", lambda: lut.gelu(ex))
     measured("lookup", lambda: lut.lookup([(ei.share, 9, tables[0]), (ei.share, 4, tables[1])]), reveal=False)
+    for name, (fn, values, lo, hi, scale_bits) in rows.items():
+        call = functools.partial(getattr(lut, fn), crypten.cryptensor(values, src=1), lo, hi, scale_bits)
+        measured(name, call)
     crypten.cfg.communicator.verbose = False
     return out
 
@@ -102,7 +141,7 @@ def two_party():
     index = torch.from_numpy(rng.integers(-(1 << 20), 1 << 20, size=(7, 11)))
     tables = [rng.integers(-(1 << 62), 1 << 62, size=(1 << 9, 3)), rng.integers(-(1 << 40), 1 << 40, size=1 << 4)]
     with LocalParties(setup=N.install, timeout=300) as p:
-        res = p.run(_party, x, d, index, tables)
+        res = p.run(_party, x, d, index, tables, {k: (fn, x, *dom) for k, (fn, x, dom) in POWER_ROWS.items()})
     return res, x, d, index, tables
 
 
@@ -156,8 +195,8 @@ def test_lookup_needs_lut_keys_and_full_tables():
         lut.lookup([(torch.zeros(3, dtype=torch.long), 4, np.zeros(8, np.int64))])
 
 
-def test_softmax_with_table_exp_and_short_ladder():
-    """lut.softmax (table exp, 32-step ladder, one Newton iteration) against torch over row lengths 1..2048,
+def test_softmax_with_table_exp_and_reciprocal():
+    """lut.softmax (table exp, table reciprocal of the row sum) against torch over row lengths 1..2048,
     with masked entries and rows of small and large spread: within 2.5e-4 per probability."""
     g = torch.Generator().manual_seed(0)
     spread = torch.tensor([0.1, 1.0, 3.0, 10.0] * 4, dtype=torch.float64)[:, None]
@@ -169,3 +208,77 @@ def test_softmax_with_table_exp_and_short_ladder():
         ref = torch.softmax(x.masked_fill(~mask, -1e9), -1)
         assert float((p - ref).abs().max()) < 2.5e-4, n
         assert not p[~mask].any()
+
+
+# ------------------------------------------------------------------ per row: inverse square root and reciprocal
+
+
+@pytest.mark.parametrize("name", list(POWER_DOMAINS))
+def test_power_simulator_over_the_whole_domain(name):
+    """The octave + 16-bit table within its documented relative error on every x of [lo, 2 hi) (the comparisons'
+    whole range), the bound measured (not loose); x in [L / B, L) still read the table (the grid's relative error
+    grows as 1 / m there: up to B times), below it the value saturates."""
+    fn, lo, hi, scale_bits = POWER_DOMAINS[name]
+    x = _power_inputs(lo, hi, 400_001)
+    y = getattr(lut, fn)(x, lo, hi, scale_bits)
+    worst = _power_ok(name, y, x, rel=SIM_REL, slack=0.0)
+    assert 0.9 < worst <= 1.0
+    ref = _power_ref(name, x)
+    assert abs(float(((y - ref) / ref).mean())) < SIM_REL / 10  # unbiased: sums over many rows do not drift
+    spec = lut.INV_SQRT if fn == "inv_sqrt" else lut.RECIPROCAL
+    base = 1 << spec.base_bits
+    low = 2.0 ** (spec.base_bits * np.floor(np.log2(lo) / spec.base_bits))  # L
+    below = torch.round(torch.tensor([low / base, low / 2, low * 0.99]) * 2**16) / 2**16  # on the input's grid
+    ref = _power_ref(name, below)
+    assert float(((getattr(lut, fn)(below, lo, hi, scale_bits) - ref).abs() / ref).max()) <= base * SIM_REL
+    tiny = torch.tensor([low / 64, low / 1000])
+    saturated = 2.0**scale_bits * (base / low) ** spec.power  # the value at m = 1 / B: twice the domain's top
+    assert (getattr(lut, fn)(tiny, lo, hi, scale_bits) == saturated).all()
+
+
+def test_power_tables_and_plans():
+    for spec in (lut.INV_SQRT, lut.RECIPROCAL):
+        t = spec.table()
+        assert t.shape == (1 << 16,) and (np.diff(t) <= 0).all()  # decreasing in m
+        assert t[-1] == round(2.0**32 * 2.0 ** (-spec.power * spec.base_bits))  # m -> B: B^-p = 1/2
+    plan = lut.INV_SQRT.plan(1.0, 2.0**34, 14)  # the bundled model's norms: 17 comparisons, not a ladder's 1088
+    assert plan.thresholds == tuple(4.0**j for j in range(1, 18))
+    assert lut.RECIPROCAL.plan(0.5, 2069.48, 12).thresholds == tuple(2.0**j for j in range(0, 13))
+
+
+def test_power_refuses_what_it_cannot_hold():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="2\\^-10 <= lo < hi"):
+        lut.inv_sqrt(x, 2.0**-12, 4.0)
+    with pytest.raises(ValueError, match="2\\^-10 <= lo < hi"):
+        lut.reciprocal(x, 4.0, 4.0)
+    with pytest.raises(ValueError, match="too wide for the ring"):
+        lut.inv_sqrt(x, 2.0**-10, 2.0**47)
+    with pytest.raises(ValueError, match="does not fit the ring"):
+        lut.reciprocal(x, 1.0, 2.0**20, scale_bits=40)
+    with pytest.raises(ValueError, match="declared range"):  # above 2 hi: the comparisons would wrap in 2PC
+        lut.inv_sqrt(torch.tensor([300.0]), 1.0, 100.0)
+    with pytest.raises(ValueError, match="negative"):
+        lut.reciprocal(torch.tensor([-0.5, 1.0]), 0.5, 100.0)
+
+
+def test_2pc_power_matches_plaintext_and_simulator(two_party):
+    """2PC within the simulator's bound plus the output's last unit (exact truncation), on the same inputs; rounds,
+    bytes and dealer bytes per row as documented (lut.power)."""
+    res = two_party[0]
+    for name, (fn, x, (lo, hi, scale_bits)) in POWER_ROWS.items():
+        y, cost = res[0][name]
+        assert torch.equal(y, res[1][name][0])
+        assert _power_ok(name, y, x, slack=1.0) <= 1.0, name
+        sim = getattr(lut, fn)(x, lo, hi, scale_bits)
+        assert float(((y - sim).abs() - 2 * POWER_REL * sim).max()) <= 2.0**-16, name
+        plan = (lut.INV_SQRT if fn == "inv_sqrt" else lut.RECIPROCAL).plan(lo, hi, scale_bits)
+        n = N.compare.width(plan.bound, 2**16)
+        rows, comparisons = x.numel(), len(plan.thresholds)
+        assert cost["rounds"] == 5
+        # CrypTen's counter, both ways: comparisons ceil(n/8) B each, lookup 2 B, two Beaver products 16 B,
+        # one truncation 8 B, per row and party; each FSS message padded to 8 bytes
+        sent = comparisons * (-(-n // 8)) + 2 + 16 + 16 + 8
+        assert 0 <= cost["bytes"] - 2 * sent * rows < 32, name
+        keys = fss_batch.batch_bytes("compare", n, comparisons * rows) + fss_batch.batch_bytes("lut", 16, rows)
+        assert keys <= cost["dealer_bytes"] <= keys + 100 * rows, name

@@ -25,6 +25,7 @@ states its measured maximum error (tests/test_mpc_lut.py measures them over the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -282,15 +283,147 @@ def gelu(x: Value, bound: float = N.VALUE_BOUND) -> Value:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# Per-row reciprocal / inverse square root with the table path: a 32-step-per-octave comparison ladder (one round;
-# relative error of the guess 0.011 / 0.0054) and ONE Newton iteration (1.2e-4 / 4.4e-5 after it), where the
-# polynomial path takes 16 steps and 2 iterations: 4 (reciprocal) or 6 (inverse square root) rounds fewer per row,
-# for 2x the row's comparisons (per row, not per element).
-LADDER = (32, 1)
+# ---------------------------------------------------------------------------------------------------------------
+# Per-row reciprocal and inverse square root: normalise by the octave, then one table (SIGMA / LLAMA style)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PowerLut:
+    """2^scale_bits x^-p (p = 1 / base_bits: 1 the reciprocal, 1/2 the inverse square root) for x > 0 in a public
+    domain [lo, hi], as 2^(scale_bits - l0 - e) T[m]: the octave e of x (x in [L B^e, L B^(e+1)), B = 2^base_bits,
+    L = B^l0 the largest power of B <= lo) from ONE comparison batch against the powers L B^j (its one-hot is a
+    difference of the bits: free), the mantissa m = x / (L B^e) in [1, B) from one product with the public factor
+    sum_e onehot_e (L B^e)^-1, and T[m] ~ m^-p from ONE index_bits-bit lookup on m's top bits; every octave factor
+    is a power of two, applied by one more product. The octaves cover [L, 2 hi] (the comparisons' range, as the
+    ladders before); x in [L / B, L) still reads the table (its relative error grows as 1 / m there), below it T
+    saturates at the value of m = 1 / B (and in 2PC x < L B 2^-index_bits, i.e. x = 0, may read the table's top
+    entry: the carry moves index 0 to -1). No Newton step: the table's grid h = B 2^-index_bits alone gives a
+    relative error <= h / 2 at m = 1 (p = 1/2, B = 4) and h at m = 1 (p = 1, B = 2): 3.1e-5 for both at 16 bits
+    in 2PC (the carry moves the index by one step inside the centred interval), half that in the simulator (which
+    reads the nearest centre, the carry's mean)."""
+
+    base_bits: int  # 2: inverse square root (octaves of 4, factors 2^-e), 1: reciprocal (octaves of 2)
+    index_bits: int = 16
+    table_bits: int = 32  # T's fixed-point scale (its rounding, 2^-32, is far below the grid's)
+
+    @property
+    def power(self) -> float:
+        return 1.0 / self.base_bits
+
+    @cache  # noqa: B019
+    def table(self) -> np.ndarray:
+        """T[j] = 2^table_bits c^-p at the centre c = (j + 1) h of the carry's two grid steps (see the module
+        docstring), m = j h on [0, B); c is kept >= 1 / B (the saturation below the domain)."""
+        n, b = self.index_bits, self.base_bits
+        centre = np.maximum((np.arange(1 << n) + 1.0) * 2.0 ** (b - n), 2.0**-b)
+        return np.round(2.0**self.table_bits * centre ** -self.power).astype(np.int64)
+
+    @cache  # noqa: B019
+    def plan(self, lo: float, hi: float, scale_bits: int) -> _PowerPlan:
+        """The public constants of one domain (raises ValueError for a domain the ring cannot hold)."""
+        if not (N.MIN_DOMAIN <= lo < hi and math.isfinite(hi)):
+            raise ValueError(f"domain must satisfy 2^-10 <= lo < hi (fixed-point resolution), got lo={lo}, hi={hi}")
+        b, n = self.base_bits, self.index_bits
+        bound = N.domain_bound(hi)
+        l0 = math.floor(math.log2(lo) / b)
+        octaves = max(1, math.ceil((math.log2(bound) - b * l0) / b))  # L B^octaves >= 2 hi
+        e = np.arange(octaves)
+        frac = max(b * (l0 + octaves - 1), n - N.FRAC_BITS - b)  # f = 1 / (L B^e) at scale 2^frac: integers
+        if N.FRAC_BITS + frac + b > 62:  # x f = m 2^(16 + frac) < 2^(16 + frac + b) must stay below 2^62
+            raise ValueError(f"domain [{lo:g}, {hi:g}] spans {octaves} octaves of 2^{b}: too wide for the ring")
+        g_bits = max(0, octaves - 1 + l0 - scale_bits)  # octave factors 2^(scale_bits - l0 - e) at scale 2^g_bits
+        if self.table_bits + 1 + g_bits + scale_bits - l0 > 62 or self.table_bits + g_bits < N.FRAC_BITS:
+            raise ValueError(f"2^{scale_bits} x^-{self.power:g} on [{lo:g}, {hi:g}] does not fit the ring's products")
+        return _PowerPlan(
+            thresholds=tuple(float(2.0 ** (b * (l0 + j))) for j in range(1, octaves)),
+            bound=bound,
+            f_raw=tuple(int(v) for v in 2 ** (frac - b * (l0 + e))),
+            g_raw=tuple(int(v) for v in 2 ** (g_bits + scale_bits - l0 - e)),
+            shift=N.FRAC_BITS + frac + b - n,
+            out_bits=self.table_bits + g_bits,
+        )
+
+
+@dataclass(frozen=True)
+class _PowerPlan:
+    thresholds: tuple[float, ...]  # L B^j, j = 1 .. octaves - 1
+    bound: float  # the comparisons' range (numerics.domain_bound)
+    f_raw: tuple[int, ...]  # per octave: 1 / (L B^e) at scale 2^frac
+    g_raw: tuple[int, ...]  # per octave: 2^(scale_bits - l0 - e) at scale 2^(out_bits - table_bits)
+    shift: int  # m's raw product bits dropped below the index
+    out_bits: int  # scale of T g
+
+
+INV_SQRT = PowerLut(base_bits=2)
+RECIPROCAL = PowerLut(base_bits=1)
+
+
+def _per_octave(bits: Value, values: Sequence[int]) -> Value:
+    """sum_e onehot_e values[e] with onehot_0 = b_1, onehot_e = b_(e+1) - b_e, onehot_last = 1 - b_last for the
+    bits b_j = [x < t_j]: local. Raw integer shares (the bits' scale is 1) or floats in the simulator."""
+    v = torch.tensor(values, dtype=torch.long if N.is_private(bits) else torch.float64)
+    w = (v[:-1] - v[1:]).view(-1, *([1] * (bits.dim() - 1)))
+    if not N.is_private(bits):
+        return (w * bits).sum(0) + v[-1]
+    raw = (w * bits.share).sum(0)
+    if N.crypten.communicator.get().get_rank() == 0:
+        raw = raw + v[-1]
+    return raw
+
+
+def power(x: Value, lo: float, hi: float, scale_bits: int, spec: PowerLut) -> Value:
+    """2^scale_bits x^-p for x in [lo, hi] (PowerLut); `inv_sqrt` and `reciprocal` give the measured errors.
+    MPC, per row: one comparison round (octaves - 1 comparisons of ceil(n/8) bytes, n the width of |x| < 2 hi),
+    one Beaver product x f (16 bytes, no truncation: the index comes from each party's own share shifted, as
+    the exp's), one index_bits lookup (2 bytes), one Beaver product T g and its exact truncation (24 bytes):
+    5 rounds. Dealer: octaves - 1 DCF keys, one DPF key, two Beaver triples and a truncation tuple."""
+    plan = spec.plan(float(lo), float(hi), int(scale_bits))
+    if N.is_private(x) and N._scale(x) != SCALE:
+        raise ValueError(f"x must be at the 2^{N.FRAC_BITS} scale, got scale {N._scale(x)}")
+    bits = N.less_than(x, plan.thresholds, plan.bound)  # the simulator checks |x - t| < 2 hi here
+    f = _per_octave(bits, plan.f_raw)
+    g = _per_octave(bits, plan.g_raw)
+    n, table = spec.index_bits, spec.table()
+    if not N.is_private(x):
+        if x.numel() and float(x.min()) < 0:
+            raise ValueError(f"{int((x < 0).sum())} inputs of x^-{spec.power:g} are negative (smallest "
+                             f"{float(x.min()):g}): outside the declared domain [{lo:g}, {hi:g}]")
+        raw_m = torch.floor(x.double() * SCALE) * f  # m 2^(16 + frac), as the 2PC product (exact in float64)
+        # the nearest centre: 2PC's carry is a stochastic rounding of the index (carry probability 1 - the
+        # fraction below the grid), so the simulator takes its mean and stays unbiased (sums of many rows)
+        index = (torch.floor(raw_m / 2.0**plan.shift + 0.5).long() - 1).clamp(min=0)
+        t = torch.from_numpy(table)[index].double()
+        return (t * g / 2.0**plan.out_bits).to(x.dtype)
+    from crypten.mpc.primitives import beaver
+
+    f_shares = _private(f, 0)._tensor
+    m = beaver.mul(x._tensor, f_shares).share  # m 2^(16 + frac) < 2^62: exact in the ring
+    (t,) = lookup([(_parts(m, plan.shift, n), n, table)])
+    raw = beaver.mul(_private(t, 0)._tensor, _private(g, 0)._tensor).share
+    return N._from_raw(raw, 1 << plan.out_bits)
+
+
+def inv_sqrt(x: Value, lo: float, hi: float, scale_bits: int = 0) -> Value:
+    """2^scale_bits / sqrt(x) for x in [lo, hi] (public, 2^-10 <= lo < hi) from INV_SQRT (octaves of 4, a 16-bit
+    table): numerics.inv_sqrt's ladder and Newton iterations replaced by one lookup. Max relative error over the
+    whole domain (tests/test_mpc_lut.py): 3.1e-5 (the grid) + 2^-16 / y (the output's grid) in 2PC, 1.5e-5 in the
+    simulator (PowerLut). Cost: `power`;
+    a norm of the bundled model (x in [1, 2^34], scale_bits 14): 17 comparisons of 52 bits, 5 rounds."""
+    return power(x, lo, hi, scale_bits, INV_SQRT)
+
+
+def reciprocal(x: Value, lo: float, hi: float, scale_bits: int = 0) -> Value:
+    """2^scale_bits / x for x in [lo, hi] (public, 2^-10 <= lo < hi) from RECIPROCAL (octaves of 2, a 16-bit
+    table). Max relative error over the domain (tests): 3.1e-5 + 2^-16 / y in 2PC, 1.5e-5 in the simulator.
+    Cost: `power`
+    (the softmax's row sum over rows of n <= 2048: 12 comparisons of 30 bits, 5 rounds)."""
+    return power(x, lo, hi, scale_bits, RECIPROCAL)
 
 
 def softmax(x: Value, mask: Tensor | None = None, bound: float | Tensor | None = None) -> Value:
-    """numerics.softmax with the table exp (`exp`) in place of the polynomial and the LADDER reciprocal: the row
-    max (or a public bound) is subtracted as there; masked entries are zeroed after the exp by exact public
-    products. Max error (simulator, rows of 1..2048): |p - p_ref| <= 1.6e-4 per entry (tests: 2.5e-4)."""
-    return N.softmax(x, mask, bound, exp_fn=exp, ladder=LADDER)
+    """numerics.softmax with the table exp (`exp`) in place of the polynomial and the table reciprocal
+    (`reciprocal`) of the row sum: the row max (or a public bound) is subtracted as there; masked entries are
+    zeroed after the exp by exact public products. Max error (simulator, rows of 1..2048): |p - p_ref| <= 1.6e-4
+    per entry (tests: 2.5e-4)."""
+    return N.softmax(x, mask, bound, exp_fn=exp, reciprocal_fn=reciprocal)

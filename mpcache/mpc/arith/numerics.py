@@ -945,7 +945,7 @@ def softmax(
     bound: float | Tensor | None = None,
     score_range: float | None = None,
     exp_fn: Callable[[Value], Value] | None = None,
-    ladder: tuple[int, int] | None = None,
+    reciprocal_fn: Callable[[Value, float, float, int], Value] | None = None,
 ) -> Value:
     """Softmax over the last dim with a public 0/1 `mask` (False = excluded; rows with nothing valid give 0).
 
@@ -988,8 +988,8 @@ def softmax(
     else:
         d = x - on_grid(bound).to(x.dtype if not is_private(x) else torch.float64)
         lo = 2.0**-10
-    # exp_fn: a caller's exp of d <= 0 (arith.lut.exp) instead of the above; ladder: the reciprocal's (steps per
-    # octave, Newton iterations) instead of the comparison mode's default
+    # exp_fn: a caller's exp of d <= 0 (arith.lut.exp) instead of the above; reciprocal_fn: a caller's
+    # (x, lo, hi, scale_bits) -> 2^scale_bits / x (arith.lut.reciprocal) instead of the ladder + Newton below
     if exp_fn is not None:  # masked entries: exp(0), zeroed below
         e = exp_fn(d if mask is None else mask_multiply(d, mask))
     elif score_range is None:
@@ -1007,7 +1007,9 @@ def softmax(
     # with one-round comparisons a 4x finer guess ladder replaces a Newton iteration (4 rounds): relative error
     # 0.022 -> 4.7e-4 -> 2.2e-7 (below the 2^-16 grid), at 16 thresholds per octave instead of 4 (one comparison
     # batch either way, per row)
-    steps, iterations = ladder or ((16, 2) if compare.mode() == "fss" else (4, 3))
+    if reciprocal_fn is not None:
+        return mul(e, reciprocal_fn(total, lo, hi, a), shift=a)
+    steps, iterations = (16, 2) if compare.mode() == "fss" else (4, 3)
     return mul(e, reciprocal(total, lo, hi, scale_bits=a, steps_per_octave=steps, iterations=iterations), shift=a)
 
 

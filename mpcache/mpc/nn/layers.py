@@ -48,7 +48,7 @@ class PrivateOptions:
 
     # domain of mean(x^2) + eps (var + eps): SmolLM2-135M reaches 0.007 (layer 0) to 1.09e6 (layers 12-28: its massive
     # activation, one residual channel near 2.5e4), `python -m mpcache.mpc.nn.ranges`; the range costs comparisons
-    # per norm row only (one ladder threshold per quarter octave)
+    # per norm row only (one comparison per octave of 4 with tables, one per quarter octave with the ladder)
     norm_range: tuple[float, float] = (2.0**-10, 2.0**24)
     # Attention softmax (numerics.softmax). score_bound: a public bound on the attention scores, one number or one
     # per layer (`mpcache.mpc.arith.score_bounds` calibrates them), to skip the row max; None subtracts the max (the
@@ -61,10 +61,11 @@ class PrivateOptions:
     # Secret comparisons (numerics.less_than, arith/compare.py): "fss" = one round from dealer DCF keys on the
     # bit width each call site declares; "crypten" = CrypTen's 64-bit A2B adder (~8 rounds), kept for comparison.
     comparisons: str = "fss"
-    # Smooth nonlinearities: "lut" = dealer DPF lookup tables (arith/lut.py: the softmax's exp, SiLU, GeLU; one
-    # lookup round each, needs FSS keys); "poly" = the polynomial / Newton numerics (numerics.exp_range or exp_neg,
-    # numerics.silu / gelu). None: "lut" with FSS comparisons, "poly" with CrypTen's. Norms' inverse square root
-    # and the softmax's reciprocal are per row and stay ladder + Newton in both.
+    # Smooth nonlinearities: "lut" = dealer DPF lookup tables (arith/lut.py: the softmax's exp, SiLU, GeLU, and per
+    # row the norms' inverse square root and the softmax's reciprocal of the row sum from the octave and one 16-bit
+    # table; one lookup round each, needs FSS keys); "poly" = the polynomial / Newton numerics (numerics.exp_range
+    # or exp_neg, numerics.silu / gelu, ladder + Newton per row). None: "lut" with FSS comparisons, "poly" with
+    # CrypTen's.
     nonlinear: str | None = None
 
     def __post_init__(self) -> None:
@@ -178,9 +179,11 @@ def _normalise(x: Value, weight_sqrt_d: Value, eps: float, options: PrivateOptio
     lo, hi = (d * v for v in options.norm_range)
     k, c = norm_shifts(d, options.norm_range)
     sq, xw = N.mul(N.stack([x, x]), N.stack([x, weight_sqrt_d.expand(x.shape)]), shift=-k)
-    steps, iterations = LUT.LADDER if options.nonlinear == "lut" else (4, 2)
-    r = N.inv_sqrt(sq.sum(-1, keepdim=True) + d * eps * 2**k, lo * 2**k, hi * 2**k, scale_bits=c + k // 2,
-                   steps_per_octave=steps, iterations=iterations)  # fmt: skip
+    total = sq.sum(-1, keepdim=True) + d * eps * 2**k
+    if options.nonlinear == "lut":  # octave + one table lookup (arith/lut.py), no Newton
+        r = LUT.inv_sqrt(total, lo * 2**k, hi * 2**k, scale_bits=c + k // 2)
+    else:
+        r = N.inv_sqrt(total, lo * 2**k, hi * 2**k, scale_bits=c + k // 2, steps_per_octave=4, iterations=2)
     return N.mul(xw, r, shift=c + k)  # (x w 2^k) (2^c / sqrt(sum)) / 2^(c + k)
 
 
