@@ -2,6 +2,7 @@
 
     python -m bench.mpc_ops                 # markdown tables on stdout
     python -m bench.mpc_ops --json ops.json
+    python -m bench.mpc_ops --per-row --json bench/results/mpc_per_row.json   # the per-row reciprocal / 1/sqrt only
 
 Two local parties (mpcache.mpc.transport.local, gRPC on loopback), tuples and FSS keys from the in-process dealer
 (numerics.LocalDealer, which counts what a dealer process would send each party). Counts are per party (a round =
@@ -13,18 +14,23 @@ both parties' keys, as LocalDealer does; a dealer process would do it once, ahea
 
 First table: the comparison-based protocols side by side with FSS keys ("fss") and CrypTen's adder ("crypten").
 Second: the rest of the numerics and layers (comparisons with FSS keys, the decoder's default).
+`--per-row`: the per-row nonlinearities on the domains the bundled model declares (its norms' inverse square root,
+the softmax's reciprocal of the row sum): the comparison ladders + Newton against the octave + table (arith/lut.py),
+with the max relative error against plaintext over the rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
 
 from mpcache.model.config import ModelConfig
 from mpcache.model.transformer import Transformer
+from mpcache.mpc.arith import lut
 from mpcache.mpc.arith import numerics as N
 from mpcache.mpc.nn import layers as L
 from mpcache.mpc.transport.local import LocalParties
@@ -147,6 +153,54 @@ def _bundled_like(prompt: int) -> list[dict]:
     return rows
 
 
+# (name, function, domain lo, hi, scale_bits, power): the bundled model's norms (d = 256: sum of squares 2^k larger,
+# layers.norm_shifts k = 2, c = 13) and the softmax's row sum at 2048 entries with the row max subtracted
+PER_ROW = [
+    ("norm 1/sqrt: ladder 4/octave + 2 Newton (poly)", lambda v, *d: N.inv_sqrt(v, *d, 4, 2), 1.0, 2.0**34, 14, 0.5),
+    ("norm 1/sqrt: ladder 32/octave + 1 Newton (lut before)", lambda v, *d: N.inv_sqrt(v, *d, 32, 1), 1.0, 2.0**34,
+     14, 0.5),
+    ("norm 1/sqrt: octave + 16-bit table (lut)", lut.inv_sqrt, 1.0, 2.0**34, 14, 0.5),
+    ("softmax 1/sum: ladder 16/octave + 2 Newton (poly)", lambda v, *d: N.reciprocal(v, *d, 16, 2), 0.5, 2069.48, 12,
+     1.0),
+    ("softmax 1/sum: ladder 32/octave + 1 Newton (lut before)", lambda v, *d: N.reciprocal(v, *d, 32, 1), 0.5,
+     2069.48, 12, 1.0),
+    ("softmax 1/sum: octave + 16-bit table (lut)", lut.reciprocal, 0.5, 2069.48, 12, 1.0),
+]  # fmt: skip
+
+
+def _per_row(rows: int) -> list[dict]:
+    """Party function: PER_ROW on `rows` log-uniform values of each domain (the same on both parties)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for name, fn, lo, hi, scale_bits, power in PER_ROW:
+        x = torch.exp(torch.empty(rows, 1, dtype=torch.float64).uniform_(math.log(lo), math.log(hi), generator=g))
+        shared = N.crypten.cryptensor(x, src=0)
+        result = {}
+
+        def run(fn=fn, shared=shared, lo=lo, hi=hi, scale_bits=scale_bits, result=result) -> None:
+            result["y"] = fn(shared, lo, hi, scale_bits)
+
+        row = _measure(name, run, rows, True, domain=[lo, hi], scale_bits=scale_bits)
+        ref = 2.0**scale_bits * x**-power
+        rel = (N.decode(result["y"]) - ref).abs() / ref
+        worst = int(rel.argmax())
+        out.append({**row, "max_rel_error": float(rel[worst]), "worst_x": float(x.flatten()[worst])})
+    return out
+
+
+def per_row_table(rows: list[dict]) -> str:
+    lines = ["| op | rows | rounds | online B per row | dealer B per row (p0 / p1) | max rel error (at x) | ms/row |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        n = r["elements"]
+        lines.append(
+            f"| {r['op']} | {n} | {r['rounds']} | {r['bytes'] / n:,.0f} | {r['dealer_bytes'] / n:,.0f} / "
+            f"{r['dealer_bytes_party1'] / n:,.0f} | {r['max_rel_error']:.2e} ({r['worst_x']:.4g}) | "
+            f"{1e3 * r['seconds'] / n:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def _both(parties: LocalParties, fn, *args) -> list[dict]:
     """Party 0's rows, with party 1's dealer bytes beside each."""
     p0, p1 = parties.run(fn, *args)
@@ -178,7 +232,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", type=int, default=32, help="prompt length of the bundled-shape model")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--per-row", type=int, nargs="?", const=64, default=0, metavar="ROWS",
+                        help="only the per-row reciprocal / inverse square root table (ROWS rows, default 64)")
     args = parser.parse_args()
+    if args.per_row:
+        with LocalParties(setup=N.install, timeout=3600) as parties:
+            rows = _both(parties, _per_row, args.per_row)
+        print(per_row_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"command": f"python -m bench.mpc_ops --per-row {args.per_row}", "per_row": rows}, f,
+                          indent=1)
+        return
     with LocalParties(setup=N.install, timeout=3600) as parties:
         compared = _both(parties, _comparisons)
         rows = _both(parties, _ops) + _both(parties, _bundled_like, args.prompt)

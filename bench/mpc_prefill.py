@@ -51,7 +51,7 @@ def _party(ids: torch.Tensor, block: int, nonlinear: str) -> dict:
     if rank != 0:
         model = D.architecture_only(model.config)  # party 1 knows the architecture only
     options = L.PrivateOptions(nonlinear=nonlinear)
-    pm = D.share_model(model, lambda t: crypten.cryptensor(t, src=0), options)
+    pm = D.share_model(model, N.share_owned, options)  # party 1 passes meta tensors
     tokens = crypten.cryptensor(L.one_hot(ids, model.config.vocab_size), src=0, precision=0)
     cache = L.PrivateKVCache(model.config.n_layer)
     crypten.cfg.communicator.verbose = True

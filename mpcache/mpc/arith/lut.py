@@ -1,5 +1,7 @@
 """Nonlinearities from dealer lookup tables (SIGMA's approach): exp for the softmax, SiLU and GeLU, each from one
-round of DPF table lookups (mpcache.mpc.fss.lut) plus one comparison round and one product.
+round of DPF table lookups (mpcache.mpc.fss.lut) plus one comparison round and one product; per row, the softmax's
+reciprocal and the norms' inverse square root from the octave (one comparison batch), a normalising product and one
+lookup (`PowerLut`).
 
 The lookup. A secret index i (additive shares in Z_2^64 of a value whose residue mod 2^n is the index) is masked
 with the dealer's r, opened as (i + r) mod 2^n (ceil(n/8) bytes per party), and each party evaluates its DPF key
