@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from bench.accuracy import budget_list, comma_list, format_markdown, format_table, length_list, plot
-from mpcache.eval.runner import Budget, MethodSpec, evaluate_many, load_model
+from mpcache.eval.runner import Budget, MethodSpec, budget_tokens, evaluate_many, load_model
 from mpcache.methods import METHODS
 from mpcache.methods.mpcache import MPCacheKnobs
 from mpcache.methods.shared_prefill import PrefillStore
@@ -52,6 +52,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "retrieval:share4": ("mpcache", MPCacheKnobs.retrieval(share_layers=True, own_first=4, own_last=4).options()),
     "retrieval:share-early": ("mpcache", MPCacheKnobs.retrieval(share_layers=True, own_last=16).options()),
 }
+# Every registered method under its own name, with its defaults (the accuracy table's rows). Locret's heads and
+# Attention-Gate's gates are trained for the bundled model only; on another model ":random" says so in the row name.
+VARIANTS.update({name: (name, {}) for name in METHODS if name not in VARIANTS})
+VARIANTS.update(
+    {"locret:random": ("locret", {"heads": "random"}), "attention_gate:random": ("attention_gate", {"gates": "random"})}
+)
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any], list[Budget] | None]:
@@ -111,13 +117,21 @@ def variant_name(row: dict[str, Any]) -> str:
     return row["method"]
 
 
+def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows named by their variant (`variant_name`), the last one of each (variant, budget, task, length)."""
+    cells = {}
+    for row in rows:
+        named = {**row, "method": variant_name(row)}
+        cells[named["method"], named["budget"], named["task"], named["context_len"]] = named
+    return list(cells.values())
+
+
 def pivot(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
     """Markdown accuracy table, one row per variant (and budget), one column per task and length, each cell
     "accuracy (samples)"; a later row for the same cell replaces an earlier one. `methods`: these rows, in order."""
     cells: dict[tuple[str, str], str] = {}
-    for row in rows:
-        method = variant_name(row)
-        name = method if row["budget"] is None else f"{method} @{row['budget']}"
+    for row in latest(rows):
+        name = row["method"] if row["budget"] is None else f"{row['method']} @{row['budget']}"
         cells[name, f"{row['task']} {row['context_len']}"] = f"{row['accuracy']:.2f} ({row['samples']})"
     names = list(dict.fromkeys(name for name, _ in cells))
     if methods is not None:
@@ -126,6 +140,18 @@ def pivot(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
     lines = ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(cells.get((n, c), "-") for c in columns) + " |" for n in names]
     return "\n".join(lines) + "\n"
+
+
+def plot_saved(rows: list[dict[str, Any]], methods: list[str] | None, length: int, path: Path) -> None:
+    """Accuracy vs budget at one prompt length (bench.accuracy's plot: a panel per task, a line per variant) from
+    saved rows; budgets in order of the tokens they keep at that length, so 256 sits between 0.1 and 0.2 at 2048."""
+    picked = [r for r in latest(rows) if r["context_len"] == length and (methods is None or r["method"] in methods)]
+    if methods is not None:
+        picked.sort(key=lambda r: methods.index(r["method"]))
+    budgets = sorted({r["budget"] for r in picked if r["budget"] is not None}, key=lambda b: budget_tokens(b, length))
+    if not budgets:
+        raise ValueError(f"no rows with a budget at {length} tokens to plot")
+    plot(picked, budgets, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -157,13 +183,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--store", type=Path, default=None, help="folder of recorded prefills (shared by runs)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="accuracy-vs-budget PNG (with --render: at --plot-length)"
+    )
+    parser.add_argument("--plot-length", type=int, default=2048, help="with --render --plot: the prompt length plotted")
     args = parser.parse_args(argv)
     if args.render is not None:
-        text = pivot([row for path in args.render for row in saved_rows(path)], args.methods)
+        rows = [row for path in args.render for row in saved_rows(path)]
+        text = pivot(rows, args.methods)
         print(text, end="")
         if args.markdown is not None:
             args.markdown.write_text(text)
+        if args.plot is not None:
+            plot_saved(rows, args.methods, args.plot_length, args.plot)
         return []
     if args.variants is None or args.store is None:
         parser.error("--variants and --store are needed (or --render)")

@@ -40,3 +40,48 @@ def test_pivot_names_rows_by_their_options_and_keeps_the_last_cell(tmp_path) -> 
     table = pivot(saved_rows(path), ["mpcache:retrieval", "full"]).splitlines()
     assert table[0] == "| variant | passkey 2048 | niah 2048 | passkey 4096 |"
     assert table[2:] == ["| mpcache:retrieval @0.1 | 0.90 (10) | - | - |", "| full | - | 1.00 (10) | - |"]
+
+
+def test_every_method_is_a_variant_and_untrained_parts_say_so() -> None:
+    from mpcache.methods import METHODS
+
+    for name in METHODS:
+        assert VARIANTS[name] == (name, {})  # its defaults
+    assert VARIANTS["locret:random"] == ("locret", {"heads": "random"})
+    assert VARIANTS["attention_gate:random"] == ("attention_gate", {"gates": "random"})
+
+
+def test_plot_orders_budgets_by_the_tokens_they_keep_at_the_plotted_length(tmp_path, monkeypatch) -> None:
+    import bench.mpcache_real as real
+
+    seen = {}
+    monkeypatch.setattr(real, "plot", lambda rows, budgets, path: seen.update(rows=rows, budgets=budgets))
+    rows = [
+        row("full", {}, "passkey", 2048, 1.0, budget=None),
+        row("quest", {}, "passkey", 2048, 0.7, budget=0.2),
+        row("quest", {}, "passkey", 2048, 0.6, budget=256),  # 256 of 2048 tokens: between 10% and 20%
+        row("quest", {}, "passkey", 2048, 0.5, budget=0.1),
+        row("quest", {}, "passkey", 1024, 0.1, budget=0.05),  # another length: left out
+        row("snapkv", {}, "passkey", 2048, 0.0, budget=0.1),
+    ]
+    real.plot_saved(rows, ["quest", "full"], 2048, tmp_path / "p.png")
+    assert seen["budgets"] == [0.1, 256, 0.2]
+    assert [(r["method"], r["budget"]) for r in seen["rows"]] == [
+        ("quest", 0.2),
+        ("quest", 256),
+        ("quest", 0.1),
+        ("full", None),
+    ]
+    with pytest.raises(ValueError, match="no rows with a budget"):
+        real.plot_saved(rows, ["full"], 2048, tmp_path / "p.png")
+
+
+def test_render_writes_the_plot(tmp_path) -> None:
+    import bench.mpcache_real as real
+
+    saved = tmp_path / "runs.json"
+    rows = [row("full", {}, "niah", 2048, 1.0, budget=None)]
+    rows += [row("h2o", {}, "niah", 2048, accuracy, budget=budget) for accuracy, budget in [(0.1, 0.05), (0.4, 0.2)]]
+    saved.write_text(json.dumps(rows))
+    real.main(["--render", str(saved), "--plot", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 1000
