@@ -225,7 +225,7 @@ def apply_rope(x: Value, positions: Tensor, inv_freq: Tensor) -> Value:
 def attention_softmax(
     scores: Value, visible: Tensor, bound: float | None, score_range: float | None, nonlinear: str
 ) -> Value:
-    """The attention softmax PrivateOptions choose: the table exp ("lut": lut.softmax, which clips by itself and
+    """The attention softmax PrivateOptions choose: the tables ("lut": lut.softmax, which clips by itself and
     ignores `score_range`) or the polynomial one ("poly": numerics.softmax)."""
     if nonlinear == "lut":
         return LUT.softmax(scores, visible, bound)
