@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="comma-separated saved runs (--json files): print their rows as one accuracy table, run nothing",
     )
     parser.add_argument("--methods", type=comma_list, default=None, help="with --render: these rows, in order")
-    parser.add_argument("--tasks", type=comma_list, default=["passkey", "niah"])
+    parser.add_argument(
+        "--tasks", type=comma_list, default=["passkey", "niah"], help="with --render --plot: the panels"
+    )
     parser.add_argument("--lengths", type=length_list, default=[1024, 2048])
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--budgets", type=budget_list, default=[0.1])
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.markdown is not None:
             args.markdown.write_text(text)
         if args.plot is not None:
-            plot_saved(rows, args.methods, args.plot_length, args.plot)
+            plot_saved([r for r in rows if r["task"] in args.tasks], args.methods, args.plot_length, args.plot)
         return []
     if args.variants is None or args.store is None:
         parser.error("--variants and --store are needed (or --render)")

@@ -85,3 +85,5 @@ def test_render_writes_the_plot(tmp_path) -> None:
     saved.write_text(json.dumps(rows))
     real.main(["--render", str(saved), "--plot", str(tmp_path / "p.png")])
     assert (tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no rows with a budget"):  # --tasks picks the panels: none has niah
+        real.main(["--render", str(saved), "--plot", str(tmp_path / "q.png"), "--tasks", "passkey"])
