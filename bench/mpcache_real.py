@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--tasks", type=comma_list, default=["passkey", "niah"], help="with --render --plot: the panels"
     )
-    parser.add_argument("--lengths", type=length_list, default=[1024, 2048])
+    parser.add_argument(
+        "--lengths",
+        type=length_list,
+        default=None,
+        help="prompt lengths (default 1024,2048); with --render: these columns",
+    )
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--budgets", type=budget_list, default=[0.1])
     parser.add_argument("--seed", type=int, default=0)
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.render is not None:
         rows = [row for path in args.render for row in saved_rows(path)]
+        rows = [r for r in rows if args.lengths is None or r["context_len"] in args.lengths]
         text = pivot(rows, args.methods)
         print(text, end="")
         if args.markdown is not None:
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return []
     if args.variants is None or args.store is None:
         parser.error("--variants and --store are needed (or --render)")
+    args.lengths = args.lengths or [1024, 2048]
     torch.set_num_threads(1)
     start = time.perf_counter()
     rows = run(args)

@@ -83,7 +83,11 @@ def test_render_writes_the_plot(tmp_path) -> None:
     rows = [row("full", {}, "niah", 2048, 1.0, budget=None)]
     rows += [row("h2o", {}, "niah", 2048, accuracy, budget=budget) for accuracy, budget in [(0.1, 0.05), (0.4, 0.2)]]
     saved.write_text(json.dumps(rows))
-    real.main(["--render", str(saved), "--plot", str(tmp_path / "p.png")])
+    real.main(["--render", str(saved), "--plot", str(tmp_path / "p.png"), "--markdown", str(tmp_path / "t.md")])
     assert (tmp_path / "p.png").stat().st_size > 1000
+    assert (tmp_path / "t.md").read_text().splitlines()[0] == "| variant | niah 2048 |"
+    saved.write_text(json.dumps(rows + [row("h2o", {}, "niah", 4096, 0.0)]))
+    real.main(["--render", str(saved), "--markdown", str(tmp_path / "t.md"), "--lengths", "4096"])  # these columns
+    assert (tmp_path / "t.md").read_text().splitlines()[0] == "| variant | niah 4096 |"
     with pytest.raises(ValueError, match="no rows with a budget"):  # --tasks picks the panels: none has niah
         real.main(["--render", str(saved), "--plot", str(tmp_path / "q.png"), "--tasks", "passkey"])
