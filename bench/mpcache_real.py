@@ -144,10 +144,13 @@ def pivot(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
 
 def plot_saved(rows: list[dict[str, Any]], methods: list[str] | None, length: int, path: Path) -> None:
     """Accuracy vs budget at one prompt length (bench.accuracy's plot: a panel per task, a line per variant) from
-    saved rows; budgets in order of the tokens they keep at that length, so 256 sits between 0.1 and 0.2 at 2048."""
+    saved rows; budgets (and each line's points) in order of the tokens they keep at that length, so 256 sits between
+    0.1 and 0.2 at 2048."""
     picked = [r for r in latest(rows) if r["context_len"] == length and (methods is None or r["method"] in methods)]
-    if methods is not None:
-        picked.sort(key=lambda r: methods.index(r["method"]))
+    order = {name: i for i, name in enumerate(methods or [])}
+    picked.sort(
+        key=lambda r: (order.get(r["method"], 0), 0 if r["budget"] is None else budget_tokens(r["budget"], length))
+    )
     budgets = sorted({r["budget"] for r in picked if r["budget"] is not None}, key=lambda b: budget_tokens(b, length))
     if not budgets:
         raise ValueError(f"no rows with a budget at {length} tokens to plot")

@@ -67,9 +67,9 @@ def test_plot_orders_budgets_by_the_tokens_they_keep_at_the_plotted_length(tmp_p
     real.plot_saved(rows, ["quest", "full"], 2048, tmp_path / "p.png")
     assert seen["budgets"] == [0.1, 256, 0.2]
     assert [(r["method"], r["budget"]) for r in seen["rows"]] == [
-        ("quest", 0.2),
-        ("quest", 256),
         ("quest", 0.1),
+        ("quest", 256),
+        ("quest", 0.2),
         ("full", None),
     ]
     with pytest.raises(ValueError, match="no rows with a budget"):
