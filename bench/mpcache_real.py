@@ -128,14 +128,18 @@ def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def pivot(rows: list[dict[str, Any]], methods: list[str] | None = None) -> str:
     """Markdown accuracy table, one row per variant (and budget), one column per task and length, each cell
-    "accuracy (samples)"; a later row for the same cell replaces an earlier one. `methods`: these rows, in order."""
+    "accuracy (samples)"; a later row for the same cell replaces an earlier one. `methods`: these rows, in order,
+    each method's budgets by the share of the shortest prompt they keep (so 256 sits between 0.1 and 0.2 at 2048)."""
     cells: dict[tuple[str, str], str] = {}
+    share: dict[str, float] = {}
     for row in latest(rows):
         name = row["method"] if row["budget"] is None else f"{row['method']} @{row['budget']}"
         cells[name, f"{row['task']} {row['context_len']}"] = f"{row['accuracy']:.2f} ({row['samples']})"
+        kept = 1.0 if row["budget"] is None else budget_tokens(row["budget"], row["context_len"]) / row["context_len"]
+        share[name] = max(share.get(name, 0.0), kept)
     names = list(dict.fromkeys(name for name, _ in cells))
     if methods is not None:
-        names = [n for m in methods for n in names if n == m or n.startswith(f"{m} @")]
+        names = [n for m in methods for n in sorted(names, key=share.get) if n == m or n.startswith(f"{m} @")]
     columns = sorted({c for _, c in cells}, key=lambda c: (int(c.split()[1]), c.split()[0] != "passkey", c))
     lines = ["| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(cells.get((n, c), "-") for c in columns) + " |" for n in names]

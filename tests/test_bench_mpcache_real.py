@@ -74,6 +74,8 @@ def test_plot_orders_budgets_by_the_tokens_they_keep_at_the_plotted_length(tmp_p
     ]
     with pytest.raises(ValueError, match="no rows with a budget"):
         real.plot_saved(rows, ["full"], 2048, tmp_path / "p.png")
+    table = real.pivot([r for r in rows if r["context_len"] == 2048], ["quest"]).splitlines()
+    assert [line.split(" |")[0] for line in table[2:]] == ["| quest @0.1", "| quest @256", "| quest @0.2"]
 
 
 def test_render_writes_the_plot(tmp_path) -> None:
