@@ -571,3 +571,44 @@ def test_kv_operands_belong_to_the_stored_entry_only():
             torch.zeros(1, 4, 1, 8), entry.keys, entry.values, torch.tensor([[9]]), entry.positions, entry.valid,
             operands=cache.layers[0].operands,
         )  # fmt: skip
+
+
+def _opened_shared_cache(ids: torch.Tensor, batch_bytes: int) -> dict:
+    """A plaintext prefill's cache shared by party 0 (decoder.share_cache) and opened in batches of at most
+    `batch_bytes` of shares; then one decode step. Rounds of the opening, the step's logits."""
+    from mpcache.mpc.nn import decoder
+
+    crypten = N.crypten
+    m = tiny("llama", n_layer=3)
+    plain = KVCache(3)
+    with torch.no_grad():
+        m(ids, plain)
+    shapes = [tuple(entry.keys.shape) for entry in plain.layers]
+    pm = L.PrivateTransformer.from_plain(m, lambda t: crypten.cryptensor(t, src=0))
+    limit, L.PrivateKVCache.OPEN_BATCH_BYTES = L.PrivateKVCache.OPEN_BATCH_BYTES, batch_bytes
+    crypten.cfg.communicator.verbose = True  # CrypTen counts rounds only then
+    try:
+        before = N.counters()["rounds"]
+        cache = decoder.share_cache(plain, m.config, shapes, lambda t: crypten.cryptensor(t, src=0))
+        rounds = N.counters()["rounds"] - before
+    finally:
+        L.PrivateKVCache.OPEN_BATCH_BYTES = limit
+        crypten.cfg.communicator.verbose = False
+    token = torch.tensor([[7]])
+    logits = N.decode(pm(crypten.cryptensor(L.one_hot(token, 40), src=0, precision=0), cache, last_only=True))
+    return {"rounds": rounds, "logits": logits}
+
+
+def test_shared_cache_opens_in_bounded_batches_and_decodes_like_plaintext(parties):
+    """open_operands splits its opening so no message outgrows the transport's limit (SmolLM2 at 4096 tokens
+    was a 377 MB message): one layer per round with a tiny limit, one round for all with the default."""
+    ids = torch.randint(0, 40, (1, 9), generator=torch.Generator().manual_seed(4))
+    m, plain = tiny("llama", n_layer=3), KVCache(3)
+    with torch.no_grad():
+        m(ids, plain)
+        want = m(torch.tensor([[7]]), plain)[:, -1:]
+    split = parties.run(_opened_shared_cache, ids, 1)[0]
+    whole = parties.run(_opened_shared_cache, ids, L.PrivateKVCache.OPEN_BATCH_BYTES)[0]
+    assert (split["rounds"], whole["rounds"]) == (3, 1)
+    for out in (split, whole):
+        assert (out["logits"] - want).abs().max() < 3e-3

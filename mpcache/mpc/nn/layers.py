@@ -371,11 +371,23 @@ class PrivateKVCache:
         entry.operands.update(entry)
         return entry.operands
 
+    OPEN_BATCH_BYTES = 64 << 20  # one opening message stays far below the transport's max_message_bytes
+
     def open_operands(self) -> None:
-        """Open every stored layer's keys and values against fresh masks now, in one round (a private prefill's
-        attention does this on the way), so the next decode step opens only its new rows."""
-        held = [self.kv_operands(i, e) for i, e in enumerate(self.layers) if e is not None]
-        N.GrowingOperand.flush_all([op for ops in held if ops is not None for op in (ops.keys, ops.values)])
+        """Open every stored layer's keys and values against fresh masks now (a private prefill's attention does
+        this on the way), so the next decode step opens only its new rows: one round per OPEN_BATCH_BYTES of
+        shares (one round for short caches; SmolLM2's 30 layers x 4096 tokens would be a 377 MB message)."""
+        batch, size = [], 0
+        for i, entry in enumerate(self.layers):
+            ops = None if entry is None else self.kv_operands(i, entry)
+            if ops is None:
+                continue
+            batch += [ops.keys, ops.values]
+            size += 16 * entry.keys.shape.numel()  # keys and values, 8 bytes a share
+            if size >= self.OPEN_BATCH_BYTES:
+                N.GrowingOperand.flush_all(batch)
+                batch, size = [], 0
+        N.GrowingOperand.flush_all(batch)
 
     def keep(self, layer: int, index: Tensor, count: Tensor | None = None) -> None:
         """Keep slots `index` [B, H, K] (public) of every head, the first `count[b, h]` of each row when given:
