@@ -374,8 +374,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def _print_table(header: str, lines: list[str]) -> None:
+    print(header)
+    print("-" * len(header))
+    print("\n".join(lines))
+
+
 def print_tables(rows: list[dict]) -> None:
-    """The rows, then (when full ran) full / method ratios per (model, link, seq_len)."""
+    """The rows, then the private prefills (when run) and (when full ran) full / method ratios."""
     w = max([8, *(len(r["method"]) for r in rows)])
     order = sorted(
         rows, key=lambda r: (r["method"], r["model"], r["seq_len"], _protocol(r), list(LINKS).index(r["link"]))
@@ -386,28 +392,24 @@ def print_tables(rows: list[dict]) -> None:
         f"{'method':<{w}} {'model':<8} {'cmp':<7} {'link':<9} {'seq_len':>7} {'budget':>6} {'latency s':>10} "
         f"{'rounds':>7} {'MiB/party':>10} {'dealer MiB p0/p1':>17} {'accuracy':>8}"
     )
-    print(header)
-    print("-" * len(header))
-    for r in order:
-        budget = "-" if r.get("budget") is None else str(r["budget"])
-        acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
-        print(
-            f"{r['method']:<{w}} {r['model']:<8} {_protocol(r):<7} {r['link']:<9} {r['seq_len']:>7} {budget:>6} "
-            f"{r['latency_s']:>10.3f} {r['rounds']:>7} {r['bytes_per_party'] / 2**20:>10.2f} {_dealer(r):>17} {acc:>8}"
-        )
+    _print_table(header, [
+        f"{r['method']:<{w}} {r['model']:<8} {_protocol(r):<7} {r['link']:<9} {r['seq_len']:>7} "
+        f"{'-' if r.get('budget') is None else str(r['budget']):>6} {r['latency_s']:>10.3f} {r['rounds']:>7} "
+        f"{r['bytes_per_party'] / 2**20:>10.2f} {_dealer(r):>17} "
+        f"{'' if r.get('accuracy') is None else format(r['accuracy'], '.2f'):>8}"
+        for r in order
+    ])  # fmt: skip
     prefills = [r for r in order if r.get("prefill")]
     if prefills:
         print("\nprivate prefill of the n cached tokens (party 0's counters)")
         header = f"{'method':<{w}} {'model':<8} {'link':<9} {'seq_len':>7} {'cache':<30} {'kept':>5} {'rounds':>7} "
         header += f"{'MiB/party':>10} {'dealer MiB p0':>13} {'seconds':>8}"
-        print(header)
-        print("-" * len(header))
-        for r in prefills:
-            p = r["prefill"]
-            print(
-                f"{r['method']:<{w}} {r['model']:<8} {r['link']:<9} {r['seq_len']:>7} {r['cache']:<30} {r['kept']:>5} "
-                f"{p['rounds']:>7} {p['bytes'] / 2**20:>10.2f} {p['dealer_bytes'] / 2**20:>13.1f} {p['seconds']:>8.1f}"
-            )
+        _print_table(header, [
+            f"{r['method']:<{w}} {r['model']:<8} {r['link']:<9} {r['seq_len']:>7} {r['cache']:<30} {r['kept']:>5} "
+            f"{p['rounds']:>7} {p['bytes'] / 2**20:>10.2f} {p['dealer_bytes'] / 2**20:>13.1f} {p['seconds']:>8.1f}"
+            for r in prefills
+            for p in [r["prefill"]]
+        ])  # fmt: skip
     ratios = [r for r in order if "vs_full" in r]
     if ratios:
         print("\nfull / method (higher: the method is cheaper)")
@@ -415,14 +417,11 @@ def print_tables(rows: list[dict]) -> None:
             f"{'method':<{w}} {'model':<8} {'cmp':<7} {'link':<9} {'seq_len':>7} {'latency':>8} {'rounds':>7} "
             f"{'bytes':>7}"
         )
-        print(header)
-        print("-" * len(header))
-        for r in ratios:
-            v = r["vs_full"]
-            print(
-                f"{r['method']:<{w}} {r['model']:<8} {_protocol(r):<7} {r['link']:<9} {r['seq_len']:>7} "
-                f"{v['latency']:>8.2f} {v['rounds']:>7.2f} {v['bytes']:>7.2f}"
-            )
+        _print_table(header, [
+            f"{r['method']:<{w}} {r['model']:<8} {_protocol(r):<7} {r['link']:<9} {r['seq_len']:>7} "
+            f"{r['vs_full']['latency']:>8.2f} {r['vs_full']['rounds']:>7.2f} {r['vs_full']['bytes']:>7.2f}"
+            for r in ratios
+        ])  # fmt: skip
 
 
 def _dealer(row: dict) -> str:
